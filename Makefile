@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo` (the pipeline end to end)  and  `make test` (the suite).
+PYTHON ?= python3
+PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/3.13*/bin/python 2>/dev/null | tail -n1)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv services demo test lint stop-services clean
+
+$(BIN)/myshop: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+.venv-mongo/bin/python:
+	@test -n "$(PY313)" || { echo "Python 3.13 not found (pyenv install 3.13); the Mongo-wire server needs it" >&2; exit 2; }
+	$(PY313) -m venv .venv-mongo
+	.venv-mongo/bin/pip install -q 'mongoeco[wire]==4.11.0'
+
+venv: $(BIN)/myshop .venv-mongo/bin/python
+
+services: venv
+	@tools/services.sh
+
+demo: services
+	@$(BIN)/python tools/demo.py
+
+test: venv
+	@tools/services.sh >/dev/null
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+stop-services:
+	@test -f .run/mongo-wire.pid && kill $$(cat .run/mongo-wire.pid) && rm .run/mongo-wire.pid || true
+
+clean: stop-services
+	rm -rf $(VENV) .venv-mongo .run

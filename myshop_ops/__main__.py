@@ -1,0 +1,3 @@
+from myshop_ops.cli.app import main
+
+main()

@@ -1,0 +1,62 @@
+"""The `myshop` command: every command of the SPEC, each in a thin module."""
+
+from __future__ import annotations
+
+import typer
+
+from myshop_ops.cli import setup, worker
+from myshop_ops.cli.common import EXIT_CONFIG, fail
+
+app = typer.Typer(
+    name="myshop",
+    help="Operations toolkit and worker of the myshop user embeddings pipeline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("consume", help=worker.CONSUME_HELP)(worker.consume)
+app.command("stop-workers")(worker.stop_workers)
+app.command("setup-transports")(setup.setup_transports)
+app.command("setup-indexes")(setup.setup_indexes)
+
+failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args_is_help=True)
+user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
+products_app = typer.Typer(help="Manage product vectors.", no_args_is_help=True)
+app.add_typer(failed_app, name="failed")
+app.add_typer(user_app, name="user")
+app.add_typer(products_app, name="products")
+
+
+def _not_built(name: str, issue: int, help_text: str) -> typer.models.CommandFunctionType:
+    def command(ctx: typer.Context) -> None:
+        fail(f"`myshop {name}` is not built yet (tracked in issue {issue})", EXIT_CONFIG)
+
+    command.__doc__ = f"{help_text} [not built yet]"
+    return command
+
+
+_GROUP_NAMES = {id(failed_app): "failed ", id(user_app): "user ", id(products_app): "products "}
+_PLANNED = [
+    (app, "stats", 4, "Queue depths, consumers, rates and the failed count."),
+    (app, "generate-test-events", 4, "Publish synthetic shop events."),
+    (app, "preflight", 4, "Pre-deployment checks."),
+    (app, "purge", 4, "Purge a queue."),
+    (app, "recommend", 6, "Recommend products for a user."),
+    (app, "verify", 8, "Compare stored profiles with a recomputation from recorded events."),
+    (failed_app, "show", 3, "Show failed messages."),
+    (failed_app, "retry", 3, "Retry failed messages."),
+    (failed_app, "remove", 3, "Remove failed messages."),
+    (user_app, "show", 6, "Show a user's profile."),
+    (user_app, "delete", 6, "Erase a user's profile."),
+    (products_app, "import", 6, "Embed and store a catalog."),
+]
+for group, name, issue, text in _PLANNED:
+    full = _GROUP_NAMES.get(id(group), "") + name
+    group.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
+        _not_built(full, issue, text)
+    )
+
+
+def main() -> None:
+    app()

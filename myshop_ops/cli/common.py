@@ -1,0 +1,62 @@
+"""What every command shares: settings, one-line operator errors with documented exit codes, the console."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import NoReturn
+
+import redis
+import typer
+from pymongo.errors import PyMongoError
+from rich.console import Console
+
+from myshop_ops import logs
+from myshop_ops.broker import BrokerError
+from myshop_ops.config import ConfigError, Settings, load_settings, mask_url
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    """Load and validate settings, or stop with exit code 2 and one line naming the variable."""
+    try:
+        s = load_settings()
+    except ConfigError as exc:
+        fail(f"configuration: {exc}", EXIT_CONFIG)
+    logs.setup(s.log_format)
+    return s
+
+
+@contextlib.contextmanager
+def operator_errors(s: Settings) -> Iterator[None]:
+    """Turn dependency failures into one line (which service, which address, what to do) and exit code 3."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(f"configuration: {exc}", EXIT_CONFIG)
+    except BrokerError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except PyMongoError as exc:
+        first = str(exc).split(",")[0].split("\n")[0][:300]
+        fail(
+            f"MongoDB at {mask_url(s.mongodb_url)} failed: {type(exc).__name__}: {first} "
+            "(is it running? check MONGODB_URL)",
+            EXIT_UNAVAILABLE,
+        )
+    except redis.RedisError as exc:
+        fail(f"Redis at {mask_url(s.redis_url)} failed: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
+
+
+def print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")

@@ -1,0 +1,56 @@
+"""`myshop consume` and `myshop stop-workers`."""
+
+from __future__ import annotations
+
+import typer
+
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, operator_errors, settings
+from myshop_ops.dedup import RedisState
+from myshop_ops.limits import Limits, parse_size
+from myshop_ops.worker import Worker
+
+CONSUME_HELP = """Consume shop events and fold them into user profiles.
+
+Exit codes: 0 planned stop (limit, signal, stop-workers), 1 unexpected crash,
+2 configuration error, 3 a dependency unreachable at start."""
+
+
+def consume(
+    queue: str = typer.Argument(None, help="Queue to consume (default RABBITMQ_QUEUE)."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Stop after this many messages."),
+    time_limit: float = typer.Option(None, "--time-limit", min=1, help="Stop after this many seconds."),
+    memory_limit: str = typer.Option(None, "--memory-limit", help="Stop when RSS exceeds this (e.g. 512M)."),
+    failure_limit: int = typer.Option(None, "--failure-limit", min=1, help="Stop after this many failed messages."),
+    prefetch: int = typer.Option(200, "--prefetch", min=1, max=5000, help="Messages delivered ahead = max batch."),
+) -> None:
+    s = settings()
+    try:
+        memory = parse_size(memory_limit) if memory_limit else None
+    except ValueError as exc:
+        fail(f"--memory-limit: {exc}", EXIT_CONFIG)
+    limits = Limits(messages=limit, seconds=time_limit, memory_bytes=memory, failures=failure_limit)
+    with operator_errors(s):
+        worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits)
+        worker.check_dependencies()
+    limits.install_signal_handlers()
+    code = worker.run()
+    t = worker.totals
+    console.print(
+        f"stopped ({limits.reason}): {t.processed} messages, {t.applied} applied, {t.duplicate} duplicates, "
+        f"{t.skipped} skipped, {t.retried} retried, {t.failed} failed, {t.writes} profile writes",
+        highlight=False,
+    )
+    raise typer.Exit(code)
+
+
+consume.__doc__ = CONSUME_HELP
+
+
+def stop_workers() -> None:
+    """Ask every running worker to exit after its current batch (workers started later are not affected)."""
+    s = settings()
+    try:
+        RedisState(s.redis_url).request_stop()
+    except Exception as exc:
+        fail(f"Redis at {s.redis_url} unreachable: {exc}", EXIT_UNAVAILABLE)
+    console.print("stop requested: workers exit after their current batch")

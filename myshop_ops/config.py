@@ -1,0 +1,236 @@
+"""Settings from the environment and `.env`: parsed once, validated, secrets masked in every output."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from myshop_ops.contract import DEFAULT_WEIGHTS, EVENT_TYPES
+
+DEV_DEFAULTS = {
+    "RABBITMQ_DSN": "amqp://guest:guest@127.0.0.1:5672/%2f",
+    "MONGODB_URL": "mongodb://127.0.0.1:27017/?directConnection=true",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+}
+PROVIDER_MODELS = {"hash": "hash-v1", "local": "all-MiniLM-L6-v2-int8"}
+SECRET_VARS = frozenset({"OPENAI_API_KEY"})
+APP_ENVS = ("prod", "dev", "test")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid. ``str()`` is one line for the operator."""
+
+    def __init__(self, var: str, value: str | None, allowed: str):
+        self.var = var
+        shown = "(unset)" if value is None else repr(mask(var, value))
+        super().__init__(f"{var}={shown} is invalid: {allowed}")
+
+
+def mask_url(url: str) -> str:
+    """The URL (or comma-separated URLs) with any password replaced by ``***``."""
+    return ",".join(_mask_one(u) for u in url.split(","))
+
+
+def _mask_one(url: str) -> str:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url.strip()
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+def mask(var: str, value: str) -> str:
+    """How a setting's value may be shown: keys hidden, passwords in URLs masked."""
+    if var in SECRET_VARS or "KEY" in var or "SECRET" in var or "PASSWORD" in var:
+        return f"***{value[-4:]}" if len(value) > 12 else "***"
+    if "://" in value:
+        return mask_url(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of SPEC section 1, validated."""
+
+    app_env: str = "dev"
+    rabbitmq_dsn: str = DEV_DEFAULTS["RABBITMQ_DSN"]
+    rabbitmq_queue_type: str = "quorum"
+    rabbitmq_management_url: str | None = None
+    queue: str = "user_embedding_updates"
+    failed_queue: str = "failed"
+    mongodb_url: str = DEV_DEFAULTS["MONGODB_URL"]
+    mongodb_db: str = "myshop"
+    redis_url: str = DEV_DEFAULTS["REDIS_URL"]
+    embedding_provider: str = "openai"
+    openai_api_key: str | None = None
+    openai_embedding_model: str = "text-embedding-3-small"
+    openai_base_url: str | None = None
+    embedding_dimensions: int = 1536
+    decay_lambda: float = 0.023
+    batch_enabled: bool = False
+    batch_window: float = 5.0
+    cache_ttl: int = 3600
+    idempotency_ttl: int = 3600
+    max_retries: int = 5
+    retry_delay_ms: int = 5000
+    log_format: str = "json"
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+
+    @property
+    def retry_delays_ms(self) -> list[int]:
+        """Delay of each retry attempt: WORKER_RETRY_DELAY doubled per attempt, capped at 60 s."""
+        return [min(self.retry_delay_ms * 2**i, 60_000) for i in range(self.max_retries)]
+
+    @property
+    def model(self) -> str:
+        """The model id that profiles and product vectors are tagged with (with ``embedding_dimensions``)."""
+        return self.openai_embedding_model if self.embedding_provider == "openai" else PROVIDER_MODELS[
+            self.embedding_provider
+        ]
+
+    def describe(self) -> dict[str, str]:
+        """The effective settings for display, secrets masked."""
+        shown = {
+            "APP_ENV": self.app_env,
+            "RABBITMQ_DSN": self.rabbitmq_dsn,
+            "RABBITMQ_QUEUE_TYPE": self.rabbitmq_queue_type,
+            "MONGODB_URL": self.mongodb_url,
+            "MONGODB_DB": self.mongodb_db,
+            "REDIS_URL": self.redis_url,
+            "EMBEDDING_PROVIDER": self.embedding_provider,
+            "OPENAI_API_KEY": self.openai_api_key or "",
+            "OPENAI_EMBEDDING_MODEL": self.openai_embedding_model,
+            "EMBEDDING_DIMENSIONS": str(self.embedding_dimensions),
+        }
+        return {k: mask(k, v) for k, v in shown.items()}
+
+
+def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(var, raw, f"an integer in {lo}..{hi}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(var, raw, f"an integer in {lo}..{hi}")
+    return value
+
+
+def _float(env: Mapping[str, str], var: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(var, raw, f"a number in {lo}..{hi}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(var, raw, f"a number in {lo}..{hi}")
+    return value
+
+
+def _choice(env: Mapping[str, str], var: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(var) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(var, env.get(var), "one of " + ", ".join(allowed))
+    return value
+
+
+def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(var, raw, "true or false")
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+
+def _url(env: Mapping[str, str], var: str, schemes: tuple[str, ...], prod: bool, required: bool = True) -> str | None:
+    raw = (env.get(var) or "").strip()
+    if not raw:
+        if prod and required:
+            raise ConfigError(var, None, "required when APP_ENV=prod (no default in production)")
+        return DEV_DEFAULTS.get(var) if required else None
+    for one in raw.split(","):
+        try:
+            parts = urlsplit(one.strip())
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ConfigError(var, raw, "a URL like " + schemes[0] + "://host:port") from None
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ConfigError(var, raw, "a URL with scheme " + " or ".join(schemes) + " and a host")
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
+    """Settings from ``env`` (default: the process environment) over the values of ``env_file``."""
+    merged: dict[str, str] = {}
+    if env_file and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if env is None else env)
+    e = merged
+
+    app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
+    prod = app_env == "prod"
+    provider = _choice(e, "EMBEDDING_PROVIDER", "openai", ("openai", "hash", "local"))
+    if provider == "hash" and prod:
+        raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai or local in APP_ENV=prod (hash has no semantics)")
+    api_key = (e.get("OPENAI_API_KEY") or "").strip() or None
+    if provider == "openai" and not api_key:
+        raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")
+    weights = dict(DEFAULT_WEIGHTS)
+    for event_type in EVENT_TYPES:
+        var = f"EVENT_WEIGHT_{event_type.upper()}"
+        weights[event_type] = _float(e, var, weights[event_type], 0.0, 100.0)
+    names = {}
+    for var, default in (("RABBITMQ_QUEUE", "user_embedding_updates"), ("RABBITMQ_FAILED_QUEUE", "failed")):
+        names[var] = (e.get(var) or default).strip()
+        if not _NAME.match(names[var]):
+            raise ConfigError(var, names[var], "letters, digits and _ . : - (1..200 characters)")
+    db = (e.get("MONGODB_DB") or "myshop").strip()
+    if not _NAME.match(db) or "." in db:
+        raise ConfigError("MONGODB_DB", db, "a database name of letters, digits, _ and - (no dots)")
+
+    return Settings(
+        app_env=app_env,
+        rabbitmq_dsn=_url(e, "RABBITMQ_DSN", ("amqp", "amqps"), prod),
+        rabbitmq_queue_type=_choice(e, "RABBITMQ_QUEUE_TYPE", "quorum", ("quorum", "classic")),
+        rabbitmq_management_url=_url(e, "RABBITMQ_MANAGEMENT_URL", ("http", "https"), prod, required=False),
+        queue=names["RABBITMQ_QUEUE"],
+        failed_queue=names["RABBITMQ_FAILED_QUEUE"],
+        mongodb_url=_url(e, "MONGODB_URL", ("mongodb", "mongodb+srv"), prod),
+        mongodb_db=db,
+        redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix"), prod),
+        embedding_provider=provider,
+        openai_api_key=api_key,
+        openai_embedding_model=(e.get("OPENAI_EMBEDDING_MODEL") or "text-embedding-3-small").strip(),
+        openai_base_url=_url(e, "OPENAI_BASE_URL", ("http", "https"), prod, required=False),
+        embedding_dimensions=_int(e, "EMBEDDING_DIMENSIONS", 1536, 8, 8192),
+        decay_lambda=_float(e, "EMBEDDING_DECAY_LAMBDA", 0.023, 1e-6, 10.0),
+        batch_enabled=_bool(e, "EMBEDDING_BATCH_ENABLED", False),
+        batch_window=_float(e, "EMBEDDING_BATCH_WINDOW", 5.0, 1.0, 60.0),
+        cache_ttl=_int(e, "EMBEDDING_CACHE_TTL", 3600, 1, 30 * 86_400),
+        idempotency_ttl=_int(e, "IDEMPOTENCY_TTL", 3600, 60, 7 * 86_400),
+        max_retries=_int(e, "WORKER_MAX_RETRIES", 5, 1, 10),
+        retry_delay_ms=_int(e, "WORKER_RETRY_DELAY", 5000, 1, 60_000),
+        log_format=_choice(e, "LOG_FORMAT", "json", ("json", "console")),
+        weights=weights,
+    )

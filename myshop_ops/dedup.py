@@ -1,0 +1,110 @@
+"""Redis: processed message ids, the phrase-vector cache and the stop-workers flag.
+
+Redis is an accelerator, never the source of truth: every error is logged, counted and
+degraded (a miss), and the authoritative duplicate check is inside the MongoDB update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import redis
+
+from myshop_ops.config import mask_url
+
+log = logging.getLogger(__name__)
+
+PROCESSED = "myshop:processed:"
+STOP_FLAG = "myshop:stop-workers"
+
+
+class RedisState:
+    """Thin wrapper over one Redis connection pool; every call degrades instead of raising."""
+
+    def __init__(self, url: str, *, idempotency_ttl: int = 3600, timeout: float = 1.0):
+        self.url = url
+        self.idempotency_ttl = idempotency_ttl
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.errors = 0
+        self._last_warning = 0.0
+
+    def _degraded(self, what: str, exc: Exception) -> None:
+        self.errors += 1
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.warning(
+                "redis unavailable, degrading", extra={"op": what, "redis": mask_url(self.url), "error": str(exc)}
+            )
+
+    def ping(self) -> None:
+        """Raises redis.RedisError when Redis cannot be reached (used at start-up and by preflight)."""
+        self.client.ping()
+
+    def seen(self, message_ids: Sequence[str]) -> set[str]:
+        """The ids already recorded as processed (empty when Redis is down)."""
+        if not message_ids:
+            return set()
+        try:
+            values = self.client.mget([PROCESSED + m for m in message_ids])
+        except redis.RedisError as exc:
+            self._degraded("seen", exc)
+            return set()
+        return {m for m, v in zip(message_ids, values, strict=True) if v is not None}
+
+    def mark(self, message_ids: Iterable[str]) -> None:
+        """Record ids as processed for IDEMPOTENCY_TTL seconds (called after the MongoDB write)."""
+        pipe = self.client.pipeline(transaction=False)
+        for m in message_ids:
+            pipe.set(PROCESSED + m, b"1", nx=True, ex=self.idempotency_ttl)
+        if not len(pipe):
+            return
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._degraded("mark", exc)
+
+    def forget(self, message_ids: Iterable[str]) -> None:
+        """Drop processed ids (user erasure, failed retry)."""
+        keys = [PROCESSED + m for m in message_ids]
+        if keys:
+            try:
+                self.client.delete(*keys)
+            except redis.RedisError as exc:
+                self._degraded("forget", exc)
+
+    def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
+        try:
+            return self.client.mget(keys)
+        except redis.RedisError as exc:
+            self._degraded("get_vectors", exc)
+            return [None] * len(keys)
+
+    def set_vectors(self, items: dict[str, bytes], ttl: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for k, v in items.items():
+            pipe.set(k, v, ex=ttl)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._degraded("set_vectors", exc)
+
+    def request_stop(self, at: float | None = None) -> float:
+        """Ask every worker started before ``at`` (default now) to exit after its batch. Raises if Redis is down."""
+        at = time.time() if at is None else at
+        self.client.set(STOP_FLAG, repr(at))
+        return at
+
+    def stop_requested(self, started_at: float) -> bool:
+        """True when stop-workers was run after a worker that started at ``started_at``."""
+        try:
+            raw = self.client.get(STOP_FLAG)
+        except redis.RedisError as exc:
+            self._degraded("stop_requested", exc)
+            return False
+        return raw is not None and float(raw) >= started_at
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,214 @@
+"""One micro-batch of deliveries through the pipeline: parse, dedup, vectors, fold, conditional write.
+
+No broker code here: the worker hands in raw bodies and gets back, for each delivery, whether
+its effect is done (ack), must be retried later (transient) or can never succeed (failed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pymongo.errors import PyMongoError
+
+from myshop_ops.config import Settings
+from myshop_ops.contract import Event, InvalidMessage, parse
+from myshop_ops.dedup import RedisState
+from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
+from myshop_ops.store import ProfileWrite, Store
+
+log = logging.getLogger(__name__)
+
+WRITE_ATTEMPTS = 5  # re-read and re-fold on version conflicts before falling back to a retry
+
+
+class ProductMissing(Exception):
+    """The event's product has no vector in product_embeddings: acked and counted, profile untouched."""
+
+
+class StoreUnavailable(Exception):
+    """MongoDB failed during the batch (transient)."""
+
+
+class VersionConflict(Exception):
+    """The profile kept changing under this worker for WRITE_ATTEMPTS re-reads (transient)."""
+
+
+@dataclass(slots=True)
+class Item:
+    """One delivery's journey through the batch."""
+
+    body: bytes
+    event: Event | None = None
+    vector: np.ndarray | None = None
+    status: str = "pending"  # applied | duplicate | skipped | retry | failed
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    items: list[Item]
+    counts: Counter = field(default_factory=Counter)
+    writes: int = 0
+    conflicts: int = 0
+
+    def by_status(self, status: str) -> list[Item]:
+        return [i for i in self.items if i.status == status]
+
+
+class Pipeline:
+    """Composes the store, Redis and the phrase embedder; ``process`` never raises for a batch."""
+
+    def __init__(self, settings: Settings, store: Store, redis: RedisState, phrases: PhraseEmbedder):
+        self.settings = settings
+        self.store = store
+        self.redis = redis
+        self.phrases = phrases
+        self.model = settings.model
+        self.dimensions = settings.embedding_dimensions
+
+    def process(self, bodies: Sequence[bytes]) -> BatchResult:
+        items = [Item(body=b) for b in bodies]
+        result = BatchResult(items=items)
+        live = self._parse(items)
+        live = self._drop_known(live)
+        self._attach_vectors(live)
+        self._apply(result, [i for i in live if i.status == "pending"])
+        done = [i.event.message_id for i in items if i.status in ("applied", "duplicate") and i.event]
+        self.redis.mark(done)
+        result.counts.update(i.status for i in items)
+        return result
+
+    def _parse(self, items: list[Item]) -> list[Item]:
+        live, seen = [], set()
+        for item in items:
+            try:
+                item.event = parse(item.body)
+            except InvalidMessage as exc:
+                item.status, item.error = "failed", exc
+                continue
+            if item.event.message_id in seen:
+                item.status = "duplicate"
+                continue
+            seen.add(item.event.message_id)
+            live.append(item)
+        return live
+
+    def _drop_known(self, live: list[Item]) -> list[Item]:
+        known = self.redis.seen([i.event.message_id for i in live])
+        for item in live:
+            if item.event.message_id in known:
+                item.status = "duplicate"
+        return [i for i in live if i.status == "pending"]
+
+    def _attach_vectors(self, live: list[Item]) -> None:
+        products = [i for i in live if i.event.product_id is not None]
+        searches = [i for i in live if i.event.search_phrase is not None]
+        if products:
+            try:
+                vectors, foreign = self.store.product_vectors(
+                    [i.event.product_id for i in products], self.model, self.dimensions
+                )
+            except PyMongoError as exc:
+                self._mark(products, "retry", StoreUnavailable(f"reading product vectors: {exc}"))
+            else:
+                for item in products:
+                    pid = item.event.product_id
+                    if pid in vectors:
+                        item.vector = vectors[pid]
+                    elif pid in foreign:
+                        item.status = "failed"
+                        item.error = VectorSpaceMismatch(
+                            f"product {pid} has a {foreign[pid]} vector, expected {self.model}/{self.dimensions}d"
+                        )
+                    else:
+                        item.status, item.error = "skipped", ProductMissing(f"product {pid} has no vector")
+                        log.warning("product not found, event skipped", extra=_fields(item.event))
+        if searches:
+            try:
+                found = self.phrases.embed([i.event.search_phrase for i in searches])
+            except EmbeddingError as exc:
+                self._mark(searches, "retry" if exc.transient else "failed", exc)
+            else:
+                for item in searches:
+                    item.vector = found[item.event.search_phrase]
+
+    @staticmethod
+    def _mark(items: list[Item], status: str, error: Exception) -> None:
+        for item in items:
+            item.status, item.error = status, error
+
+    def _apply(self, result: BatchResult, items: list[Item]) -> None:
+        pending: dict[str, list[Item]] = defaultdict(list)
+        for item in items:
+            pending[item.event.user_id].append(item)
+        weights = self.settings.weights
+        lam = self.settings.decay_lambda
+        for _attempt in range(WRITE_ATTEMPTS):
+            if not pending:
+                return
+            try:
+                stored = self.store.load_profiles(pending)
+            except PyMongoError as exc:
+                self._mark([i for group in pending.values() for i in group], "retry", StoreUnavailable(str(exc)))
+                return
+            writes: list[ProfileWrite] = []
+            groups: dict[str, list[Item]] = {}
+            for user_id, group in pending.items():
+                current = stored.get(user_id)
+                if current is not None:
+                    recent = set(current.recent_ids)
+                    for item in group:
+                        if item.event.message_id in recent:
+                            item.status = "duplicate"
+                    group = [i for i in group if i.status == "pending"]
+                if not group:
+                    continue
+                events = [i.event for i in group]
+                try:
+                    profile = fold(
+                        current.profile if current else None,
+                        np.array([to_days(e.occurred_at) for e in events]),
+                        np.array([weights[e.event_type] for e in events]),
+                        np.stack([i.vector for i in group]),
+                        lam=lam,
+                        model=self.model,
+                    )
+                except (VectorSpaceMismatch, ValueError) as exc:
+                    self._mark(group, "failed", exc)
+                    continue
+                newest = max(events, key=lambda e: e.occurred_at)
+                if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
+                    newest = None  # only late events: the profile's last event stays
+                writes.append(
+                    ProfileWrite(
+                        user_id=user_id,
+                        profile=profile,
+                        version=current.version if current else None,
+                        message_ids=[e.message_id for e in events],
+                        counts=dict(Counter(e.event_type for e in events)),
+                        last_event_type=newest and newest.event_type,
+                        last_event_id=newest and newest.message_id,
+                    )
+                )
+                groups[user_id] = group
+            try:
+                outcome = self.store.write_profiles(writes)
+            except PyMongoError as exc:
+                self._mark([i for g in groups.values() for i in g], "retry", StoreUnavailable(str(exc)))
+                return
+            result.writes += len(outcome.applied)
+            result.conflicts += len(outcome.conflicted)
+            for user_id in outcome.applied:
+                self._mark(groups[user_id], "applied", None)
+            pending = {u: groups[u] for u in outcome.conflicted}
+        for group in pending.values():
+            self._mark(group, "retry", VersionConflict(f"profile changed {WRITE_ATTEMPTS} times during the write"))
+
+
+def _fields(event: Event) -> dict:
+    return {"message_id": event.message_id, "user_id": event.user_id, "event_type": event.event_type}

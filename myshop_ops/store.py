@@ -1,0 +1,304 @@
+"""MongoDB: user profiles (conditional writes), product vectors, failed-message records, indexes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from bson.binary import Binary, BinaryVectorDtype
+from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from myshop_ops.profile import Profile, from_days, to_days
+
+USERS = "user_embeddings"
+PRODUCTS = "product_embeddings"
+FAILED = "failed_messages"
+RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate check
+SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
+
+INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
+    USERS: [
+        ("user_id_unique", [("user_id", ASCENDING)], {"unique": True}),
+        ("last_updated", [("last_updated", DESCENDING)], {}),
+        ("version", [("version", ASCENDING)], {}),
+    ],
+    PRODUCTS: [
+        ("product_id_unique", [("product_id", ASCENDING)], {"unique": True}),
+        ("updated_at", [("updated_at", DESCENDING)], {}),
+    ],
+    FAILED: [
+        ("message_id_unique", [("message_id", ASCENDING)], {"unique": True}),
+        ("last_failure_at", [("last_failure_at", DESCENDING)], {}),
+        ("error_class", [("error_class", ASCENDING)], {}),
+    ],
+}
+
+
+def encode_vector(vec: np.ndarray) -> Binary:
+    """A float32 vector as BSON Binary subtype 9 (FLOAT32)."""
+    return Binary.from_vector(np.asarray(vec, dtype=np.float32), BinaryVectorDtype.FLOAT32)
+
+
+def decode_vector(value: object) -> np.ndarray:
+    """A stored vector (Binary subtype 9, raw float32 bytes, or an array of numbers) as float32."""
+    if isinstance(value, Binary) and value.subtype == 9:
+        return np.asarray(value.as_vector().data, dtype=np.float32)
+    if isinstance(value, bytes | bytearray):
+        return np.frombuffer(value, "<f4")
+    return np.asarray(value, dtype=np.float32)
+
+
+@dataclass(slots=True)
+class StoredProfile:
+    """A profile document as the worker needs it: the math state plus its concurrency token."""
+
+    profile: Profile
+    version: int
+    recent_ids: list[str]
+
+
+@dataclass(slots=True)
+class ProfileWrite:
+    """One conditional write: insert (version None) or update of the version read."""
+
+    user_id: str
+    profile: Profile
+    version: int | None
+    message_ids: list[str]
+    counts: dict[str, int]
+    last_event_type: str | None  # None: only late events, the stored last event stays
+    last_event_id: str | None
+
+
+@dataclass(slots=True)
+class WriteResult:
+    applied: list[str] = field(default_factory=list)
+    conflicted: list[str] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, url: str, db: str, *, timeout_ms: int = 5000):
+        self.client: MongoClient = MongoClient(
+            url,
+            tz_aware=True,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=max(timeout_ms, 30_000),
+            appname="myshop-ops",
+        )
+        self.db = self.client[db]
+        self.users = self.db[USERS]
+        self.products = self.db[PRODUCTS]
+        self.failed = self.db[FAILED]
+
+    def ping(self) -> None:
+        """Raises pymongo's ConnectionFailure when MongoDB cannot be reached."""
+        self.client.admin.command("ping")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def setup_indexes(self) -> list[tuple[str, str, str]]:
+        """Create the required indexes; returns (collection, index, "created" | "existing")."""
+        out = []
+        for coll_name, specs in INDEXES.items():
+            coll = self.db[coll_name]
+            existing = coll.index_information()
+            for name, keys, opts in specs:
+                state = "existing" if name in existing else "created"
+                coll.create_index(keys, name=name, **opts)
+                out.append((coll_name, name, state))
+        return out
+
+    def missing_indexes(self) -> list[tuple[str, str]]:
+        """Required indexes that are absent or differ in keys/uniqueness."""
+        missing = []
+        for coll_name, specs in INDEXES.items():
+            info = self.db[coll_name].index_information()
+            for name, keys, opts in specs:
+                got = info.get(name)
+                if (
+                    got is None
+                    or [(k, int(d)) for k, d in got["key"]] != keys
+                    or bool(got.get("unique")) != bool(opts.get("unique"))
+                ):
+                    missing.append((coll_name, name))
+        return missing
+
+    # ---- profiles -------------------------------------------------------------------------------
+
+    def load_profiles(self, user_ids: Iterable[str]) -> dict[str, StoredProfile]:
+        ids = list(user_ids)
+        if not ids:
+            return {}
+        cursor = self.users.find(
+            {"user_id": {"$in": ids}},
+            {"user_id": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1, "dimensions": 1,
+             "version": 1, "recent_message_ids": 1, "_id": 0},
+            batch_size=SCAN_BATCH,
+        )
+        out = {}
+        for doc in cursor:
+            vec = decode_vector(doc["embedding"])
+            out[doc["user_id"]] = StoredProfile(
+                profile=Profile(
+                    embedding=vec,
+                    magnitude=float(doc["magnitude"]),
+                    last_updated=to_days(doc["last_updated"]),
+                    model=doc.get("model", ""),
+                    dimensions=int(doc.get("dimensions", len(vec))),
+                ),
+                version=int(doc["version"]),
+                recent_ids=list(doc.get("recent_message_ids") or []),
+            )
+        return out
+
+    def write_profiles(self, writes: Sequence[ProfileWrite]) -> WriteResult:
+        """One unordered bulk_write of conditional inserts/updates.
+
+        A write is ``applied`` when it landed, ``conflicted`` when another writer got there first
+        (duplicate key on insert, version moved on update); conflicted users must be re-read.
+        Other errors (connection, server) raise.
+        """
+        result = WriteResult()
+        if not writes:
+            return result
+        now = datetime.now(UTC)
+        ops = [self._op(w, now) for w in writes]
+        failed_idx: set[int] = set()
+        try:
+            res = self.users.bulk_write(ops, ordered=False)
+            matched = res.matched_count + res.inserted_count
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            other = [e for e in errors if e.get("code") != 11000]
+            if other:
+                raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
+            failed_idx = {e["index"] for e in errors}
+            matched = exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0)
+        updates = [i for i, w in enumerate(writes) if w.version is not None and i not in failed_idx]
+        expected = len(writes) - len(failed_idx)
+        if matched < expected:
+            # Some version-filtered updates matched nothing: find which by their version.
+            current = {
+                d["user_id"]: d.get("recent_message_ids") or []
+                for d in self.users.find(
+                    {"user_id": {"$in": [writes[i].user_id for i in updates]}},
+                    {"user_id": 1, "recent_message_ids": {"$slice": -RECENT_IDS}, "_id": 0},
+                    batch_size=SCAN_BATCH,
+                )
+            }
+            for i in updates:
+                w = writes[i]
+                landed = set(current.get(w.user_id, ()))
+                if not landed.issuperset(w.message_ids[-RECENT_IDS:]):
+                    failed_idx.add(i)
+        for i, w in enumerate(writes):
+            (result.conflicted if i in failed_idx else result.applied).append(w.user_id)
+        return result
+
+    @staticmethod
+    def _op(w: ProfileWrite, now: datetime) -> InsertOne | UpdateOne:
+        p = w.profile
+        fields = {
+            "embedding": encode_vector(p.embedding),
+            "magnitude": p.magnitude,
+            "model": p.model,
+            "dimensions": p.dimensions,
+            "last_updated": from_days(p.last_updated),
+            "updated_at": now,
+        }
+        if w.last_event_id is not None:
+            fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
+        if w.version is None:
+            return InsertOne(
+                {
+                    "user_id": w.user_id,
+                    **fields,
+                    "version": 1,
+                    "event_count": sum(w.counts.values()),
+                    "event_counts": dict(w.counts),
+                    "recent_message_ids": w.message_ids[-RECENT_IDS:],
+                    "created_at": now,
+                }
+            )
+        inc = {"version": 1, "event_count": sum(w.counts.values())}
+        inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
+        return UpdateOne(
+            {"user_id": w.user_id, "version": w.version},
+            {
+                "$set": fields,
+                "$inc": inc,
+                "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS}},
+            },
+        )
+
+    def get_profile_doc(self, user_id: str) -> dict | None:
+        return self.users.find_one({"user_id": user_id}, {"_id": 0})
+
+    # ---- products -------------------------------------------------------------------------------
+
+    def product_vectors(
+        self, product_ids: Iterable[str], model: str, dimensions: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """(usable vectors by product id, ids whose stored vector is in another space -> its model/dims)."""
+        ids = list(set(product_ids))
+        vectors: dict[str, np.ndarray] = {}
+        foreign: dict[str, str] = {}
+        if not ids:
+            return vectors, foreign
+        cursor = self.products.find(
+            {"product_id": {"$in": ids}},
+            {"product_id": 1, "embedding": 1, "model": 1, "dimensions": 1, "_id": 0},
+            batch_size=SCAN_BATCH,
+        )
+        for doc in cursor:
+            vec = decode_vector(doc.get("embedding", []))
+            doc_dims = int(doc.get("dimensions") or len(vec))
+            if doc.get("model") != model or doc_dims != dimensions or len(vec) != dimensions:
+                foreign[doc["product_id"]] = f"{doc.get('model')}/{doc_dims}d"
+            else:
+                vectors[str(doc["product_id"])] = vec
+        return vectors, foreign
+
+    def upsert_products(self, docs: Sequence[dict]) -> int:
+        """Upsert product documents by product_id (vectors are encoded here)."""
+        if not docs:
+            return 0
+        now = datetime.now(UTC)
+        ops = [
+            UpdateOne(
+                {"product_id": d["product_id"]},
+                {"$set": {**d, "embedding": encode_vector(d["embedding"]), "updated_at": now}},
+                upsert=True,
+            )
+            for d in docs
+        ]
+        res = self.products.bulk_write(ops, ordered=False)
+        return res.upserted_count + res.modified_count
+
+    # ---- failed messages ------------------------------------------------------------------------
+
+    def record_failures(self, records: Sequence[dict]) -> None:
+        """Upsert failed-message records by message_id, appending to their error history."""
+        if not records:
+            return
+        ops = []
+        for r in records:
+            entry = {"at": r["last_failure_at"], "error_class": r["error_class"], "error_message": r["error_message"]}
+            fields = {k: v for k, v in r.items() if k not in ("first_failure_at",)}
+            ops.append(
+                UpdateOne(
+                    {"message_id": r["message_id"]},
+                    {
+                        "$set": fields,
+                        "$setOnInsert": {"first_failure_at": r["first_failure_at"]},
+                        "$push": {"history": {"$each": [entry], "$slice": -50}},
+                    },
+                    upsert=True,
+                )
+            )
+        self.failed.bulk_write(ops, ordered=False)

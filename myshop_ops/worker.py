@@ -1,0 +1,204 @@
+"""The consume loop: take what is delivered, run it through the pipeline, publish copies, ack.
+
+All pika calls happen on the main thread; a batch runs on a helper thread while the main thread
+keeps the connection serviced (heartbeats, new deliveries buffered for the next batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pika.exceptions as pex
+from pika.spec import Basic, BasicProperties
+
+from myshop_ops import broker
+from myshop_ops.broker import Publisher, Topology
+from myshop_ops.config import Settings
+from myshop_ops.dedup import RedisState
+from myshop_ops.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.failures import failure_record, route
+from myshop_ops.limits import Limits
+from myshop_ops.pipeline import BatchResult, Pipeline
+from myshop_ops.store import Store
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
+
+
+@dataclass(slots=True)
+class Delivery:
+    tag: int
+    body: bytes
+    properties: BasicProperties
+
+
+@dataclass
+class Totals:
+    batches: int = 0
+    applied: int = 0
+    duplicate: int = 0
+    skipped: int = 0
+    retried: int = 0
+    failed: int = 0
+    writes: int = 0
+    conflicts: int = 0
+
+    @property
+    def processed(self) -> int:
+        return self.applied + self.duplicate + self.skipped + self.retried + self.failed
+
+
+class Worker:
+    """``myshop consume``: one process, one connection, micro-batches of at most ``prefetch`` messages."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queue: str | None = None,
+        prefetch: int = 200,
+        limits: Limits | None = None,
+        store: Store | None = None,
+        redis: RedisState | None = None,
+        phrases: PhraseEmbedder | None = None,
+    ):
+        self.settings = settings
+        self.topology = Topology.from_settings(settings, queue)
+        self.prefetch = prefetch
+        self.limits = limits or Limits()
+        self.store = store or Store(settings.mongodb_url, settings.mongodb_db)
+        self.redis = redis or RedisState(settings.redis_url, idempotency_ttl=settings.idempotency_ttl)
+        self.phrases = phrases or PhraseEmbedder(make_provider(settings), self.redis, ttl=settings.cache_ttl)
+        self.pipeline = Pipeline(settings, self.store, self.redis, self.phrases)
+        self.totals = Totals()
+        self._buffer: list[Delivery] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._connection = None
+        self._publisher: Publisher | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def check_dependencies(self) -> None:
+        """Raise if MongoDB, Redis or RabbitMQ cannot be reached (exit code 3 at start)."""
+        self.store.ping()
+        self.redis.ping()
+        broker.connect(self.settings.rabbitmq_dsn, name="myshop-check").close()
+
+    def run(self) -> int:
+        """Consume until a stop condition; returns the exit code."""
+        backoff = 1.0
+        try:
+            while not self.limits.check():
+                try:
+                    self._consume()
+                    backoff = 1.0
+                except (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
+                        ConnectionError) as exc:
+                    self._buffer.clear()
+                    delay = min(backoff, 30.0) * (0.5 + random.random())
+                    log.warning("broker connection lost, reconnecting",
+                                extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": round(delay, 2)})
+                    self._close_connection()
+                    self._sleep(delay)
+                    backoff *= 2
+        finally:
+            self._close_connection()
+            self._executor.shutdown(wait=True)
+        log.info("worker stopped", extra={"reason": self.limits.reason, **vars(self.totals)})
+        return EXIT_OK
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.limits.check():
+            time.sleep(min(0.1, deadline - time.monotonic()))
+
+    def _close_connection(self) -> None:
+        conn, self._connection, self._publisher = self._connection, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("closing the broker connection failed", exc_info=True)
+
+    def _consume(self) -> None:
+        self._connection = conn = broker.connect(self.settings.rabbitmq_dsn, name="myshop-consume")
+        self._publisher = Publisher(conn)
+        channel = conn.channel()
+        channel.basic_qos(prefetch_count=self.prefetch)
+        channel.basic_consume(self.topology.queue, self._on_message)
+        log.info("consuming", extra={"queue": self.topology.queue, "prefetch": self.prefetch})
+        last_flag_check = 0.0
+        while not self.limits.check():
+            conn.process_data_events(time_limit=IDLE_WAIT)
+            if time.monotonic() - last_flag_check > 1.0:
+                last_flag_check = time.monotonic()
+                if self.redis.stop_requested(self.limits.started_wall):
+                    self.limits.stop("stop-workers requested")
+            if self._buffer and not self.limits.check():
+                conn.process_data_events(time_limit=0)  # what is already on the socket joins this batch
+                self._run_batch(channel)
+        channel.close()  # unprocessed deliveries go back to the queue
+
+    def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+        self._buffer.append(Delivery(method.delivery_tag, body, properties))
+
+    # ---- one batch ------------------------------------------------------------------------------
+
+    def _run_batch(self, channel) -> None:
+        size = self.prefetch
+        remaining = self.limits.remaining_messages()
+        if remaining is not None:
+            size = min(size, remaining)
+        batch, self._buffer = self._buffer[:size], self._buffer[size:]
+        future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
+        while not future.done():
+            self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
+        result: BatchResult = future.result()
+        self._settle(channel, batch, result)
+
+    def _settle(self, channel, batch: list[Delivery], result: BatchResult) -> None:
+        t = self.totals
+        records = []
+        failed_before = t.failed
+        for delivery, item in zip(batch, result.items, strict=True):
+            if item.status not in ("retry", "failed"):
+                continue
+            transient = item.status == "retry"
+            copy = route(self.topology, delivery.properties.headers, item.error, transient=transient)
+            message_id = delivery.properties.message_id or (item.event.message_id if item.event else None)
+            record = failure_record(copy, delivery.body, message_id) if copy.failed else None
+            self._publisher.publish(
+                copy.exchange,
+                copy.routing_key,
+                delivery.body,
+                message_id=record["message_id"] if record else message_id,
+                headers=copy.headers,
+                content_type=delivery.properties.content_type or "application/json",
+            )
+            if copy.failed:
+                records.append(record)
+                t.failed += 1
+                log.error("message failed", extra={"message_id": record["message_id"], "error": copy.error_message,
+                                                   "error_class": copy.error_class, "retry_count": copy.retry_count})
+            else:
+                t.retried += 1
+        if records:
+            try:
+                self.store.record_failures(records)
+            except Exception as exc:
+                log.error("could not record failed messages in MongoDB", extra={"error": str(exc)})
+        channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
+        t.batches += 1
+        t.applied += len(result.by_status("applied"))
+        t.duplicate += len(result.by_status("duplicate"))
+        t.skipped += len(result.by_status("skipped"))
+        t.writes += result.writes
+        t.conflicts += result.conflicts
+        self.limits.count(len(batch), t.failed - failed_before)
+

@@ -1,0 +1,127 @@
+"""Fixtures on real services: RabbitMQ and Redis on 127.0.0.1, the Mongo-wire server, a fake OpenAI."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pika
+import pytest
+import redis as redis_lib
+
+from myshop_ops import broker
+from myshop_ops.broker import Topology
+from myshop_ops.config import Settings, load_settings
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.services import ROOT, MongoWire
+
+RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
+REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DIMS = 64  # small vectors keep the Mongo-wire server fast; the math is dimension-independent
+
+
+@pytest.fixture(scope="session")
+def mongo_wire(tmp_path_factory) -> Iterator[MongoWire]:
+    server = MongoWire(tmp_path_factory.mktemp("mongo") / "server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI(api_key="test-key").start()
+    yield server
+    server.stop()
+
+
+class Env(dict):
+    """The environment of one test: isolated queue, failed queue and database names."""
+
+    def settings(self, **overrides: str) -> Settings:
+        return load_settings(env={**self, **overrides}, env_file=None)
+
+    def subprocess_env(self, **overrides: str) -> dict[str, str]:
+        return {**os.environ, **self, **overrides, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def env(mongo_wire) -> Iterator[Env]:
+    tag = "t" + uuid.uuid4().hex[:10]
+    e = Env(
+        APP_ENV="test",
+        RABBITMQ_DSN=RABBIT,
+        RABBITMQ_QUEUE=f"{tag}.events",
+        RABBITMQ_FAILED_QUEUE=f"{tag}.failed",
+        RABBITMQ_QUEUE_TYPE="quorum",
+        MONGODB_URL=mongo_wire.url,
+        MONGODB_DB=tag,
+        REDIS_URL=REDIS,
+        EMBEDDING_PROVIDER="hash",
+        EMBEDDING_DIMENSIONS=str(DIMS),
+        WORKER_RETRY_DELAY="200",
+        WORKER_MAX_RETRIES="3",
+        LOG_FORMAT="console",
+    )
+    _forget_redis_state()  # test events are deterministic: start every test with no remembered ids
+    yield e
+    _cleanup(e)
+
+
+def _forget_redis_state() -> None:
+    client = redis_lib.Redis.from_url(REDIS)
+    keys = [*client.scan_iter("myshop:processed:*", count=1000), *client.scan_iter("myshop:emb:*", count=1000)]
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _cleanup(e: Env) -> None:
+    s = e.settings()
+    topo = Topology.from_settings(s)
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(RABBIT))
+        ch = conn.channel()
+        for q in topo.queues():
+            ch.queue_delete(q)
+        for x in (topo.exchange, topo.failed_exchange):
+            ch.exchange_delete(x)
+        conn.close()
+    except Exception:
+        pass
+    from pymongo import MongoClient
+
+    client = MongoClient(s.mongodb_url, serverSelectionTimeoutMS=2000)
+    with contextlib.suppress(Exception):
+        client.drop_database(s.mongodb_db)
+    client.close()
+
+
+@pytest.fixture
+def topology(env) -> Topology:
+    """The test's topology, declared on the real broker."""
+    s = env.settings()
+    topo = Topology.from_settings(s)
+    conn = broker.connect(s.rabbitmq_dsn)
+    broker.declare(conn, topo)
+    conn.close()
+    return topo
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(REDIS)
+    yield client
+    client.close()
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 120, input: str | None = None):
+    """Run `myshop ...` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "myshop_ops", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, input=input, cwd=ROOT,
+    )

@@ -1,0 +1,261 @@
+"""The worker end to end on real RabbitMQ, Redis and the Mongo-wire server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pika
+import pytest
+from bson.binary import Binary
+
+from myshop_ops import broker
+from myshop_ops.contract import make_event, serialise
+from myshop_ops.dedup import RedisState
+from myshop_ops.failures import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
+from myshop_ops.limits import Limits
+from myshop_ops.store import Store
+from myshop_ops.worker import Worker
+from tests.conftest import run_cli
+from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products
+from tests.support.services import ROOT, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def consume(settings, n: int, prefetch: int = 200, **kw) -> Worker:
+    """Run the worker in-process until it has handled ``n`` messages."""
+    worker = Worker(settings, prefetch=prefetch, limits=Limits(messages=n, seconds=60), **kw)
+    assert worker.run() == 0
+    assert worker.limits.reason == f"message limit {n} reached"
+    return worker
+
+
+def assert_profiles(settings, expected: dict, counts: dict | None = None) -> None:
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    docs = {d["user_id"]: d for d in store.users.find({}, {"_id": 0})}
+    store.close()
+    assert set(docs) == set(expected)
+    for user, exp in expected.items():
+        doc = docs[user]
+        assert isinstance(doc["embedding"], Binary) and doc["embedding"].subtype == 9
+        got = np.asarray(doc["embedding"].as_vector().data, np.float32)
+        assert np.max(np.abs(got - exp.embedding)) < 1e-5, user
+        assert doc["magnitude"] == pytest.approx(exp.magnitude, rel=1e-5)
+        assert doc["dimensions"] == settings.embedding_dimensions and doc["model"] == settings.model
+        assert doc["last_updated"].utcoffset().total_seconds() == 0
+        if counts is not None:
+            assert doc["event_count"] == counts[user]
+            assert sum(doc["event_counts"].values()) == counts[user]
+
+
+def failed_messages(settings, topo) -> list[tuple[dict, bytes]]:
+    conn = broker.connect(settings.rabbitmq_dsn)
+    ch = conn.channel()
+    out = []
+    while True:
+        method, props, body = ch.basic_get(topo.failed_queue, auto_ack=True)
+        if method is None:
+            break
+        out.append((props, body))
+    conn.close()
+    return out
+
+
+def test_profiles_match_the_spec_math(env, topology):
+    s = env.settings()
+    users = [f"u-{i}" for i in range(6)]
+    products = seed_products(s, [f"p{i}" for i in range(10)])
+    events = mixed_events(users, list(products), per_user=12)
+    publish(s, topology, events)
+    worker = consume(s, len(events))
+    assert worker.totals.applied == len(events)
+    assert_profiles(s, expected_profiles(s, events, products), {u: 12 for u in users})
+    store = Store(s.mongodb_url, s.mongodb_db)
+    doc = store.get_profile_doc("u-0")
+    newest = max((e for e in events if e.user_id == "u-0"), key=lambda e: e.occurred_at)
+    assert doc["last_event_id"] == newest.message_id
+    assert doc["last_updated"] == newest.occurred_at.replace(microsecond=newest.occurred_at.microsecond // 1000 * 1000)
+    assert doc["version"] == worker.totals.writes // len(users) or doc["version"] >= 1
+    store.close()
+
+
+def test_batches_equal_one_by_one(env, topology):
+    """prefetch 1 (one event per write) and one big batch give the same profiles, and versions count writes."""
+    s = env.settings()
+    products = seed_products(s, ["a", "b", "c"])
+    events = mixed_events(["solo"], list(products), per_user=9)
+    publish(s, topology, events)
+    worker = consume(s, len(events), prefetch=1)
+    assert worker.totals.writes == 9
+    assert_profiles(s, expected_profiles(s, events, products), {"solo": 9})
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert store.get_profile_doc("solo")["version"] == 9
+    store.close()
+
+
+def test_late_events_are_merged(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["x", "y"])
+    new = make_event("late-user", "product_purchase", "x", T0)
+    old = make_event("late-user", "product_view", "y", T0.replace(day=1, month=10))
+    publish(s, topology, [new])
+    consume(s, 1)
+    publish(s, topology, [old])
+    consume(s, 1)
+    assert_profiles(s, expected_profiles(s, [new, old], products), {"late-user": 2})
+    doc = Store(s.mongodb_url, s.mongodb_db).get_profile_doc("late-user")
+    assert doc["last_updated"] == T0 and doc["version"] == 2 and doc["last_event_id"] == new.message_id
+
+
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis-up", "redis-down"])
+def test_duplicates_never_double_apply(env, topology, redis_up):
+    s = env.settings() if redis_up else env.settings(REDIS_URL="redis://127.0.0.1:1/0")
+    products = seed_products(s, ["d1"])
+    first = make_event("dup-user", "product_purchase", "d1", T0)
+    second = make_event("dup-user", "search", "running shoes", T0.replace(hour=13))
+    # The same message three times, in separate batches (prefetch 1) and within one batch.
+    publish(s, topology, [first, second, first, first])
+    redis = RedisState(s.redis_url, timeout=0.2)
+    worker = consume(s, 4, prefetch=1, redis=redis)
+    publish(s, topology, [first, second])
+    worker2 = consume(s, 2, prefetch=10, redis=redis)
+    assert worker.totals.applied + worker2.totals.applied == 2
+    assert worker.totals.duplicate + worker2.totals.duplicate == 4
+    assert_profiles(s, expected_profiles(s, [first, second], products), {"dup-user": 2})
+    if not redis_up:
+        assert redis.errors > 0
+
+
+def test_malformed_messages_go_to_failed_and_valid_ones_are_applied(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["ok"])
+    good = make_event("good-user", "product_click", "ok", T0)
+    bad_bodies = [
+        b"not json",
+        b"\xff\xfe\x00",
+        json.dumps({"user_id": "u", "event_type": "teleport", "occurred_at": T0.isoformat()}).encode(),
+        json.dumps({**json.loads(serialise(good)), "occurred_at": "2026-11-01T12:00:00"}).encode(),
+        b"x" * (70 * 1024),
+    ]
+    publish(s, topology, [bad_bodies[0], good, *bad_bodies[1:]])
+    worker = consume(s, 6)
+    assert worker.totals.applied == 1 and worker.totals.failed == 5
+    assert_profiles(s, expected_profiles(s, [good], products), {"good-user": 1})
+    copies = failed_messages(s, topology)
+    assert len(copies) == 5
+    for props, body in copies:
+        h = props.headers
+        assert h[H_ERROR_CLASS] == "InvalidMessage" and h[H_RETRY_COUNT] == 0
+        assert h[H_ORIGINAL_QUEUE] == topology.queue and h[H_WORKER_HOST]
+        assert props.message_id and body in bad_bodies
+    records = list(Store(s.mongodb_url, s.mongodb_db).failed.find({}))
+    assert {r["message_id"] for r in records} == {p.message_id for p, _ in copies}
+    naive = next(r for r in records if r["user_id"] == "good-user")
+    assert "occurred_at" in naive["error_message"] and naive["history"][0]["error_class"] == "InvalidMessage"
+
+
+def test_missing_product_is_skipped_and_profile_untouched(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["real"])
+    events = [make_event("m-user", "product_view", "real", T0), make_event("m-user", "product_view", "ghost", T0)]
+    publish(s, topology, events)
+    worker = consume(s, 2)
+    assert worker.totals.skipped == 1 and worker.totals.applied == 1
+    assert_profiles(s, expected_profiles(s, events[:1], products), {"m-user": 1})
+    assert failed_messages(s, topology) == []
+
+
+def test_foreign_vector_space_is_refused(env, topology):
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.upsert_products([{"product_id": "old", "embedding": np.ones(8, np.float32) / 8**0.5,
+                            "model": "ada", "dimensions": 8}])
+    publish(s, topology, [make_event("v-user", "product_purchase", "old", T0)])
+    consume(s, 1)
+    [(props, _)] = failed_messages(s, topology)
+    assert props.headers[H_ERROR_CLASS] == "VectorSpaceMismatch"
+    assert store.users.count_documents({}) == 0
+
+
+def test_concurrent_workers_lose_no_update(env, topology):
+    """Three worker processes on the same few users: every event applied exactly once."""
+    s = env.settings()
+    users = ["hot-1", "hot-2"]
+    products = seed_products(s, [f"p{i}" for i in range(5)])
+    events = mixed_events(users, list(products), per_user=60)
+    publish(s, topology, events)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "myshop_ops", "consume", "--prefetch", "5", "--time-limit", "120"],
+                         env=env.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(3)
+    ]
+    store = Store(s.mongodb_url, s.mongodb_db)
+
+    def all_applied():
+        docs = list(store.users.find({}, {"event_count": 1}))
+        return len(docs) == 2 and sum(d["event_count"] for d in docs) == len(events)
+
+    try:
+        applied = wait_for(all_applied, timeout=90, what="all events applied", fail=False)
+    finally:
+        for p in procs:
+            p.terminate()
+        outs = [p.communicate(timeout=30)[0].decode()[-3000:] for p in procs]
+    assert applied, outs
+    assert all(p.returncode == 0 for p in procs), outs
+    assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
+
+
+def test_openai_provider_one_request_per_batch(env, topology, fake_openai):
+    s = env.settings(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
+                     EMBEDDING_DIMENSIONS="1536")
+    fake_openai.clear()
+    phrases = ["red running shoes", "Red  Running Shoes", "green tea", "usb-c cable"]
+    events = [make_event(f"o-{i % 2}", "search", p, T0.replace(minute=i)) for i, p in enumerate(phrases)]
+    publish(s, topology, events)
+    consume(s, len(events))
+    assert len(fake_openai.requests) == 1
+    assert sorted(fake_openai.requests[0]["body"]["input"]) == ["green tea", "red running shoes", "usb-c cable"]
+    # The fake server's vectors are the hash provider's at 1536 dimensions, bit for bit.
+    assert_profiles(s, expected_profiles(s, events, {}), {"o-0": 2, "o-1": 2})
+
+
+def test_consume_cli_limit_and_exit_codes(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["c1"])
+    events = [make_event(f"c-{i}", "product_purchase", "c1", T0) for i in range(5)]
+    publish(s, topology, events)
+    done = run_cli("consume", "--limit", "5", env=env.subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert "5 messages, 5 applied" in done.stdout
+    assert_profiles(s, expected_profiles(s, events, products))
+    bad = run_cli("consume", env=env.subprocess_env(WORKER_MAX_RETRIES="42"))
+    assert bad.returncode == 2 and "WORKER_MAX_RETRIES='42' is invalid: an integer in 1..10" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    down = run_cli("consume", env=env.subprocess_env(MONGODB_URL="mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"))
+    assert down.returncode == 3 and "MongoDB at mongodb://127.0.0.1:1/" in down.stderr
+    nobroker = run_cli("consume", env=env.subprocess_env(RABBITMQ_DSN="amqp://guest:s3cret@127.0.0.1:1/%2f"))
+    assert nobroker.returncode == 3 and "RabbitMQ unreachable" in nobroker.stderr
+    assert "s3cret" not in nobroker.stderr and "guest:***@" in nobroker.stderr
+
+
+def test_setup_commands_are_idempotent_and_report_mismatch(env):
+    first = run_cli("setup-transports", "--json", env=env.subprocess_env())
+    assert first.returncode == 0, first.stderr
+    declared = json.loads(first.stdout)["declared"]
+    names = {d["name"] for d in declared}
+    assert {env["RABBITMQ_QUEUE"], env["RABBITMQ_FAILED_QUEUE"], env["RABBITMQ_QUEUE"] + ".retry.3"} <= names
+    assert run_cli("setup-transports", env=env.subprocess_env()).returncode == 0
+    clash = run_cli("setup-transports", env=env.subprocess_env(RABBITMQ_QUEUE_TYPE="classic"))
+    assert clash.returncode == 3 and "exists with other settings" in clash.stderr and "x-queue-type" in clash.stderr
+    idx1 = json.loads(run_cli("setup-indexes", "--json", env=env.subprocess_env()).stdout)["indexes"]
+    idx2 = json.loads(run_cli("setup-indexes", "--json", env=env.subprocess_env()).stdout)["indexes"]
+    assert {i["state"] for i in idx1} == {"created"} and {i["state"] for i in idx2} == {"existing"}
+    assert ("user_embeddings", "user_id_unique") in {(i["collection"], i["index"]) for i in idx1}
+    conn = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_DSN"]))
+    ok = conn.channel().queue_declare(env["RABBITMQ_QUEUE"], passive=True)
+    assert ok.method.message_count == 0
+    conn.close()

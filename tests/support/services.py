@@ -1,0 +1,86 @@
+"""Real services for tests: the Mongo-wire server as a child process, per-test names, condition waits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pymongo import MongoClient
+
+ROOT = Path(__file__).resolve().parents[2]
+MONGO_PYTHON = Path(os.environ.get("MONGO_WIRE_PYTHON", ROOT / ".venv-mongo" / "bin" / "python"))
+MONGO_SCRIPT = ROOT / "tools" / "mongo_wire_server.py"
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, what: str = "", fail: bool = True
+) -> object:
+    """Poll ``condition`` until it returns something truthy; after ``timeout`` seconds fail the test
+    (or return the last falsy value when ``fail`` is False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            if not fail:
+                return value
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class MongoWire:
+    """mongoeco's wire server in its own Python 3.13 venv, on a free port (or a given one)."""
+
+    def __init__(self, log_path: Path, port: int = 0):
+        self.log_path = log_path
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> str:
+        if not MONGO_PYTHON.exists():
+            raise RuntimeError(f"{MONGO_PYTHON} missing: run `make .venv-mongo` (Python 3.13 + mongoeco[wire])")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            [str(MONGO_PYTHON), str(MONGO_SCRIPT), "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mongo-wire server exited: {self.log_path.read_text()[-2000:]}")
+            m = re.findall(r"READY (\S+)", self.log_path.read_text())
+            if m and (self.port == 0 or f":{self.port}/" in m[-1]):
+                self.url = m[-1]
+                self.port = int(re.search(r":(\d+)/", self.url).group(1))
+                client = MongoClient(self.url, serverSelectionTimeoutMS=500)
+                try:
+                    client.admin.command("ping")
+                    return self.url
+                except Exception:
+                    pass
+                finally:
+                    client.close()
+            time.sleep(0.1)
+        raise RuntimeError("mongo-wire server did not become ready in time")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> str:
+        """Stop and start again on the same port (the memory engine starts empty)."""
+        self.stop()
+        return self.start()
