@@ -204,7 +204,8 @@ def test_concurrent_workers_lose_no_update(env, topology):
         for p in procs:
             p.terminate()
         outs = [p.communicate(timeout=30)[0].decode()[-3000:] for p in procs]
-    assert applied, outs
+    state = list(store.users.find({}, {"user_id": 1, "event_count": 1, "version": 1, "_id": 0}))
+    assert applied, f"{state}\n" + "\n---\n".join(outs)
     assert all(p.returncode == 0 for p in procs), outs
     assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
 
