@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pika.exceptions as pex
 from pika.spec import Basic, BasicProperties
+from pymongo.errors import PyMongoError
 
 from myshop_ops import broker
 from myshop_ops.broker import Publisher, Topology
@@ -22,13 +23,16 @@ from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.failures import failure_record, route
 from myshop_ops.limits import Limits
-from myshop_ops.pipeline import BatchResult, Pipeline
+from myshop_ops.notify import Notifier
+from myshop_ops.pipeline import BatchResult, Pipeline, StoreUnavailable
 from myshop_ops.store import Store
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
+CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
+                     ConnectionError)
 
 
 @dataclass(slots=True)
@@ -36,6 +40,7 @@ class Delivery:
     tag: int
     body: bytes
     properties: BasicProperties
+    redelivered: bool = False
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Worker:
         store: Store | None = None,
         redis: RedisState | None = None,
         phrases: PhraseEmbedder | None = None,
+        notifier: Notifier | None = None,
     ):
         self.settings = settings
         self.topology = Topology.from_settings(settings, queue)
@@ -77,6 +83,8 @@ class Worker:
         self.phrases = phrases or PhraseEmbedder(make_provider(settings), self.redis, ttl=settings.cache_ttl)
         self.pipeline = Pipeline(settings, self.store, self.redis, self.phrases)
         self.totals = Totals()
+        self.notifier = notifier or Notifier()
+        self._last_status = 0.0
         self._buffer: list[Delivery] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._connection = None
@@ -91,27 +99,32 @@ class Worker:
         broker.connect(self.settings.rabbitmq_dsn, name="myshop-check").close()
 
     def run(self) -> int:
-        """Consume until a stop condition; returns the exit code."""
+        """Consume until a stop condition; returns the exit code (0 planned stop, 1 crash)."""
         backoff = 1.0
+        code = EXIT_OK
         try:
             while not self.limits.check():
                 try:
                     self._consume()
                     backoff = 1.0
-                except (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
-                        ConnectionError) as exc:
+                except CONNECTION_ERRORS as exc:
                     self._buffer.clear()
                     delay = min(backoff, 30.0) * (0.5 + random.random())
                     log.warning("broker connection lost, reconnecting",
                                 extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": round(delay, 2)})
+                    self.notifier.status(f"reconnecting to RabbitMQ in {delay:.1f}s")
                     self._close_connection()
                     self._sleep(delay)
                     backoff *= 2
+        except Exception:
+            log.exception("worker crashed")
+            code = EXIT_CRASH
         finally:
+            self.notifier.stopping(f"stopping: {self.limits.reason or 'crash'}")
             self._close_connection()
             self._executor.shutdown(wait=True)
         log.info("worker stopped", extra={"reason": self.limits.reason, **vars(self.totals)})
-        return EXIT_OK
+        return code
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -133,8 +146,10 @@ class Worker:
         channel.basic_qos(prefetch_count=self.prefetch)
         channel.basic_consume(self.topology.queue, self._on_message)
         log.info("consuming", extra={"queue": self.topology.queue, "prefetch": self.prefetch})
+        self.notifier.ready(f"consuming {self.topology.queue}")
         last_flag_check = 0.0
         while not self.limits.check():
+            self.notifier.watchdog()
             conn.process_data_events(time_limit=IDLE_WAIT)
             if time.monotonic() - last_flag_check > 1.0:
                 last_flag_check = time.monotonic()
@@ -146,21 +161,61 @@ class Worker:
         channel.close()  # unprocessed deliveries go back to the queue
 
     def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-        self._buffer.append(Delivery(method.delivery_tag, body, properties))
+        self._buffer.append(Delivery(method.delivery_tag, body, properties, method.redelivered))
 
     # ---- one batch ------------------------------------------------------------------------------
 
-    def _run_batch(self, channel) -> None:
+    def _take_batch(self) -> list[Delivery]:
+        """The next batch: the leading fresh deliveries, or one redelivered message on its own (a message
+        that crashed a worker must not take a whole batch down with it again)."""
         size = self.prefetch
         remaining = self.limits.remaining_messages()
         if remaining is not None:
             size = min(size, remaining)
+        if self._buffer[0].redelivered:
+            size = 1
+        else:
+            size = next((i for i, d in enumerate(self._buffer[:size]) if d.redelivered), size)
         batch, self._buffer = self._buffer[:size], self._buffer[size:]
+        return batch
+
+    def _run_batch(self, channel) -> None:
+        batch = self._take_batch()
         future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
-        while not future.done():
-            self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
+        try:
+            while not future.done():
+                self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
+        except CONNECTION_ERRORS:
+            future.result()  # let the batch land; its messages come back and are deduplicated
+            raise
         result: BatchResult = future.result()
         self._settle(channel, batch, result)
+        self.notifier.watchdog()
+        if time.monotonic() - self._last_status > 1.0:
+            self._last_status = time.monotonic()
+            t = self.totals
+            self.notifier.status(f"processed {t.processed}, applied {t.applied}, failed {t.failed}, "
+                                 f"retried {t.retried}")
+        if any(isinstance(i.error, StoreUnavailable) for i in result.items):
+            self._wait_for_store()
+
+    def _wait_for_store(self) -> None:
+        """MongoDB failed: stop taking messages (they stay delivered, unacked) until it answers again."""
+        delay = 0.5
+        while not self.limits.check():
+            try:
+                self.store.ping()
+                log.info("MongoDB is back")
+                return
+            except PyMongoError as exc:
+                wait = min(delay, 30.0) * (0.5 + random.random())
+                log.warning("MongoDB unavailable, pausing",
+                            extra={"error": str(exc)[:200], "retry_in_s": round(wait, 2)})
+                self.notifier.status(f"waiting for MongoDB ({wait:.1f}s)")
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline and not self.limits.check():
+                    self._connection.process_data_events(time_limit=0.1)
+                delay *= 2
 
     def _settle(self, channel, batch: list[Delivery], result: BatchResult) -> None:
         t = self.totals

@@ -17,15 +17,15 @@ os.environ.setdefault("LOG_FORMAT", "console")
 os.environ.setdefault("MONGODB_DB", "myshop_demo")
 os.environ.setdefault("RABBITMQ_QUEUE", "user_embedding_updates")
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from myshop_ops import broker  # noqa: E402
-from myshop_ops.broker import Publisher, Topology  # noqa: E402
-from myshop_ops.config import load_settings  # noqa: E402
-from myshop_ops.contract import make_event, serialise  # noqa: E402
-from myshop_ops.embeddings import HashProvider  # noqa: E402
-from myshop_ops.store import Store  # noqa: E402
+from myshop_ops import broker
+from myshop_ops.broker import Publisher, Topology
+from myshop_ops.config import load_settings
+from myshop_ops.contract import make_event, serialise
+from myshop_ops.embeddings import HashProvider
+from myshop_ops.store import Store
 
 PRODUCTS = {
     "audio-001": "Wireless noise cancelling headphones",
