@@ -17,6 +17,7 @@ H_ERROR_CLASS = "x-error-class"
 H_ERROR_MESSAGE = "x-error-message"
 H_WORKER_HOST = "x-worker-host"
 H_ORIGINAL_QUEUE = "x-original-queue"
+H_HISTORY = "x-error-history"  # JSON list of {at, error_class, error_message}, the last 10 failures
 MAX_ERROR_CHARS = 1000
 
 
@@ -57,6 +58,12 @@ def route(
     headers[H_ERROR_MESSAGE] = message
     headers[H_WORKER_HOST] = socket.gethostname()
     headers[H_ORIGINAL_QUEUE] = topo.queue
+    try:
+        history = json.loads(headers.get(H_HISTORY) or "[]")
+    except (TypeError, ValueError):
+        history = []
+    history.append({"at": stamp, "error_class": error_class, "error_message": message[:300]})
+    headers[H_HISTORY] = json.dumps(history[-10:])
     if transient and count < len(topo.retry_delays_ms):
         headers[H_RETRY_COUNT] = count + 1
         return Copy("", topo.retry_queue(count + 1), headers, False, error_class, message, count + 1)
@@ -69,7 +76,23 @@ def route(
 
 def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetime | None = None) -> dict:
     """The failed_messages document of a failed copy (keyed by message_id, or a body hash when it has none)."""
-    now = now or datetime.now(UTC)
+    return failure_record_fields(
+        message_id=message_id or "body-sha256:" + hashlib.sha256(body).hexdigest(),
+        body=body,
+        headers=copy.headers,
+        error_class=copy.error_class,
+        error_message=copy.error_message,
+        retry_count=copy.retry_count,
+        first_failure_at=datetime.fromisoformat(copy.headers[H_FIRST_FAILURE]),
+        last_failure_at=now or datetime.now(UTC),
+        worker_host=copy.headers[H_WORKER_HOST],
+        original_queue=copy.headers[H_ORIGINAL_QUEUE],
+    )
+
+
+def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
+    """A failed_messages document: the given fields plus the body as text, its user and event type
+    when readable, and the headers made BSON-safe."""
     text = body.decode("utf-8", errors="replace")
     user_id = event_type = None
     try:
@@ -79,17 +102,16 @@ def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetim
             event_type = doc.get("event_type", doc.get("eventType"))
     except ValueError:
         pass
+    try:
+        history = json.loads(headers.get(H_HISTORY) or "[]")
+    except (TypeError, ValueError):
+        history = []
     return {
-        "message_id": message_id or "body-sha256:" + hashlib.sha256(body).hexdigest(),
+        **fields,
+        "history": history or [{"at": fields["last_failure_at"].isoformat(), "error_class": fields["error_class"],
+                                "error_message": fields["error_message"]}],
         "user_id": None if user_id is None else str(user_id)[:128],
         "event_type": None if event_type is None else str(event_type)[:64],
         "body": text,
-        "headers": {k: (v if isinstance(v, str | int | float | bool) else str(v)) for k, v in copy.headers.items()},
-        "error_class": copy.error_class,
-        "error_message": copy.error_message,
-        "retry_count": copy.retry_count,
-        "first_failure_at": datetime.fromisoformat(copy.headers[H_FIRST_FAILURE]),
-        "last_failure_at": now,
-        "worker_host": copy.headers[H_WORKER_HOST],
-        "original_queue": copy.headers[H_ORIGINAL_QUEUE],
+        "headers": {k: (v if isinstance(v, str | int | float | bool) else str(v)) for k, v in headers.items()},
     }

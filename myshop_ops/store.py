@@ -283,22 +283,16 @@ class Store:
     # ---- failed messages ------------------------------------------------------------------------
 
     def record_failures(self, records: Sequence[dict]) -> None:
-        """Upsert failed-message records by message_id, appending to their error history."""
+        """Upsert failed-message records by message_id (the first failure time is kept)."""
         if not records:
             return
-        ops = []
-        for r in records:
-            entry = {"at": r["last_failure_at"], "error_class": r["error_class"], "error_message": r["error_message"]}
-            fields = {k: v for k, v in r.items() if k not in ("first_failure_at",)}
-            ops.append(
-                UpdateOne(
-                    {"message_id": r["message_id"]},
-                    {
-                        "$set": fields,
-                        "$setOnInsert": {"first_failure_at": r["first_failure_at"]},
-                        "$push": {"history": {"$each": [entry], "$slice": -50}},
-                    },
-                    upsert=True,
-                )
+        ops = [
+            UpdateOne(
+                {"message_id": r["message_id"]},
+                {"$set": {k: v for k, v in r.items() if k != "first_failure_at"},
+                 "$setOnInsert": {"first_failure_at": r["first_failure_at"]}},
+                upsert=True,
             )
+            for r in records
+        ]
         self.failed.bulk_write(ops, ordered=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from myshop_ops.cli import setup, worker
+from myshop_ops.cli import failed, setup, worker
 from myshop_ops.cli.common import EXIT_CONFIG, fail
 
 app = typer.Typer(
@@ -24,6 +24,9 @@ failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args
 user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
 products_app = typer.Typer(help="Manage product vectors.", no_args_is_help=True)
 app.add_typer(failed_app, name="failed")
+failed_app.command("show")(failed.show)
+failed_app.command("retry")(failed.retry)
+failed_app.command("remove")(failed.remove)
 app.add_typer(user_app, name="user")
 app.add_typer(products_app, name="products")
 
@@ -44,9 +47,6 @@ _PLANNED = [
     (app, "purge", 4, "Purge a queue."),
     (app, "recommend", 6, "Recommend products for a user."),
     (app, "verify", 8, "Compare stored profiles with a recomputation from recorded events."),
-    (failed_app, "show", 3, "Show failed messages."),
-    (failed_app, "retry", 3, "Retry failed messages."),
-    (failed_app, "remove", 3, "Remove failed messages."),
     (user_app, "show", 6, "Show a user's profile."),
     (user_app, "delete", 6, "Erase a user's profile."),
     (products_app, "import", 6, "Embed and store a catalog."),

@@ -34,7 +34,7 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -122,6 +122,7 @@ class FakeOpenAI:
         self.no_dimensions = set(NO_DIMENSIONS)
         self.requests: list[dict[str, Any]] = []
         self.reverse_data = False  # answer with ``data`` in reverse index order (clients must sort)
+        self.on_request: Callable[[Any], None] | None = None  # called with each parsed body before answering
         self._faults: deque[tuple[int, dict[str, str], float]] = deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -252,8 +253,11 @@ class FakeOpenAI:
                             "body": body,
                             "headers": {k.lower(): v for k, v in self.headers.items()},
                             "path": self.path,
+                            "at": time.monotonic(),
                         }
                     )
+                if srv.on_request is not None:
+                    srv.on_request(body)
                 if self.path.split("?")[0].rstrip("/") != "/v1/embeddings":
                     return self._err(404, f"Unknown request URL: POST {self.path}", code="unknown_url")
                 if not self._authorised():

@@ -1,0 +1,161 @@
+"""`myshop failed show | retry | remove`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+
+import typer
+from rich.table import Table
+
+from myshop_ops import broker
+from myshop_ops.broker import Topology
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.failed import Drift, FailedBox, parse_duration
+from myshop_ops.store import Store
+
+
+@contextlib.contextmanager
+def _box() -> Iterator[FailedBox]:
+    s = settings()
+    with operator_errors(s):
+        store = Store(s.mongodb_url, s.mongodb_db)
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-failed")
+        try:
+            yield FailedBox(conn, store, Topology.from_settings(s))
+        finally:
+            conn.close()
+            store.close()
+
+
+def _drift_line(d: Drift) -> str | None:
+    parts = []
+    if d.recorded_from_queue:
+        parts.append(f"{len(d.recorded_from_queue)} message(s) were in the queue without a record "
+                     "(dead-lettered by RabbitMQ); recorded now")
+    if d.orphan_records:
+        parts.append(f"{len(d.orphan_records)} record(s) have no message left in the queue "
+                     f"(`myshop failed remove {d.orphan_records[0]}` clears one)")
+    return "; ".join(parts) or None
+
+
+def show(
+    message_id: str = typer.Argument(None, help="Show one message in full."),
+    max_rows: int = typer.Option(50, "--max", min=1, help="Rows to list."),
+    stats: bool = typer.Option(False, "--stats", help="Counts by error class."),
+    text: str = typer.Option(None, "--filter", help="Only messages whose error, class, user or id contains TEXT."),
+    since: str = typer.Option(None, "--since", help="Only failures in the last DURATION (30m, 12h, 7d)."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Show failed messages (from the failed_messages index, checked against the failed queue)."""
+    try:
+        window = parse_duration(since) if since else None
+    except ValueError as exc:
+        fail(f"--since: {exc}", EXIT_CONFIG)
+    with _box() as box:
+        drift = box.check()
+        if message_id:
+            rec = box.record(message_id)
+            if rec is None:
+                fail(f"no failed message with id {message_id} (list them with `myshop failed show`)")
+            if as_json:
+                print_json(rec)
+                return
+            _print_one(rec)
+            return
+        if stats:
+            rows = box.stats()
+            if as_json:
+                print_json({"queue_count": drift.queue_count, "by_error_class": dict(rows)})
+                return
+            table = Table("error class", "messages", title=f"failed messages: {sum(n for _, n in rows)}")
+            for cls, n in rows:
+                table.add_row(cls, str(n))
+            console.print(table)
+            return
+        records = box.records(text=text, since=window, limit=max_rows)
+    if as_json:
+        print_json({"queue_count": drift.queue_count, "record_count": drift.record_count,
+                    "drift": {"recorded_from_queue": drift.recorded_from_queue,
+                              "orphan_records": drift.orphan_records},
+                    "messages": records})
+        return
+    table = Table("message id", "user", "type", "error", "retries", "failed at",
+                  title=f"failed messages: {drift.queue_count} in queue (showing {len(records)})")
+    for r in records:
+        table.add_row(r["message_id"][:16], str(r.get("user_id") or "-"), str(r.get("event_type") or "-"),
+                      f"{r['error_class']}: {r['error_message'][:80]}", str(r.get("retry_count", 0)),
+                      r["last_failure_at"].strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(table)
+    if (line := _drift_line(drift)) is not None:
+        console.print(f"[yellow]drift:[/] {line}", highlight=False)
+
+
+def _print_one(rec: dict) -> None:
+    console.print(f"[bold]{rec['message_id']}[/]  {rec['error_class']}: {rec['error_message']}", highlight=False)
+    console.print(f"user {rec.get('user_id')}  type {rec.get('event_type')}  retries {rec.get('retry_count')}  "
+                  f"first {rec.get('first_failure_at')}  last {rec.get('last_failure_at')}  "
+                  f"host {rec.get('worker_host')}  queue {rec.get('original_queue')}", highlight=False)
+    try:
+        body = json.dumps(json.loads(rec["body"]), indent=2)
+    except ValueError:
+        body = rec["body"]
+    console.print("[bold]body[/]")
+    console.print(body, markup=False, highlight=False)
+    console.print("[bold]headers[/]")
+    for k, v in sorted(rec.get("headers", {}).items()):
+        console.print(f"  {k}: {v}", markup=False, highlight=False)
+    console.print("[bold]history[/]")
+    for h in rec.get("history", []):
+        console.print(f"  {h['at']}  {h['error_class']}: {h['error_message']}", markup=False, highlight=False)
+
+
+def _confirm(action: str, ids: list[str] | None, force: bool) -> None:
+    if force:
+        return
+    what = "ALL failed messages" if ids is None else f"{len(ids)} failed message(s)"
+    if not sys.stdin.isatty():
+        fail(f"refusing to {action} {what} without a terminal: add --force", EXIT_CONFIG)
+    if not typer.confirm(f"{action.capitalize()} {what}?"):
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _targets(ids: list[str], all_: bool) -> list[str] | None:
+    if all_ == bool(ids):
+        fail("give message ids or --all (not both)", EXIT_CONFIG)
+    return None if all_ else ids
+
+
+def retry(
+    ids: list[str] = typer.Argument(None, help="Message ids to retry."),
+    all_: bool = typer.Option(False, "--all", help="Retry every failed message."),
+    force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
+) -> None:
+    """Republish failed messages to the main queue (retry count reset) and remove them from `failed`."""
+    targets = _targets(ids or [], all_)
+    _confirm("retry", targets, force)
+    with _box() as box:
+        done = box.retry(targets)
+    _report("retried", done, targets)
+
+
+def remove(
+    ids: list[str] = typer.Argument(None, help="Message ids to remove."),
+    all_: bool = typer.Option(False, "--all", help="Remove every failed message."),
+    force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
+) -> None:
+    """Delete failed messages from the failed queue and the failed_messages collection."""
+    targets = _targets(ids or [], all_)
+    _confirm("remove", targets, force)
+    with _box() as box:
+        done = box.remove(targets)
+    _report("removed", done, targets)
+
+
+def _report(verb: str, done: list[str], targets: list[str] | None) -> None:
+    console.print(f"{verb} {len(done)} message(s)", highlight=False)
+    missing = [] if targets is None else sorted(set(targets) - set(done))
+    if missing:
+        fail(f"not found in the failed queue: {', '.join(missing)}")

@@ -1,0 +1,215 @@
+"""Failed messages: the `failed` queue (the truth) and its `failed_messages` index, kept consistent.
+
+The queue cannot be read by id, so acting on some messages walks it once: every message is
+fetched unacked, the chosen ones are handled (republished with a confirm, then acked) and all
+others are released unacked when the channel closes, which puts them back in their order. No
+message is ever copied or dropped by a listing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pika.adapters.blocking_connection import BlockingConnection
+
+from myshop_ops.broker import Publisher, Topology
+from myshop_ops.failures import (
+    H_ERROR_CLASS,
+    H_ERROR_MESSAGE,
+    H_FIRST_FAILURE,
+    H_LAST_FAILURE,
+    H_ORIGINAL_QUEUE,
+    H_RETRY_COUNT,
+    H_WORKER_HOST,
+    failure_record_fields,
+)
+from myshop_ops.store import SCAN_BATCH, Store
+
+_DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                  "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
+                  H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST)
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise ValueError(f"'{text}' is not a duration like 30m, 12h or 7d")
+    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+    return timedelta(**{unit: int(m.group(1))})
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    message_id: str
+    body: bytes
+    headers: dict
+    content_type: str | None
+
+
+@dataclass
+class Drift:
+    """Where the queue and the collection disagree (after recording what the queue alone held)."""
+
+    queue_count: int
+    record_count: int
+    recorded_from_queue: list[str] = field(default_factory=list)  # in the queue, had no record: now recorded
+    orphan_records: list[str] = field(default_factory=list)  # a record whose message is no longer in the queue
+
+    @property
+    def consistent(self) -> bool:
+        return not self.recorded_from_queue and not self.orphan_records
+
+
+def message_id_of(body: bytes, properties_id: str | None) -> str:
+    return properties_id or "body-sha256:" + hashlib.sha256(body).hexdigest()
+
+
+class FailedBox:
+    def __init__(self, connection: BlockingConnection, store: Store, topo: Topology):
+        self.connection = connection
+        self.store = store
+        self.topo = topo
+
+    def queue_count(self) -> int:
+        ch = self.connection.channel()
+        try:
+            return ch.queue_declare(self.topo.failed_queue, passive=True).method.message_count
+        finally:
+            ch.close()
+
+    def walk(self, handle: Callable[[QueuedMessage], bool]) -> int:
+        """Fetch each message currently in the queue once; ``handle`` returns True to ack it (after doing
+        its work), False to leave it. Returns how many were acked."""
+        ch = self.connection.channel()
+        total = ch.queue_declare(self.topo.failed_queue, passive=True).method.message_count
+        acked = 0
+        for _ in range(total):
+            method, props, body = ch.basic_get(self.topo.failed_queue, auto_ack=False)
+            if method is None:
+                break
+            msg = QueuedMessage(message_id_of(body, props.message_id), body, dict(props.headers or {}),
+                                props.content_type)
+            if handle(msg):
+                ch.basic_ack(method.delivery_tag)
+                acked += 1
+        ch.close()  # everything not acked goes back to the queue, in order
+        return acked
+
+    def check(self) -> Drift:
+        """Compare queue and records id by id (equal counts can hide drift both ways); record queue
+        messages that have none (e.g. dead-lettered by the delivery limit after crashing workers) and
+        report records whose message is gone. One walk of the queue: O(queue depth) round trips."""
+        queue_count = self.queue_count()
+        record_count = self.store.failed.count_documents({})
+        drift = Drift(queue_count, record_count)
+        seen: set[str] = set()
+        known = set(self.store.failed.distinct("message_id"))
+        new_records = []
+
+        def look(msg: QueuedMessage) -> bool:
+            seen.add(msg.message_id)
+            if msg.message_id not in known:
+                new_records.append(record_from_queue(msg, self.topo))
+            return False
+
+        self.walk(look)
+        if new_records:
+            self.store.record_failures(new_records)
+            drift.recorded_from_queue = [r["message_id"] for r in new_records]
+        drift.orphan_records = sorted(known - seen)
+        return drift
+
+    def records(self, *, text: str | None = None, since: timedelta | None = None, limit: int = 50) -> list[dict]:
+        query: dict = {}
+        if text:
+            rx = {"$regex": re.escape(text), "$options": "i"}
+            query["$or"] = [{"error_message": rx}, {"error_class": rx}, {"user_id": rx}, {"message_id": rx}]
+        if since:
+            query["last_failure_at"] = {"$gte": datetime.now(UTC) - since}
+        cursor = self.store.failed.find(query, {"_id": 0}, batch_size=SCAN_BATCH).sort("last_failure_at", -1)
+        return list(cursor.limit(limit))
+
+    def record(self, message_id: str) -> dict | None:
+        return self.store.failed.find_one({"message_id": message_id}, {"_id": 0})
+
+    def stats(self) -> list[tuple[str, int]]:
+        group = {"$group": {"_id": "$error_class", "n": {"$sum": 1}}}
+        rows = self.store.failed.aggregate([group, {"$sort": {"n": -1}}])
+        return [(r["_id"] or "?", r["n"]) for r in rows]
+
+    def retry(self, ids: Iterable[str] | None) -> list[str]:
+        """Republish the chosen messages (None = all) to the main queue with the retry count reset, then
+        remove them from the queue and the collection. Returns the ids retried."""
+        wanted = None if ids is None else set(ids)
+        publisher = Publisher(self.connection)
+        done: list[str] = []
+
+        def resend(msg: QueuedMessage) -> bool:
+            if wanted is not None and msg.message_id not in wanted:
+                return False
+            headers = {k: v for k, v in msg.headers.items() if k not in _DROP_ON_RETRY}
+            publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
+                              headers=headers, content_type=msg.content_type or "application/json")
+            done.append(msg.message_id)
+            return True
+
+        self.walk(resend)
+        publisher.channel.close()
+        self._forget(done)
+        return done
+
+    def remove(self, ids: Iterable[str] | None) -> list[str]:
+        """Delete the chosen messages (None = all) from the queue and the collection. Records whose
+        message is no longer in the queue are removed too."""
+        wanted = None if ids is None else set(ids)
+        done: list[str] = []
+
+        def drop(msg: QueuedMessage) -> bool:
+            if wanted is not None and msg.message_id not in wanted:
+                return False
+            done.append(msg.message_id)
+            return True
+
+        self.walk(drop)
+        orphans = [] if wanted is None else sorted(wanted - set(done))
+        if wanted is None:
+            self.store.failed.delete_many({})
+        else:
+            self._forget([*done, *orphans])
+        return done + [o for o in orphans if self.record(o) is None]
+
+    def _forget(self, ids: list[str]) -> None:
+        if ids:
+            self.store.failed.delete_many({"message_id": {"$in": ids}})
+
+
+def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
+    """A failed_messages record for a queue message that has none (dead-lettered by the broker)."""
+    h = msg.headers
+    reason = h.get("x-first-death-reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode()
+    error_class = h.get(H_ERROR_CLASS) or ("DeliveryLimitExceeded" if reason == "delivery_limit" else "DeadLettered")
+    message = h.get(H_ERROR_MESSAGE) or (
+        f"dead-lettered by RabbitMQ ({reason or 'unknown reason'}): the message was redelivered too often, "
+        "probably because processing it killed the worker"
+    )
+    now = datetime.now(UTC)
+    return failure_record_fields(
+        message_id=msg.message_id,
+        body=msg.body,
+        headers=h,
+        error_class=str(error_class),
+        error_message=str(message),
+        retry_count=int(h.get(H_RETRY_COUNT, 0) or 0),
+        first_failure_at=now,
+        last_failure_at=now,
+        worker_host=str(h.get(H_WORKER_HOST, "")),
+        original_queue=str(h.get(H_ORIGINAL_QUEUE, topo.queue)),
+    )

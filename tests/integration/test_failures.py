@@ -1,0 +1,159 @@
+"""Retries through the delay queues, the failed queue and `myshop failed show/retry/remove`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pika
+import pytest
+
+from myshop_ops import broker
+from myshop_ops.broker import Publisher
+from myshop_ops.contract import make_event, serialise
+from myshop_ops.failures import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
+from myshop_ops.limits import Limits
+from myshop_ops.store import Store
+from myshop_ops.worker import Worker
+from tests.conftest import run_cli
+from tests.support.events import T0, publish
+
+pytestmark = pytest.mark.integration
+
+
+def openai_env(env, fake):
+    return {"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake.base_url,
+            "EMBEDDING_DIMENSIONS": "1536"}
+
+
+def run_until(settings, condition, timeout=30.0) -> Worker:
+    """Run an in-process worker until ``condition(store)`` holds (checked between batches via a time limit)."""
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    deadline = time.monotonic() + timeout
+    worker = None
+    while time.monotonic() < deadline:
+        worker = Worker(settings, limits=Limits(seconds=1), store=store)
+        worker.run()
+        if condition(store):
+            return worker
+    raise AssertionError("condition not reached")
+
+
+def queue_messages(settings, queue) -> list[tuple]:
+    conn = broker.connect(settings.rabbitmq_dsn)
+    ch = conn.channel()
+    out = []
+    while (got := ch.basic_get(queue, auto_ack=False))[0] is not None:
+        out.append(got[1:])
+    conn.close()  # nothing acked: all go back
+    return out
+
+
+def test_transient_failures_are_retried_with_growing_delays_then_applied_once(env, topology, fake_openai):
+    s = env.settings(**openai_env(env, fake_openai))
+    fake_openai.clear()
+    fake_openai.fail_next(503, retry_after_ms=1, times=3 * 2)  # the SDK tries 3 times per worker attempt
+    event = make_event("retry-user", "search", "noise cancelling headphones", T0)
+    publish(s, topology, [event])
+    totals = {"retried": 0}
+    store = Store(s.mongodb_url, s.mongodb_db)
+    deadline = time.monotonic() + 30
+    while store.get_profile_doc("retry-user") is None and time.monotonic() < deadline:
+        w = Worker(s, limits=Limits(seconds=1), store=store)
+        w.run()
+        totals["retried"] += w.totals.retried
+    doc = store.get_profile_doc("retry-user")
+    assert doc is not None and doc["event_count"] == 1 and doc["version"] == 1
+    assert totals["retried"] == 2
+    attempts = [r["at"] for r in fake_openai.requests]
+    assert len(attempts) == 7  # 2 failed worker attempts x 3 SDK tries + 1 success
+    # WORKER_RETRY_DELAY=200 ms doubling: >= 200 ms before attempt 2, >= 400 ms before attempt 3.
+    assert attempts[3] - attempts[2] >= 0.2 and attempts[6] - attempts[5] >= 0.4
+    assert queue_messages(s, topology.failed_queue) == []
+
+
+def test_permanent_failure_ends_in_failed_after_max_retries_and_failed_retry_applies_it(env, topology, fake_openai):
+    s = env.settings(**openai_env(env, fake_openai))
+    fake_openai.clear()
+    fake_openai.fail_next(503, retry_after_ms=1, times=10_000)
+    event = make_event("doomed-user", "search", "garden hose", T0)
+    publish(s, topology, [event])
+    store = Store(s.mongodb_url, s.mongodb_db)
+    run_until(s, lambda st: st.failed.count_documents({}) == 1)
+    [(props, body)] = queue_messages(s, topology.failed_queue)
+    h = props.headers
+    assert h[H_RETRY_COUNT] == 3 and h[H_ERROR_CLASS] == "EmbeddingError"
+    assert h[H_ERROR_MESSAGE].startswith("gave up after 3 retries")
+    assert props.message_id == event.message_id and body == serialise(event)
+    rec = store.failed.find_one({"message_id": event.message_id})
+    assert rec["retry_count"] == 3 and rec["user_id"] == "doomed-user" and len(rec["history"]) == 4
+    assert all(x in h for x in ("x-first-failure-at", "x-last-failure-at", "x-worker-host", "x-original-queue"))
+    assert store.get_profile_doc("doomed-user") is None
+
+    # The operator sees it, fixes the cause, retries it: applied once, gone from queue and collection.
+    shown = run_cli("failed", "show", "--json", env=env.subprocess_env(**openai_env(env, fake_openai)))
+    data = json.loads(shown.stdout)
+    assert data["queue_count"] == 1 and data["messages"][0]["message_id"] == event.message_id
+    one = run_cli("failed", "show", event.message_id, env=env.subprocess_env(**openai_env(env, fake_openai)))
+    assert "garden hose" in one.stdout and "gave up after 3 retries" in one.stdout and "history" in one.stdout
+    fake_openai.clear()
+    refused = run_cli("failed", "retry", event.message_id, env=env.subprocess_env(**openai_env(env, fake_openai)))
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    retried = run_cli("failed", "retry", event.message_id, "--force",
+                      env=env.subprocess_env(**openai_env(env, fake_openai)))
+    assert retried.returncode == 0 and "retried 1" in retried.stdout
+    assert store.failed.count_documents({}) == 0 and queue_messages(s, topology.failed_queue) == []
+    [(props, _)] = queue_messages(s, topology.queue)
+    assert H_RETRY_COUNT not in (props.headers or {})
+    run_until(s, lambda st: st.get_profile_doc("doomed-user") is not None)
+    assert store.get_profile_doc("doomed-user")["event_count"] == 1
+
+
+def test_failed_show_filters_stats_and_reports_drift(env, topology):
+    s = env.settings()
+    bodies = [b"not json", json.dumps({"user_id": "filter-me", "event_type": "nope"}).encode(), b"{}"]
+    publish(s, topology, bodies, message_ids=False)
+    run_until(s, lambda st: st.failed.count_documents({}) == 3)
+    sub = env.subprocess_env()
+    stats = json.loads(run_cli("failed", "show", "--stats", "--json", env=sub).stdout)
+    assert stats["by_error_class"] == {"InvalidMessage": 3}
+    filtered = json.loads(run_cli("failed", "show", "--filter", "FILTER-ME", "--json", env=sub).stdout)
+    assert [m["user_id"] for m in filtered["messages"]] == ["filter-me"]
+    assert json.loads(run_cli("failed", "show", "--since", "1h", "--json", env=sub).stdout)["record_count"] == 3
+    assert run_cli("failed", "show", "--since", "soon", env=sub).returncode == 2
+
+    # Drift both ways: a dead-lettered message without a record, and a record whose message is gone.
+    conn = broker.connect(s.rabbitmq_dsn)
+    Publisher(conn).publish(topology.failed_exchange, topology.failed_queue, b'{"user_id": "dl"}',
+                            message_id="dead-lettered-1", headers={"x-first-death-reason": "delivery_limit"})
+    ch = conn.channel()
+    method, props, _ = ch.basic_get(topology.failed_queue, auto_ack=False)
+    gone = props.message_id
+    ch.basic_ack(method.delivery_tag)
+    conn.close()
+    table = run_cli("failed", "show", env=sub)
+    assert "drift:" in table.stdout and "recorded now" in table.stdout and "no message left" in table.stdout
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert store.failed.find_one({"message_id": "dead-lettered-1"})["error_class"] == "DeliveryLimitExceeded"
+    assert run_cli("failed", "remove", gone, "--force", env=sub).returncode == 0
+    assert store.failed.find_one({"message_id": gone}) is None
+    removed = run_cli("failed", "remove", "--all", "--force", env=sub)
+    assert removed.returncode == 0 and store.failed.count_documents({}) == 0
+    assert queue_messages(s, topology.failed_queue) == []
+
+
+def test_walking_the_failed_queue_keeps_every_message_once(env, topology):
+    s = env.settings()
+    bodies = [f"bad {i}".encode() for i in range(30)]
+    publish(s, topology, bodies, message_ids=False)
+    run_until(s, lambda st: st.failed.count_documents({}) == 30)
+    before = [b for _, b in queue_messages(s, topology.failed_queue)]
+    for _ in range(3):
+        assert run_cli("failed", "show", "--json", env=env.subprocess_env()).returncode == 0
+    target = Store(s.mongodb_url, s.mongodb_db).failed.find_one({"body": "bad 7"})["message_id"]
+    assert run_cli("failed", "remove", target, "--force", env=env.subprocess_env()).returncode == 0
+    after = [b for _, b in queue_messages(s, topology.failed_queue)]
+    assert sorted(after) == sorted(b for b in before if b != b"bad 7") and len(after) == 29
+    conn = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_DSN"]))
+    assert conn.channel().queue_declare(topology.failed_queue, passive=True).method.message_count == 29
+    conn.close()
