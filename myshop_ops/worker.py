@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import pika.exceptions as pex
 from pika.spec import Basic, BasicProperties
 from pymongo.errors import PyMongoError
+from redis import RedisError
 
 from myshop_ops import broker
 from myshop_ops.broker import Publisher, Topology
-from myshop_ops.config import Settings
+from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.failures import failure_record, route
@@ -93,9 +94,19 @@ class Worker:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def check_dependencies(self) -> None:
-        """Raise if MongoDB, Redis or RabbitMQ cannot be reached (exit code 3 at start)."""
+        """Raise if MongoDB or RabbitMQ cannot be reached (exit code 3), or ConfigError when the indexes the
+        worker's correctness relies on are missing (exit code 2). Redis down only degrades."""
         self.store.ping()
-        self.redis.ping()
+        missing = self.store.missing_indexes()
+        if missing:
+            names = ", ".join(f"{c}.{i}" for c, i in missing)
+            raise ConfigError("MONGODB_DB", self.settings.mongodb_db,
+                              f"a database with the required indexes (missing: {names}); run `myshop setup-indexes`")
+        try:
+            self.redis.ping()
+        except RedisError as exc:
+            log.warning("Redis unreachable at start: deduplication falls back to MongoDB, no phrase cache",
+                        extra={"error": str(exc)})
         broker.connect(self.settings.rabbitmq_dsn, name="myshop-check").close()
 
     def run(self) -> int:
