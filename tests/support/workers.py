@@ -1,0 +1,249 @@
+"""Worker processes and broker/store probes for lifecycle tests: real subprocesses, real services.
+
+``WorkerProcess`` runs ``python -m myshop_ops consume ...`` with its stdout/stderr in files, so tests can
+read its logs while it runs (no pipe to drain, no deadlock) and wait on conditions in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from bson.binary import Binary
+
+from myshop_ops import broker
+from myshop_ops.broker import Topology
+from myshop_ops.config import Settings
+from myshop_ops.store import Store
+from tests.support.services import ROOT, wait_for
+
+_SUMMARY = re.compile(
+    r"stopped \((?P<reason>.*)\): (?P<processed>\d+) messages, (?P<applied>\d+) applied, "
+    r"(?P<duplicate>\d+) duplicates, (?P<skipped>\d+) skipped, (?P<retried>\d+) retried, "
+    r"(?P<failed>\d+) failed, (?P<writes>\d+) profile writes"
+)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The worker's closing line on stdout."""
+
+    reason: str
+    processed: int
+    applied: int
+    duplicate: int
+    skipped: int
+    retried: int
+    failed: int
+    writes: int
+
+
+def one_line(text: str) -> str:
+    """Collapse whitespace: the console may wrap long lines of a non-terminal stdout at 80 columns."""
+    return " ".join(text.split())
+
+
+def parse_summary(stdout: str) -> Summary | None:
+    m = _SUMMARY.search(one_line(stdout))
+    if m is None:
+        return None
+    d = m.groupdict()
+    return Summary(reason=d.pop("reason"), **{k: int(v) for k, v in d.items()})
+
+
+class WorkerProcess:
+    """``myshop consume ARGS`` as a child process, output captured in files under ``log_dir``."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...], log_dir: Path, name: str):
+        self.args = args
+        self.name = name
+        self.out_path = log_dir / f"{name}.stdout"
+        self.err_path = log_dir / f"{name}.stderr"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "myshop_ops", "consume", *args],
+                env=env, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; fails the test (with the worker's output) if it is still running after ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout}s\n{self.describe()}") from None
+
+    def summary(self) -> Summary:
+        s = parse_summary(self.stdout)
+        assert s is not None, f"{self.name}: no summary line\n{self.describe()}"
+        return s
+
+    def log_field(self, message: str, key: str) -> str | None:
+        """A ``key=value`` field of the last console log line containing ``message``."""
+        lines = [ln for ln in self.stderr.splitlines() if message in ln]
+        m = re.search(rf"\b{re.escape(key)}=(\S+)", lines[-1]) if lines else None
+        return m.group(1) if m else None
+
+    def describe(self) -> str:
+        return (f"--- {self.name} {' '.join(self.args)} rc={self.proc.poll()}\n"
+                f"stdout:\n{self.stdout[-2000:]}\nstderr:\n{self.stderr[-4000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Workers:
+    """Starts worker processes for one test and kills whatever is left at the end."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.started: list[WorkerProcess] = []
+
+    def start(self, env: dict[str, str], *args: str, name: str | None = None) -> WorkerProcess:
+        w = WorkerProcess(env, args, self.log_dir, name or f"worker{len(self.started) + 1}")
+        self.started.append(w)
+        return w
+
+    def cleanup(self) -> None:
+        for w in self.started:
+            w.kill()
+
+
+# ---- broker ---------------------------------------------------------------------------------------
+
+
+def prepare(settings: Settings) -> Topology:
+    """Declare the topology on the settings' broker and create the database's indexes (the worker checks them)."""
+    topo = Topology.from_settings(settings)
+    conn = broker.connect(settings.rabbitmq_dsn)
+    broker.declare(conn, topo)
+    conn.close()
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    store.setup_indexes()
+    store.close()
+    return topo
+
+
+def queue_state(settings: Settings, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of ``queue`` by a passive declare."""
+    conn = broker.connect(settings.rabbitmq_dsn)
+    try:
+        state = broker.queue_depth(conn, queue)
+    finally:
+        conn.close()
+    assert state is not None, f"queue {queue} does not exist"
+    return state
+
+
+def wait_queue(settings: Settings, queue: str, *, messages: int | None = None, consumers: int | None = None,
+               timeout: float = 10.0) -> tuple[int, int]:
+    """Wait until the queue holds ``messages`` ready messages and/or has ``consumers`` consumers."""
+    last: list[tuple[int, int]] = []
+
+    def ok() -> bool:
+        last[:] = [queue_state(settings, queue)]
+        m, c = last[0]
+        return (messages is None or m == messages) and (consumers is None or c == consumers)
+
+    reached = wait_for(ok, timeout=timeout, interval=0.1, fail=False)
+    assert reached, f"queue {queue}: (messages, consumers) = {last[0]}, wanted ({messages}, {consumers})"
+    return last[0]
+
+
+def rabbitmqctl(*args: str, timeout: float = 30) -> str:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"rabbitmqctl {' '.join(args)}: {done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@contextlib.contextmanager
+def private_vhost(base_dsn: str) -> Iterator[tuple[str, str]]:
+    """A throw-away vhost (guest has every permission): yields (vhost, DSN without query).
+
+    Tests that close connections or inspect them do it inside their own vhost, never touching other
+    users of the shared broker.
+    """
+    vhost = "lc-" + uuid.uuid4().hex[:10]
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        prefix = base_dsn.rsplit("/", 1)[0]
+        yield vhost, f"{prefix}/{quote(vhost, safe='')}"
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def vhost_connections(vhost: str) -> list[dict]:
+    """Connections of a vhost as rabbitmqctl reports them (name, timeout = negotiated heartbeat, ...)."""
+    out = rabbitmqctl("-q", "list_connections", "name", "vhost", "timeout", "client_properties",
+                      "--formatter", "json")
+    return [c for c in json.loads(out or "[]") if c.get("vhost") == vhost]
+
+
+# ---- store ----------------------------------------------------------------------------------------
+
+
+def event_counts(settings: Settings) -> dict[str, int]:
+    """event_count of every stored profile, by user id."""
+    store = Store(settings.mongodb_url, settings.mongodb_db, timeout_ms=2000)
+    try:
+        return {d["user_id"]: d["event_count"] for d in store.users.find({}, {"user_id": 1, "event_count": 1})}
+    finally:
+        store.close()
+
+
+def event_total(settings: Settings) -> int:
+    return sum(event_counts(settings).values())
+
+
+def check_profiles(settings: Settings, expected: dict, counts: dict[str, int]) -> None:
+    """Stored profiles equal the expected ones (vector, magnitude) and event counts are exact."""
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    try:
+        docs = {d["user_id"]: d for d in store.users.find({}, {"_id": 0})}
+    finally:
+        store.close()
+    assert set(docs) == set(expected)
+    for user, exp in expected.items():
+        doc = docs[user]
+        assert isinstance(doc["embedding"], Binary) and doc["embedding"].subtype == 9
+        got = np.asarray(doc["embedding"].as_vector().data, np.float32)
+        assert np.max(np.abs(got - exp.embedding)) < 1e-5, user
+        assert abs(doc["magnitude"] - exp.magnitude) <= 1e-5 * max(1.0, abs(exp.magnitude)), user
+        assert doc["event_count"] == counts[user], (user, doc["event_count"], counts[user])
+        assert sum(doc["event_counts"].values()) == counts[user], user
