@@ -127,6 +127,10 @@ class Worker:
                     self._close_connection()
                     self._sleep(delay)
                     backoff *= 2
+        except ConfigError as exc:
+            log.error("worker stopped: %s", exc)
+            self.limits.stop(str(exc))
+            code = EXIT_CONFIG
         except Exception:
             log.exception("worker crashed")
             code = EXIT_CRASH
@@ -155,7 +159,13 @@ class Worker:
         self._publisher = Publisher(conn)
         channel = conn.channel()
         channel.basic_qos(prefetch_count=self.prefetch)
-        channel.basic_consume(self.topology.queue, self._on_message)
+        try:
+            channel.basic_consume(self.topology.queue, self._on_message)
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:  # a deployment error: reconnecting cannot fix it
+                raise ConfigError("RABBITMQ_QUEUE", self.topology.queue,
+                                  "an existing queue (it does not exist: run `myshop setup-transports`)") from None
+            raise
         log.info("consuming", extra={"queue": self.topology.queue, "prefetch": self.prefetch})
         self.notifier.ready(f"consuming {self.topology.queue}")
         last_flag_check = 0.0
