@@ -412,7 +412,9 @@ def test_sd_notify_ready_status_watchdog_stopping(lenv, workers):
             wait_for(lambda: event_total(s) == 5, timeout=20, what="events applied")
             wait_for(lambda: any(re.match(r"STATUS=processed [1-9]\d*, applied [1-9]", ln)
                                  for _, ln in notify.lines("STATUS=")), timeout=10, what="a STATUS with counts")
-            wait_for(lambda: len(notify.lines("WATCHDOG=1")) >= 5, timeout=15, what="repeated WATCHDOG=1")
+            idle_from = time.monotonic()  # batches done: the loop is idle, only the watchdog cadence shows
+            wait_for(lambda: len([t for t, _ in notify.lines("WATCHDOG=1") if t > idle_from]) >= 5, timeout=15,
+                     what="repeated WATCHDOG=1")
             w.signal(signal.SIGTERM)
             assert w.wait(15) == 0, w.describe()
             wait_for(lambda: notify.lines("STOPPING=1"), timeout=5, what="STOPPING=1")
@@ -424,11 +426,11 @@ def test_sd_notify_ready_status_watchdog_stopping(lenv, workers):
     first_ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
     first_count = next(i for i, m in enumerate(messages) if m.startswith("STATUS=processed"))
     assert first_ready < first_count
-    # WATCHDOG_USEC=1s: systemd kills a service that stays silent that long; pings must come more often
-    pings = [t for t, _ in notify.lines("WATCHDOG=1")]
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    print(f"\nwatchdog gaps {[round(g, 3) for g in gaps]}")
-    assert max(gaps) < 1.0, f"watchdog gaps {[round(g, 2) for g in gaps]}"
+    # WATCHDOG_USEC=1s: pings throttled to half of it, and never a silence as long as WATCHDOG_USEC while idle
+    pings = [t for t, _ in notify.lines("WATCHDOG=1") if t > idle_from]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(pings)]
+    print(f"\nidle watchdog gaps {gaps}")
+    assert min(gaps) >= 0.45 and max(gaps) < 1.0, f"idle watchdog gaps {gaps}"
 
 
 # ---- 8. crash -----------------------------------------------------------------------------------
@@ -453,17 +455,14 @@ def test_unexpected_error_exits_1_and_leaves_the_message_queued(lenv, workers):
     assert event_total(s) == 0
 
 
-# ---- start-up against a missing queue -----------------------------------------------------------
+# ---- 9. start-up against a missing queue -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: consuming a queue that does not exist is reported as 'broker "
-                   "connection lost, reconnecting' and retried forever instead of a one-line error and a "
-                   "non-zero exit (404 NOT_FOUND is an AMQPChannelError, caught as a connection loss)")
 def test_missing_queue_is_reported_not_retried_forever(lenv, workers):
     s = lenv.settings()
     prepare(s)
     missing = f"{lenv['MONGODB_DB']}.no-such-queue"
-    w = workers.start(lenv.subprocess_env(), missing, "--time-limit", "3")
-    code = w.wait(20)
-    assert code in (2, 3), w.describe()
-    assert missing in w.stderr and "broker connection lost" not in w.stderr, w.describe()
+    w = workers.start(lenv.subprocess_env(), missing, "--time-limit", "30")
+    assert w.wait(15) == 2, w.describe()  # a deployment error: exit 2 (systemd does not restart it)
+    assert missing in w.stderr and "setup-transports" in w.stderr, w.describe()
+    assert "broker connection lost" not in w.stderr and "Traceback" not in w.stderr, w.describe()

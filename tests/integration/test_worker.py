@@ -240,6 +240,8 @@ def test_consume_cli_limit_and_exit_codes(env, topology):
     assert down.returncode == 3 and "MongoDB at mongodb://127.0.0.1:1/" in down.stderr
     noindex = run_cli("consume", env=env.subprocess_env(MONGODB_DB=env["MONGODB_DB"] + "_empty"))
     assert noindex.returncode == 2 and "run `myshop setup-indexes`" in noindex.stderr
+    noqueue = run_cli("consume", "no-such-queue", "--time-limit", "20", env=env.subprocess_env())
+    assert noqueue.returncode == 2 and "run `myshop setup-transports`" in noqueue.stdout + noqueue.stderr
     nobroker = run_cli("consume", env=env.subprocess_env(RABBITMQ_DSN="amqp://guest:s3cret@127.0.0.1:1/%2f"))
     assert nobroker.returncode == 3 and "RabbitMQ unreachable" in nobroker.stderr
     assert "s3cret" not in nobroker.stderr and "guest:***@" in nobroker.stderr
