@@ -8,7 +8,6 @@ message is ever copied or dropped by a listing.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from myshop_ops.failures import (
     H_RETRY_COUNT,
     H_WORKER_HOST,
     failure_record_fields,
+    message_id_of,
 )
 from myshop_ops.store import SCAN_BATCH, Store
 
@@ -64,10 +64,6 @@ class Drift:
     @property
     def consistent(self) -> bool:
         return not self.recorded_from_queue and not self.orphan_records
-
-
-def message_id_of(body: bytes, properties_id: str | None) -> str:
-    return properties_id or "body-sha256:" + hashlib.sha256(body).hexdigest()
 
 
 class FailedBox:

@@ -74,10 +74,15 @@ def route(
     return Copy(topo.failed_exchange, topo.failed_queue, headers, True, error_class, message, count)
 
 
+def message_id_of(body: bytes, message_id: str | None) -> str:
+    """A failed message's id: its AMQP message_id, or a hash of the body when it has none."""
+    return message_id or "body-sha256:" + hashlib.sha256(body).hexdigest()
+
+
 def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetime | None = None) -> dict:
     """The failed_messages document of a failed copy (keyed by message_id, or a body hash when it has none)."""
     return failure_record_fields(
-        message_id=message_id or "body-sha256:" + hashlib.sha256(body).hexdigest(),
+        message_id=message_id_of(body, message_id),
         body=body,
         headers=copy.headers,
         error_class=copy.error_class,

@@ -13,12 +13,11 @@ import pika
 import pytest
 import redis as redis_lib
 
-from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
-from myshop_ops.store import Store
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import ROOT, MongoWire
+from tests.support.workers import prepare
 
 RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -105,15 +104,7 @@ def _cleanup(e: Env) -> None:
 @pytest.fixture
 def topology(env) -> Topology:
     """The test's topology declared on the real broker, and its database's indexes created."""
-    s = env.settings()
-    topo = Topology.from_settings(s)
-    conn = broker.connect(s.rabbitmq_dsn)
-    broker.declare(conn, topo)
-    conn.close()
-    store = Store(s.mongodb_url, s.mongodb_db)
-    store.setup_indexes()
-    store.close()
-    return topo
+    return prepare(env.settings())
 
 
 @pytest.fixture
