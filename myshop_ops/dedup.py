@@ -17,6 +17,7 @@ from myshop_ops.config import mask_url
 log = logging.getLogger(__name__)
 
 PROCESSED = "myshop:processed:"
+ATTEMPTS = "myshop:attempts:"
 STOP_FLAG = "myshop:stop-workers"
 
 
@@ -74,6 +75,24 @@ class RedisState:
                 self.client.delete(*keys)
             except redis.RedisError as exc:
                 self._degraded("forget", exc)
+
+    def attempt(self, message_id: str, ttl: int = 86400) -> int | None:
+        """Count one more solo attempt at a redelivered message; None when Redis is down (the broker's
+        delivery limit is then the only guard against a message that kills workers)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.incr(ATTEMPTS + message_id)
+        pipe.expire(ATTEMPTS + message_id, ttl)
+        try:
+            return int(pipe.execute()[0])
+        except redis.RedisError as exc:
+            self._degraded("attempt", exc)
+            return None
+
+    def attempt_done(self, message_id: str) -> None:
+        try:
+            self.client.delete(ATTEMPTS + message_id)
+        except redis.RedisError as exc:
+            self._degraded("attempt_done", exc)
 
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
         try:

@@ -123,7 +123,7 @@ class Pipeline:
                     elif pid in foreign:
                         item.status = "failed"
                         item.error = VectorSpaceMismatch(
-                            f"product {pid} has a {foreign[pid]} vector, expected {self.model}/{self.dimensions}d"
+                            f"product {pid} has {foreign[pid]}, expected {self.model}/{self.dimensions}d"
                         )
                     else:
                         item.status, item.error = "skipped", ProductMissing(f"product {pid} has no vector")

@@ -244,7 +244,7 @@ class Store:
     def product_vectors(
         self, product_ids: Iterable[str], model: str, dimensions: int
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """(usable vectors by product id, ids whose stored vector is in another space -> its model/dims)."""
+        """(usable vectors by product id, ids whose stored vector is unusable -> what it is instead)."""
         ids = list(set(product_ids))
         vectors: dict[str, np.ndarray] = {}
         foreign: dict[str, str] = {}
@@ -256,12 +256,20 @@ class Store:
             batch_size=SCAN_BATCH,
         )
         for doc in cursor:
-            vec = decode_vector(doc.get("embedding", []))
-            doc_dims = int(doc.get("dimensions") or len(vec))
+            pid = str(doc["product_id"])
+            try:
+                vec = decode_vector(doc.get("embedding", []))
+                readable = vec.ndim == 1 and bool(np.isfinite(vec).all())
+            except (ValueError, TypeError):
+                readable = False
+            if not readable:
+                foreign[pid] = "an unreadable vector (not a finite float array)"
+                continue
+            doc_dims = doc.get("dimensions") or len(vec)
             if doc.get("model") != model or doc_dims != dimensions or len(vec) != dimensions:
-                foreign[doc["product_id"]] = f"{doc.get('model')}/{doc_dims}d"
+                foreign[pid] = f"a {doc.get('model')}/{doc_dims}d vector"
             else:
-                vectors[str(doc["product_id"])] = vec
+                vectors[pid] = vec
         return vectors, foreign
 
     def upsert_products(self, docs: Sequence[dict]) -> int:

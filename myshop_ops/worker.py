@@ -22,18 +22,23 @@ from myshop_ops.broker import Publisher, Topology
 from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.failures import failure_record, route
+from myshop_ops.failures import failure_record, message_id_of, route
 from myshop_ops.limits import Limits
 from myshop_ops.notify import Notifier
-from myshop_ops.pipeline import BatchResult, Pipeline, StoreUnavailable
+from myshop_ops.pipeline import BatchResult, Item, Pipeline, StoreUnavailable
 from myshop_ops.store import Store
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
+SOLO_ATTEMPTS = 2  # a redelivered message whose solo attempts killed this many workers goes to failed
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
                      ConnectionError)
+
+
+class PoisonMessage(Exception):
+    """A message that kept killing the worker processing it on its own (crash, OOM kill, kill -9)."""
 
 
 @dataclass(slots=True)
@@ -144,6 +149,7 @@ class Worker:
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self.limits.check():
+            self.notifier.watchdog()  # the loop is turning, waiting for the broker: no restart needed
             time.sleep(min(0.1, deadline - time.monotonic()))
 
     def _close_connection(self) -> None:
@@ -202,15 +208,15 @@ class Worker:
 
     def _run_batch(self, channel) -> None:
         batch = self._take_batch()
-        future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
-        try:
-            while not future.done():
-                self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
-        except CONNECTION_ERRORS:
-            future.result()  # let the batch land; its messages come back and are deduplicated
-            raise
-        result: BatchResult = future.result()
+        journal = self._journal(batch)
+        if journal is not None and journal[1] > SOLO_ATTEMPTS:
+            error = PoisonMessage(f"{journal[1] - 1} workers died processing this message on its own")
+            result = BatchResult(items=[Item(body=batch[0].body, status="failed", error=error)])
+        else:
+            result = self._process(batch)
         self._settle(channel, batch, result)
+        if journal is not None:
+            self.redis.attempt_done(journal[0])
         self.notifier.watchdog()
         if time.monotonic() - self._last_status > 1.0:
             self._last_status = time.monotonic()
@@ -219,6 +225,27 @@ class Worker:
                                  f"retried {t.retried}")
         if any(isinstance(i.error, StoreUnavailable) for i in result.items):
             self._wait_for_store()
+
+    def _journal(self, batch: list[Delivery]) -> tuple[str, int] | None:
+        """For a redelivered message (always alone in its batch): its id and how many solo attempts at it have
+        started, this one included (kept in Redis, so it survives the worker dying). None otherwise."""
+        if not batch[0].redelivered:
+            return None
+        key = message_id_of(batch[0].body, batch[0].properties.message_id)
+        attempts = self.redis.attempt(key)
+        return None if attempts is None else (key, attempts)
+
+    def _process(self, batch: list[Delivery]) -> BatchResult:
+        """Run the pipeline on the batch thread while this thread keeps the connection serviced."""
+        future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
+        try:
+            while not future.done():
+                self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
+                self.notifier.watchdog()  # a slow provider is not a hung worker
+        except CONNECTION_ERRORS:
+            future.result()  # let the batch land; its messages come back and are deduplicated
+            raise
+        return future.result()
 
     def _wait_for_store(self) -> None:
         """MongoDB failed: stop taking messages (they stay delivered, unacked) until it answers again."""
@@ -236,6 +263,7 @@ class Worker:
                 deadline = time.monotonic() + wait
                 while time.monotonic() < deadline and not self.limits.check():
                     self._connection.process_data_events(time_limit=0.1)
+                    self.notifier.watchdog()  # waiting out an outage is healthy; a restart would not help
                 delay *= 2
 
     def _settle(self, channel, batch: list[Delivery], result: BatchResult) -> None:

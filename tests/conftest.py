@@ -74,7 +74,8 @@ def env(mongo_wire) -> Iterator[Env]:
 
 def _forget_redis_state() -> None:
     client = redis_lib.Redis.from_url(REDIS)
-    keys = [*client.scan_iter("myshop:processed:*", count=1000), *client.scan_iter("myshop:emb:*", count=1000)]
+    keys = [k for pattern in ("myshop:processed:*", "myshop:emb:*", "myshop:attempts:*")
+            for k in client.scan_iter(pattern, count=1000)]
     if keys:
         client.delete(*keys)
     client.close()

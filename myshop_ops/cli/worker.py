@@ -39,6 +39,7 @@ def consume(
         f"stopped ({limits.reason}): {t.processed} messages, {t.applied} applied, {t.duplicate} duplicates, "
         f"{t.skipped} skipped, {t.retried} retried, {t.failed} failed, {t.writes} profile writes",
         highlight=False,
+        soft_wrap=True,
     )
     raise typer.Exit(code)
 

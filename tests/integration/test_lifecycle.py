@@ -298,26 +298,36 @@ def test_worker_reconnects_after_the_broker_closes_its_connection(lenv, workers)
 # ---- 5. heartbeats during a slow batch ----------------------------------------------------------
 
 
-def test_heartbeats_flow_during_a_slow_provider_call(openai_env, fake_openai, workers):
+def test_heartbeats_and_watchdog_flow_during_a_slow_provider_call(openai_env, fake_openai, workers):
     env = openai_env
-    with private_vhost(RABBIT) as (vhost, dsn):
+    with private_vhost(RABBIT) as (vhost, dsn), tempfile.TemporaryDirectory(prefix="nfy") as d:
+        notify = NotifySocket(Path(d) / "notify")
         env["RABBITMQ_DSN"] = dsn + "?heartbeat=2"
         s = env.settings()
         topo = prepare(s)
         event = searches(env, 1, users=1, label="slow")
         fake_openai.fail_next(200, delay_s=10)
         publish(s, topo, event)
-        w = workers.start(env.subprocess_env(), "--limit", "1", "--time-limit", "60")
-        wait_for(lambda: len(fake_openai.requests) == 1, timeout=20, what="the provider call")
-        timeouts = [c["timeout"] for c in vhost_connections(vhost)]
-        assert timeouts == [2], f"negotiated heartbeats in the vhost: {timeouts}"
-        assert w.wait(40) == 0, w.describe()
-        summary = w.summary()
-        assert (summary.applied, summary.duplicate) == (1, 0), w.describe()
-        assert "broker connection lost" not in w.stderr and "StreamLostError" not in w.stderr, w.describe()
-        assert len(fake_openai.requests) == 1
-        assert event_counts(s) == counts_of(event)
-        check_profiles(s, expected_profiles(s, event, {}), counts_of(event))
+        try:
+            w = workers.start(env.subprocess_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000"),
+                              "--limit", "1", "--time-limit", "60")
+            wait_for(lambda: len(fake_openai.requests) == 1, timeout=20, what="the provider call")
+            call_started = time.monotonic()
+            timeouts = [c["timeout"] for c in vhost_connections(vhost)]
+            assert timeouts == [2], f"negotiated heartbeats in the vhost: {timeouts}"
+            assert w.wait(40) == 0, w.describe()
+        finally:
+            notify.close()
+    summary = w.summary()
+    assert (summary.applied, summary.duplicate) == (1, 0), w.describe()
+    assert "broker connection lost" not in w.stderr and "StreamLostError" not in w.stderr, w.describe()
+    assert len(fake_openai.requests) == 1
+    assert event_counts(s) == counts_of(event)
+    check_profiles(s, expected_profiles(s, event, {}), counts_of(event))
+    # a 10 s provider call is not a hung worker: the watchdog kept being fed (WATCHDOG_USEC=2s) all along
+    pings = [t for t, _ in notify.lines("WATCHDOG=1") if t >= call_started]
+    gaps = [b - a for a, b in itertools.pairwise([call_started, *pings])]
+    assert len(pings) >= 8 and max(gaps) < 2.0, f"{len(pings)} pings, max gap {max(gaps):.2f}s"
 
 
 # ---- 6. MongoDB outage --------------------------------------------------------------------------
@@ -437,22 +447,25 @@ def test_sd_notify_ready_status_watchdog_stopping(lenv, workers):
 
 
 def test_unexpected_error_exits_1_and_leaves_the_message_queued(lenv, workers):
-    """A product document whose embedding is not a vector makes the batch raise (not a PyMongoError, not an
-    EmbeddingError): the worker logs the crash and exits 1; the unacked message goes back to the queue.
-    (If decoding ever learns to refuse such a vector as a failed message, pick another unexpected error.)"""
+    """A profile document whose embedding is not a vector (written by hand, not by the worker) makes the batch
+    raise something that is neither a store nor a provider error: the worker logs the crash and exits 1; the
+    unacked message goes back to the queue (and would end in failed as a PoisonMessage after restarts)."""
     s = lenv.settings()
     topo = prepare(s)
+    user = f"{lenv['MONGODB_DB']}-crash"
     store = Store(s.mongodb_url, s.mongodb_db)
-    store.products.insert_one({"product_id": "broken", "embedding": "not a vector", "model": s.model,
-                               "dimensions": s.embedding_dimensions})
+    store.users.insert_one({"user_id": user, "embedding": "not a vector", "magnitude": 1.0, "last_updated": T0,
+                            "model": s.model, "dimensions": s.embedding_dimensions, "version": 1})
     store.close()
-    publish(s, topo, [make_event(f"{lenv['MONGODB_DB']}-crash", "product_view", "broken", T0)])
+    publish(s, topo, [make_event(user, "search", f"{user} phrase", T0)])
     w = workers.start(lenv.subprocess_env(), "--time-limit", "30")
     assert w.wait(20) == 1, w.describe()
     assert "worker crashed" in w.stderr and "Traceback" in w.stderr, w.describe()
     assert "0 messages" in one_line(w.stdout), w.describe()
     wait_queue(s, topo.queue, messages=1, consumers=0)
-    assert event_total(s) == 0
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert store.users.find_one({"user_id": user}, {"_id": 0, "version": 1}) == {"version": 1}  # untouched
+    store.close()
 
 
 # ---- 9. start-up against a missing queue -------------------------------------------------------

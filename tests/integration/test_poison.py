@@ -1,4 +1,9 @@
-"""A message that kills the worker process ends in `failed` through the quorum delivery limit."""
+"""A message that kills the worker process (segfault, OOM kill, kill -9) ends in `failed` instead of looping.
+
+First line of defence: a redelivered message is processed alone, and its solo attempts are counted in Redis;
+after two solo deaths the next worker routes it to `failed` as a PoisonMessage, so its batch neighbours are
+applied after one redelivery. Backstop (Redis down): the quorum queue's delivery limit dead-letters it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,51 +20,93 @@ from myshop_ops.contract import make_event
 from myshop_ops.store import Store
 from tests.conftest import run_cli
 from tests.support.events import T0, publish
-from tests.support.services import ROOT, wait_for
+from tests.support.services import ROOT
 
 pytestmark = pytest.mark.integration
 
 
-def test_poison_message_that_kills_the_worker_ends_in_failed(env, topology, fake_openai):
-    extra = {"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake_openai.base_url,
-             "EMBEDDING_DIMENSIONS": "1536"}
-    s = env.settings(**extra)
-    fake_openai.clear()
+def supervise(env, extra, fake_openai, done, *args: str, max_deaths: int = 15) -> int:
+    """Run `myshop consume ARGS` like systemd would (restart after each death) until ``done()``; the fake
+    provider SIGKILLs the worker whenever a request carries the word "poison". Returns the number of deaths."""
     current: dict[str, subprocess.Popen] = {}
 
-    def kill_on_poison(body):  # stands in for a crash in native code on this input (segfault, OOM kill)
+    def kill_on_poison(body):  # stands in for a crash in native code on this input
         if isinstance(body, dict) and any("poison" in str(t) for t in body.get("input", [])):
             os.kill(current["p"].pid, signal.SIGKILL)
 
     fake_openai.on_request = kill_on_poison
-    poison = make_event("victim", "search", "poison pill", T0)
-    fine = [make_event("victim", "search", f"fine phrase {i}", T0.replace(minute=i + 1)) for i in range(3)]
-    publish(s, topology, [poison, *fine])
-    store = Store(s.mongodb_url, s.mongodb_db)
     deaths = 0
     try:
-        while deaths < 15:  # a supervisor: restart the worker like systemd would
-            current["p"] = subprocess.Popen(
-                [sys.executable, "-m", "myshop_ops", "consume", "--prefetch", "1", "--time-limit", "20"],
+        while deaths < max_deaths:
+            current["p"] = p = subprocess.Popen(
+                [sys.executable, "-m", "myshop_ops", "consume", "--time-limit", "60", *args],
                 env=env.subprocess_env(**extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            code = current["p"].wait(60)
-            if code != -signal.SIGKILL:
-                break
+            deadline = time.monotonic() + 60
+            while p.poll() is None and not done() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                assert p.wait(20) == 0
+                return deaths
+            assert p.returncode == -signal.SIGKILL, p.returncode
             deaths += 1
-            doc = store.get_profile_doc("victim")
-            if doc and doc["event_count"] == 3:
-                break
+        return deaths
     finally:
         fake_openai.on_request = None
         if current["p"].poll() is None:
             current["p"].kill()
+
+
+def openai_extra(fake_openai) -> dict[str, str]:
+    fake_openai.clear()
+    return {"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "test-key", "OPENAI_BASE_URL": fake_openai.base_url,
+            "EMBEDDING_DIMENSIONS": "1536"}
+
+
+def test_poison_goes_to_failed_after_two_solo_deaths_and_its_batch_neighbours_are_applied(env, topology,
+                                                                                           fake_openai):
+    extra = openai_extra(fake_openai)
+    s = env.settings(**extra)
+    user = f"{env['MONGODB_DB']}-victim"
+    fine = [make_event(user, "search", f"{user} fine phrase {i}", T0.replace(minute=i + 1)) for i in range(10)]
+    poison = make_event(user, "search", f"{user} poison pill", T0)
+    publish(s, topology, [*fine[:3], poison, *fine[3:]])
+    store = Store(s.mongodb_url, s.mongodb_db)
+
+    def done() -> bool:
+        doc = store.get_profile_doc(user)
+        return bool(doc and doc["event_count"] == 10 and store.failed.count_documents({}) == 1)
+
+    deaths = supervise(env, extra, fake_openai, done, "--prefetch", "20")
+    # death 1: the whole batch; deaths 2 and 3: the poison alone; the 4th worker fails it without running it
+    assert deaths == 3
+    rec = store.failed.find_one({"message_id": poison.message_id})
+    assert rec["error_class"] == "PoisonMessage" and "2 workers died" in rec["error_message"]
+    shown = json.loads(run_cli("failed", "show", "--json", env=env.subprocess_env(**extra)).stdout)
+    assert [m["message_id"] for m in shown["messages"]] == [poison.message_id]
+    assert shown["drift"] == {"recorded_from_queue": [], "orphan_records": []}
+    assert store.get_profile_doc(user)["event_count"] == 10  # every neighbour applied exactly once
+
+
+def test_delivery_limit_is_the_backstop_when_redis_is_down(env, topology, fake_openai):
+    extra = {**openai_extra(fake_openai), "REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing listens there
+    s = env.settings(**extra)
+    user = f"{env['MONGODB_DB']}-victim"
+    poison = make_event(user, "search", f"{user} poison pill", T0)
+    fine = [make_event(user, "search", f"{user} fine phrase {i}", T0.replace(minute=i + 1)) for i in range(3)]
+    publish(s, topology, [poison, *fine])
+    store = Store(s.mongodb_url, s.mongodb_db)
+
+    def done() -> bool:
+        doc = store.get_profile_doc(user)
+        return bool(doc and doc["event_count"] == 3)
+
+    deaths = supervise(env, extra, fake_openai, done, "--prefetch", "1")
     # The quorum queue's delivery limit (10) dead-letters the poison; the fine events are applied once.
+    assert 10 <= deaths <= 12, deaths
     shown = json.loads(run_cli("failed", "show", "--json", env=env.subprocess_env(**extra)).stdout)
     # Dead-lettered by the broker, so the worker never wrote a record: `failed show` records it from the queue.
     assert shown["drift"]["recorded_from_queue"] == [poison.message_id]
-    assert 10 <= deaths <= 12, deaths
     rec = store.failed.find_one({"message_id": poison.message_id})
     assert rec["error_class"] == "DeliveryLimitExceeded" and "poison pill" in rec["body"]
-    run_cli("consume", "--limit", "3", "--time-limit", "20", env=env.subprocess_env(**extra))
-    doc = wait_for(lambda: store.get_profile_doc("victim"), what="profile")
-    assert doc["event_count"] == 3
+    assert store.get_profile_doc(user)["event_count"] == 3

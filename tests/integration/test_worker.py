@@ -180,6 +180,24 @@ def test_foreign_vector_space_is_refused(env, topology):
     assert store.users.count_documents({}) == 0
 
 
+@pytest.mark.parametrize("embedding", ["not a vector", b"\x00\x01\x02", [float("nan")] * 64, [[0.1] * 64]],
+                         ids=["string", "truncated-bytes", "nan", "nested"])
+def test_corrupt_product_vector_fails_the_message_not_the_worker(env, topology, embedding):
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.products.insert_one({"product_id": "bad", "embedding": embedding, "model": s.model,
+                               "dimensions": s.embedding_dimensions})
+    good = seed_products(s, ["good"])
+    events = [make_event("c-user", "product_view", "bad", T0), make_event("c-user", "product_view", "good", T0)]
+    publish(s, topology, events)
+    worker = consume(s, 2)
+    assert (worker.totals.failed, worker.totals.applied) == (1, 1)
+    [(props, _)] = failed_messages(s, topology)
+    assert props.headers[H_ERROR_CLASS] == "VectorSpaceMismatch"
+    assert "unreadable vector" in props.headers["x-error-message"]
+    assert_profiles(s, expected_profiles(s, events[1:], good), {"c-user": 1})
+
+
 def test_concurrent_workers_lose_no_update(env, topology):
     """Three worker processes on the same few users: every event applied exactly once."""
     s = env.settings()
