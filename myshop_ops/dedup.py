@@ -76,23 +76,33 @@ class RedisState:
             except redis.RedisError as exc:
                 self._degraded("forget", exc)
 
-    def attempt(self, message_id: str, ttl: int = 86400) -> int | None:
-        """Count one more solo attempt at a redelivered message; None when Redis is down (the broker's
-        delivery limit is then the only guard against a message that kills workers)."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.incr(ATTEMPTS + message_id)
-        pipe.expire(ATTEMPTS + message_id, ttl)
+    def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
+        """Attempts recorded at each message by ``count_attempts`` (0 when none); None when Redis is down."""
         try:
-            return int(pipe.execute()[0])
+            values = self.client.mget([ATTEMPTS + m for m in message_ids])
         except redis.RedisError as exc:
-            self._degraded("attempt", exc)
+            self._degraded("attempts", exc)
             return None
+        return [int(v or 0) for v in values]
 
-    def attempt_done(self, message_id: str) -> None:
+    def count_attempts(self, message_ids: Sequence[str], ttl: int = 86400) -> None:
+        """Record one more attempt at each message, in a journal that outlives the worker: a message that keeps
+        killing workers shows up as a growing count."""
+        pipe = self.client.pipeline(transaction=False)
+        for m in message_ids:
+            pipe.incr(ATTEMPTS + m)
+            pipe.expire(ATTEMPTS + m, ttl)
         try:
-            self.client.delete(ATTEMPTS + message_id)
+            pipe.execute()
         except redis.RedisError as exc:
-            self._degraded("attempt_done", exc)
+            self._degraded("count_attempts", exc)
+
+    def attempts_done(self, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            try:
+                self.client.delete(*(ATTEMPTS + m for m in message_ids))
+            except redis.RedisError as exc:
+                self._degraded("attempts_done", exc)
 
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
         try:

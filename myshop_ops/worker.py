@@ -6,6 +6,7 @@ keeps the connection serviced (heartbeats, new deliveries buffered for the next 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
-SOLO_ATTEMPTS = 2  # a redelivered message whose solo attempts killed this many workers goes to failed
+SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
                      ConnectionError)
 
@@ -47,6 +48,20 @@ class Delivery:
     body: bytes
     properties: BasicProperties
     redelivered: bool = False
+    # attempts at a redelivered message since it came back, from the Redis journal (not counting the one about to
+    # start); None: not read yet (or fresh), -1: unknown (Redis down)
+    attempts: int | None = None
+
+    @property
+    def key(self) -> str:
+        return message_id_of(self.body, self.properties.message_id)
+
+    @property
+    def kind(self) -> str:
+        """fresh | first (first attempt after a crash or connection loss) | suspect (a retry of that died too)."""
+        if not self.redelivered:
+            return "fresh"
+        return "first" if self.attempts == 0 else "suspect"
 
 
 @dataclass
@@ -193,30 +208,36 @@ class Worker:
     # ---- one batch ------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Delivery]:
-        """The next batch: the leading fresh deliveries, or one redelivered message on its own (a message
-        that crashed a worker must not take a whole batch down with it again)."""
+        """The next batch, a run from the front of the buffer (so one multiple ack settles it): fresh deliveries;
+        or redelivered ones on their first attempt since they came back; or one suspect alone, a redelivered
+        message whose batch died again (a message that kills workers must not take batches down with it)."""
         size = self.prefetch
         remaining = self.limits.remaining_messages()
         if remaining is not None:
             size = min(size, remaining)
-        if self._buffer[0].redelivered:
-            size = 1
-        else:
-            size = next((i for i, d in enumerate(self._buffer[:size]) if d.redelivered), size)
-        batch, self._buffer = self._buffer[:size], self._buffer[size:]
+        if self._buffer[0].redelivered and self._buffer[0].attempts is None:
+            run = list(itertools.takewhile(lambda d: d.redelivered and d.attempts is None, self._buffer))
+            counts = self.redis.attempts([d.key for d in run]) or [-1] * len(run)
+            for delivery, count in zip(run, counts, strict=True):
+                delivery.attempts = count
+        kind = self._buffer[0].kind
+        batch = [self._buffer[0]] if kind == "suspect" else [
+            *itertools.takewhile(lambda d: d.kind == kind, self._buffer[:size])]
+        del self._buffer[:len(batch)]
+        if kind != "fresh":
+            self.redis.count_attempts([d.key for d in batch])
         return batch
 
     def _run_batch(self, channel) -> None:
         batch = self._take_batch()
-        journal = self._journal(batch)
-        if journal is not None and journal[1] > SOLO_ATTEMPTS:
-            error = PoisonMessage(f"{journal[1] - 1} workers died processing this message on its own")
-            result = BatchResult(items=[Item(body=batch[0].body, status="failed", error=error)])
+        head = batch[0]
+        if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
+            error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
+            result = BatchResult(items=[Item(body=head.body, status="failed", error=error)])
         else:
             result = self._process(batch)
         self._settle(channel, batch, result)
-        if journal is not None:
-            self.redis.attempt_done(journal[0])
+        self.redis.attempts_done([d.key for d in batch if d.redelivered])
         self.notifier.watchdog()
         if time.monotonic() - self._last_status > 1.0:
             self._last_status = time.monotonic()
@@ -225,15 +246,6 @@ class Worker:
                                  f"retried {t.retried}")
         if any(isinstance(i.error, StoreUnavailable) for i in result.items):
             self._wait_for_store()
-
-    def _journal(self, batch: list[Delivery]) -> tuple[str, int] | None:
-        """For a redelivered message (always alone in its batch): its id and how many solo attempts at it have
-        started, this one included (kept in Redis, so it survives the worker dying). None otherwise."""
-        if not batch[0].redelivered:
-            return None
-        key = message_id_of(batch[0].body, batch[0].properties.message_id)
-        attempts = self.redis.attempt(key)
-        return None if attempts is None else (key, attempts)
 
     def _process(self, batch: list[Delivery]) -> BatchResult:
         """Run the pipeline on the batch thread while this thread keeps the connection serviced."""

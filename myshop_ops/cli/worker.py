@@ -29,10 +29,10 @@ def consume(
     except ValueError as exc:
         fail(f"--memory-limit: {exc}", EXIT_CONFIG)
     limits = Limits(messages=limit, seconds=time_limit, memory_bytes=memory, failures=failure_limit)
+    limits.install_signal_handlers()  # a SIGTERM during the start-up checks is a planned stop too
     with operator_errors(s):
         worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits)
         worker.check_dependencies()
-    limits.install_signal_handlers()
     code = worker.run()
     t = worker.totals
     console.print(

@@ -1,8 +1,9 @@
 """A message that kills the worker process (segfault, OOM kill, kill -9) ends in `failed` instead of looping.
 
-First line of defence: a redelivered message is processed alone, and its solo attempts are counted in Redis;
-after two solo deaths the next worker routes it to `failed` as a PoisonMessage, so its batch neighbours are
-applied after one redelivery. Backstop (Redis down): the quorum queue's delivery limit dead-letters it.
+First line of defence: attempts at redelivered messages are counted in Redis; a redelivered message whose batch
+died again is processed alone, and after two solo deaths the next worker routes it to `failed` as a
+PoisonMessage, so its batch neighbours are applied after a redelivery or two. Backstop (Redis down): the
+quorum queue's delivery limit dead-letters it.
 """
 
 from __future__ import annotations
@@ -78,12 +79,13 @@ def test_poison_goes_to_failed_after_two_solo_deaths_and_its_batch_neighbours_ar
         return bool(doc and doc["event_count"] == 10 and store.failed.count_documents({}) == 1)
 
     deaths = supervise(env, extra, fake_openai, done, "--prefetch", "20")
-    # death 1: the whole batch; deaths 2 and 3: the poison alone; the 4th worker fails it without running it
-    assert deaths == 3
+    # deaths 1 and 2: the batch, fresh then redelivered; deaths 3 and 4: the poison alone; the 5th worker fails
+    # it without running it
+    assert deaths == 4
     rec = store.failed.find_one({"message_id": poison.message_id})
     assert rec["error_class"] == "PoisonMessage" and "2 workers died" in rec["error_message"]
     shown = json.loads(run_cli("failed", "show", "--json", env=env.subprocess_env(**extra)).stdout)
-    assert [m["message_id"] for m in shown["messages"]] == [poison.message_id]
+    assert [(m["message_id"], m["error_class"]) for m in shown["messages"]] == [(poison.message_id, "PoisonMessage")]
     assert shown["drift"] == {"recorded_from_queue": [], "orphan_records": []}
     assert store.get_profile_doc(user)["event_count"] == 10  # every neighbour applied exactly once
 
