@@ -132,6 +132,31 @@ def declare(connection: BlockingConnection, topo: Topology) -> list[tuple[str, s
     return done
 
 
+def check_topology(connection: BlockingConnection, topo: Topology) -> list[str]:
+    """What differs between the broker and the configured topology, without changing anything: each exchange
+    and queue is looked up passively, then redeclared with the expected settings (RabbitMQ refuses a redeclare
+    whose durability or arguments differ, and creates nothing that already exists). Empty when all is in place."""
+    problems: list[str] = []
+    expected = [("exchange", topo.failed_exchange, {}), ("queue", topo.failed_queue, {"x-queue-type": "classic"}),
+                ("exchange", topo.exchange, {}), ("queue", topo.queue, topo.main_arguments())]
+    expected += [("queue", topo.retry_queue(i), topo.retry_arguments(i))
+                 for i in range(1, len(topo.retry_delays_ms) + 1)]
+    for kind, name, arguments in expected:
+        ch = connection.channel()
+        try:
+            if kind == "exchange":
+                ch.exchange_declare(exchange=name, passive=True)
+                ch.exchange_declare(exchange=name, exchange_type="direct", durable=True)
+            else:
+                ch.queue_declare(queue=name, passive=True)
+                ch.queue_declare(queue=name, durable=True, arguments=arguments)
+            ch.close()
+        except pex.ChannelClosedByBroker as exc:
+            problems.append(f"{kind} '{name}' " + ("is missing" if exc.reply_code == 404 else
+                                                   f"differs from the configuration: {exc.reply_text}"))
+    return problems
+
+
 def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] | None:
     """(ready messages, consumers) of ``queue``, or None when it does not exist."""
     ch = connection.channel()
@@ -143,6 +168,15 @@ def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] |
         raise
     ch.close()
     return ok.method.message_count, ok.method.consumer_count
+
+
+def purge(connection: BlockingConnection, queue: str) -> int:
+    """Drop every ready message of ``queue`` (unacked ones stay with their consumers); returns how many."""
+    ch = connection.channel()
+    try:
+        return ch.queue_purge(queue).method.message_count
+    finally:
+        ch.close()
 
 
 class Publisher:

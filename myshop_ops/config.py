@@ -21,6 +21,7 @@ DEV_DEFAULTS = {
 PROVIDER_MODELS = {"hash": "hash-v1", "local": "all-MiniLM-L6-v2-int8"}
 SECRET_VARS = frozenset({"OPENAI_API_KEY"})
 APP_ENVS = ("prod", "dev", "test")
+RECOMMEND_BACKENDS = ("numpy", "atlas")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,8 @@ class Settings:
     max_retries: int = 5
     retry_delay_ms: int = 5000
     log_format: str = "json"
+    recommend_backend: str = "numpy"
+    atlas_vector_index: str = "product_embedding_index"
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
 
     @property
@@ -111,6 +114,8 @@ class Settings:
             "OPENAI_API_KEY": self.openai_api_key or "",
             "OPENAI_EMBEDDING_MODEL": self.openai_embedding_model,
             "EMBEDDING_DIMENSIONS": str(self.embedding_dimensions),
+            "RECOMMEND_BACKEND": self.recommend_backend,
+            "ATLAS_VECTOR_INDEX": self.atlas_vector_index,
         }
         return {k: mask(k, v) for k, v in shown.items()}
 
@@ -180,13 +185,18 @@ def _url(env: Mapping[str, str], var: str, schemes: tuple[str, ...], prod: bool,
     return raw
 
 
-def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
-    """Settings from ``env`` (default: the process environment) over the values of ``env_file``."""
+def merged_env(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> dict[str, str]:
+    """``env`` (default: the process environment) over the values of ``env_file``."""
     merged: dict[str, str] = {}
     if env_file and Path(env_file).is_file():
         merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     merged.update(os.environ if env is None else env)
-    e = merged
+    return merged
+
+
+def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
+    """Settings from ``env`` (default: the process environment) over the values of ``env_file``."""
+    e = merged_env(env, env_file)
 
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
     prod = app_env == "prod"
@@ -205,6 +215,9 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         names[var] = (e.get(var) or default).strip()
         if not _NAME.match(names[var]):
             raise ConfigError(var, names[var], "letters, digits and _ . : - (1..200 characters)")
+    index = (e.get("ATLAS_VECTOR_INDEX") or "product_embedding_index").strip()
+    if not _NAME.match(index) or "." in index or ":" in index:
+        raise ConfigError("ATLAS_VECTOR_INDEX", index, "an Atlas search index name of letters, digits, _ and -")
     db = (e.get("MONGODB_DB") or "myshop").strip()
     if not _NAME.match(db) or "." in db:
         raise ConfigError("MONGODB_DB", db, "a database name of letters, digits, _ and - (no dots)")
@@ -232,5 +245,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         max_retries=_int(e, "WORKER_MAX_RETRIES", 5, 1, 10),
         retry_delay_ms=_int(e, "WORKER_RETRY_DELAY", 5000, 1, 60_000),
         log_format=_choice(e, "LOG_FORMAT", "json", ("json", "console")),
+        recommend_backend=_choice(e, "RECOMMEND_BACKEND", "numpy", RECOMMEND_BACKENDS),
+        atlas_vector_index=index,
         weights=weights,
     )

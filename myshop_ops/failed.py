@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from pika.adapters.blocking_connection import BlockingConnection
 
+from myshop_ops import broker
 from myshop_ops.broker import Publisher, Topology
 from myshop_ops.failures import (
     H_ERROR_CLASS,
@@ -179,6 +180,14 @@ class FailedBox:
         else:
             self._forget([*done, *orphans])
         return done + [o for o in orphans if self.record(o) is None]
+
+    def purge(self) -> tuple[int, int]:
+        """Empty the failed queue, then delete the records of failures that happened before the purge began
+        (a message failing meanwhile keeps both). Returns (messages purged, records deleted)."""
+        started = datetime.now(UTC)
+        purged = broker.purge(self.connection, self.topo.failed_queue)
+        deleted = self.store.failed.delete_many({"last_failure_at": {"$lt": started}}).deleted_count
+        return purged, deleted
 
     def _forget(self, ids: list[str]) -> None:
         if ids:

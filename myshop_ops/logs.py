@@ -45,5 +45,6 @@ def setup(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pika", "pymongo", "httpx", "httpcore", "openai"):
+    for noisy in ("pymongo", "httpx", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # our code reports every broker error, once, in one line

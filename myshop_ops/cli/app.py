@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-from myshop_ops.cli import failed, setup, worker
+from myshop_ops.cli import failed, preflight, purge, setup, stats, worker
 from myshop_ops.cli.common import EXIT_CONFIG, fail
 
 app = typer.Typer(
@@ -19,6 +21,9 @@ app.command("consume", help=worker.CONSUME_HELP)(worker.consume)
 app.command("stop-workers")(worker.stop_workers)
 app.command("setup-transports")(setup.setup_transports)
 app.command("setup-indexes")(setup.setup_indexes)
+app.command("stats", help=stats.STATS_HELP)(stats.stats)
+app.command("purge", help=purge.PURGE_HELP)(purge.purge)
+app.command("preflight", help=preflight.PREFLIGHT_HELP)(preflight.run_preflight)
 
 failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args_is_help=True)
 user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
@@ -41,10 +46,7 @@ def _not_built(name: str, issue: int, help_text: str) -> typer.models.CommandFun
 
 _GROUP_NAMES = {id(failed_app): "failed ", id(user_app): "user ", id(products_app): "products "}
 _PLANNED = [
-    (app, "stats", 4, "Queue depths, consumers, rates and the failed count."),
     (app, "generate-test-events", 4, "Publish synthetic shop events."),
-    (app, "preflight", 4, "Pre-deployment checks."),
-    (app, "purge", 4, "Purge a queue."),
     (app, "recommend", 6, "Recommend products for a user."),
     (app, "verify", 8, "Compare stored profiles with a recomputation from recorded events."),
     (user_app, "show", 6, "Show a user's profile."),
@@ -58,5 +60,17 @@ for group, name, issue, text in _PLANNED:
     )
 
 
+def optional_values(argv: list[str]) -> list[str]:
+    """`--watch` may come without its SECONDS (click options always take a value): supply the default, 2."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--watch":
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if not nxt.replace(".", "", 1).isdigit():
+                out.append("2")
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=optional_values(sys.argv[1:]), prog_name="myshop")

@@ -16,6 +16,7 @@ from rich.console import Console
 from myshop_ops import logs
 from myshop_ops.broker import BrokerError
 from myshop_ops.config import ConfigError, Settings, load_settings, mask_url
+from myshop_ops.management import ManagementError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -45,7 +46,7 @@ def operator_errors(s: Settings) -> Iterator[None]:
         yield
     except ConfigError as exc:
         fail(f"configuration: {exc}", EXIT_CONFIG)
-    except BrokerError as exc:
+    except (BrokerError, ManagementError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     except PyMongoError as exc:
         first = str(exc).split(",")[0].split("\n")[0][:300]

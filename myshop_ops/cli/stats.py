@@ -1,0 +1,129 @@
+"""`myshop stats`: queue depths, consumers, rates and the failed count, once or refreshed in place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from myshop_ops import broker
+from myshop_ops.broker import Topology
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, err_console, fail, operator_errors, settings
+from myshop_ops.management import Management, ManagementError, vhost_of
+from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect
+
+STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
+
+Levels: warn above {WARN_DEPTH} ready, critical above {CRITICAL_DEPTH}; warn when messages wait with no consumer;
+warn when the failed queue holds more than 1% of the messages processed (needs RABBITMQ_MANAGEMENT_URL, which
+also adds unacked counts and publish/deliver rates). Exit code 1 when any queue is critical (for cron and
+monitoring). --json prints {{"level", "management", "failed_records", "queues": [{{"name", "role", "ready",
+"consumers", "unacked", "publish_rate", "deliver_rate", "acked_total", "level", "notes"}}]}} (one object per
+refresh with --watch); null means unknown."""
+
+_COLOURS = {"ok": "green", "warn": "yellow", "critical": "bold red"}
+
+
+def _fmt(value: float | int | None, rate: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}/s" if rate else str(value)
+
+
+def render(report: Report) -> Group:
+    table = Table(title=f"queues: {report.level.upper()}", title_style=_COLOURS[report.level])
+    table.add_column("queue", no_wrap=True)
+    for col in ("ready", "unacked", "consumers", "in/s", "out/s"):
+        table.add_column(col, justify="right", min_width=len(col))
+    table.add_column("level", min_width=5)
+    main = next((q.name for q in report.queues if q.role == "main"), None)
+    for q in report.queues:
+        name = f"  ↳ {q.name[len(main):]}" if main and q.role == "retry" and q.name.startswith(main) else q.name
+        table.add_row(name, _fmt(q.ready), _fmt(q.unacked), _fmt(q.consumers), _fmt(q.publish_rate, True),
+                      _fmt(q.deliver_rate, True), f"[{_COLOURS[q.level]}]{q.level}[/]")
+    if report.failed_records is not None:
+        table.caption = f"failed_messages records: {report.failed_records}"
+    if not report.management:
+        table.caption = ((table.caption + " · ") if table.caption else "") + (
+            "unacked and rates need RABBITMQ_MANAGEMENT_URL")
+    notes = [Text.from_markup(f"[{_COLOURS[q.level]}]{q.level}[/] {q.name}: {n}") for q in report.queues
+             for n in q.notes]
+    return Group(table, *notes)
+
+
+def stats(
+    queues: list[str] = typer.Argument(None, help="Queues to show (default: main, retry and failed queues)."),
+    watch: float = typer.Option(None, "--watch", min=0.5, help="Refresh every SECONDS (default 2) until Ctrl-C."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
+) -> None:
+    s = settings()
+    topo = Topology.from_settings(s)
+    with operator_errors(s):
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
+        management = None
+        if s.rabbitmq_management_url:
+            management = Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn))
+        try:
+            report = _snapshot(conn, topo, queues, management)
+            if watch is None:
+                _emit(report, as_json)
+            else:
+                report = _watch(conn, topo, queues, management, watch, as_json)
+        finally:
+            conn.close()
+    if report.level == "critical":
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _snapshot(conn, topo, queues, management) -> Report:
+    try:
+        return collect(conn, topo, queues, management)
+    except UnknownQueue as exc:
+        fail(f"queue '{exc}' does not exist (queues of this deployment: {', '.join(topo.queues())})", EXIT_CONFIG)
+    except ManagementError as exc:  # rates are a bonus: say why they are missing and show the rest
+        err_console.print(f"[yellow]warning:[/] {exc}", highlight=False, soft_wrap=True)
+        return collect(conn, topo, queues, None)
+
+
+def render_plain(report: Report) -> str:
+    """One stable key=value line per queue (for pipes and logs), then the overall level."""
+    lines = [
+        f"{q.name} ready={q.ready} unacked={_fmt(q.unacked)} consumers={q.consumers} "
+        f"in={_fmt(q.publish_rate, True)} out={_fmt(q.deliver_rate, True)} level={q.level}"
+        + (f" notes={'; '.join(q.notes)!r}" if q.notes else "")
+        for q in report.queues
+    ]
+    return "\n".join([*lines, f"level={report.level}"])
+
+
+def _emit(report: Report, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_json()) + "\n")
+    elif console.is_terminal:
+        console.print(render(report))
+    else:
+        sys.stdout.write(render_plain(report) + "\n")
+    sys.stdout.flush()
+
+
+def _watch(conn, topo, queues, management, every: float, as_json: bool) -> Report:
+    report = _snapshot(conn, topo, queues, management)
+    live = Live(render(report), console=console, auto_refresh=False) if console.is_terminal and not as_json else None
+    with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
+        while True:
+            if live:
+                live.update(render(report), refresh=True)
+            else:
+                _emit(report, as_json)
+            deadline = time.monotonic() + every
+            while time.monotonic() < deadline:
+                conn.process_data_events(time_limit=min(0.5, max(0.0, deadline - time.monotonic())))
+            report = _snapshot(conn, topo, queues, management)
+    return report

@@ -1,0 +1,97 @@
+"""RabbitMQ management HTTP API (optional, RABBITMQ_MANAGEMENT_URL): unacked counts, rates, queue arguments.
+
+The AMQP protocol only tells ready messages and consumers; everything else an operator wants comes from here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from myshop_ops.config import mask_url
+
+
+class ManagementError(Exception):
+    """The management API could not answer (unreachable, refused, unexpected reply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    name: str
+    ready: int
+    unacked: int
+    consumers: int
+    durable: bool
+    arguments: dict
+    publish_rate: float | None  # messages/s over the broker's sampling window
+    deliver_rate: float | None
+    acked_total: int | None  # acks since the queue's statistics began (a broker restart resets them)
+
+
+class Management:
+    def __init__(self, url: str, vhost: str = "/", timeout: float = 5.0):
+        parts = urlsplit(url)
+        self.display = mask_url(url)
+        self.vhost = vhost
+        user_pass = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+        self._auth = "Basic " + base64.b64encode(user_pass.encode()).decode()
+        self.base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), "/api", "",
+                                ""))
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str) -> object:
+        request = urllib.request.Request(self.base + path, method=method, headers={"Authorization": self._auth})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                body = reply.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code in (401, 403):
+                raise ManagementError(f"RabbitMQ management API at {self.display} refused the credentials "
+                                      "(the user needs the monitoring tag; check RABBITMQ_MANAGEMENT_URL)") from None
+            raise ManagementError(f"RabbitMQ management API at {self.display} answered {exc.code}") from None
+        except OSError as exc:
+            raise ManagementError(f"RabbitMQ management API at {self.display} unreachable: {exc} "
+                                  "(enable it: rabbitmq-plugins enable rabbitmq_management)") from None
+        return json.loads(body) if body else None
+
+    def _get(self, path: str) -> object:
+        return self._request("GET", path)
+
+    def queue(self, name: str) -> QueueInfo | None:
+        raw = self._get(f"/queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}")
+        return None if raw is None else _queue_info(raw)
+
+    def bindings(self, queue: str) -> list[dict]:
+        return self._get(f"/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}/bindings") or []
+
+
+def _queue_info(raw: dict) -> QueueInfo:
+    stats = raw.get("message_stats") or {}
+
+    def rate(key: str) -> float | None:
+        details = stats.get(f"{key}_details")
+        return float(details["rate"]) if details else (0.0 if "message_stats" in raw else None)
+
+    return QueueInfo(
+        name=raw["name"],
+        ready=int(raw.get("messages_ready") or 0),
+        unacked=int(raw.get("messages_unacknowledged") or 0),
+        consumers=int(raw.get("consumers") or 0),
+        durable=bool(raw.get("durable")),
+        arguments=dict(raw.get("arguments") or {}),
+        publish_rate=rate("publish"),
+        deliver_rate=rate("deliver_get"),
+        acked_total=stats.get("ack"),
+    )
+
+
+def vhost_of(dsn: str) -> str:
+    """The vhost of the first URL of a RABBITMQ_DSN ('/' when the path is empty)."""
+    path = urlsplit(dsn.split(",")[0].strip()).path
+    return unquote(path[1:]) if len(path) > 1 else "/"

@@ -1,0 +1,275 @@
+"""`myshop preflight`: the deployment checklist's pre-deployment section as checks, each PASS / WARN / FAIL
+with the exact command that fixes it. Nothing here changes state."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+from pymongo.errors import PyMongoError
+
+from myshop_ops import broker
+from myshop_ops.broker import BrokerError, Topology
+from myshop_ops.config import ConfigError, Settings, load_settings, mask_url, merged_env
+from myshop_ops.embeddings import EmbeddingError, make_provider
+from myshop_ops.management import Management, ManagementError, vhost_of
+from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH
+from myshop_ops.store import Store
+
+PACKAGES = ("myshop-ops", "pika", "pymongo", "redis", "openai", "numpy", "typer", "rich", "prometheus-client")
+_PLACEHOLDER = re.compile(r"^(sk-\.{3}|sk-x+|<[^>]*>|changeme|change-me|your[-_].*|xxx+|todo|replace[-_ ]?me)$",
+                          re.IGNORECASE)
+_SECRET_VARS = ("OPENAI_API_KEY", "RABBITMQ_DSN", "MONGODB_URL", "REDIS_URL", "RABBITMQ_MANAGEMENT_URL")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    section: str
+    name: str
+    status: str  # PASS | WARN | FAIL | SKIP
+    detail: str
+    fix: str | None = None
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def run(env: Mapping[str, str] | None = None, env_file: str | None = ".env", offline: bool = False) -> list[Check]:
+    """Every check, in checklist order. A configuration that does not load stops the service checks."""
+    checks = list(_config(env, env_file))
+    try:
+        s = load_settings(env, env_file)
+    except ConfigError:
+        return [*checks, Check("services", "all", "SKIP", "the configuration must load first")]
+    checks += _packages()
+    checks += _mongodb(s)
+    checks += _rabbitmq(s)
+    checks += _redis(s)
+    checks.append(_provider(s) if not offline else Check("provider", "one embedding", "SKIP", "--offline"))
+    checks += _security(s, env_file)
+    return checks
+
+
+# ---- configuration --------------------------------------------------------------------------------
+
+def _config(env: Mapping[str, str] | None, env_file: str | None) -> Iterator[Check]:
+    raw = merged_env(env, env_file)
+    try:
+        s = load_settings(env, env_file)
+    except ConfigError as exc:
+        yield Check("config", exc.var, "FAIL", str(exc), f"set {exc.var} in .env (see .env.example)")
+        return
+    yield Check("config", "variables", "PASS", f"APP_ENV={s.app_env}, every value valid")
+    for var in _SECRET_VARS:
+        value = (raw.get(var) or "").strip()
+        parts = urlsplit(value) if "://" in value else None
+        password = parts.password if parts else value
+        if password and _PLACEHOLDER.match(password):
+            yield Check("config", var, "FAIL", f"{var} holds a placeholder", f"set the real value of {var} in .env")
+    if s.app_env == "prod":
+        for var, url in (("RABBITMQ_DSN", s.rabbitmq_dsn), ("RABBITMQ_MANAGEMENT_URL", s.rabbitmq_management_url)):
+            for one in (url or "").split(","):
+                p = urlsplit(one.strip())
+                if p.username == "guest" and p.password == "guest":
+                    yield Check("config", var, "FAIL", f"{mask_url(one.strip())} uses guest/guest in prod",
+                                "rabbitmqctl add_user myshop '<password>' && set it in " + var)
+    if s.embedding_provider == "hash":
+        yield Check("config", "EMBEDDING_PROVIDER", "WARN", "hash provider: deterministic vectors without meaning",
+                    "set EMBEDDING_PROVIDER=openai and OPENAI_API_KEY for real recommendations")
+
+
+def _packages() -> Iterator[Check]:
+    versions = []
+    for name in PACKAGES:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            yield Check("packages", name, "FAIL", f"{name} is not installed", "pip install -e .")
+    py = ".".join(map(str, sys.version_info[:3]))
+    yield Check("packages", "versions", "PASS", f"python {py}, " + ", ".join(versions))
+
+
+# ---- services -------------------------------------------------------------------------------------
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t) * 1000
+
+
+def _mongodb(s: Settings) -> Iterator[Check]:
+    where = mask_url(s.mongodb_url)
+    store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+    try:
+        _, ms = _timed(store.ping)
+        yield Check("mongodb", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
+        missing = store.missing_indexes()
+        if missing:
+            yield Check("mongodb", "indexes", "FAIL", "missing: " + ", ".join(f"{c}.{i}" for c, i in missing),
+                        "myshop setup-indexes")
+        else:
+            yield Check("mongodb", "indexes", "PASS", f"every required index of {s.mongodb_db} exists")
+        products = store.products.count_documents({"model": s.model, "dimensions": s.embedding_dimensions})
+        if products:
+            yield Check("mongodb", "product vectors", "PASS", f"{products} products embedded with {s.model}")
+        else:
+            yield Check("mongodb", "product vectors", "WARN",
+                        f"no product vectors for {s.model}/{s.embedding_dimensions}d: product events will be skipped",
+                        "myshop products import catalog.jsonl")
+    except PyMongoError as exc:
+        yield Check("mongodb", "reachable", "FAIL", f"{where}: {type(exc).__name__}: {str(exc)[:200]}",
+                    "check MONGODB_URL and that mongod is running")
+    finally:
+        store.close()
+
+
+def _rabbitmq(s: Settings) -> Iterator[Check]:
+    topo = Topology.from_settings(s)
+    try:
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-preflight")
+    except BrokerError as exc:
+        yield Check("rabbitmq", "reachable", "FAIL", str(exc), "check RABBITMQ_DSN and that RabbitMQ is running")
+        return
+    try:
+        yield Check("rabbitmq", "reachable", "PASS", mask_url(s.rabbitmq_dsn))
+        problems = broker.check_topology(conn, topo)
+        if problems:
+            missing = all(p.endswith("is missing") for p in problems)
+            yield Check("rabbitmq", "topology", "FAIL", "; ".join(problems),
+                        "myshop setup-transports" if missing else
+                        "drain and delete the differing queue (rabbitmqctl delete_queue NAME), "
+                        "then myshop setup-transports")
+        else:
+            yield Check("rabbitmq", "topology", "PASS",
+                        f"{topo.queue} ({topo.queue_type}, durable, DLX {topo.failed_exchange}, no TTL), "
+                        f"{len(topo.retry_delays_ms)} retry queues, {topo.failed_queue}")
+        yield from _bindings(s, topo)
+        main = broker.queue_depth(conn, topo.queue)
+        failed = broker.queue_depth(conn, topo.failed_queue)
+        if main is not None:
+            ready, consumers = main
+            if consumers:
+                yield Check("rabbitmq", "consumers", "PASS", f"{consumers} consumer(s) on {topo.queue}")
+            else:
+                yield Check("rabbitmq", "consumers", "WARN", f"no consumer on {topo.queue}",
+                            "systemctl start myshop-worker@1 myshop-worker@2 (or: myshop consume)")
+            level = "FAIL" if ready > CRITICAL_DEPTH else "WARN" if ready > WARN_DEPTH else "PASS"
+            yield Check("rabbitmq", "depth", level, f"{ready} ready on {topo.queue}",
+                        None if level == "PASS" else "myshop stats --watch; add workers or find why they stall")
+        if failed is not None:
+            yield Check("rabbitmq", "failed", "WARN" if failed[0] else "PASS", f"{failed[0]} in {topo.failed_queue}",
+                        "myshop failed show --stats" if failed[0] else None)
+    finally:
+        conn.close()
+
+
+def _bindings(s: Settings, topo: Topology) -> Iterator[Check]:
+    if not s.rabbitmq_management_url:
+        yield Check("rabbitmq", "bindings", "SKIP", "needs RABBITMQ_MANAGEMENT_URL")
+        return
+    api = Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn))
+    missing = []
+    try:
+        for queue, exchange in ((topo.queue, topo.exchange), (topo.failed_queue, topo.failed_exchange)):
+            found = {(b["source"], b["routing_key"]) for b in api.bindings(queue)}
+            if (exchange, queue) not in found:
+                missing.append(f"{exchange} -> {queue} (key {queue})")
+    except ManagementError as exc:
+        yield Check("rabbitmq", "bindings", "WARN", str(exc), "rabbitmq-plugins enable rabbitmq_management")
+        return
+    if missing:
+        yield Check("rabbitmq", "bindings", "FAIL", "missing " + ", ".join(missing), "myshop setup-transports")
+    else:
+        yield Check("rabbitmq", "bindings", "PASS", "main and failed queues bound to their exchanges")
+
+
+def _redis(s: Settings) -> Iterator[Check]:
+    where = mask_url(s.redis_url)
+    client = redis.Redis.from_url(s.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        _, ms = _timed(client.ping)
+        yield Check("redis", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
+        try:
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "?")
+        except redis.ResponseError:
+            yield Check("redis", "eviction", "WARN", "CONFIG GET is disabled: eviction policy unknown",
+                        "ask for maxmemory-policy noeviction or volatile-ttl")
+            return
+        if policy.startswith("allkeys"):
+            yield Check("redis", "eviction", "WARN",
+                        f"maxmemory-policy {policy} can evict dedup keys and cached vectors under memory pressure "
+                        "(duplicates are still caught by MongoDB, at a cost)",
+                        "redis-cli CONFIG SET maxmemory-policy volatile-ttl")
+        else:
+            yield Check("redis", "eviction", "PASS", f"maxmemory-policy {policy}")
+    except redis.RedisError as exc:
+        yield Check("redis", "reachable", "FAIL", f"{where}: {exc}",
+                    "check REDIS_URL and that redis-server is running (workers degrade without it)")
+    finally:
+        client.close()
+
+
+def _provider(s: Settings) -> Check:
+    try:
+        vectors, ms = _timed(lambda: make_provider(s).embed(["preflight check"]))
+    except EmbeddingError as exc:
+        return Check("provider", "one embedding", "FAIL", f"{s.embedding_provider}: {exc}",
+                     "check OPENAI_API_KEY, OPENAI_BASE_URL and the provider's status page")
+    dims = vectors.shape[-1]
+    if dims != s.embedding_dimensions:
+        return Check("provider", "one embedding", "FAIL",
+                     f"{s.model} returned {dims} dimensions, EMBEDDING_DIMENSIONS is {s.embedding_dimensions}",
+                     f"set EMBEDDING_DIMENSIONS={dims} or a model that supports {s.embedding_dimensions}")
+    return Check("provider", "one embedding", "PASS", f"{s.model}: {dims} dimensions in {ms:.0f} ms")
+
+
+# ---- security -------------------------------------------------------------------------------------
+
+def _security(s: Settings, env_file: str | None) -> Iterator[Check]:
+    prod = s.app_env == "prod"
+    if os.geteuid() == 0:
+        yield Check("security", "user", "FAIL" if prod else "WARN", "running as root",
+                    "run as a service user: useradd --system myshop (the systemd unit sets User=myshop)")
+    else:
+        yield Check("security", "user", "PASS", f"uid {os.geteuid()}")
+    if env_file and Path(env_file).is_file():
+        mode = Path(env_file).stat().st_mode
+        if mode & stat.S_IROTH:
+            yield Check("security", ".env", "FAIL", f"{env_file} is readable by every user", f"chmod 600 {env_file}")
+        elif mode & stat.S_IRGRP:
+            yield Check("security", ".env", "WARN", f"{env_file} is readable by its group", f"chmod 600 {env_file}")
+        else:
+            yield Check("security", ".env", "PASS", f"{env_file} readable by its owner only")
+    plain = [var for var, url, tls in (
+        ("RABBITMQ_DSN", s.rabbitmq_dsn, "amqps"),
+        ("MONGODB_URL", s.mongodb_url, None),
+        ("REDIS_URL", s.redis_url, "rediss"),
+    ) if not _uses_tls(url, tls)]
+    if plain:
+        yield Check("security", "tls", "FAIL" if prod else "WARN", "no TLS to a remote host: " + ", ".join(plain),
+                    "use amqps://, rediss:// and tls=true (or mongodb+srv://) in those URLs")
+    else:
+        yield Check("security", "tls", "PASS", "TLS everywhere it leaves the host")
+
+
+def _uses_tls(url: str, scheme: str | None) -> bool:
+    """True when every URL uses TLS or stays on the loopback interface."""
+    for one in url.split(","):
+        p = urlsplit(one.strip())
+        if p.hostname in _LOOPBACK or p.scheme == "unix":
+            continue
+        if scheme is not None and p.scheme != scheme:
+            return False
+        if scheme is None and p.scheme != "mongodb+srv" and not re.search(r"[?&](tls|ssl)=true", one, re.I):
+            return False
+    return True

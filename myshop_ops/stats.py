@@ -1,0 +1,106 @@
+"""Queue health for `myshop stats` (and, later, its metrics exporter): depths, consumers, rates, thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from myshop_ops import broker
+from myshop_ops.broker import Topology
+from myshop_ops.management import Management
+
+WARN_DEPTH = 1000
+CRITICAL_DEPTH = 5000
+WARN_FAILED_RATIO = 0.01
+LEVELS = ("ok", "warn", "critical")
+
+
+@dataclass
+class QueueRow:
+    name: str
+    role: str  # main | retry | failed | other
+    ready: int
+    consumers: int
+    unacked: int | None = None  # None: not known without the management API
+    publish_rate: float | None = None
+    deliver_rate: float | None = None
+    acked_total: int | None = None
+    level: str = "ok"
+    notes: list[str] = field(default_factory=list)
+
+    def flag(self, level: str, note: str) -> None:
+        self.notes.append(note)
+        if LEVELS.index(level) > LEVELS.index(self.level):
+            self.level = level
+
+
+@dataclass
+class Report:
+    queues: list[QueueRow]
+    management: bool
+    failed_records: int | None = None  # documents in failed_messages (None: MongoDB not asked)
+
+    @property
+    def level(self) -> str:
+        return max((q.level for q in self.queues), key=LEVELS.index, default="ok")
+
+    def as_json(self) -> dict:
+        return {"level": self.level, "management": self.management, "failed_records": self.failed_records,
+                "queues": [asdict(q) for q in self.queues]}
+
+
+class UnknownQueue(Exception):
+    """A queue named on the command line does not exist."""
+
+
+def role_of(topo: Topology, name: str) -> str:
+    if name == topo.queue:
+        return "main"
+    if name == topo.failed_queue:
+        return "failed"
+    return "retry" if name in topo.queues() else "other"
+
+
+def collect(connection, topo: Topology, names: list[str] | None = None,
+            management: Management | None = None) -> Report:
+    """One snapshot of the named queues (default: the whole topology). Ready and consumers come from AMQP
+    (exact, immediate); unacked and rates from the management API when configured (sampled every few s)."""
+    explicit = bool(names)
+    rows = []
+    for name in names or topo.queues():
+        depth = broker.queue_depth(connection, name)
+        role = role_of(topo, name)
+        if depth is None:
+            if explicit:
+                raise UnknownQueue(name)
+            row = QueueRow(name, role, 0, 0)
+            row.flag("critical", "missing: run `myshop setup-transports`")
+            rows.append(row)
+            continue
+        row = QueueRow(name, role, *depth)
+        info = management.queue(name) if management else None
+        if info is not None:
+            row.unacked, row.publish_rate, row.deliver_rate = info.unacked, info.publish_rate, info.deliver_rate
+            row.acked_total = info.acked_total
+        rows.append(row)
+    _judge(rows)
+    return Report(rows, management is not None)
+
+
+def _judge(rows: list[QueueRow]) -> None:
+    main = next((r for r in rows if r.role == "main"), None)
+    for row in rows:
+        if row.role in ("main", "other"):
+            if row.ready > CRITICAL_DEPTH:
+                row.flag("critical", f"more than {CRITICAL_DEPTH} ready")
+            elif row.ready > WARN_DEPTH:
+                row.flag("warn", f"more than {WARN_DEPTH} ready")
+            if row.ready and not row.consumers:
+                row.flag("warn", "messages waiting with no consumer")
+        elif row.role == "failed" and row.ready:
+            acked = main.acked_total if main else None
+            if acked:
+                ratio = row.ready / acked
+                if ratio > WARN_FAILED_RATIO:
+                    row.flag("warn", f"{ratio:.1%} of processed messages failed: see `myshop failed show --stats`")
+            else:
+                row.notes.append("see `myshop failed show`")
