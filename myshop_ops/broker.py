@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pika
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.spec import BasicProperties
 
 from myshop_ops.config import Settings, mask_url
 
@@ -16,6 +18,10 @@ PERSISTENT = pika.DeliveryMode.Persistent
 
 class BrokerError(Exception):
     """RabbitMQ could not be reached or refused an operation; ``str()`` is one line for the operator."""
+
+
+# what a lost or refused connection raises: the consumer reconnects, the exporter retries
+CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, BrokerError, ConnectionError)
 
 
 class TopologyMismatch(BrokerError):
@@ -74,6 +80,17 @@ class Topology:
     def queues(self) -> list[str]:
         """Every queue of the topology: main, retries, failed."""
         return [self.queue, *(self.retry_queue(i) for i in range(1, len(self.retry_delays_ms) + 1)), self.failed_queue]
+
+
+H_PUBLISHED_AT = "x-published-at"  # epoch milliseconds of the first publish, kept by retry copies
+
+
+def published_at(properties: BasicProperties) -> float | None:
+    """When a message was first published (epoch seconds): our header, else the AMQP timestamp, else None."""
+    ms = (properties.headers or {}).get(H_PUBLISHED_AT)
+    if isinstance(ms, int | float):
+        return ms / 1000
+    return float(properties.timestamp) if properties.timestamp else None
 
 
 def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingConnection:
@@ -201,7 +218,7 @@ class Publisher:
             content_type=content_type,
             delivery_mode=PERSISTENT,
             message_id=message_id,
-            headers=headers or None,
+            headers={H_PUBLISHED_AT: int(time.time() * 1000), **(headers or {})},
         )
         try:
             self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)

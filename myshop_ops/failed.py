@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops import broker
-from myshop_ops.broker import Publisher, Topology
+from myshop_ops.broker import H_PUBLISHED_AT, Publisher, Topology
 from myshop_ops.failures import (
     H_ERROR_CLASS,
     H_ERROR_MESSAGE,
@@ -32,7 +32,8 @@ from myshop_ops.store import SCAN_BATCH, Store
 
 _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
-                  H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST)
+                  H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST,
+                  H_PUBLISHED_AT)  # a retried message's latency counts from its republication
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 
 

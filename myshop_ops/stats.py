@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.management import Management
+from myshop_ops.management import Management, ManagementError
+
+log = logging.getLogger(__name__)
 
 WARN_DEPTH = 1000
 CRITICAL_DEPTH = 5000
@@ -104,3 +110,31 @@ def _judge(rows: list[QueueRow]) -> None:
                     row.flag("warn", f"{ratio:.1%} of processed messages failed: see `myshop failed show --stats`")
             else:
                 row.notes.append("see `myshop failed show`")
+
+
+def export(dsn: str, topo: Topology, names: list[str] | None, management: Management | None,
+           update: Callable[[Report], None], failed: Callable[[str], None], interval: float,
+           stop: Callable[[], bool]) -> None:
+    """Collect a snapshot every ``interval`` seconds until ``stop()``, reconnecting to the broker as needed
+    (an exporter must outlive broker restarts: it reports them as not ready instead of dying)."""
+    connection = None
+    while not stop():
+        try:
+            connection = connection if connection is not None and connection.is_open else broker.connect(
+                dsn, name="myshop-exporter")
+            update(collect(connection, topo, names, management))
+        except (broker.BrokerError, ManagementError, UnknownQueue, *broker.CONNECTION_ERRORS) as exc:
+            log.warning("queue collection failed", extra={"error": str(exc)})
+            failed(str(exc))
+            connection = None
+        deadline = time.monotonic() + interval * (0.9 + 0.2 * random.random())
+        while time.monotonic() < deadline and not stop():
+            if connection is not None and connection.is_open:
+                try:
+                    connection.process_data_events(time_limit=min(0.5, max(0.0, deadline - time.monotonic())))
+                except broker.CONNECTION_ERRORS:
+                    connection = None
+            else:
+                time.sleep(0.2)
+    if connection is not None and connection.is_open:
+        connection.close()

@@ -19,12 +19,13 @@ from pymongo.errors import PyMongoError
 from redis import RedisError
 
 from myshop_ops import broker
-from myshop_ops.broker import Publisher, Topology
+from myshop_ops.broker import Publisher, Topology, published_at
 from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.failures import failure_record, message_id_of, route
 from myshop_ops.limits import Limits
+from myshop_ops.metrics import Observer
 from myshop_ops.notify import Notifier
 from myshop_ops.pipeline import BatchResult, Item, Pipeline, StoreUnavailable
 from myshop_ops.store import Store
@@ -34,8 +35,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
 SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
-CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, broker.BrokerError,
-                     ConnectionError)
+CONNECTION_ERRORS = broker.CONNECTION_ERRORS
 
 
 class PoisonMessage(Exception):
@@ -94,6 +94,7 @@ class Worker:
         redis: RedisState | None = None,
         phrases: PhraseEmbedder | None = None,
         notifier: Notifier | None = None,
+        observer: Observer | None = None,
     ):
         self.settings = settings
         self.topology = Topology.from_settings(settings, queue)
@@ -101,7 +102,9 @@ class Worker:
         self.limits = limits or Limits()
         self.store = store or Store(settings.mongodb_url, settings.mongodb_db)
         self.redis = redis or RedisState(settings.redis_url, idempotency_ttl=settings.idempotency_ttl)
-        self.phrases = phrases or PhraseEmbedder(make_provider(settings), self.redis, ttl=settings.cache_ttl)
+        self.observer = observer or Observer()
+        self.phrases = phrases or PhraseEmbedder(self.observer.instrument(make_provider(settings)), self.redis,
+                                                 ttl=settings.cache_ttl)
         self.pipeline = Pipeline(settings, self.store, self.redis, self.phrases)
         self.totals = Totals()
         self.notifier = notifier or Notifier()
@@ -139,6 +142,7 @@ class Worker:
                     self._consume()
                     backoff = 1.0
                 except CONNECTION_ERRORS as exc:
+                    self.observer.attached(False)
                     self._buffer.clear()
                     delay = min(backoff, 30.0) * (0.5 + random.random())
                     log.warning("broker connection lost, reconnecting",
@@ -155,6 +159,7 @@ class Worker:
             log.exception("worker crashed")
             code = EXIT_CRASH
         finally:
+            self.observer.attached(False)
             self.notifier.stopping(f"stopping: {self.limits.reason or 'crash'}")
             self._close_connection()
             self._executor.shutdown(wait=True)
@@ -164,7 +169,7 @@ class Worker:
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self.limits.check():
-            self.notifier.watchdog()  # the loop is turning, waiting for the broker: no restart needed
+            self._alive()  # the loop is turning, waiting for the broker: no restart needed
             time.sleep(min(0.1, deadline - time.monotonic()))
 
     def _close_connection(self) -> None:
@@ -189,9 +194,10 @@ class Worker:
             raise
         log.info("consuming", extra={"queue": self.topology.queue, "prefetch": self.prefetch})
         self.notifier.ready(f"consuming {self.topology.queue}")
+        self.observer.attached(True)
         last_flag_check = 0.0
         while not self.limits.check():
-            self.notifier.watchdog()
+            self._alive()
             conn.process_data_events(time_limit=IDLE_WAIT)
             if time.monotonic() - last_flag_check > 1.0:
                 last_flag_check = time.monotonic()
@@ -201,6 +207,11 @@ class Worker:
                 conn.process_data_events(time_limit=0)  # what is already on the socket joins this batch
                 self._run_batch(channel)
         channel.close()  # unprocessed deliveries go back to the queue
+
+    def _alive(self) -> None:
+        """The loop turned: feed systemd's watchdog and the liveness probe."""
+        self.notifier.watchdog()
+        self.observer.turned()
 
     def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self._buffer.append(Delivery(method.delivery_tag, body, properties, method.redelivered))
@@ -229,6 +240,7 @@ class Worker:
         return batch
 
     def _run_batch(self, channel) -> None:
+        started = time.perf_counter()
         batch = self._take_batch()
         head = batch[0]
         if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
@@ -238,7 +250,8 @@ class Worker:
             result = self._process(batch)
         self._settle(channel, batch, result)
         self.redis.attempts_done([d.key for d in batch if d.redelivered])
-        self.notifier.watchdog()
+        self._observe(batch, result, time.perf_counter() - started)
+        self._alive()
         if time.monotonic() - self._last_status > 1.0:
             self._last_status = time.monotonic()
             t = self.totals
@@ -253,7 +266,7 @@ class Worker:
         try:
             while not future.done():
                 self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
-                self.notifier.watchdog()  # a slow provider is not a hung worker
+                self._alive()  # a slow provider is not a hung worker
         except CONNECTION_ERRORS:
             future.result()  # let the batch land; its messages come back and are deduplicated
             raise
@@ -262,10 +275,12 @@ class Worker:
     def _wait_for_store(self) -> None:
         """MongoDB failed: stop taking messages (they stay delivered, unacked) until it answers again."""
         delay = 0.5
+        self.observer.store_available(False)
         while not self.limits.check():
             try:
                 self.store.ping()
                 log.info("MongoDB is back")
+                self.observer.store_available(True)
                 return
             except PyMongoError as exc:
                 wait = min(delay, 30.0) * (0.5 + random.random())
@@ -275,8 +290,17 @@ class Worker:
                 deadline = time.monotonic() + wait
                 while time.monotonic() < deadline and not self.limits.check():
                     self._connection.process_data_events(time_limit=0.1)
-                    self.notifier.watchdog()  # waiting out an outage is healthy; a restart would not help
+                    self._alive()  # waiting out an outage is healthy; a restart would not help
                 delay *= 2
+
+    def _observe(self, batch: list[Delivery], result: BatchResult, seconds: float) -> None:
+        now = time.time()
+        waits = [now - t for t in (published_at(d.properties) for d in batch) if t is not None]
+        statuses = [(i.status, i.event.event_type if i.event else "invalid") for i in result.items]
+        self.observer.batch(statuses, seconds, waits, result.conflicts)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch settled", extra={"size": len(batch), "duration_ms": round(seconds * 1000, 2),
+                                              **dict(result.counts), "writes": result.writes})
 
     def _settle(self, channel, batch: list[Delivery], result: BatchResult) -> None:
         t = self.totals
@@ -297,13 +321,18 @@ class Worker:
                 headers=copy.headers,
                 content_type=delivery.properties.content_type or "application/json",
             )
+            self.observer.copied(copy.error_class, copy.failed)
+            fields = {"message_id": record["message_id"] if record else message_id,
+                      "user_id": item.event.user_id if item.event else None,
+                      "event_type": item.event.event_type if item.event else None,
+                      "retry_count": copy.retry_count, "error_class": copy.error_class, "error": copy.error_message}
             if copy.failed:
                 records.append(record)
                 t.failed += 1
-                log.error("message failed", extra={"message_id": record["message_id"], "error": copy.error_message,
-                                                   "error_class": copy.error_class, "retry_count": copy.retry_count})
+                log.error("message failed", extra=fields)
             else:
                 t.retried += 1
+                log.warning("message retried later", extra=fields)
         if records:
             try:
                 self.store.record_failures(records)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 
 import typer
@@ -17,7 +19,8 @@ from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, err_console, fail, operator_errors, settings
 from myshop_ops.management import Management, ManagementError, vhost_of
-from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect
+from myshop_ops.metrics import QueueExporter, serve
+from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export
 
 STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
 
@@ -62,14 +65,18 @@ def stats(
     queues: list[str] = typer.Argument(None, help="Queues to show (default: main, retry and failed queues)."),
     watch: float = typer.Option(None, "--watch", min=0.5, help="Refresh every SECONDS (default 2) until Ctrl-C."),
     as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
+    serve_metrics: int = typer.Option(None, "--serve-metrics", min=1, max=65535,
+                                      help="Run as a Prometheus exporter on this port (queue gauges every --watch "
+                                           "seconds, default 15) until SIGTERM/Ctrl-C."),
 ) -> None:
     s = settings()
     topo = Topology.from_settings(s)
+    if serve_metrics:
+        _exporter(s, topo, queues, serve_metrics, watch or 15.0)
+        return
     with operator_errors(s):
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
-        management = None
-        if s.rabbitmq_management_url:
-            management = Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn))
+        management = _management(s)
         try:
             report = _snapshot(conn, topo, queues, management)
             if watch is None:
@@ -80,6 +87,24 @@ def stats(
             conn.close()
     if report.level == "critical":
         raise typer.Exit(EXIT_FAIL)
+
+
+def _management(s) -> Management | None:
+    return Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn)) if s.rabbitmq_management_url else None
+
+
+def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: float) -> None:
+    exporter = QueueExporter(interval)
+    try:
+        serve(exporter, port)
+    except OSError as exc:
+        fail(f"--serve-metrics {port}: {exc.strerror}", EXIT_CONFIG)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    err_console.print(f"serving queue metrics on :{port}/metrics every {interval:g}s", highlight=False)
+    export(s.rabbitmq_dsn, topo, queues, _management(s), exporter.update, exporter.failed_collection, interval,
+           stopping.is_set)
 
 
 def _snapshot(conn, topo, queues, management) -> Report:

@@ -7,6 +7,7 @@ import typer
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, operator_errors, settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.limits import Limits, parse_size
+from myshop_ops.metrics import Metrics, serve
 from myshop_ops.worker import Worker
 
 CONSUME_HELP = """Consume shop events and fold them into user profiles.
@@ -22,6 +23,8 @@ def consume(
     memory_limit: str = typer.Option(None, "--memory-limit", help="Stop when RSS exceeds this (e.g. 512M)."),
     failure_limit: int = typer.Option(None, "--failure-limit", min=1, help="Stop after this many failed messages."),
     prefetch: int = typer.Option(200, "--prefetch", min=1, max=5000, help="Messages delivered ahead = max batch."),
+    metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
+                                     help="Serve /metrics, /healthz and /readyz on this port."),
 ) -> None:
     s = settings()
     try:
@@ -30,8 +33,15 @@ def consume(
         fail(f"--memory-limit: {exc}", EXIT_CONFIG)
     limits = Limits(messages=limit, seconds=time_limit, memory_bytes=memory, failures=failure_limit)
     limits.install_signal_handlers()  # a SIGTERM during the start-up checks is a planned stop too
+    metrics = Metrics() if metrics_port else None
+    if metrics:
+        try:
+            serve(metrics, metrics_port)
+        except OSError as exc:
+            fail(f"--metrics-port {metrics_port}: {exc.strerror} (another worker on this port? give each its own)",
+                 EXIT_CONFIG)
     with operator_errors(s):
-        worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits)
+        worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits, observer=metrics)
         worker.check_dependencies()
     code = worker.run()
     t = worker.totals

@@ -1,0 +1,219 @@
+"""Prometheus metrics and health endpoints of a worker (`myshop consume --metrics-port N`).
+
+Kept out of the core loop: the worker reports to an ``Observer`` (no-op by default); ``Metrics`` is the
+observer that turns those reports into series, and ``serve`` exposes /metrics, /healthz and /readyz.
+Names follow Prometheus conventions (base units, ``_total`` counters); the two ``messenger_*`` names are
+the ones the seed deployment checklist and its dashboards use.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from myshop_ops.embeddings import EmbeddingError, Provider
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+LIVENESS_S = 60.0  # /healthz fails when the consume loop has not turned for this long
+
+
+class Observer:
+    """What the worker reports; every method is a no-op here."""
+
+    def turned(self) -> None: ...
+
+    def attached(self, attached: bool) -> None: ...
+
+    def store_available(self, available: bool) -> None: ...
+
+    def batch(self, statuses: Sequence[tuple[str, str]], seconds: float, waits: Sequence[float],
+              conflicts: int) -> None:
+        """One settled batch: (status, event_type) per message, its duration, publish-to-ack waits."""
+
+    def copied(self, error_class: str, failed: bool) -> None: ...
+
+    def instrument(self, provider: Provider) -> Provider:
+        """The provider the worker should call (this one, or a wrapper that measures it)."""
+        return provider
+
+
+class Metrics(Observer):
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.processed = Counter("messenger_processed_messages", "Messages settled, by outcome and event type",
+                                 ["status", "event_type"], registry=r)
+        self.processing = Histogram("messenger_processing_time_seconds", "Duration of one batch, receive to ack",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("myshop_queue_wait_seconds", "Publish-to-ack latency of each message",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("myshop_retries", "Copies sent to a delay queue", ["error_class"], registry=r)
+        self.dead_lettered = Counter("myshop_dead_lettered", "Copies sent to the failed queue", ["error_class"],
+                                     registry=r)
+        self.duplicates = Counter("myshop_duplicates", "Messages skipped as already applied", registry=r)
+        self.conflicts = Counter("myshop_version_conflicts", "Optimistic-lock conflicts re-read and re-applied",
+                                 registry=r)
+        self.provider_requests = Counter("myshop_provider_requests", "Embedding provider calls", registry=r)
+        self.provider_errors = Counter("myshop_provider_errors", "Embedding provider failures", ["kind"], registry=r)
+        self.provider_seconds = Histogram("myshop_provider_request_seconds", "Embedding provider call duration",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("myshop_batch_size", "Messages per batch", buckets=BATCH_BUCKETS, registry=r)
+        self.ready = Gauge("myshop_worker_ready", "1 while the consumer is attached and MongoDB answers", registry=r)
+        self.last_turn = time.monotonic()
+        self.is_attached = False
+        self.store_ok = True
+
+    def turned(self) -> None:
+        self.last_turn = time.monotonic()
+
+    def attached(self, attached: bool) -> None:
+        self.is_attached = attached
+        self.ready.set(int(self.is_ready))
+
+    def store_available(self, available: bool) -> None:
+        self.store_ok = available
+        self.ready.set(int(self.is_ready))
+
+    @property
+    def is_ready(self) -> bool:
+        return self.is_attached and self.store_ok
+
+    def health(self) -> tuple[bool, dict]:
+        age = time.monotonic() - self.last_turn
+        return age < LIVENESS_S, {"loop_age_s": round(age, 3)}
+
+    def readiness(self) -> tuple[bool, dict]:
+        return self.is_ready, {"consumer_attached": self.is_attached, "mongodb": self.store_ok}
+
+    def batch(self, statuses, seconds, waits, conflicts) -> None:
+        for status, event_type in statuses:
+            self.processed.labels(status, event_type).inc()
+        self.duplicates.inc(sum(1 for s, _ in statuses if s == "duplicate"))
+        self.processing.observe(seconds)
+        self.batch_size.observe(len(statuses))
+        for w in waits:
+            self.queue_wait.observe(w)
+        self.conflicts.inc(conflicts)
+
+    def copied(self, error_class: str, failed: bool) -> None:
+        (self.dead_lettered if failed else self.retries).labels(error_class).inc()
+
+    def instrument(self, provider: Provider) -> Provider:
+        return _TimedProvider(provider, self)
+
+
+class _TimedProvider:
+    """A provider that counts and times its calls."""
+
+    def __init__(self, provider: Provider, metrics: Metrics):
+        self._provider = provider
+        self._metrics = metrics
+        self.model = provider.model
+        self.dimensions = provider.dimensions
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        m = self._metrics
+        m.provider_requests.inc()
+        start = time.perf_counter()
+        try:
+            return self._provider.embed(texts)
+        except EmbeddingError as exc:
+            m.provider_errors.labels("transient" if exc.transient else "permanent").inc()
+            raise
+        finally:
+            m.provider_seconds.observe(time.perf_counter() - start)
+
+
+class Probed(Protocol):
+    registry: CollectorRegistry
+
+    def health(self) -> tuple[bool, dict]: ...
+
+    def readiness(self) -> tuple[bool, dict]: ...
+
+
+def serve(target: Probed, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (liveness) and /readyz (readiness) of ``target`` on a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(target.registry), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, detail = target.health() if path == "/healthz" else target.readiness()
+                body = json.dumps({"ok": ok, **detail}).encode() + b"\n"
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes are not worth a log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+class QueueExporter:
+    """Queue gauges for `myshop stats --serve-metrics`: one process per deployment, not one per worker."""
+
+    def __init__(self, interval: float, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.interval = interval
+        self.depth = Gauge("messenger_queue_depth", "Ready messages in the queue", ["queue"], registry=r)
+        self.unacked = Gauge("myshop_queue_unacked", "Delivered, not yet acked (management API)", ["queue"],
+                             registry=r)
+        self.consumers = Gauge("myshop_queue_consumers", "Consumers attached to the queue", ["queue"], registry=r)
+        self.failed = Gauge("myshop_failed_queue_messages", "Messages in the failed queue", registry=r)
+        self.level = Gauge("myshop_queue_level", "Worst queue level: 0 ok, 1 warn, 2 critical", registry=r)
+        self.last_attempt = time.monotonic()
+        self.error: str | None = "no collection yet"
+
+    def update(self, report) -> None:
+        """Set the gauges from a stats.Report."""
+        for q in report.queues:
+            self.depth.labels(q.name).set(q.ready)
+            self.consumers.labels(q.name).set(q.consumers)
+            if q.unacked is not None:
+                self.unacked.labels(q.name).set(q.unacked)
+            if q.role == "failed":
+                self.failed.set(q.ready)
+        self.level.set(("ok", "warn", "critical").index(report.level))
+        self.last_attempt, self.error = time.monotonic(), None
+
+    def failed_collection(self, error: str) -> None:
+        self.last_attempt, self.error = time.monotonic(), error
+
+    def health(self) -> tuple[bool, dict]:
+        age = time.monotonic() - self.last_attempt
+        return age < 3 * self.interval + 30, {"last_collection_age_s": round(age, 3)}
+
+    def readiness(self) -> tuple[bool, dict]:
+        return self.error is None, {"error": self.error}
