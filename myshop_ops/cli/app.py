@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from myshop_ops.cli import failed, preflight, purge, setup, stats, worker
+from myshop_ops.cli import failed, preflight, purge, setup, stats, verify, worker
 from myshop_ops.cli.common import EXIT_CONFIG, fail
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command("setup-indexes")(setup.setup_indexes)
 app.command("stats", help=stats.STATS_HELP)(stats.stats)
 app.command("purge", help=purge.PURGE_HELP)(purge.purge)
 app.command("preflight", help=preflight.PREFLIGHT_HELP)(preflight.run_preflight)
+app.command("verify", help=verify.VERIFY_HELP)(verify.run_verify)
 
 failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args_is_help=True)
 user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
@@ -48,7 +49,6 @@ _GROUP_NAMES = {id(failed_app): "failed ", id(user_app): "user ", id(products_ap
 _PLANNED = [
     (app, "generate-test-events", 4, "Publish synthetic shop events."),
     (app, "recommend", 6, "Recommend products for a user."),
-    (app, "verify", 8, "Compare stored profiles with a recomputation from recorded events."),
     (user_app, "show", 6, "Show a user's profile."),
     (user_app, "delete", 6, "Erase a user's profile."),
     (products_app, "import", 6, "Embed and store a catalog."),

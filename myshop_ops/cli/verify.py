@@ -1,0 +1,63 @@
+"""`myshop verify --events FILE.jsonl`: compare stored profiles with a recomputation from the events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.dedup import RedisState
+from myshop_ops.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.store import Store
+from myshop_ops.verify import COSINE_MIN, verify
+
+VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorded events (the file written by
+`generate-test-events --record`, or any JSON-lines export of the stream): lost, duplicated and diverging users
+(cosine < {COSINE_MIN}, magnitude or per-type counts off). Events recorded in failed_messages are expected to be
+missing. Search phrases are embedded again (through the shared cache). Exit 1 on any mismatch.
+--json prints {{"ok", "lines", "invalid_lines", "events", "duplicates_in_file", "skipped_no_product", "in_failed",
+"users", "users_ok", "users_lost", "users_duplicated", "users_diverging", "events_lost", "events_duplicated",
+"problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine", "magnitude_error"}}]}}."""
+
+
+def run_verify(
+    events: Path = typer.Option(..., "--events", help="JSON lines of the published events."),
+    max_problems: int = typer.Option(20, "--max-problems", min=0, help="Problem users to list."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
+) -> None:
+    s = settings()
+    try:
+        handle = events.open("rb")
+    except OSError as exc:
+        fail(f"--events {events}: {exc.strerror}", EXIT_CONFIG)
+    with operator_errors(s), handle:
+        store = Store(s.mongodb_url, s.mongodb_db)
+        redis = RedisState(s.redis_url)
+        report = verify(s, handle, store, PhraseEmbedder(make_provider(s), redis, ttl=s.cache_ttl))
+        store.close()
+    if as_json:
+        print_json(report.as_json(max_problems))
+    else:
+        _render(report, max_problems)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _render(report, max_problems: int) -> None:
+    d = report.as_json(max_problems)
+    table = Table("events", "users", "ok", "lost", "duplicated", "diverging", "in failed", "no product",
+                  title="verification: " + ("[green]OK[/]" if report.ok else "[bold red]MISMATCH[/]"))
+    table.add_row(str(d["events"]), str(d["users"]), str(d["users_ok"]),
+                  f"{d['users_lost']} users / {d['events_lost']} events",
+                  f"{d['users_duplicated']} users / {d['events_duplicated']} events", str(d["users_diverging"]),
+                  str(d["in_failed"]), str(d["skipped_no_product"]))
+    console.print(table)
+    if d["invalid_lines"] or d["duplicates_in_file"]:
+        console.print(f"{d['lines']} lines: {d['invalid_lines']} invalid, {d['duplicates_in_file']} duplicate "
+                      "events (each counted once)", highlight=False)
+    for p in d["problems"]:
+        console.print(f"  {p['status']:<10} {p['user_id']}: expected {p['expected_events']} events, stored "
+                      f"{p['stored_events']}" + (f", cosine {p['cosine']:.6f}" if p["cosine"] is not None else ""),
+                      highlight=False)

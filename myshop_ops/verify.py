@@ -1,0 +1,163 @@
+"""`myshop verify`: the exact oracle. The profile math does not depend on order or batching, so every user's
+final profile can be recomputed from the set of events published (deduplicated by message_id) and compared with
+what the workers stored. Assumes the file holds every event of the users it names (test runs, audits of a
+replayed stream); events recorded in failed_messages are expected to be missing and are reported as failed."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from myshop_ops.config import Settings
+from myshop_ops.contract import Event, InvalidMessage, parse
+from myshop_ops.embeddings import PhraseEmbedder
+from myshop_ops.profile import Profile, fold, to_days
+from myshop_ops.store import SCAN_BATCH, Store, decode_vector
+
+COSINE_MIN = 0.99999
+MAGNITUDE_RTOL = 1e-4
+CHUNK = 1000
+
+
+@dataclass(slots=True)
+class UserCheck:
+    user_id: str
+    status: str  # ok | lost | duplicated | diverging
+    expected_events: int
+    stored_events: int
+    cosine: float | None = None
+    magnitude_error: float | None = None  # relative
+
+
+@dataclass
+class Verification:
+    lines: int = 0
+    invalid_lines: int = 0
+    events: int = 0  # distinct valid events
+    duplicates_in_file: int = 0
+    skipped_no_product: int = 0
+    in_failed: int = 0
+    users: list[UserCheck] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for u in self.users if u.status == status)
+
+    @property
+    def lost_events(self) -> int:
+        return sum(max(0, u.expected_events - u.stored_events) for u in self.users)
+
+    @property
+    def duplicated_events(self) -> int:
+        return sum(max(0, u.stored_events - u.expected_events) for u in self.users)
+
+    @property
+    def ok(self) -> bool:
+        return all(u.status == "ok" for u in self.users)
+
+    def as_json(self, max_problems: int = 50) -> dict:
+        problems = [asdict(u) for u in self.users if u.status != "ok"][:max_problems]
+        return {"ok": self.ok, "lines": self.lines, "invalid_lines": self.invalid_lines, "events": self.events,
+                "duplicates_in_file": self.duplicates_in_file, "skipped_no_product": self.skipped_no_product,
+                "in_failed": self.in_failed, "users": len(self.users),
+                "users_ok": self.count("ok"), "users_lost": self.count("lost"),
+                "users_duplicated": self.count("duplicated"), "users_diverging": self.count("diverging"),
+                "events_lost": self.lost_events, "events_duplicated": self.duplicated_events, "problems": problems}
+
+
+def read_events(lines: Iterable[bytes], report: Verification) -> dict[str, Event]:
+    """Valid events by message_id (the first of duplicates kept, as the workers do)."""
+    events: dict[str, Event] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        report.lines += 1
+        try:
+            event = parse(line.strip())
+        except InvalidMessage:
+            report.invalid_lines += 1
+            continue
+        if event.message_id in events:
+            report.duplicates_in_file += 1
+        else:
+            events[event.message_id] = event
+    report.events = len(events)
+    return events
+
+
+def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: PhraseEmbedder) -> Verification:
+    report = Verification()
+    events = read_events(lines, report)
+    failed_ids = set()
+    for chunk in _chunks(list(events)):
+        failed_ids.update(d["message_id"] for d in store.failed.find(
+            {"message_id": {"$in": chunk}}, {"message_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
+    report.in_failed = len(failed_ids)
+    live = [e for e in events.values() if e.message_id not in failed_ids]
+    vectors = _vectors(settings, live, store, phrases)
+    report.skipped_no_product = sum(1 for e in live if e.message_id not in vectors)
+    by_user: dict[str, list[Event]] = defaultdict(list)
+    for e in live:
+        if e.message_id in vectors:
+            by_user[e.user_id].append(e)
+    stored = _stored(store, list(by_user))
+    for user_id, evs in sorted(by_user.items()):
+        expected = fold(None, np.array([to_days(e.occurred_at) for e in evs]),
+                        np.array([settings.weights[e.event_type] for e in evs]),
+                        np.stack([vectors[e.message_id] for e in evs]), lam=settings.decay_lambda,
+                        model=settings.model)
+        report.users.append(_judge(user_id, expected, Counter(e.event_type for e in evs), stored.get(user_id)))
+    return report
+
+
+def _vectors(settings: Settings, events: list[Event], store: Store, phrases: PhraseEmbedder) -> dict[str, np.ndarray]:
+    """The vector each event contributes, by message_id (absent: its product has no usable vector)."""
+    products: dict[str, np.ndarray] = {}
+    for chunk in _chunks(sorted({e.product_id for e in events if e.product_id is not None})):
+        found, _ = store.product_vectors(chunk, settings.model, settings.embedding_dimensions)
+        products.update(found)
+    searched: dict[str, np.ndarray] = {}
+    for chunk in _chunks(sorted({e.search_phrase for e in events if e.search_phrase is not None})):
+        searched.update(phrases.embed(chunk))
+    out = {}
+    for e in events:
+        vec = searched.get(e.search_phrase) if e.search_phrase is not None else products.get(e.product_id)
+        if vec is not None:
+            out[e.message_id] = vec
+    return out
+
+
+def _stored(store: Store, user_ids: list[str]) -> dict[str, dict]:
+    out = {}
+    for chunk in _chunks(user_ids):
+        for doc in store.users.find({"user_id": {"$in": chunk}},
+                                    {"user_id": 1, "embedding": 1, "magnitude": 1, "event_count": 1,
+                                     "event_counts": 1, "_id": 0}, batch_size=SCAN_BATCH):
+            out[doc["user_id"]] = doc
+    return out
+
+
+def _judge(user_id: str, expected: Profile, counts: Counter, doc: dict | None) -> UserCheck:
+    n = sum(counts.values())
+    if doc is None:
+        return UserCheck(user_id, "lost", n, 0)
+    stored_n = int(doc.get("event_count", 0))
+    check = UserCheck(user_id, "ok", n, stored_n)
+    if stored_n != n:
+        check.status = "lost" if stored_n < n else "duplicated"
+        return check
+    vec = decode_vector(doc["embedding"]).astype(np.float64)
+    check.cosine = float(vec @ expected.embedding.astype(np.float64) /
+                         (np.linalg.norm(vec) * np.linalg.norm(expected.embedding) or 1.0))
+    check.magnitude_error = abs(float(doc["magnitude"]) - expected.magnitude) / max(expected.magnitude, 1e-12)
+    if (check.cosine < COSINE_MIN or check.magnitude_error > MAGNITUDE_RTOL
+            or dict(doc.get("event_counts") or {}) != dict(counts)):
+        check.status = "diverging"
+    return check
