@@ -22,7 +22,7 @@ services: venv
 	@tools/services.sh
 
 demo: services
-	@$(BIN)/python tools/demo.py
+	@MYSHOP_ALLOW_ROOT=$${MYSHOP_ALLOW_ROOT:-$$( [ "$$(id -u)" = 0 ] && echo 1 )} $(BIN)/python tools/demo.py
 
 test: venv
 	@tools/services.sh >/dev/null

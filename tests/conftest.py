@@ -66,6 +66,7 @@ def env(mongo_wire) -> Iterator[Env]:
         WORKER_RETRY_DELAY="200",
         WORKER_MAX_RETRIES="3",
         LOG_FORMAT="console",
+        MYSHOP_ALLOW_ROOT="1",  # CI runs as root; the refusal itself is tested without it
     )
     _forget_redis_state()  # test events are deterministic: start every test with no remembered ids
     yield e

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, operator_errors, settings
@@ -25,7 +27,12 @@ def consume(
     prefetch: int = typer.Option(200, "--prefetch", min=1, max=5000, help="Messages delivered ahead = max batch."),
     metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
                                      help="Serve /metrics, /healthz and /readyz on this port."),
+    allow_root: bool = typer.Option(False, "--allow-root", envvar="MYSHOP_ALLOW_ROOT",
+                                    help="Run even as root (containers that cannot drop privileges)."),
 ) -> None:
+    if os.geteuid() == 0 and not allow_root:
+        fail("refusing to consume as root: run as a service user (the systemd unit uses User=myshop) "
+             "or pass --allow-root (MYSHOP_ALLOW_ROOT=1)", EXIT_CONFIG)
     s = settings()
     try:
         memory = parse_size(memory_limit) if memory_limit else None
