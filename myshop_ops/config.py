@@ -85,6 +85,7 @@ class Settings:
     max_retries: int = 5
     retry_delay_ms: int = 5000
     log_format: str = "json"
+    log_level: str = "info"
     recommend_backend: str = "numpy"
     atlas_vector_index: str = "product_embedding_index"
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -245,6 +246,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         max_retries=_int(e, "WORKER_MAX_RETRIES", 5, 1, 10),
         retry_delay_ms=_int(e, "WORKER_RETRY_DELAY", 5000, 1, 60_000),
         log_format=_choice(e, "LOG_FORMAT", "json", ("json", "console")),
+        log_level=_choice(e, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         recommend_backend=_choice(e, "RECOMMEND_BACKEND", "numpy", RECOMMEND_BACKENDS),
         atlas_vector_index=index,
         weights=weights,

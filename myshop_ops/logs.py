@@ -38,13 +38,13 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def setup(fmt: str = "json", level: int = logging.INFO) -> None:
+def setup(fmt: str = "json", level: int | str = logging.INFO) -> None:
     """Route every log record to stderr in ``fmt`` ("json" or "console")."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pymongo", "httpx", "httpcore", "openai"):
+    for noisy in ("pymongo", "httpx", "httpcore", "httpx2", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # our code reports every broker error, once, in one line

@@ -35,7 +35,7 @@ def settings() -> Settings:
         s = load_settings()
     except ConfigError as exc:
         fail(f"configuration: {exc}", EXIT_CONFIG)
-    logs.setup(s.log_format)
+    logs.setup(s.log_format, level=s.log_level.upper())
     return s
 
 
