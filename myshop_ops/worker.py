@@ -29,6 +29,7 @@ from myshop_ops.metrics import Observer
 from myshop_ops.notify import Notifier
 from myshop_ops.pipeline import BatchResult, Item, Pipeline, StoreUnavailable
 from myshop_ops.store import Store
+from myshop_ops.window import BatchWindow, user_of
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ class Worker:
         self.totals = Totals()
         self.notifier = notifier or Notifier()
         self._last_status = 0.0
-        self._buffer: list[Delivery] = []
+        self._buffer: list[Delivery] = []  # delivered and ready to process, in delivery order
+        # EMBEDDING_BATCH_ENABLED: fresh deliveries wait here (unacked) until their user has been quiet
+        self.window: BatchWindow[Delivery] | None = (
+            BatchWindow(settings.batch_window, max_held=max(1, prefetch * 4 // 5)) if settings.batch_enabled else None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
         self._connection = None
         self._publisher: Publisher | None = None
@@ -144,6 +148,8 @@ class Worker:
                 except CONNECTION_ERRORS as exc:
                     self.observer.attached(False)
                     self._buffer.clear()
+                    if self.window is not None:
+                        self.window.release_all()  # unacked: the broker redelivers them
                     delay = min(backoff, 30.0) * (0.5 + random.random())
                     log.warning("broker connection lost, reconnecting",
                                 extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": round(delay, 2)})
@@ -198,7 +204,9 @@ class Worker:
         last_flag_check = 0.0
         while not self.limits.check():
             self._alive()
-            conn.process_data_events(time_limit=IDLE_WAIT)
+            conn.process_data_events(time_limit=self._idle_wait())
+            if self.window is not None:
+                self._buffer += self.window.release(time.monotonic())
             if time.monotonic() - last_flag_check > 1.0:
                 last_flag_check = time.monotonic()
                 if self.redis.stop_requested(self.limits.started_wall):
@@ -208,13 +216,22 @@ class Worker:
                 self._run_batch(channel)
         channel.close()  # unprocessed deliveries go back to the queue
 
+    def _idle_wait(self) -> float:
+        due = self.window.next_due(time.monotonic()) if self.window is not None else None
+        return IDLE_WAIT if due is None else min(IDLE_WAIT, due)
+
     def _alive(self) -> None:
         """The loop turned: feed systemd's watchdog and the liveness probe."""
         self.notifier.watchdog()
         self.observer.turned()
 
     def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-        self._buffer.append(Delivery(method.delivery_tag, body, properties, method.redelivered))
+        delivery = Delivery(method.delivery_tag, body, properties, method.redelivered)
+        user = user_of(body) if self.window is not None and not delivery.redelivered else None
+        if user is None:
+            self._buffer.append(delivery)
+        else:
+            self.window.hold(user, delivery, time.monotonic())
 
     # ---- one batch ------------------------------------------------------------------------------
 
@@ -338,7 +355,11 @@ class Worker:
                 self.store.record_failures(records)
             except Exception as exc:
                 log.error("could not record failed messages in MongoDB", extra={"error": str(exc)})
-        channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
+        if self.window is None:
+            channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
+        else:  # held deliveries interleave with released ones: one ack each
+            for d in batch:
+                channel.basic_ack(delivery_tag=d.tag)
         t.batches += 1
         t.applied += len(result.by_status("applied"))
         t.duplicate += len(result.by_status("duplicate"))

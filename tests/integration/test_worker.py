@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pika
@@ -282,3 +284,42 @@ def test_setup_commands_are_idempotent_and_report_mismatch(env):
     ok = conn.channel().queue_declare(env["RABBITMQ_QUEUE"], passive=True)
     assert ok.method.message_count == 0
     conn.close()
+
+
+def _trickle(settings, topology, events, gap_s: float) -> threading.Thread:
+    """Publish events one by one, ``gap_s`` apart, from a thread (a producer's pace, not a wait)."""
+
+    def run() -> None:
+        for e in events:
+            publish(settings, topology, [e])
+            time.sleep(gap_s)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["micro-batch", "window-1s"])
+def test_batch_window_turns_a_burst_into_one_write(env, topology, enabled):
+    s = env.settings(EMBEDDING_BATCH_ENABLED=str(enabled).lower(), EMBEDDING_BATCH_WINDOW="1")
+    events = [make_event("w-user", "search", f"burst phrase {i}", T0.replace(minute=i)) for i in range(6)]
+    producer = _trickle(s, topology, events, gap_s=0.15)
+    worker = consume(s, 6)
+    producer.join(10)
+    assert worker.totals.applied == 6
+    if enabled:
+        assert worker.totals.writes == 1  # the user never paused for 1 s: one write for the whole burst
+    else:
+        assert worker.totals.writes >= 3  # each arrival is its own micro-batch
+    assert_profiles(s, expected_profiles(s, events, {}), {"w-user": 6})
+
+
+def test_batch_window_never_stalls_the_prefetch(env, topology):
+    """More users than the prefetch can hold: the oldest are released early instead of blocking delivery."""
+    s = env.settings(EMBEDDING_BATCH_ENABLED="true", EMBEDDING_BATCH_WINDOW="2")
+    events = [make_event(f"p-user{i}", "search", f"phrase {i}", T0) for i in range(20)]
+    publish(s, topology, events)
+    started = time.monotonic()
+    worker = consume(s, 20, prefetch=5)
+    assert worker.totals.applied == 20 and time.monotonic() - started < 15
+    assert_profiles(s, expected_profiles(s, events, {}), {e.user_id: 1 for e in events})
