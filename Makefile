@@ -4,7 +4,7 @@ PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv services demo test lint stop-services clean
+.PHONY: venv services demo test lint stop-services clean debian-tools
 
 $(BIN)/myshop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,17 @@ services: venv
 demo: services
 	@MYSHOP_ALLOW_ROOT=$${MYSHOP_ALLOW_ROOT:-$$( [ "$$(id -u)" = 0 ] && echo 1 )} $(BIN)/python tools/demo.py
 
-test: venv
+# promtool (checks monitoring/alerts.yml) and docker-compose v1 (checks docker-compose.yml without a daemon)
+debian-tools:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { \
+	    echo "installing promtool and docker-compose from Debian"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null; }; \
+	  } || echo "promtool/docker-compose missing: their checks are skipped" >&2; }
+
+test: venv debian-tools
 	@tools/services.sh >/dev/null
 	$(BIN)/pytest -q
 
