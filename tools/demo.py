@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on local services with the offline `hash` embeddings.
 
-Declares the topology and indexes, stores demo product vectors, publishes a few hundred events,
-runs `myshop consume` until they are all handled, and prints what the profiles now hold.
+Declares the topology and indexes, imports the demo catalog (examples/catalog.jsonl), publishes a few
+hundred events (random shoppers plus three with a story), runs `myshop consume` until they are all
+handled, prints what the profiles now hold, and ends with each story shopper's recommendations.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 os.environ.setdefault("EMBEDDING_PROVIDER", "hash")
 os.environ.setdefault("LOG_FORMAT", "console")
@@ -22,26 +24,27 @@ from rich.table import Table
 
 from myshop_ops import broker
 from myshop_ops.broker import Publisher, Topology
+from myshop_ops.catalog import Product, import_catalog, read_catalog
 from myshop_ops.config import load_settings
 from myshop_ops.contract import make_event, serialise
-from myshop_ops.embeddings import HashProvider
+from myshop_ops.embeddings import make_provider
 from myshop_ops.store import Store
 
-PRODUCTS = {
-    "audio-001": "Wireless noise cancelling headphones",
-    "audio-002": "Bluetooth portable speaker waterproof",
-    "audio-003": "In-ear wireless earbuds with charging case",
-    "shoes-001": "Trail running shoes for men",
-    "shoes-002": "Lightweight road running shoes for women",
-    "kitchen-001": "Stainless steel espresso machine",
-    "kitchen-002": "Cast iron skillet 28 cm",
-    "books-001": "Science fiction novel paperback",
-    "toys-001": "Wooden building blocks for toddlers",
-    "garden-001": "Cordless electric lawn mower",
-}
+CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.jsonl"
 SEARCHES = ["wireless headphones", "running shoes", "espresso machine", "kids toys", "bluetooth speaker",
             "lawn mower", "sci-fi books", "cast iron pan"]
 USERS, EVENTS_PER_USER = 30, 10
+# Shoppers whose recommendations the demo ends with: what they did, oldest first.
+STORIES = {
+    "demo-audio-fan": [("search", "wireless headphones"), ("product_view", "AUD-1001"), ("product_view", "AUD-1009"),
+                       ("search", "noise cancelling earbuds"), ("product_click", "AUD-1002"),
+                       ("product_purchase", "AUD-1009")],
+    "demo-runner": [("search", "running shoes"), ("product_view", "SPT-1001"), ("product_view", "SPT-1002"),
+                    ("search", "trail running"), ("product_purchase", "SPT-1002"), ("product_purchase", "SPT-1004")],
+    "demo-home-cook": [("search", "cast iron pan"), ("product_view", "KIT-1003"), ("search", "espresso machine"),
+                       ("product_click", "KIT-1001"), ("product_purchase", "KIT-1003"), ("product_view", "KIT-1008")],
+}
+VERBS = {"search": "searched", "product_view": "viewed", "product_click": "clicked", "product_purchase": "bought"}
 
 console = Console()
 
@@ -58,13 +61,10 @@ def main() -> None:
     myshop("setup-transports")
     myshop("setup-indexes")
     store = Store(s.mongodb_url, s.mongodb_db)
-    hp = HashProvider(s.embedding_dimensions, s.model)
-    store.upsert_products([
-        {"product_id": pid, "embedding": hp.embed_one(name), "model": s.model, "dimensions": s.embedding_dimensions,
-         "name": name, "category": pid.split("-")[0]}
-        for pid, name in PRODUCTS.items()
-    ])
-    console.print(f"stored {len(PRODUCTS)} demo product vectors ({s.model}, {s.embedding_dimensions}d)")
+    result = import_catalog(CATALOG, store, make_provider(s))
+    console.print(f"imported {CATALOG.name}: {result.imported} embedded, {result.updated + result.unchanged} "
+                  f"already stored, {result.bad} bad ({s.model}, {s.embedding_dimensions}d)")
+    catalog = {p.product_id: p for _, p in read_catalog(CATALOG) if isinstance(p, Product)}
 
     rng = random.Random(7)
     now = datetime.now(UTC)
@@ -72,15 +72,19 @@ def main() -> None:
     for u in range(USERS):
         for _ in range(EVENTS_PER_USER):
             kind = rng.choice(["search", "product_view", "product_click", "product_purchase"])
-            ref = rng.choice(SEARCHES) if kind == "search" else rng.choice(list(PRODUCTS))
+            ref = rng.choice(SEARCHES) if kind == "search" else rng.choice(list(catalog))
             events.append(make_event(f"demo-{u:03d}", kind, ref, now - timedelta(days=rng.uniform(0, 60))))
+    for user, story in STORIES.items():
+        events += [make_event(user, kind, ref, now - timedelta(days=len(story) - i, minutes=rng.uniform(0, 600)))
+                   for i, (kind, ref) in enumerate(story)]
     topo = Topology.from_settings(s)
     conn = broker.connect(s.rabbitmq_dsn, name="myshop-demo")
     pub = Publisher(conn)
     for e in events:
         pub.publish(topo.exchange, topo.queue, serialise(e), message_id=e.message_id)
     conn.close()
-    console.print(f"published {len(events)} events for {USERS} users to '{topo.queue}' (publisher confirms)")
+    console.print(f"published {len(events)} events for {USERS + len(STORIES)} users to '{topo.queue}' "
+                  "(publisher confirms)")
 
     myshop("consume", "--limit", str(len(events)), "--time-limit", "120")
 
@@ -94,6 +98,13 @@ def main() -> None:
                       doc["last_updated"].strftime("%Y-%m-%d"), f"{doc['magnitude']:.3f}")
     console.print(table)
     store.close()
+
+    for user, story in STORIES.items():
+        console.rule(f"[bold]{user}[/]")
+        for kind, ref in story:
+            what = f"'{ref}'" if kind == "search" else f"{catalog[ref].name} ({ref}, {catalog[ref].category})"
+            console.print(f"  {VERBS[kind]} {what}", highlight=False)
+        myshop("recommend", user, "--limit", "5")
 
 
 if __name__ == "__main__":

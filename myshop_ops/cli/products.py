@@ -1,0 +1,100 @@
+"""`myshop products import FILE.jsonl`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from myshop_ops.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
+from myshop_ops.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAIL,
+    EXIT_UNAVAILABLE,
+    console,
+    err_console,
+    fail,
+    operator_errors,
+    print_json,
+    settings,
+)
+from myshop_ops.embeddings import EmbeddingError, Provider, make_provider
+from myshop_ops.store import Store
+
+SHOWN_BAD = 20  # bad lines printed one by one; --json lists them all (up to catalog.MAX_REPORTED_BAD)
+
+
+def import_products(
+    path: Path = typer.Argument(..., metavar="FILE.jsonl", help="One JSON product per line.", show_default=False),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, max=2048,
+                                   help="Products per provider request and bulk write."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Embed a JSONL catalog (product_id, name, description, category, stock, price) into product_embeddings.
+
+    Only new products and those whose text, model or dimensions changed are embedded.
+
+    Bad lines are reported with their line number and skipped; the exit code is then 1.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        fail(f"catalog {path}: {exc.strerror or exc} (give a JSONL file, one product per line)", EXIT_CONFIG)
+    s = settings()
+    with operator_errors(s):
+        provider = make_provider(s)
+        store = Store(s.mongodb_url, s.mongodb_db)
+        try:
+            result = _run(path, store, provider, batch_size, as_json)
+        except EmbeddingError as exc:
+            fail(f"embeddings provider failed ({s.model}): {exc}; batches already stored are kept, re-run to resume",
+                 EXIT_UNAVAILABLE if exc.transient else EXIT_FAIL)
+        finally:
+            store.close()
+    if as_json:
+        print_json({"file": str(path), **result.as_dict()})
+    else:
+        _summary(path, result)
+    if result.bad:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool) -> ImportResult:
+    """The import with feedback: a progress bar on a terminal, a line per batch otherwise, none with --json."""
+    shown = 0
+
+    def bad(line: BadLine) -> None:
+        nonlocal shown
+        shown += 1
+        if not quiet and shown <= SHOWN_BAD:
+            err_console.print(f"[yellow]line {line.line}:[/] {line.error}", highlight=False, soft_wrap=True)
+
+    if quiet:
+        return import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad)
+    if not console.is_terminal:
+        def plain(r: ImportResult) -> None:
+            console.print(f"{r.lines} lines read: {r.imported} imported, {r.updated} updated, {r.unchanged} unchanged, "
+                          f"{r.bad} bad", highlight=False)
+
+        return import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad, on_batch=plain)
+    with open(path, "rb") as fh:
+        total = sum(1 for _ in fh)
+    columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("import", total=total)
+        result = import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad,
+                                on_batch=lambda r: progress.update(task, completed=r.lines))
+        progress.update(task, completed=total)
+    return result
+
+
+def _summary(path: Path, r: ImportResult) -> None:
+    if r.bad > SHOWN_BAD:
+        err_console.print(f"[yellow]... {r.bad - SHOWN_BAD} more bad lines (--json lists them)[/]", highlight=False)
+    console.print(
+        f"{path}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
+        f"{r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
+        highlight=False,
+    )

@@ -1,0 +1,67 @@
+"""`myshop recommend USER_ID`."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from myshop_ops.cli.common import EXIT_CONFIG, console, fail, operator_errors, print_json, settings
+from myshop_ops.recommend import BackendError, Recommendations, Recommender, RecommendError
+from myshop_ops.store import Store
+
+
+def recommend(
+    user_id: str = typer.Argument(..., help="The user's id."),
+    limit: int = typer.Option(10, "--limit", min=1, max=1000, help="Products to list."),
+    exclude_purchased: bool = typer.Option(False, "--exclude-purchased",
+                                           help="Leave out the profile's purchased_product_ids."),
+    fallback: bool = typer.Option(False, "--fallback", help="List the newest products when the user has no profile."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Recommend products for a user: cosine similarity of product vectors with the user's profile vector."""
+    s = settings()
+    with operator_errors(s):
+        store = Store(s.mongodb_url, s.mongodb_db)
+        try:
+            recs = Recommender(s, store).recommend(user_id, limit=limit, exclude_purchased=exclude_purchased,
+                                                   fallback=fallback)
+        except BackendError as exc:
+            fail(str(exc), EXIT_CONFIG)
+        except RecommendError as exc:
+            fail(str(exc))
+        finally:
+            store.close()
+    if as_json:
+        print_json(as_dict(recs))
+        return
+    render(recs)
+    if exclude_purchased and recs.excluded is None and not recs.fallback:
+        console.print("[yellow]note:[/] the profile has no purchased_product_ids: nothing was excluded",
+                      highlight=False)
+
+
+def as_dict(recs: Recommendations) -> dict:
+    return {
+        "user_id": recs.user_id,
+        "backend": recs.backend,
+        "fallback": recs.fallback,
+        "model": recs.model,
+        "dimensions": recs.dimensions,
+        "excluded_purchased": recs.excluded,
+        "recommendations": [
+            {"rank": i, "product_id": r.product_id, "name": r.name, "category": r.category, "score": r.score}
+            for i, r in enumerate(recs.items, start=1)
+        ],
+    }
+
+
+def render(recs: Recommendations, title: str | None = None) -> None:
+    """A table of recommendations (also used by `user show`)."""
+    if title is None:
+        title = (f"fallback for user {recs.user_id} (no profile): the newest products" if recs.fallback else
+                 f"top {len(recs.items)} for user {recs.user_id} ({recs.backend}, {recs.model}/{recs.dimensions}d)")
+    table = Table("#", "product", "name", "category", "score", title=title)
+    for i, r in enumerate(recs.items, start=1):
+        table.add_row(str(i), r.product_id, r.name or "-", r.category or "-",
+                      "-" if r.score is None else f"{r.score:.4f}")
+    console.print(table)

@@ -1,0 +1,111 @@
+"""`myshop user show USER_ID` and `myshop user delete USER_ID` (erasure)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.table import Table
+
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.recommend import as_dict, render
+from myshop_ops.contract import EVENT_TYPES
+from myshop_ops.dedup import RedisState
+from myshop_ops.recommend import Recommendations, Recommender, RecommendError
+from myshop_ops.store import USERS, Store
+
+TOP = 5
+_FIELDS = ("version", "event_count", "event_counts", "last_event_type", "last_event_id", "last_updated", "magnitude",
+           "model", "dimensions", "created_at", "updated_at")
+
+
+def show_user(
+    user_id: str = typer.Argument(..., help="The user's id."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+) -> None:
+    """Show a user's profile (version, event counts, last event, magnitude, vector space) and top 5 products."""
+    s = settings()
+    with operator_errors(s):
+        store = Store(s.mongodb_url, s.mongodb_db)
+        try:
+            recommender = Recommender(s, store)
+            doc = recommender.profile(user_id)
+            if doc is None:
+                fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS} (no events processed yet)")
+            recs: Recommendations | None = None
+            try:
+                recs = recommender.for_profile(doc, limit=TOP)
+                problem = None
+            except RecommendError as exc:
+                problem = str(exc)
+        finally:
+            store.close()
+    profile = {k: doc.get(k) for k in _FIELDS}
+    if "purchased_product_ids" in doc:
+        profile["purchased_products"] = len(doc["purchased_product_ids"] or ())
+    if as_json:
+        top = as_dict(recs)["recommendations"] if recs is not None else None
+        print_json({"user_id": user_id, **profile, "recommendations": top, "recommendations_error": problem})
+        return
+    table = Table(title=f"user {user_id}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # ids are copied from here: never cut them
+    counts = profile.pop("event_counts") or {}
+    for key, value in profile.items():
+        if key == "magnitude" and value is not None:
+            value = f"{value:.6f}"
+        elif hasattr(value, "isoformat"):
+            value = value.isoformat(timespec="seconds")
+        table.add_row(key.replace("_", " "), "-" if value is None else str(value))
+        if key == "event_count":
+            for event_type in EVENT_TYPES:
+                table.add_row(f"  {event_type}", str(counts.get(event_type, 0)))
+    console.print(table)
+    if recs is not None:
+        render(recs, title=f"top {len(recs.items)} recommendations ({recs.backend})")
+    else:
+        console.print(f"[yellow]recommendations unavailable:[/] {problem}", highlight=False)
+
+
+def delete_user(
+    user_id: str = typer.Argument(..., help="The user's id."),
+    force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
+) -> None:
+    """Erase a user's profile document and its processed-message keys in Redis (asks first unless --force)."""
+    if not force and not sys.stdin.isatty():
+        fail(f"refusing to erase user {user_id} without a terminal: add --force", EXIT_CONFIG)
+    s = settings()
+    with operator_errors(s):
+        store = Store(s.mongodb_url, s.mongodb_db)
+        redis_state = RedisState(s.redis_url, idempotency_ttl=s.idempotency_ttl)
+        try:
+            found = store.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})
+            if found is None:
+                fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS}: nothing to erase")
+            question = (f"Erase user {user_id}'s profile ({found.get('event_count', 0)} events) and its "
+                        "processed-message keys in Redis?")
+            if not force and not typer.confirm(question):
+                fail(f"user {user_id} not erased (answered no)", EXIT_FAIL)
+            doc = store.users.find_one_and_delete(
+                {"user_id": user_id}, {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1}
+            )
+            if doc is None:
+                fail(f"user {user_id}'s profile was erased by someone else meanwhile")
+            message_ids = list(doc.get("recent_message_ids") or ())
+            errors_before = redis_state.errors
+            redis_state.forget(message_ids)
+            redis_ok = redis_state.errors == errors_before
+            failed_records = store.failed.count_documents({"user_id": user_id})
+        finally:
+            redis_state.close()
+            store.close()
+    console.print(f"erased user {user_id}: profile (version {doc.get('version')}, {doc.get('event_count', 0)} events) "
+                  f"deleted from {s.mongodb_db}.{USERS}", highlight=False)
+    if redis_ok:
+        console.print(f"forgot {len(message_ids)} processed-message id(s) in Redis", highlight=False)
+    else:
+        console.print(f"[yellow]Redis unavailable:[/] {len(message_ids)} processed-message id(s) not forgotten; they "
+                      f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
+    if failed_records:
+        console.print(f"[yellow]note:[/] {failed_records} failed-message record(s) still hold this user's events "
+                      f"(`myshop failed show --filter {user_id}`, then `myshop failed remove ID...`)", highlight=False)

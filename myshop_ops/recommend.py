@@ -1,0 +1,304 @@
+"""Product recommendations: the products most similar (cosine) to a user's profile vector.
+
+Two backends (``RECOMMEND_BACKEND``):
+
+* ``numpy`` (default): every usable product vector of the configured model/dimensions in one float32
+  matrix of L2-normalised rows, cached per process and reused while ``product_embeddings`` is unchanged
+  (its document count and newest ``updated_at``, two cheap index-backed reads, are compared before each
+  use); top-k by ``argpartition``.
+* ``atlas``: a MongoDB Atlas ``$vectorSearch`` aggregation on index ``ATLAS_VECTOR_INDEX``.
+
+A profile whose model or dimensions differ from the configured ones is refused, never compared.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from bson.binary import Binary
+from pymongo.collection import Collection
+from pymongo.errors import OperationFailure
+
+from myshop_ops.config import Settings
+from myshop_ops.store import PRODUCTS, SCAN_BATCH, Store, decode_vector
+
+ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
+_FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding
+_PRODUCT_FIELDS = {"_id": 0, "product_id": 1, "name": 1, "category": 1}
+
+
+class RecommendError(Exception):
+    """Recommendations cannot be computed; ``str()`` is one line for the operator."""
+
+
+class NoProfile(RecommendError):
+    """The user has no profile document."""
+
+
+class BackendError(RecommendError):
+    """The configured backend cannot serve (e.g. ``atlas`` on a server without ``$vectorSearch``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    product_id: str
+    name: str | None
+    category: str | None
+    score: float | None  # cosine similarity with the profile; None for the fallback
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendations:
+    user_id: str
+    items: list[Recommendation]
+    backend: str  # numpy | atlas | fallback (newest products, the user has no profile)
+    model: str
+    dimensions: int
+    excluded: int | None = None  # purchased products left out; None: not asked, or no purchased_product_ids
+
+    @property
+    def fallback(self) -> bool:
+        return self.backend == "fallback"
+
+
+# ---- the product matrix ---------------------------------------------------------------------------
+
+
+def _fast_vector(value: object) -> np.ndarray:
+    """A stored vector as float32; BSON FLOAT32 vectors are read in place (no list of floats)."""
+    if isinstance(value, Binary) and value.subtype == 9 and bytes(value[:2]) == _FLOAT32_VECTOR:
+        return np.frombuffer(value, "<f4", offset=2)
+    return decode_vector(value)
+
+
+class ProductMatrix:
+    """Usable product vectors of one model/dimensions: L2-normalised float32 rows and their ids."""
+
+    def __init__(self, ids: list[str], names: list[str | None], categories: list[str | None], vectors: np.ndarray,
+                 signature: tuple[int, datetime | None], skipped: int = 0):
+        self.ids = ids
+        self.names = names
+        self.categories = categories
+        self.vectors = vectors
+        self.signature = signature
+        self.skipped = skipped  # documents of the model whose vector is unreadable, mis-sized or zero
+        self.row = {pid: i for i, pid in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item(self, i: int, score: float | None) -> Recommendation:
+        return Recommendation(self.ids[i], self.names[i], self.categories[i], score)
+
+
+def signature(products: Collection) -> tuple[int, datetime | None]:
+    """What changes whenever a product is written or removed: the document count and the newest updated_at."""
+    newest = products.find_one({}, {"_id": 0, "updated_at": 1}, sort=[("updated_at", -1)])
+    return products.estimated_document_count(), (newest or {}).get("updated_at")
+
+
+def load_matrix(products: Collection, model: str, dimensions: int, sig: tuple[int, datetime | None]) -> ProductMatrix:
+    """Read every product vector of ``model``/``dimensions`` into one normalised float32 matrix."""
+    cursor = products.find(
+        {"model": model, "dimensions": dimensions}, {**_PRODUCT_FIELDS, "embedding": 1}, batch_size=SCAN_BATCH
+    )
+    matrix = np.empty((min(max(sig[0], 16), 65_536), dimensions), np.float32)  # grows by doubling
+    ids: list[str] = []
+    names: list[str | None] = []
+    categories: list[str | None] = []
+    skipped = 0
+    for doc in cursor:
+        try:
+            vec = _fast_vector(doc.get("embedding", ()))
+        except (TypeError, ValueError):
+            skipped += 1
+            continue
+        if vec.shape != (dimensions,) or not np.isfinite(vec).all() or not vec.any():
+            skipped += 1
+            continue
+        n = len(ids)
+        if n == len(matrix):
+            matrix = np.concatenate([matrix, np.empty_like(matrix)])
+        matrix[n] = vec
+        ids.append(str(doc["product_id"]))
+        names.append(doc.get("name"))
+        categories.append(doc.get("category"))
+    matrix = matrix[: len(ids)].copy()
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    return ProductMatrix(ids, names, categories, matrix, sig, skipped)
+
+
+class MatrixCache:
+    """Product matrices by (MongoDB URL, database, model, dimensions), reloaded when product_embeddings changed."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str, int], ProductMatrix] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, source: str, products: Collection, model: str, dimensions: int) -> ProductMatrix:
+        key = (source, products.full_name, model, dimensions)
+        sig = signature(products)  # read before loading: a write during the load only causes one more reload
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None and cached.signature == sig:
+                return cached
+            matrix = load_matrix(products, model, dimensions, sig)
+            self._entries[key] = matrix
+            self.loads += 1
+            return matrix
+
+
+PROCESS_CACHE = MatrixCache()
+
+
+def top_k(vectors: np.ndarray, query: np.ndarray, k: int, exclude: np.ndarray | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices and scores of the ``k`` rows with the largest dot product with ``query``, best first
+    (equal scores by row index); rows in ``exclude`` are never returned."""
+    scores = vectors @ query
+    available = len(scores)
+    if exclude is not None and len(exclude):
+        exclude = np.unique(exclude)
+        scores[exclude] = -np.inf
+        available -= len(exclude)
+    k = min(k, available)
+    if k <= 0:
+        return np.zeros(0, np.intp), np.zeros(0, scores.dtype)
+    idx = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    idx = idx[np.lexsort((idx, -scores[idx]))]
+    return idx, scores[idx]
+
+
+# ---- Atlas ----------------------------------------------------------------------------------------
+
+
+def atlas_pipeline(query: np.ndarray, *, index: str, model: str, dimensions: int, limit: int,
+                   exclude: list[str] | None = None) -> list[dict[str, Any]]:
+    """The ``$vectorSearch`` aggregation for the ``limit`` products nearest ``query`` (model/dimensions
+    as filters, purchased products excluded). Atlas's cosine score is (1 + cosine) / 2."""
+    where: dict[str, Any] = {"model": model, "dimensions": dimensions}
+    if exclude:
+        where["product_id"] = {"$nin": list(exclude)}
+    return [
+        {"$vectorSearch": {
+            "index": index,
+            "path": "embedding",
+            "queryVector": [float(x) for x in query],
+            "numCandidates": min(ATLAS_MAX_CANDIDATES, max(20 * limit, 100)),
+            "limit": limit,
+            "filter": where,
+        }},
+        {"$project": {**_PRODUCT_FIELDS, "score": {"$meta": "vectorSearchScore"}}},
+    ]
+
+
+# ---- the recommender ------------------------------------------------------------------------------
+
+
+class Recommender:
+    """Recommendations for the configured vector space (``Settings.model`` / ``embedding_dimensions``)."""
+
+    def __init__(self, settings: Settings, store: Store, cache: MatrixCache = PROCESS_CACHE):
+        self.settings = settings
+        self.store = store
+        self.cache = cache
+        self.model = settings.model
+        self.dimensions = settings.embedding_dimensions
+        self.backend = settings.recommend_backend
+
+    @property
+    def space(self) -> str:
+        return f"{self.model}/{self.dimensions}d"
+
+    def profile(self, user_id: str) -> dict | None:
+        """The user's profile document (without the bounded message id list)."""
+        return self.store.users.find_one({"user_id": user_id}, {"_id": 0, "recent_message_ids": 0})
+
+    def recommend(self, user_id: str, *, limit: int = 10, exclude_purchased: bool = False,
+                  fallback: bool = False) -> Recommendations:
+        """Top ``limit`` products for a user. Raises NoProfile (unless ``fallback``: the newest products),
+        RecommendError on a profile of another vector space or no product vectors, BackendError."""
+        doc = self.profile(user_id)
+        if doc is None:
+            if not fallback:
+                raise NoProfile(f"user {user_id} has no profile in {self.store.db.name}.user_embeddings "
+                                "(no events processed yet; --fallback lists the newest products instead)")
+            return self.newest(user_id, limit)
+        return self.for_profile(doc, limit=limit, exclude_purchased=exclude_purchased)
+
+    def for_profile(self, doc: dict, *, limit: int = 10, exclude_purchased: bool = False) -> Recommendations:
+        """Top ``limit`` products for a profile document (as stored in user_embeddings)."""
+        user_id = str(doc["user_id"])
+        space = f"{doc.get('model')}/{doc.get('dimensions')}d"
+        if space != self.space:
+            raise RecommendError(
+                f"user {user_id}'s profile is {space} but the configured vector space is {self.space}: vectors "
+                "of different models are never compared (set EMBEDDING_PROVIDER/OPENAI_EMBEDDING_MODEL/"
+                "EMBEDDING_DIMENSIONS to the profile's, or rebuild the profiles)"
+            )
+        try:
+            query = decode_vector(doc.get("embedding", ())).astype(np.float64)
+        except (TypeError, ValueError):
+            query = np.zeros(0)
+        norm = float(np.linalg.norm(query)) if query.ndim == 1 else 0.0
+        if query.shape != (self.dimensions,) or not np.isfinite(norm) or norm == 0.0:
+            raise RecommendError(f"user {user_id}'s profile vector is unreadable, zero or not {self.dimensions} "
+                                 "finite numbers (rebuild the profile)")
+        query = (query / norm).astype(np.float32)
+        purchased = [str(p) for p in doc.get("purchased_product_ids") or ()] if exclude_purchased else []
+        excluded = len(set(purchased)) if exclude_purchased and "purchased_product_ids" in doc else None
+        if self.backend == "atlas":
+            items = self._atlas(query, limit, purchased)
+        else:
+            items = self._numpy(query, limit, purchased)
+        return Recommendations(user_id, items, self.backend, self.model, self.dimensions, excluded)
+
+    def newest(self, user_id: str, limit: int) -> Recommendations:
+        """The fallback for a user without a profile: the most recently updated products of the vector space."""
+        docs = list(
+            self.store.products.find({"model": self.model, "dimensions": self.dimensions}, _PRODUCT_FIELDS,
+                                     batch_size=SCAN_BATCH)
+            .sort([("updated_at", -1), ("product_id", 1)])
+            .limit(limit)
+        )
+        if not docs:
+            raise self._no_products()
+        items = [Recommendation(str(d["product_id"]), d.get("name"), d.get("category"), None) for d in docs]
+        return Recommendations(user_id, items, "fallback", self.model, self.dimensions)
+
+    def _no_products(self) -> RecommendError:
+        return RecommendError(f"no {self.space} product vectors in {self.store.db.name}.{PRODUCTS} "
+                              "(import a catalog: `myshop products import FILE.jsonl`)")
+
+    def _numpy(self, query: np.ndarray, limit: int, purchased: list[str]) -> list[Recommendation]:
+        matrix = self.cache.get(self.settings.mongodb_url, self.store.products, self.model, self.dimensions)
+        if not len(matrix):
+            raise self._no_products()
+        rows = np.fromiter((matrix.row[p] for p in purchased if p in matrix.row), np.intp)
+        idx, scores = top_k(matrix.vectors, query, limit, rows)
+        return [matrix.item(int(i), float(s)) for i, s in zip(idx, scores, strict=True)]
+
+    def _atlas(self, query: np.ndarray, limit: int, purchased: list[str]) -> list[Recommendation]:
+        where = f"Atlas $vectorSearch on {self.store.db.name}.{PRODUCTS} (index {self.settings.atlas_vector_index!r})"
+        pipeline = atlas_pipeline(query, index=self.settings.atlas_vector_index, model=self.model,
+                                  dimensions=self.dimensions, limit=limit, exclude=purchased)
+        try:
+            docs = list(self.store.products.aggregate(pipeline))
+        except OperationFailure as exc:
+            first = str(exc.details.get("errmsg") if exc.details else exc).splitlines()[0][:200]
+            raise BackendError(f"{where} failed: {first} (create the index as in docs/RECOMMENDATIONS.md, or set "
+                               "RECOMMEND_BACKEND=numpy)") from None
+        if not docs:
+            candidates = {"model": self.model, "dimensions": self.dimensions, "product_id": {"$nin": purchased}}
+            if self.store.products.find_one(candidates, {"_id": 1}) is not None:
+                raise BackendError(f"{where} returned nothing although {self.space} products exist: is the index "
+                                   "built over `embedding` with filters model, dimensions, product_id "
+                                   "(docs/RECOMMENDATIONS.md)? Or set RECOMMEND_BACKEND=numpy")
+            raise self._no_products()
+        return [Recommendation(str(d["product_id"]), d.get("name"), d.get("category"), 2.0 * float(d["score"]) - 1.0)
+                for d in docs]
