@@ -193,6 +193,7 @@ class Pipeline:
                         counts=dict(Counter(e.event_type for e in events)),
                         last_event_type=newest and newest.event_type,
                         last_event_id=newest and newest.message_id,
+                        purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
                     )
                 )
                 groups[user_id] = group

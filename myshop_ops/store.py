@@ -45,7 +45,9 @@ def encode_vector(vec: np.ndarray) -> Binary:
 def decode_vector(value: object) -> np.ndarray:
     """A stored vector (Binary subtype 9, raw float32 bytes, or an array of numbers) as float32."""
     if isinstance(value, Binary) and value.subtype == 9:
-        return np.asarray(value.as_vector().data, dtype=np.float32)
+        # numpy view of the payload, copied: the same fresh float32 array as from the default list of Python floats,
+        # at ~4 µs instead of ~125 µs per 1,536-d vector (benchmarks: worker CPU per event)
+        return np.array(value.as_vector(return_numpy=True).data, dtype=np.float32)
     if isinstance(value, bytes | bytearray):
         return np.frombuffer(value, "<f4")
     return np.asarray(value, dtype=np.float32)
@@ -71,6 +73,7 @@ class ProfileWrite:
     counts: dict[str, int]
     last_event_type: str | None  # None: only late events, the stored last event stays
     last_event_id: str | None
+    purchased: list[str] = field(default_factory=list)  # product ids bought (for recommend --exclude-purchased)
 
 
 @dataclass(slots=True)
@@ -222,19 +225,20 @@ class Store:
                     "event_count": sum(w.counts.values()),
                     "event_counts": dict(w.counts),
                     "recent_message_ids": w.message_ids[-RECENT_IDS:],
+                    "purchased_product_ids": sorted(set(w.purchased)),
                     "created_at": now,
                 }
             )
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        return UpdateOne(
-            {"user_id": w.user_id, "version": w.version},
-            {
-                "$set": fields,
-                "$inc": inc,
-                "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS}},
-            },
-        )
+        update = {
+            "$set": fields,
+            "$inc": inc,
+            "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS}},
+        }
+        if w.purchased:
+            update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
+        return UpdateOne({"user_id": w.user_id, "version": w.version}, update)
 
     def get_profile_doc(self, user_id: str) -> dict | None:
         return self.users.find_one({"user_id": user_id}, {"_id": 0})

@@ -104,7 +104,7 @@ def main() -> None:
         for kind, ref in story:
             what = f"'{ref}'" if kind == "search" else f"{catalog[ref].name} ({ref}, {catalog[ref].category})"
             console.print(f"  {VERBS[kind]} {what}", highlight=False)
-        myshop("recommend", user, "--limit", "5")
+        myshop("recommend", user, "--limit", "5", "--exclude-purchased")
 
 
 if __name__ == "__main__":

@@ -323,3 +323,19 @@ def test_batch_window_never_stalls_the_prefetch(env, topology):
     worker = consume(s, 20, prefetch=5)
     assert worker.totals.applied == 20 and time.monotonic() - started < 15
     assert_profiles(s, expected_profiles(s, events, {}), {e.user_id: 1 for e in events})
+
+
+def test_purchased_product_ids_are_kept_as_a_set(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["a", "b", "c"])
+    first = [make_event("buyer", "product_purchase", "b", T0), make_event("buyer", "product_view", "c", T0)]
+    second = [make_event("buyer", "product_purchase", "a", T0.replace(hour=13)),
+              make_event("buyer", "product_purchase", "b", T0.replace(hour=14))]
+    publish(s, topology, first)
+    consume(s, 2)
+    publish(s, topology, second)
+    consume(s, 2)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert sorted(store.get_profile_doc("buyer")["purchased_product_ids"]) == ["a", "b"]  # a set: no repeats
+    store.close()
+    assert_profiles(s, expected_profiles(s, first + second, products), {"buyer": 4})
