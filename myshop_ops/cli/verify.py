@@ -47,11 +47,11 @@ def run_verify(
 
 def _render(report, max_problems: int) -> None:
     d = report.as_json(max_problems)
-    table = Table("events", "users", "ok", "lost", "duplicated", "diverging", "in failed", "no product",
+    table = Table("events", "users", "ok", "lost (users/events)", "duplicated (users/events)", "diverging",
+                  "in failed", "no product",
                   title="verification: " + ("[green]OK[/]" if report.ok else "[bold red]MISMATCH[/]"))
-    table.add_row(str(d["events"]), str(d["users"]), str(d["users_ok"]),
-                  f"{d['users_lost']} users / {d['events_lost']} events",
-                  f"{d['users_duplicated']} users / {d['events_duplicated']} events", str(d["users_diverging"]),
+    table.add_row(str(d["events"]), str(d["users"]), str(d["users_ok"]), f"{d['users_lost']}/{d['events_lost']}",
+                  f"{d['users_duplicated']}/{d['events_duplicated']}", str(d["users_diverging"]),
                   str(d["in_failed"]), str(d["skipped_no_product"]))
     console.print(table)
     if d["invalid_lines"] or d["duplicates_in_file"]:
@@ -60,4 +60,8 @@ def _render(report, max_problems: int) -> None:
     for p in d["problems"]:
         console.print(f"  {p['status']:<10} {p['user_id']}: expected {p['expected_events']} events, stored "
                       f"{p['stored_events']}" + (f", cosine {p['cosine']:.6f}" if p["cosine"] is not None else ""),
+                      highlight=False)
+    if d["users_duplicated"]:
+        console.print("duplicated = more events stored than the file holds: events applied twice, or events of "
+                      "these users that are not in the file (verify needs every event of the users it checks)",
                       highlight=False)
