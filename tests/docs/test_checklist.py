@@ -13,14 +13,19 @@ from myshop_ops.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["CHECKLIST.md", "README.md"]
-_CODE = re.compile(r"`([^`\n]+)`|^(?:\$ )?(myshop .+)$", re.MULTILINE)
+_FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.MULTILINE | re.DOTALL)
+_INLINE = re.compile(r"`([^`\n]+)`")
+_SEPARATORS = re.compile(r"\s*(?:&&|\|\||;|\bdo\b|\bthen\b)\s*")
 
 
 def invocations(text: str) -> list[str]:
-    """Every `myshop ...` command line in inline code or in code blocks (one per line)."""
+    """Every `myshop ...` command in inline code spans and in fenced code blocks (any line, after shell
+    separators such as `&&`, `;` or `do`)."""
+    snippets = [line for block in _FENCE.findall(text) for line in block.splitlines()]
+    snippets += _INLINE.findall(_FENCE.sub("", text))
     found = []
-    for inline, line in _CODE.findall(text):
-        for part in re.split(r"\s*(?:&&|\|\||;|\|)\s*", inline or line):
+    for snippet in snippets:
+        for part in _SEPARATORS.split(snippet.split("#")[0]):
             part = part.strip()
             if part.startswith("myshop "):
                 found.append(part)
@@ -60,6 +65,12 @@ def test_every_myshop_command_and_option_in_the_docs_exists(doc):
         assert not is_group(cmd) or set(rest) <= {"--help", "-h"}, f"{doc}: `{call}` names a group, not a command"
         unknown = {a.split("=")[0] for a in rest if a.startswith("-")} - options_of(cmd)
         assert not unknown, f"{doc}: `{call}` uses options {sorted(unknown)} that `myshop {cmd.name}` does not have"
+
+
+def test_invocations_are_found_in_code_blocks_and_after_separators():
+    text = ("x `myshop stats --watch` y\n```sh\n  myshop purge q --force  # note\n"
+            "for u in 1; do myshop user show $u; done\n```\n")
+    assert invocations(text) == ["myshop purge q --force", "myshop user show $u", "myshop stats --watch"]
 
 
 def test_the_checker_catches_a_wrong_name():
