@@ -17,7 +17,7 @@ from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import ROOT, MongoWire
-from tests.support.workers import prepare
+from tests.support.workers import Workers, prepare
 
 RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -107,6 +107,14 @@ def _cleanup(e: Env) -> None:
 def topology(env) -> Topology:
     """The test's topology declared on the real broker, and its database's indexes created."""
     return prepare(env.settings())
+
+
+@pytest.fixture
+def workers(tmp_path) -> Iterator[Workers]:
+    """`myshop consume` subprocesses for one test, killed at its end if still running."""
+    w = Workers(tmp_path)
+    yield w
+    w.cleanup()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from tests.conftest import RABBIT, REDIS, run_cli
 from tests.support.events import T0, expected_profiles, publish
 from tests.support.services import wait_for
 from tests.support.workers import (
-    Workers,
     check_profiles,
     event_counts,
     event_total,
@@ -53,13 +52,6 @@ REDIS_DB = 14  # the lifecycle tests' Redis database (see the module docstring)
 def lenv(env):
     env["REDIS_URL"] = REDIS.rsplit("/", 1)[0] + f"/{REDIS_DB}"
     return env
-
-
-@pytest.fixture
-def workers(tmp_path):
-    w = Workers(tmp_path)
-    yield w
-    w.cleanup()
 
 
 @pytest.fixture

@@ -17,16 +17,9 @@ from myshop_ops.contract import make_event, serialise
 from tests.conftest import RABBIT
 from tests.support.events import T0, mixed_events, publish, seed_products
 from tests.support.services import ROOT, wait_for
-from tests.support.workers import Workers, event_total, prepare, private_vhost, rabbitmqctl
+from tests.support.workers import event_total, prepare, private_vhost, rabbitmqctl
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def workers(tmp_path):
-    w = Workers(tmp_path)
-    yield w
-    w.cleanup()
 
 
 def free_port() -> int:

@@ -14,20 +14,13 @@ from myshop_ops.contract import make_event
 from myshop_ops.failures import H_ERROR_MESSAGE
 from tests.conftest import RABBIT, run_cli
 from tests.support.events import T0, publish
-from tests.support.workers import Workers, prepare, private_vhost, rabbitmqctl, wait_queue
+from tests.support.workers import prepare, private_vhost, rabbitmqctl, wait_queue
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-live-" + uuid.uuid4().hex  # what a real key looks like; the fake server refuses it (401)
 BROKER_PASSWORD = "pw-" + uuid.uuid4().hex
 PHRASE = "confidential phrase " + uuid.uuid4().hex[:8]
-
-
-@pytest.fixture
-def workers(tmp_path):
-    w = Workers(tmp_path)
-    yield w
-    w.cleanup()
 
 
 @pytest.fixture
