@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
 FAILED = "failed_messages"
 RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate check
+RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from a conflict, one token per write
 SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
 
 INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
@@ -170,7 +172,8 @@ class Store:
         if not writes:
             return result
         now = datetime.now(UTC)
-        ops = [self._op(w, now) for w in writes]
+        tokens = [uuid.uuid4().hex[:16] for _ in writes]
+        ops = [self._op(w, now, t) for w, t in zip(writes, tokens, strict=True)]
         failed_idx: set[int] = set()
         try:
             res = self.users.bulk_write(ops, ordered=False)
@@ -183,28 +186,24 @@ class Store:
             failed_idx = {e["index"] for e in errors}
             matched = exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0)
         updates = [i for i, w in enumerate(writes) if w.version is not None and i not in failed_idx]
-        expected = len(writes) - len(failed_idx)
-        if matched < expected:
-            # Some version-filtered updates matched nothing: find which by their version.
-            current = {
-                d["user_id"]: d.get("recent_message_ids") or []
+        if matched < len(writes) - len(failed_idx):
+            # Some version-filtered updates matched nothing: an unordered bulk does not say which, so look for
+            # each write's token (one per write, so other workers' big batches cannot push it out of the window).
+            landed = {
+                d["user_id"]: set(d.get("recent_writes") or ())
                 for d in self.users.find(
                     {"user_id": {"$in": [writes[i].user_id for i in updates]}},
-                    {"user_id": 1, "recent_message_ids": {"$slice": -RECENT_IDS}, "_id": 0},
+                    {"user_id": 1, "recent_writes": 1, "_id": 0},
                     batch_size=SCAN_BATCH,
                 )
             }
-            for i in updates:
-                w = writes[i]
-                landed = set(current.get(w.user_id, ()))
-                if not landed.issuperset(w.message_ids[-RECENT_IDS:]):
-                    failed_idx.add(i)
+            failed_idx.update(i for i in updates if tokens[i] not in landed.get(writes[i].user_id, ()))
         for i, w in enumerate(writes):
             (result.conflicted if i in failed_idx else result.applied).append(w.user_id)
         return result
 
     @staticmethod
-    def _op(w: ProfileWrite, now: datetime) -> InsertOne | UpdateOne:
+    def _op(w: ProfileWrite, now: datetime, token: str) -> InsertOne | UpdateOne:
         p = w.profile
         fields = {
             "embedding": encode_vector(p.embedding),
@@ -225,6 +224,7 @@ class Store:
                     "event_count": sum(w.counts.values()),
                     "event_counts": dict(w.counts),
                     "recent_message_ids": w.message_ids[-RECENT_IDS:],
+                    "recent_writes": [token],
                     "purchased_product_ids": sorted(set(w.purchased)),
                     "created_at": now,
                 }
@@ -234,7 +234,8 @@ class Store:
         update = {
             "$set": fields,
             "$inc": inc,
-            "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS}},
+            "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS},
+                      "recent_writes": {"$each": [token], "$slice": -RECENT_WRITES}},
         }
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
