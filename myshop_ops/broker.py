@@ -93,19 +93,31 @@ def published_at(properties: BasicProperties) -> float | None:
     return float(properties.timestamp) if properties.timestamp else None
 
 
+def dsn_urls(dsn: str) -> list[str]:
+    """The URLs of a RABBITMQ_DSN (several, comma-separated, are tried in turn for failover)."""
+    return [u.strip() for u in dsn.split(",") if u.strip()]
+
+
+def connection_parameters(url: str, *, name: str, heartbeat: int = 30) -> pika.URLParameters:
+    """pika parameters of one URL: our heartbeat unless the URL sets one, bounded socket waits, a connection name
+    (shown by `rabbitmqctl list_connections` and the management UI)."""
+    params = pika.URLParameters(url)
+    if "heartbeat" not in url:
+        params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 300
+    params.socket_timeout = 5
+    params.stack_timeout = 15
+    params.connection_attempts = 1
+    params.client_properties = {"connection_name": name}
+    return params
+
+
 def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingConnection:
     """Connect to the first reachable URL of a comma-separated DSN list."""
     errors = []
-    for url in [u.strip() for u in dsn.split(",") if u.strip()]:
-        params = pika.URLParameters(url)
-        if "heartbeat" not in url:
-            params.heartbeat = heartbeat
-        params.blocked_connection_timeout = 300
-        params.socket_timeout = 5
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": name}
+    for url in dsn_urls(dsn):
         try:
-            return pika.BlockingConnection(params)
+            return pika.BlockingConnection(connection_parameters(url, name=name, heartbeat=heartbeat))
         except pex.ProbableAuthenticationError:
             errors.append(f"{mask_url(url)}: authentication refused (check the user and password)")
         except pex.AMQPError as exc:

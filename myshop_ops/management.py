@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from myshop_ops.broker import dsn_urls
 from myshop_ops.config import mask_url
 
 
@@ -93,5 +94,5 @@ def _queue_info(raw: dict) -> QueueInfo:
 
 def vhost_of(dsn: str) -> str:
     """The vhost of the first URL of a RABBITMQ_DSN ('/' when the path is empty)."""
-    path = urlsplit(dsn.split(",")[0].strip()).path
+    path = urlsplit(dsn_urls(dsn)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"

@@ -6,8 +6,7 @@ import sys
 
 import typer
 
-from myshop_ops.cli import failed, preflight, purge, setup, stats, verify, worker
-from myshop_ops.cli.common import EXIT_CONFIG, fail
+from myshop_ops.cli import failed, generate, preflight, purge, setup, stats, verify, worker
 from myshop_ops.cli.products import import_products
 from myshop_ops.cli.recommend import recommend
 from myshop_ops.cli.user import delete_user, show_user
@@ -28,6 +27,7 @@ app.command("stats", help=stats.STATS_HELP)(stats.stats)
 app.command("purge", help=purge.PURGE_HELP)(purge.purge)
 app.command("preflight", help=preflight.PREFLIGHT_HELP)(preflight.run_preflight)
 app.command("verify", help=verify.VERIFY_HELP)(verify.run_verify)
+app.command("generate-test-events")(generate.generate_test_events)
 
 failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args_is_help=True)
 user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
@@ -42,25 +42,6 @@ app.command("recommend")(recommend)
 user_app.command("show")(show_user)
 user_app.command("delete")(delete_user)
 products_app.command("import")(import_products)
-
-
-def _not_built(name: str, issue: int, help_text: str) -> typer.models.CommandFunctionType:
-    def command(ctx: typer.Context) -> None:
-        fail(f"`myshop {name}` is not built yet (tracked in issue {issue})", EXIT_CONFIG)
-
-    command.__doc__ = f"{help_text} [not built yet]"
-    return command
-
-
-_GROUP_NAMES = {id(failed_app): "failed ", id(user_app): "user ", id(products_app): "products "}
-_PLANNED = [
-    (app, "generate-test-events", 4, "Publish synthetic shop events."),
-]
-for group, name, issue, text in _PLANNED:
-    full = _GROUP_NAMES.get(id(group), "") + name
-    group.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(
-        _not_built(full, issue, text)
-    )
 
 
 def optional_values(argv: list[str]) -> list[str]:
