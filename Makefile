@@ -4,7 +4,7 @@ PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv services demo test lint stop-services clean debian-tools
+.PHONY: venv services demo test soak bench lint stop-services clean debian-tools
 
 $(BIN)/myshop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ debian-tools:
 test: venv debian-tools
 	@tools/services.sh >/dev/null
 	$(BIN)/pytest -q
+
+# the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies); figures in .run/reliability-soak.jsonl
+soak: venv
+	@tools/services.sh >/dev/null
+	SOAK=1 $(BIN)/pytest -q -m reliability -p no:cacheprovider
+
+# every benchmark with its baseline and ratio (docs/PERFORMANCE.md)
+bench: venv
+	@tools/services.sh >/dev/null
+	MYSHOP_ALLOW_ROOT=1 $(BIN)/python benchmarks/run.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 PROCESSED = "myshop:processed:"
 ATTEMPTS = "myshop:attempts:"
 STOP_FLAG = "myshop:stop-workers"
+# SET key 1 NX EX ttl for every key, as a pipeline of SETs would (NX: a retry after a partial run changes nothing)
+_MARK_SCRIPT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) end"
 
 
 class RedisState:
@@ -57,13 +59,17 @@ class RedisState:
 
     def mark(self, message_ids: Iterable[str]) -> None:
         """Record ids as processed for IDEMPOTENCY_TTL seconds (called after the MongoDB write)."""
-        pipe = self.client.pipeline(transaction=False)
-        for m in message_ids:
-            pipe.set(PROCESSED + m, b"1", nx=True, ex=self.idempotency_ttl)
-        if not len(pipe):
+        keys = [PROCESSED + m for m in message_ids]
+        if not keys:
             return
         try:
-            pipe.execute()
+            try:  # one command: ~3 µs of client CPU per id instead of ~26 for a pipelined SET (benchmarks/)
+                self.client.eval(_MARK_SCRIPT, len(keys), *keys, self.idempotency_ttl)
+            except redis.ResponseError:  # scripting refused (ACL, disabled) or a SET failed: the same SETs, pipelined
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.set(key, b"1", nx=True, ex=self.idempotency_ttl)
+                pipe.execute()
         except redis.RedisError as exc:
             self._degraded("mark", exc)
 

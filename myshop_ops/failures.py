@@ -58,10 +58,7 @@ def route(
     headers[H_ERROR_MESSAGE] = message
     headers[H_WORKER_HOST] = socket.gethostname()
     headers[H_ORIGINAL_QUEUE] = topo.queue
-    try:
-        history = json.loads(headers.get(H_HISTORY) or "[]")
-    except (TypeError, ValueError):
-        history = []
+    history = _history(headers)
     history.append({"at": stamp, "error_class": error_class, "error_message": message[:300]})
     headers[H_HISTORY] = json.dumps(history[-10:])
     if transient and count < len(topo.retry_delays_ms):
@@ -100,18 +97,12 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
     when readable, and the headers made BSON-safe."""
     text = body.decode("utf-8", errors="replace")
     user_id = event_type = None
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict):
-            user_id = doc.get("user_id", doc.get("userId"))
-            event_type = doc.get("event_type", doc.get("eventType"))
-    except ValueError:
-        pass
-    try:
-        history = json.loads(headers.get(H_HISTORY) or "[]")
-    except (TypeError, ValueError):
-        history = []
-    return {
+    doc = _loads(text)
+    if isinstance(doc, dict):
+        user_id = doc.get("user_id", doc.get("userId"))
+        event_type = doc.get("event_type", doc.get("eventType"))
+    history = _history(headers)
+    return _bson_safe({
         **fields,
         "history": history or [{"at": fields["last_failure_at"].isoformat(), "error_class": fields["error_class"],
                                 "error_message": fields["error_message"]}],
@@ -119,4 +110,29 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
         "event_type": None if event_type is None else str(event_type)[:64],
         "body": text,
         "headers": {k: (v if isinstance(v, str | int | float | bool) else str(v)) for k, v in headers.items()},
-    }
+    })
+
+
+def _loads(text: object) -> object:
+    """JSON of a body or header, or None for anything unreadable (invalid, too deeply nested, not text)."""
+    try:
+        return json.loads(text) if isinstance(text, str | bytes) else None
+    except (ValueError, RecursionError):
+        return None
+
+
+def _history(headers: dict) -> list:
+    """The x-error-history header as a list of entries (empty when missing or malformed)."""
+    history = _loads(headers.get(H_HISTORY) or "[]")
+    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+
+
+def _bson_safe(value: object) -> object:
+    """Strings BSON can store: lone surrogates (valid in JSON escapes, not in UTF-8) become "?"."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8") if not value.isascii() else value
+    if isinstance(value, dict):
+        return {_bson_safe(k): _bson_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bson_safe(v) for v in value]
+    return value

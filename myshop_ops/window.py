@@ -78,7 +78,7 @@ def user_of(body: bytes) -> str | None:
     the pipeline reports why)."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
         return None

@@ -176,6 +176,11 @@ class FakeOpenAI:
         with self._lock:
             self._faults.extend([(status, h, delay_s)] * times)
 
+    def pending_faults(self) -> int:
+        """How many queued faults (``fail_next``) have not been served yet."""
+        with self._lock:
+            return len(self._faults)
+
     def clear(self) -> None:
         """Forget recorded requests and pending faults (call it between tests on a shared server)."""
         with self._lock:

@@ -35,11 +35,21 @@ def wait_for(
 
 
 class MongoWire:
-    """mongoeco's wire server in its own Python 3.13 venv, on a free port (or a given one)."""
+    """mongoeco's wire server in its own Python 3.13 venv, on a free port (or a given one).
 
-    def __init__(self, log_path: Path, port: int = 0):
+    ``engine="sqlite"`` with a ``path`` keeps the data in that file across kill/restart (slow: a few hundred
+    documents per collection at most); the default memory engine starts empty on every start.
+    """
+
+    def __init__(self, log_path: Path, port: int = 0, *, engine: str = "memory", path: Path | None = None):
+        if engine not in ("memory", "sqlite"):
+            raise ValueError(f"engine must be memory or sqlite, not {engine!r}")
+        if engine == "sqlite" and path is None:
+            raise ValueError("the sqlite engine needs a path")
         self.log_path = log_path
         self.port = port
+        self.engine = engine
+        self.path = path
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -47,8 +57,11 @@ class MongoWire:
         if not MONGO_PYTHON.exists():
             raise RuntimeError(f"{MONGO_PYTHON} missing: run `make .venv-mongo` (Python 3.13 + mongoeco[wire])")
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        cmd = [str(MONGO_PYTHON), str(MONGO_SCRIPT), "--port", str(self.port)]
+        if self.engine != "memory":
+            cmd += ["--engine", self.engine, "--path", str(self.path)]
         self.proc = subprocess.Popen(
-            [str(MONGO_PYTHON), str(MONGO_SCRIPT), "--port", str(self.port)],
+            cmd,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
