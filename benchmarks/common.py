@@ -1,0 +1,708 @@
+"""Shared plumbing of the benchmarks: an isolated environment per run, prefilling, worker subprocesses with their
+CPU (os.wait4 rusage), metrics scraping, medians, rows of the result table.
+
+Every run gets its own queue names (``bench-<hex>.events`` / ``.failed``), its own database (``bench<hex>``) and
+Redis database ``BENCH_REDIS_DB`` (11: the test suites use 0, 12, 13 and 14, so a ``stop-workers`` flag set by a
+suite never stops a benchmark worker); all of it is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pika
+import redis as redis_lib
+from pymongo import MongoClient
+from pymongo.errors import AutoReconnect
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from myshop_ops import broker  # noqa: E402
+from myshop_ops.broker import H_PUBLISHED_AT, Topology  # noqa: E402
+from myshop_ops.config import Settings, load_settings  # noqa: E402
+from myshop_ops.embeddings import HashProvider  # noqa: E402
+from myshop_ops.generate import Plan, Run, synthesize  # noqa: E402
+from myshop_ops.publisher import PublishResult, WindowedPublisher  # noqa: E402
+from myshop_ops.store import Store  # noqa: E402
+
+RABBIT = os.environ.get("BENCH_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
+MONGO = os.environ.get("BENCH_MONGODB_URL", "mongodb://127.0.0.1:27017/?directConnection=true")
+BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "11"))
+REDIS = os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}")
+DIMS = int(os.environ.get("BENCH_DIMENSIONS", "1536"))
+PRODUCTS = 300  # product vectors seeded per run
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 60.0
+T = TypeVar("T")
+
+
+def retry_store(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
+    """``fn()`` again after a pymongo connection error: the shared Mongo-wire server sometimes stalls for more than
+    pymongo's 5 s heartbeat under the box's load, and pymongo then cancels the operations in flight."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except AutoReconnect as exc:
+            if attempt == attempts - 1:
+                raise
+            log(f"{what}: {type(exc).__name__} ({exc}); again in 2 s")
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+# ---- the result table ---------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One figure of the table: ours, its baseline measured in the same run, their ratio, the target."""
+
+    bench: str
+    metric: str
+    value: float | None
+    baseline: float | None = None
+    baseline_label: str = ""
+    target: str = ""
+    met: bool | None = None
+    unit: str = ""
+    digits: int = 0
+    note: str = ""
+    runs: list = field(default_factory=list)  # every repetition's value (the figure is their median)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.baseline:
+            return None
+        return self.value / self.baseline
+
+    def cells(self) -> list[str]:
+        ratio = self.ratio
+        return [
+            self.bench,
+            self.metric,
+            fmt(self.value, self.digits, self.unit),
+            (fmt(self.baseline, self.digits, self.unit) + (f" ({self.baseline_label})" if self.baseline_label else ""))
+            if self.baseline is not None else "-",
+            f"{ratio:.2f}x" if ratio is not None else "-",
+            self.target or "-",
+            {True: "MET", False: "NOT MET", None: "-"}[self.met],
+        ]
+
+
+def fmt(value: float | None, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.{digits}f}"
+    return f"{text} {unit}".strip()
+
+
+def table(rows: Sequence[Row], title: str = "") -> str:
+    head = ["benchmark", "metric", "ours (median)", "baseline (same run)", "ratio", "target", "status"]
+    body = [r.cells() for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    out = [title] if title else []
+    out += [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)]
+    notes = [f"- {r.bench} / {r.metric}: {r.note}" for r in rows if r.note]
+    if notes:
+        out += ["", "notes:", *notes]
+    return "\n".join(out)
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def save(name: str, rows: Sequence[Row], extra: dict | None = None) -> Path:
+    """Write the rows (with every repetition) to .run/bench/<name>.json; returns the path."""
+    out = ROOT / ".run" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    doc = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": [{**vars(r), "ratio": r.ratio} for r in rows],
+           **(extra or {})}
+    path.write_text(json.dumps(doc, indent=2, default=str))
+    return path
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- an isolated environment ---------------------------------------------------------------------
+
+
+class BenchEnv:
+    """Queue names, database and environment of one benchmark run; ``close()`` deletes all of it."""
+
+    def __init__(self, label: str = "bench", **overrides: str):
+        self.tag = f"{label}{uuid.uuid4().hex[:10]}"
+        self.env = {
+            "APP_ENV": "test",
+            "RABBITMQ_DSN": RABBIT,
+            "RABBITMQ_QUEUE": f"bench-{self.tag}.events",
+            "RABBITMQ_FAILED_QUEUE": f"bench-{self.tag}.failed",
+            "RABBITMQ_QUEUE_TYPE": "quorum",
+            "MONGODB_URL": MONGO,
+            "MONGODB_DB": self.tag,
+            "REDIS_URL": REDIS,
+            "EMBEDDING_PROVIDER": "hash",
+            "EMBEDDING_DIMENSIONS": str(DIMS),
+            "LOG_FORMAT": "console",
+            "LOG_LEVEL": "info",
+            "MYSHOP_ALLOW_ROOT": "1",
+            **overrides,
+        }
+        self.settings: Settings = load_settings(env=self.env, env_file=None)
+        self.topology = Topology.from_settings(self.settings)
+        self.products: list[str] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
+
+    def subprocess_env(self, **overrides: str) -> dict[str, str]:
+        env = {**os.environ, **self.env, **overrides, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
+        env.pop("NOTIFY_SOCKET", None)
+        return env
+
+    def setup(self, products: int = PRODUCTS) -> BenchEnv:
+        """Declare the topology (``setup-transports``), create the indexes (``setup-indexes``), seed products."""
+        conn = broker.connect(RABBIT, name="bench-setup")
+        try:
+            broker.declare(conn, self.topology)
+        finally:
+            conn.close()
+        store = Store(MONGO, self.settings.mongodb_db)
+        try:
+            retry_store(store.setup_indexes, "setup-indexes")
+            if products:
+                hp = HashProvider(DIMS, self.settings.model)
+                ids = [f"p{i:05d}" for i in range(products)]
+                docs = [{"product_id": pid, "embedding": hp.embed_one(f"product {pid} item"),
+                         "model": self.settings.model, "dimensions": DIMS, "name": f"Product {pid}",
+                         "category": "bench"} for pid in ids]
+                retry_store(lambda: store.upsert_products(docs), "seeding products")
+                self.products = ids
+        finally:
+            store.close()
+        return self
+
+    def synthesize(self, users: int, events_per_user: int, start_user_id: int = 100_000,
+                   seed: int | None = None) -> Run:
+        return synthesize(Plan(users=users, events_per_user=events_per_user, start_user_id=start_user_id),
+                          self.products, seed=seed)
+
+    def publish(self, messages: Sequence[tuple[bytes, str]], *, window: int = 1000, stamp: bool = False,
+                delay_s: float = 0.0) -> PublishResult:
+        """Publish through the product's WindowedPublisher (``stamp``: ensure x-published-at, StampedPublisher)."""
+        cls = StampedPublisher if stamp else WindowedPublisher
+        pub = cls(RABBIT, self.topology.exchange, self.topology.queue, window=window, delay_s=delay_s,
+                  name="bench-publisher")
+        res = pub.run(messages)
+        if res.failed:
+            raise RuntimeError(f"prefill: {res.failed} of {res.total} messages not published ({res.error})")
+        return res
+
+    def queue_depth(self) -> int:
+        conn = broker.connect(RABBIT, name="bench-depth")
+        try:
+            state = broker.queue_depth(conn, self.topology.queue)
+            return state[0] if state else 0
+        finally:
+            conn.close()
+
+    def wait_depth(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until the main queue holds ``n`` ready messages (publisher confirms precede queue visibility)."""
+        deadline = time.monotonic() + timeout
+        while (depth := self.queue_depth()) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"queue holds {depth} of {n} prefilled messages after {timeout}s")
+            time.sleep(0.05)
+
+    def purge(self) -> None:
+        conn = broker.connect(RABBIT, name="bench-purge")
+        try:
+            for q in self.topology.queues():
+                with contextlib.suppress(Exception):
+                    broker.purge(conn, q)
+        finally:
+            conn.close()
+
+    def store(self) -> Store:
+        return Store(MONGO, self.settings.mongodb_db)
+
+    def event_count_total(self) -> int:
+        client = MongoClient(MONGO, serverSelectionTimeoutMS=5000)
+        users = client[self.settings.mongodb_db]["user_embeddings"]
+        try:
+            return retry_store(lambda: sum(int(d.get("event_count") or 0) for d in users.find(
+                {}, {"event_count": 1, "_id": 0}, batch_size=500)), "counting events")
+        finally:
+            client.close()
+
+    def reset_data(self) -> None:
+        """Drop profiles and this run's Redis keys between repetitions (products and queues stay)."""
+        client = MongoClient(MONGO, serverSelectionTimeoutMS=5000)
+        try:
+            retry_store(lambda: client[self.settings.mongodb_db]["user_embeddings"].delete_many({}), "reset")
+        finally:
+            client.close()
+        clear_redis()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            conn = pika.BlockingConnection(pika.URLParameters(RABBIT))
+            ch = conn.channel()
+            for q in self.topology.queues():
+                ch.queue_delete(q)
+            for x in (self.topology.exchange, self.topology.failed_exchange):
+                ch.exchange_delete(x)
+            conn.close()
+        with contextlib.suppress(Exception):
+            client = MongoClient(MONGO, serverSelectionTimeoutMS=2000)
+            client.drop_database(self.settings.mongodb_db)
+            client.close()
+        with contextlib.suppress(Exception):
+            clear_redis()
+        with contextlib.suppress(Exception):
+            for p in self.tmp.iterdir():
+                p.unlink()
+            self.tmp.rmdir()
+
+
+def clear_redis() -> None:
+    """Delete the myshop keys of the benchmarks' Redis database (processed ids, phrase cache, attempts, flag)."""
+    client = redis_lib.Redis.from_url(REDIS)
+    try:
+        keys = list(client.scan_iter("myshop:*", count=2000))
+        for i in range(0, len(keys), 5000):
+            client.delete(*keys[i:i + 5000])
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def bench_env(label: str = "bench", products: int = PRODUCTS, **overrides: str) -> Iterator[BenchEnv]:
+    clear_redis()
+    env = BenchEnv(label, **overrides)
+    try:
+        yield env.setup(products)
+    finally:
+        env.close()
+
+
+class StampedPublisher(WindowedPublisher):
+    """The product's WindowedPublisher, making sure every message carries ``x-published-at`` (epoch ms, stamped when
+    the message is handed to ``basic_publish``): the worker's ``myshop_queue_wait_seconds`` needs it. When this
+    benchmark was written WindowedPublisher (so `generate-test-events`) set no such header and no AMQP timestamp;
+    if the publisher sets it itself, its value is kept."""
+
+    def _on_confirm_mode(self, frame) -> None:
+        made = self._props
+
+        def props(*args) -> pika.BasicProperties:
+            p = made(*args)
+            if not (p.headers or {}).get(H_PUBLISHED_AT):
+                p.headers = {**(p.headers or {}), H_PUBLISHED_AT: int(time.time() * 1000)}
+            return p
+
+        self._props = props
+        super()._on_confirm_mode(frame)
+
+
+# ---- worker subprocesses -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu(pid: int) -> float | None:
+    """utime + stime of a live process, seconds (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+_SUMMARY = re.compile(
+    r"stopped \((?P<reason>.*?)\): (?P<processed>\d+) messages, (?P<applied>\d+) applied, (?P<duplicate>\d+) "
+    r"duplicates, (?P<skipped>\d+) skipped, (?P<retried>\d+) retried, (?P<failed>\d+) failed, (?P<writes>\d+) "
+    r"profile writes"
+)
+
+
+@dataclass
+class ProcRun:
+    """A finished worker process: its closing figures and its CPU."""
+
+    code: int
+    wall_s: float  # ready (consumer attached) -> "worker stopped" (-> exit when the marker was missed)
+    cpu_total_s: float  # user + sys from os.wait4 (whole process life)
+    cpu_start_s: float  # user + sys when it logged "consuming" (imports, connections, checks)
+    cpu_stop_s: float | None  # user + sys when it logged "worker stopped" (connection closed; exit and teardown follow)
+    user_s: float
+    sys_s: float
+    maxrss_mb: float
+    stdout: str
+    stderr: str
+    summary: dict = field(default_factory=dict)
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since ready, MB)
+
+    @property
+    def processed(self) -> int:
+        return int(self.summary.get("processed", 0))
+
+    @property
+    def writes(self) -> int:
+        return int(self.summary.get("writes", 0))
+
+    @property
+    def cpu_steady_s(self) -> float:
+        """CPU from "consuming" to exit: the work, plus the shutdown."""
+        return self.cpu_total_s - self.cpu_start_s
+
+    @property
+    def cpu_work_s(self) -> float | None:
+        """CPU from "consuming" to "worker stopped": the work alone (no start-up, no interpreter teardown)."""
+        return None if self.cpu_stop_s is None else self.cpu_stop_s - self.cpu_start_s
+
+
+class Proc:
+    """A worker subprocess (``myshop consume`` or the naive baseline) with its output in files."""
+
+    def __init__(self, env: BenchEnv, args: list[str], *, name: str, extra_env: dict | None = None,
+                 ready_marker: str = "consuming", stop_marker: str = "worker stopped", sample_rss: bool = False):
+        self.name = name
+        self.out_path = env.tmp / f"{name}.out"
+        self.err_path = env.tmp / f"{name}.err"
+        self.ready_marker = ready_marker
+        self.stop_marker = stop_marker
+        self.cpu_stop: float | None = None
+        self.t_stop: float | None = None
+        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in wait()
+        self._err = open(self.err_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=self._err, cwd=ROOT,
+                                     env=env.subprocess_env(**(extra_env or {})))
+        self.pid = self.proc.pid
+        self.t_ready: float | None = None
+        self.cpu_ready: float | None = None
+        self._rss: list[tuple[float, float]] = []
+        self._sample = sample_rss
+        self._sampler: threading.Thread | None = None
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> Proc:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.err_path.read_text(errors="replace") + self.out_path.read_text(errors="replace")
+            if self.ready_marker in text:
+                self.cpu_ready = proc_cpu(self.pid) or 0.0
+                self.t_ready = time.monotonic()
+                break
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before it was ready:\n{text[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{text[-3000:]}")
+            time.sleep(0.005)
+        if self._sample:
+            self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample_rss(self) -> None:
+        while True:
+            mb = proc_rss_mb(self.pid)
+            if mb is None or self.proc.returncode is not None:
+                return
+            self._rss.append((time.monotonic() - self.t_ready, mb))
+            time.sleep(1.0)
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 600.0) -> ProcRun:
+        """Reap the process with os.wait4 (its rusage is the CPU of this process alone)."""
+        deadline = time.monotonic() + timeout
+        marker, text = self.stop_marker.encode(), b""
+        with open(self.err_path, "rb") as err:
+            while True:
+                if self.cpu_stop is None:  # CPU at the stop marker, read from /proc before the process is gone
+                    text = text[-len(marker):] + err.read()
+                    if marker in text:
+                        self.cpu_stop = proc_cpu(self.pid)
+                        self.t_stop = time.monotonic()
+                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    self.kill()
+                    pid, status, ru = os.wait4(self.pid, 0)
+                    break
+                time.sleep(0.005)
+        t_end = time.monotonic()
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self._sampler is not None:
+            self._sampler.join(timeout=2)
+        self._out.close()
+        self._err.close()
+        stdout = self.out_path.read_text(errors="replace")
+        stderr = self.err_path.read_text(errors="replace")
+        m = _SUMMARY.search(" ".join(stdout.split()))
+        summary = m.groupdict() if m else {}
+        if not m:  # the naive baseline prints one JSON line
+            for line in reversed(stdout.splitlines()):
+                if line.startswith("{"):
+                    summary = json.loads(line)
+                    break
+        return ProcRun(
+            code=self.proc.returncode,
+            wall_s=(self.t_stop or t_end) - (self.t_ready or t_end),
+            cpu_total_s=ru.ru_utime + ru.ru_stime,
+            cpu_start_s=self.cpu_ready or 0.0,
+            cpu_stop_s=self.cpu_stop,
+            user_s=ru.ru_utime,
+            sys_s=ru.ru_stime,
+            maxrss_mb=ru.ru_maxrss / 1024,
+            stdout=stdout,
+            stderr=stderr,
+            summary=summary,
+            rss=list(self._rss),
+        )
+
+
+def consume_args(*, limit: int | None = None, prefetch: int = 500, metrics_port: int | None = None) -> list[str]:
+    args = [sys.executable, "-m", "myshop_ops", "consume", "--prefetch", str(prefetch)]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    if metrics_port is not None:
+        args += ["--metrics-port", str(metrics_port)]
+    return args
+
+
+def naive_args(*, limit: int | None = None) -> list[str]:
+    args = [sys.executable, str(ROOT / "benchmarks" / "naive_worker.py")]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    return args
+
+
+def check_run(run: ProcRun, expected: int, what: str) -> None:
+    if run.code != 0 or run.processed != expected:
+        raise RuntimeError(f"{what}: exit {run.code}, processed {run.processed} of {expected}\n"
+                           f"stdout: {run.stdout[-1500:]}\nstderr: {run.stderr[-3000:]}")
+
+
+# ---- /metrics ------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric_sum(text: str, name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def histogram(text: str, name: str) -> tuple[list[tuple[float, float]], float]:
+    """Cumulative buckets [(le, count)] and the total count of a Prometheus histogram."""
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    count = metric_sum(text, name + "_count")
+    return buckets, count
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the q-quantile."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def fraction_at_most(limit: float, buckets: list[tuple[float, float]]) -> float | None:
+    for le, count in buckets:
+        if le == limit:
+            return count / buckets[-1][1] if buckets[-1][1] else None
+    return None
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class DepthSampler:
+    """Ready messages of a queue by passive declare every ``interval`` seconds on its own connection/thread."""
+
+    def __init__(self, queue: str, interval: float = 0.1):
+        self.queue = queue
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> DepthSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        conn = broker.connect(RABBIT, name="bench-depth-sampler")
+        ch = conn.channel()
+        try:
+            while not self._stop.is_set():
+                ok = ch.queue_declare(self.queue, passive=True)
+                self.samples.append((time.time(), ok.method.message_count))
+                self._stop.wait(self.interval)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return max((d for _, d in self.samples), default=0)
+
+
+def machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": sys.version.split()[0],
+            "loadavg_1m": os.getloadavg()[0]}
+
+
+class ProfilePoller:
+    """Snapshots of the users' (event_count, updated_at) every ``interval`` s, for a publish-to-profile cross-check
+    replayed later through myshop_ops.generate.VisibilityTracker (the `generate-test-events --wait` logic)."""
+
+    def __init__(self, env: BenchEnv, user_ids: Sequence[str], interval: float = 0.15):
+        self.env = env
+        self.user_ids = list(user_ids)
+        self.interval = interval
+        self.snapshots: list[tuple[float, list[dict]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ProfilePoller:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from myshop_ops.generate import profile_counts
+
+        store = self.env.store()
+        try:
+            while not self._stop.is_set():
+                try:
+                    docs = profile_counts(store, self.user_ids)
+                except AutoReconnect:  # a stalled store: this poll is skipped
+                    continue
+                self.snapshots.append((time.time(), docs))
+                self._stop.wait(self.interval)
+        finally:
+            store.close()
+
+    def stop(self) -> list[tuple[float, list[dict]]]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.snapshots
+
+
+def visibility_latencies_ms(run: Run, result: PublishResult, snapshots, users: Sequence[str] | None = None
+                            ) -> list[float]:
+    """Publish-to-profile latencies (sorted, ms) of every event (of ``users``, default all) seen in the profiles'
+    updated_at."""
+    from myshop_ops.generate import VisibilityTracker, expected_sent_times
+    from myshop_ops.publisher import OK
+
+    expected, _ = expected_sent_times(run, lambda i: result.status[i] == OK, result.sent_at)
+    if users is not None:
+        expected = {u: t for u, t in expected.items() if u in set(users)}
+    tracker = VisibilityTracker(expected, {})
+    for seen_at, docs in snapshots:
+        tracker.observe(docs, seen_at)
+    return tracker.latencies_ms()
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    from myshop_ops.generate import percentile as pct
+
+    return pct(sorted_values, p)
+
+
+def status_counts(text: str) -> dict[str, float]:
+    """messenger_processed_messages_total summed per status label."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("messenger_processed_messages_total{"):
+            status = re.search(r'status="([^"]+)"', line).group(1)
+            out[status] = out.get(status, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def settled(text: str) -> float:
+    """Messages settled for good (applied, duplicate, skipped, failed; not retried)."""
+    c = status_counts(text)
+    return sum(c.get(s, 0.0) for s in ("applied", "duplicate", "skipped", "failed"))
