@@ -9,8 +9,9 @@ a visible share of the single-threaded Mongo-wire server and doubled the latency
 depth: ready messages sampled by a passive declare every 100 ms.
 
 The histogram needs the ``x-published-at`` header (epoch ms). WindowedPublisher — and so
-`generate-test-events` — sets no such header (nor an AMQP timestamp), so this benchmark publishes through a
-subclass that stamps it at basic_publish time (benchmarks.common.StampedPublisher).
+`generate-test-events` — set no such header (nor an AMQP timestamp) when this was written (it does since commit
+01188c7), so this benchmark publishes through a subclass that stamps it at basic_publish time when it is missing
+(benchmarks.common.StampedPublisher).
 
 The worker runs with --prefetch 5000 (a batch takes whatever is delivered, up to the prefetch): every batch
 writes the profile of every user active in it (up to 100), which takes ~0.5-2.5 s on the Mongo-wire test server,

@@ -90,6 +90,8 @@ def test_poison_goes_to_failed_after_two_solo_deaths_and_its_batch_neighbours_ar
     assert store.get_profile_doc(user)["event_count"] == 10  # every neighbour applied exactly once
 
 
+@pytest.mark.reliability
+@pytest.mark.skipif(os.environ.get("SOAK", "") != "1", reason="10+ worker deaths (~50 s): `make soak` runs it")
 def test_delivery_limit_is_the_backstop_when_redis_is_down(env, topology, fake_openai):
     extra = {**openai_extra(fake_openai), "REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing listens there
     s = env.settings(**extra)

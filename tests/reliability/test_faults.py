@@ -188,7 +188,9 @@ def test_embedding_provider_storms(renv, workers, tmp_path, fake_openai):
         plan = plan_events(sc.tag, users=sized(20, 100), per_user=20, products=products, rng=sc.rng,
                            search_share=0.8, unique_phrases=True)
         rounds = sized(1, 5)
-        storms = [("429", 4), ("500", 4), ("slow", 3)] * rounds
+        # 6 failing responses: the SDK tries each request 3 times, so with two workers' requests interleaved a
+        # storm of 4 can be absorbed without any batch failing; 6 make at least one fail (and stay < 10 retries)
+        storms = [("429", 6), ("500", 6), ("slow", 3)] * rounds
         sc.publish(plan, rate=plan.published / (rounds * sized(11, 18) + 3))
         sup = sc.start_workers(2, prefetch=50)
         sup.wait_consuming()
@@ -234,7 +236,9 @@ def test_hot_users_optimistic_locking(renv, workers, tmp_path, users, per_user, 
     re-reads and re-folds must give exactly the profiles of the serial fold."""
     sc = Scenario(f"hot-users-{users}x{per_user}-p{prefetch}", renv, workers, tmp_path)
     products = sc.seed_products()
-    plan = plan_events(sc.tag, users=users, per_user=per_user, products=products, rng=sc.rng)
+    # duplicates never within one batch of their original (docs/RELIABILITY.md §5.4)
+    plan = plan_events(sc.tag, users=users, per_user=per_user, products=products, rng=sc.rng,
+                       min_gap=max(250, prefetch + 100))
     sup = sc.start_workers(3, prefetch=prefetch)
     sup.wait_consuming()
     sc.phase("setup")
