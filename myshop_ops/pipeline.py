@@ -47,6 +47,7 @@ class Item:
     vector: np.ndarray | None = None
     status: str = "pending"  # applied | duplicate | skipped | retry | failed
     error: Exception | None = None
+    second_copy: bool = False  # a duplicate of another delivery of this batch: its fate is that delivery's
 
 
 @dataclass(slots=True)
@@ -78,7 +79,10 @@ class Pipeline:
         live = self._drop_known(live)
         self._attach_vectors(live)
         self._apply(result, [i for i in live if i.status == "pending"])
-        done = [i.event.message_id for i in items if i.status in ("applied", "duplicate") and i.event]
+        # Mark only ids whose effect is known to be stored: a second copy in this batch is acked as a duplicate,
+        # but if its first copy goes to a retry queue the id must stay unmarked or the retry would be dropped.
+        done = [i.event.message_id for i in items
+                if i.event and (i.status == "applied" or (i.status == "duplicate" and not i.second_copy))]
         self.redis.mark(done)
         result.counts.update(i.status for i in items)
         return result
@@ -92,7 +96,7 @@ class Pipeline:
                 item.status, item.error = "failed", exc
                 continue
             if item.event.message_id in seen:
-                item.status = "duplicate"
+                item.status, item.second_copy = "duplicate", True
                 continue
             seen.add(item.event.message_id)
             live.append(item)

@@ -1,4 +1,6 @@
-"""Found by the soak (hot users, --prefetch 1000: 1 event of 3,000 lost, no fault injected): when both copies of
+"""Regression test (fixed in Pipeline.process: a second copy in a batch is acked but never marked processed).
+
+Found by the soak (hot users, --prefetch 1000: 1 event of 3,000 lost, no fault injected): when both copies of
 a message (a body published twice, e.g. again after a lost publisher confirm) land in the same batch, the second
 copy is marked `duplicate` by the in-batch check in `Pipeline._parse` before the first copy's fate is known. If
 the first copy then fails transiently (provider 429/5xx/timeout, MongoDB unavailable, VersionConflict after 5
@@ -23,9 +25,6 @@ class KnownBugReproduced(AssertionError):
     pass
 
 
-@pytest.mark.xfail(strict=True, raises=KnownBugReproduced,
-                   reason="BUG: an in-batch duplicate is marked processed in Redis although its first copy went to a "
-                          "retry queue; the retry copy is then dropped as a duplicate: the event is lost")
 def test_both_copies_in_one_batch_and_a_provider_error(renv, workers, tmp_path, fake_openai):
     fake_openai.clear()
     renv.update(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
