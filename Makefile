@@ -41,7 +41,7 @@ test: venv debian-tools
 # the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies); figures in .run/reliability-soak.jsonl
 soak: venv
 	@tools/services.sh >/dev/null
-	SOAK=1 $(BIN)/pytest -q -m reliability -p no:cacheprovider
+	SOAK=1 RELIABILITY_REPORT=.run/reliability-soak.jsonl $(BIN)/pytest -q -m reliability -p no:cacheprovider
 
 # every benchmark with its baseline and ratio (docs/PERFORMANCE.md)
 bench: venv
