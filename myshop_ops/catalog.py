@@ -24,7 +24,7 @@ from typing import Any
 
 from pymongo import UpdateOne
 
-from myshop_ops.contract import MAX_ID_CHARS
+from myshop_ops.contract import MAX_ID_CHARS, json_kind
 from myshop_ops.embeddings import Provider
 from myshop_ops.store import SCAN_BATCH, Store
 
@@ -119,16 +119,6 @@ class BadProduct(ValueError):
     """A catalog line that cannot be imported; ``str()`` lists every problem on one line."""
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def _encodable(text: str) -> bool:
     """False when the string holds a lone surrogate (possible through JSON ``\\ud800`` escapes)."""
     try:
@@ -151,7 +141,7 @@ def parse_line(line: str) -> Product:
     except ValueError as exc:
         raise BadProduct(f"invalid JSON ({str(exc).splitlines()[0][:100]})") from None
     if not isinstance(data, dict):
-        raise BadProduct(f"must be a JSON object (got {_kind(data)})")
+        raise BadProduct(f"must be a JSON object (got {json_kind(data)})")
     errors: list[str] = []
 
     pid = data.get("product_id")
@@ -160,7 +150,7 @@ def parse_line(line: str) -> Product:
     if pid is None:
         errors.append("product_id: required")
     elif not isinstance(pid, str):
-        errors.append(f"product_id: must be a string or an integer (got {_kind(pid)})")
+        errors.append(f"product_id: must be a string or an integer (got {json_kind(pid)})")
     elif not 1 <= len(pid) <= MAX_ID_CHARS or pid != pid.strip():
         errors.append(f"product_id: must be 1..{MAX_ID_CHARS} characters without surrounding spaces")
     elif not _encodable(pid):
@@ -173,7 +163,7 @@ def parse_line(line: str) -> Product:
             if required:
                 errors.append(f"{key}: required")
         elif not isinstance(value, str):
-            errors.append(f"{key}: must be a string (got {_kind(value)})")
+            errors.append(f"{key}: must be a string (got {json_kind(value)})")
         elif not _encodable(value):
             errors.append(f"{key}: not valid Unicode (lone surrogate)")
         else:
@@ -185,12 +175,12 @@ def parse_line(line: str) -> Product:
 
     stock = data.get("stock")
     if stock is not None and (isinstance(stock, bool) or not isinstance(stock, int) or not 0 <= stock <= MAX_STOCK):
-        got = stock if isinstance(stock, int) and not isinstance(stock, bool) else _kind(stock)
+        got = stock if isinstance(stock, int) and not isinstance(stock, bool) else json_kind(stock)
         errors.append(f"stock: must be a non-negative 64-bit integer (got {got})")
     price = data.get("price")
     if price is not None:
         if isinstance(price, bool) or not isinstance(price, int | float):
-            errors.append(f"price: must be a non-negative number (got {_kind(price)})")
+            errors.append(f"price: must be a non-negative number (got {json_kind(price)})")
         elif price < 0 or not math.isfinite(price):
             errors.append(f"price: must be a non-negative number (got {price})")
     if errors:

@@ -91,7 +91,7 @@ def message_id(user_id: str, event_type: str, reference: str, occurred_at: datet
 # ----------------------------------------------------------------------------- validation helpers
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """The JSON kind of a value, for error messages."""
     if value is None:
         return "null"
@@ -150,7 +150,8 @@ def _ident(name: str, value: Any, errors: list[str]) -> str | None:
             errors.append(f"{name}: must be a string of 1..{MAX_ID_CHARS} characters (integer too large)")
             return None
     if not isinstance(value, str):
-        errors.append(f"{name}: must be a string of 1..{MAX_ID_CHARS} characters or an integer (got {_kind(value)})")
+        kind = json_kind(value)
+        errors.append(f"{name}: must be a string of 1..{MAX_ID_CHARS} characters or an integer (got {kind})")
         return None
     if not 1 <= len(value) <= MAX_ID_CHARS:
         errors.append(f"{name}: must be a string of 1..{MAX_ID_CHARS} characters (got {len(value)})")
@@ -164,7 +165,7 @@ def _ident(name: str, value: Any, errors: list[str]) -> str | None:
 def _phrase(value: Any, errors: list[str]) -> str | None:
     """A search phrase: 1..255 characters after trimming."""
     if not isinstance(value, str):
-        errors.append(f"search_phrase: must be a string of 1..{MAX_PHRASE_CHARS} characters (got {_kind(value)})")
+        errors.append(f"search_phrase: must be a string of 1..{MAX_PHRASE_CHARS} characters (got {json_kind(value)})")
         return None
     value = value.strip()
     if not 1 <= len(value) <= MAX_PHRASE_CHARS:
@@ -184,7 +185,7 @@ def _occurred_at(value: Any, now: datetime | None, errors: list[str]) -> datetim
         errors.append("occurred_at: required, an ISO-8601 time with a UTC offset")
         return None
     if not isinstance(value, str):
-        errors.append(f"occurred_at: must be an ISO-8601 string with a UTC offset (got {_kind(value)})")
+        errors.append(f"occurred_at: must be an ISO-8601 string with a UTC offset (got {json_kind(value)})")
         return None
     try:
         when = datetime.fromisoformat(value)
@@ -214,7 +215,7 @@ def _metadata(value: Any, errors: list[str]) -> dict | None:
     if value is _MISSING or value is None:
         return None
     if not isinstance(value, dict):
-        errors.append(f"metadata: must be a JSON object or null (got {_kind(value)})")
+        errors.append(f"metadata: must be a JSON object or null (got {json_kind(value)})")
         return None
     try:
         text = json.dumps(value, separators=_COMPACT, allow_nan=False)
@@ -242,7 +243,7 @@ def _validate(data: dict[str, Any], now: datetime | None, errors: list[str], *, 
         errors.append(f"event_type: required, one of {_TYPES_TEXT}")
         event_type = None
     elif not isinstance(event_type, str) or event_type not in EVENT_TYPES:
-        got = _short(event_type) if isinstance(event_type, str) else _kind(event_type)
+        got = _short(event_type) if isinstance(event_type, str) else json_kind(event_type)
         errors.append(f"event_type: must be one of {_TYPES_TEXT} (got {got})")
         event_type = None
 
@@ -280,14 +281,14 @@ def _validate(data: dict[str, Any], now: datetime | None, errors: list[str], *, 
             if isinstance(raw, str) and _HEX64.fullmatch(raw):
                 mid = raw
             else:
-                got = f"{len(raw)} characters" if isinstance(raw, str) else _kind(raw)
+                got = f"{len(raw)} characters" if isinstance(raw, str) else json_kind(raw)
                 errors.append(f"message_id: must be 64 lowercase hex characters (got {got})")
 
     version = data.get("version")
     if version is None:
         version = CONTRACT_VERSION
     elif not isinstance(version, str) or not _VERSION_1X.fullmatch(version):
-        got = _short(version) if isinstance(version, str) else _kind(version)
+        got = _short(version) if isinstance(version, str) else json_kind(version)
         errors.append(f'version: must be "1.x" such as "1.0" (got {got})')
 
     return user_id, event_type, phrase, product_id, occurred_at, mid, metadata, version
@@ -332,7 +333,7 @@ def _decode(body: Any) -> dict[str, Any]:
         reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise InvalidMessage(f"body: not valid JSON ({reason})") from None
     if not isinstance(data, dict):
-        raise InvalidMessage(f"body: must be a JSON object (got {_kind(data)})")
+        raise InvalidMessage(f"body: must be a JSON object (got {json_kind(data)})")
     return data
 
 

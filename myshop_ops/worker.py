@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
 SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
-CONNECTION_ERRORS = broker.CONNECTION_ERRORS
 
 
 class PoisonMessage(Exception):
@@ -145,7 +144,7 @@ class Worker:
                 try:
                     self._consume()
                     backoff = 1.0
-                except CONNECTION_ERRORS as exc:
+                except broker.CONNECTION_ERRORS as exc:
                     self.observer.attached(False)
                     self._buffer.clear()
                     if self.window is not None:
@@ -284,7 +283,7 @@ class Worker:
             while not future.done():
                 self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
                 self._alive()  # a slow provider is not a hung worker
-        except CONNECTION_ERRORS:
+        except broker.CONNECTION_ERRORS:
             future.result()  # let the batch land; its messages come back and are deduplicated
             raise
         return future.result()
