@@ -113,17 +113,14 @@ def plan_events(
     late_share: float = 0.15,
     dup_share: float = 0.05,
     unique_phrases: bool = False,
-    adjacent_dups: float = 0.0,
+    adjacent_dups: float = 0.5,
     min_gap: int = 250,
 ) -> Plan:
     """``users`` x ``per_user`` distinct valid events of all four types, shuffled (so out of order), a share
     of them late (occurred weeks before the user's other events), and ``dup_share`` of them published a second
-    time (same body, same message id) at a random position at least ``min_gap`` later (more than a batch: the
-    copies never meet in one batch) — or, for the ``adjacent_dups`` share of them, right behind the original (a
-    producer publishing again after a lost confirm), so both copies tend to land in one batch. Adjacent copies
-    are off (and ``min_gap`` exceeds every prefetch used) until the in-batch duplicate loss is fixed
-    (docs/RELIABILITY.md §5.4, test_duplicate_loss.py): today they make scenarios with transient failures
-    lose events."""
+    time (same body, same message id): for the ``adjacent_dups`` share of them right behind the original (a
+    producer publishing again after a lost confirm: both copies tend to land in one batch, docs/RELIABILITY.md
+    §5.4), for the others at a random position at least ``min_gap`` later (never in the same batch)."""
     user_ids = [f"{tag}-u{i}" for i in range(users)]
     other = (1 - search_share) / 3
     events = []
