@@ -301,6 +301,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # made once: json.loads(..., hook) builds one per call
+
+
 def _decode(body: Any) -> dict[str, Any]:
     """Size check, strict UTF-8 and JSON decoding of a body into its top-level object."""
     if isinstance(body, str):
@@ -326,7 +329,7 @@ def _decode(body: Any) -> dict[str, Any]:
         except UnicodeDecodeError as exc:
             raise InvalidMessage(f"body: not valid UTF-8 (at byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = _JSON.decode(text)
     except RecursionError:
         raise InvalidMessage("body: JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers past the digit limit

@@ -10,6 +10,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import numpy as np
 from pymongo.errors import PyMongoError
@@ -89,9 +90,10 @@ class Pipeline:
 
     def _parse(self, items: list[Item]) -> list[Item]:
         live, seen = [], set()
+        now = datetime.now(UTC)  # one clock read bounds the batch's future times
         for item in items:
             try:
-                item.event = parse(item.body)
+                item.event = parse(item.body, now=now)
             except InvalidMessage as exc:
                 item.status, item.error = "failed", exc
                 continue
@@ -165,9 +167,8 @@ class Pipeline:
             for user_id, group in pending.items():
                 current = stored.get(user_id)
                 if current is not None:
-                    recent = set(current.recent_ids)
                     for item in group:
-                        if item.event.message_id in recent:
+                        if current.seen(item.event.message_id):
                             item.status = "duplicate"
                     group = [i for i in group if i.status == "pending"]
                 if not group:
@@ -192,7 +193,7 @@ class Pipeline:
                     ProfileWrite(
                         user_id=user_id,
                         profile=profile,
-                        version=current.version if current else None,
+                        base=current,
                         message_ids=[e.message_id for e in events],
                         counts=dict(Counter(e.event_type for e in events)),
                         last_event_type=newest and newest.event_type,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +19,8 @@ PRODUCTS = "product_embeddings"
 FAILED = "failed_messages"
 RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate check
 RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from a conflict, one token per write
+ID_BYTES = 32  # a message id (sha256 hex) is kept as its 32 raw bytes
+TOKEN_BYTES = 8
 SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
 
 INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
@@ -55,13 +57,45 @@ def decode_vector(value: object) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def pack_ring(value: object, width: int) -> bytes:
+    """A stored ring of ids as packed bytes, oldest first.
+
+    Rings are stored as one BSON Binary of fixed-width items and rewritten whole by the version-filtered update:
+    256 array elements made a profile write ~4x and a read ~6x slower on the Mongo-wire server (docs/PERFORMANCE.md).
+    Arrays of hex strings (what $push stored before) are read too."""
+    if isinstance(value, bytes):
+        return bytes(value)  # plain bytes, also from a Binary
+    return b"".join(bytes.fromhex(v) for v in value or () if isinstance(v, str) and len(v) == 2 * width)
+
+
+def ring_has(ring: bytes, item: bytes) -> bool:
+    """Whether ``item`` is one of the ring's fixed-width items (not a match straddling two)."""
+    i = ring.find(item)
+    while i != -1:
+        if i % len(item) == 0:
+            return True
+        i = ring.find(item, i + 1)
+    return False
+
+
+def message_ids(doc: dict) -> list[str]:
+    """A profile document's recent message ids, as hex."""
+    ring = pack_ring(doc.get("recent_message_ids"), ID_BYTES)
+    return [ring[i:i + ID_BYTES].hex() for i in range(0, len(ring), ID_BYTES)]
+
+
 @dataclass(slots=True)
 class StoredProfile:
-    """A profile document as the worker needs it: the math state plus its concurrency token."""
+    """A profile document as the worker needs it: the math state, its concurrency token and its id rings."""
 
     profile: Profile
     version: int
-    recent_ids: list[str]
+    recent_ids: bytes = b""
+    recent_writes: bytes = b""
+
+    def seen(self, message_id: str) -> bool:
+        """Whether the message's effect is already in this profile."""
+        return ring_has(self.recent_ids, bytes.fromhex(message_id))
 
 
 @dataclass(slots=True)
@@ -70,7 +104,7 @@ class ProfileWrite:
 
     user_id: str
     profile: Profile
-    version: int | None
+    base: StoredProfile | None  # the document read (its version filters the update); None: insert
     message_ids: list[str]
     counts: dict[str, int]
     last_event_type: str | None  # None: only late events, the stored last event stays
@@ -142,7 +176,7 @@ class Store:
         cursor = self.users.find(
             {"user_id": {"$in": ids}},
             {"user_id": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1, "dimensions": 1,
-             "version": 1, "recent_message_ids": 1, "_id": 0},
+             "version": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 0},
             batch_size=SCAN_BATCH,
         )
         out = {}
@@ -157,7 +191,8 @@ class Store:
                     dimensions=int(doc.get("dimensions", len(vec))),
                 ),
                 version=int(doc["version"]),
-                recent_ids=list(doc.get("recent_message_ids") or []),
+                recent_ids=pack_ring(doc.get("recent_message_ids"), ID_BYTES),
+                recent_writes=pack_ring(doc.get("recent_writes"), TOKEN_BYTES),
             )
         return out
 
@@ -172,7 +207,7 @@ class Store:
         if not writes:
             return result
         now = datetime.now(UTC)
-        tokens = [uuid.uuid4().hex[:16] for _ in writes]
+        tokens = [os.urandom(TOKEN_BYTES) for _ in writes]
         ops = [self._op(w, now, t) for w, t in zip(writes, tokens, strict=True)]
         failed_idx: set[int] = set()
         try:
@@ -185,26 +220,28 @@ class Store:
                 raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
             failed_idx = {e["index"] for e in errors}
             matched = exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0)
-        updates = [i for i, w in enumerate(writes) if w.version is not None and i not in failed_idx]
+        updates = [i for i, w in enumerate(writes) if w.base is not None and i not in failed_idx]
         if matched < len(writes) - len(failed_idx):
             # Some version-filtered updates matched nothing: an unordered bulk does not say which, so look for
             # each write's token (one per write, so other workers' big batches cannot push it out of the window).
             landed = {
-                d["user_id"]: set(d.get("recent_writes") or ())
+                d["user_id"]: pack_ring(d.get("recent_writes"), TOKEN_BYTES)
                 for d in self.users.find(
                     {"user_id": {"$in": [writes[i].user_id for i in updates]}},
                     {"user_id": 1, "recent_writes": 1, "_id": 0},
                     batch_size=SCAN_BATCH,
                 )
             }
-            failed_idx.update(i for i in updates if tokens[i] not in landed.get(writes[i].user_id, ()))
+            failed_idx.update(i for i in updates if not ring_has(landed.get(writes[i].user_id, b""), tokens[i]))
         for i, w in enumerate(writes):
             (result.conflicted if i in failed_idx else result.applied).append(w.user_id)
         return result
 
     @staticmethod
-    def _op(w: ProfileWrite, now: datetime, token: str) -> InsertOne | UpdateOne:
+    def _op(w: ProfileWrite, now: datetime, token: bytes) -> InsertOne | UpdateOne:
         p = w.profile
+        base = w.base or StoredProfile(p, 0)
+        new_ids = b"".join(bytes.fromhex(m) for m in w.message_ids)
         fields = {
             "embedding": encode_vector(p.embedding),
             "magnitude": p.magnitude,
@@ -212,10 +249,12 @@ class Store:
             "dimensions": p.dimensions,
             "last_updated": from_days(p.last_updated),
             "updated_at": now,
+            "recent_message_ids": Binary((base.recent_ids + new_ids)[-RECENT_IDS * ID_BYTES:]),
+            "recent_writes": Binary((base.recent_writes + token)[-RECENT_WRITES * TOKEN_BYTES:]),
         }
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
-        if w.version is None:
+        if w.base is None:
             return InsertOne(
                 {
                     "user_id": w.user_id,
@@ -223,23 +262,16 @@ class Store:
                     "version": 1,
                     "event_count": sum(w.counts.values()),
                     "event_counts": dict(w.counts),
-                    "recent_message_ids": w.message_ids[-RECENT_IDS:],
-                    "recent_writes": [token],
                     "purchased_product_ids": sorted(set(w.purchased)),
                     "created_at": now,
                 }
             )
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        update = {
-            "$set": fields,
-            "$inc": inc,
-            "$push": {"recent_message_ids": {"$each": w.message_ids, "$slice": -RECENT_IDS},
-                      "recent_writes": {"$each": [token], "$slice": -RECENT_WRITES}},
-        }
+        update = {"$set": fields, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
-        return UpdateOne({"user_id": w.user_id, "version": w.version}, update)
+        return UpdateOne({"user_id": w.user_id, "version": base.version}, update)
 
     def get_profile_doc(self, user_id: str) -> dict | None:
         return self.users.find_one({"user_id": user_id}, {"_id": 0})

@@ -12,7 +12,7 @@ from myshop_ops.cli.recommend import as_dict, render
 from myshop_ops.contract import EVENT_TYPES
 from myshop_ops.dedup import RedisState
 from myshop_ops.recommend import Recommendations, Recommender, RecommendError
-from myshop_ops.store import USERS, Store
+from myshop_ops.store import USERS, Store, message_ids
 
 TOP = 5
 _FIELDS = ("version", "event_count", "event_counts", "last_event_type", "last_event_id", "last_updated", "magnitude",
@@ -91,9 +91,9 @@ def delete_user(
             )
             if doc is None:
                 fail(f"user {user_id}'s profile was erased by someone else meanwhile")
-            message_ids = list(doc.get("recent_message_ids") or ())
+            ids = message_ids(doc)
             errors_before = redis_state.errors
-            redis_state.forget(message_ids)
+            redis_state.forget(ids)
             redis_ok = redis_state.errors == errors_before
             failed_records = store.failed.count_documents({"user_id": user_id})
         finally:
@@ -102,9 +102,9 @@ def delete_user(
     console.print(f"erased user {user_id}: profile (version {doc.get('version')}, {doc.get('event_count', 0)} events) "
                   f"deleted from {s.mongodb_db}.{USERS}", highlight=False)
     if redis_ok:
-        console.print(f"forgot {len(message_ids)} processed-message id(s) in Redis", highlight=False)
+        console.print(f"forgot {len(ids)} processed-message id(s) in Redis", highlight=False)
     else:
-        console.print(f"[yellow]Redis unavailable:[/] {len(message_ids)} processed-message id(s) not forgotten; they "
+        console.print(f"[yellow]Redis unavailable:[/] {len(ids)} processed-message id(s) not forgotten; they "
                       f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
     if failed_records:
         console.print(f"[yellow]note:[/] {failed_records} failed-message record(s) still hold this user's events "

@@ -18,7 +18,7 @@ from myshop_ops.contract import make_event, serialise
 from myshop_ops.dedup import RedisState
 from myshop_ops.failures import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.limits import Limits
-from myshop_ops.store import Store
+from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
 from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products
@@ -339,3 +339,31 @@ def test_purchased_product_ids_are_kept_as_a_set(env, topology):
     assert sorted(store.get_profile_doc("buyer")["purchased_product_ids"]) == ["a", "b"]  # a set: no repeats
     store.close()
     assert_profiles(s, expected_profiles(s, first + second, products), {"buyer": 4})
+
+
+def test_recent_ids_ring_is_bounded_and_reads_the_array_layout(env, topology):
+    """Profiles keep their last 256 message ids as one packed Binary; documents written with arrays of hex ids
+    (the earlier layout) are still deduplicated against, and rewritten packed."""
+    s = env.settings(REDIS_URL="redis://127.0.0.1:1/0")  # no Redis: the profile's ids are the only dedup
+    old = make_event("ring-user", "search", "old phrase", T0)
+    publish(s, topology, [old])
+    consume(s, 1)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    doc = store.get_profile_doc("ring-user")
+    assert isinstance(doc["recent_message_ids"], bytes) and message_ids(doc) == [old.message_id]
+    store.users.update_one({"user_id": "ring-user"}, {"$set": {"recent_message_ids": [old.message_id],
+                                                               "recent_writes": ["0123456789abcdef"]}})
+    later = [make_event("ring-user", "search", f"phrase {k}", T0.replace(hour=1 + k // 60, minute=k % 60))
+             for k in range(300)]
+    publish(s, topology, [old, *later[:150]])
+    worker = consume(s, 151)
+    assert worker.totals.duplicate == 1 and worker.totals.applied == 150
+    publish(s, topology, later[150:])
+    consume(s, 150)
+    doc = store.get_profile_doc("ring-user")
+    store.close()
+    assert message_ids(doc) == [e.message_id for e in later[-RECENT_IDS:]]
+    tokens = doc["recent_writes"]
+    assert len(tokens) % TOKEN_BYTES == 0 and len(tokens) >= 3 * TOKEN_BYTES
+    assert tokens[:TOKEN_BYTES] == bytes.fromhex("0123456789abcdef")  # the array layout's token, carried over
+    assert doc["event_count"] == 301

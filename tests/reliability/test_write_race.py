@@ -3,7 +3,7 @@
 `Store.write_profiles` must tell which version-filtered updates of an unordered bulk landed. It used to look for
 each write's message ids among the profile's last 256 ids: when other workers appended more than that to the
 same profile between the bulk_write and the check, a landed write was taken for a conflict, re-read, re-folded
-and its evicted events applied twice. Each write now leaves one token in a bounded `recent_writes` list, so the
+and its evicted events applied twice. Each write now leaves one token in a bounded `recent_writes` ring, so the
 check holds unless 128 other writes hit the same profile within one round trip."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from bson.binary import Binary
 
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import HashProvider, PhraseEmbedder
 from myshop_ops.pipeline import Pipeline
-from myshop_ops.store import Store
+from myshop_ops.store import ID_BYTES, RECENT_IDS, RECENT_WRITES, TOKEN_BYTES, Store, pack_ring
 from tests.support.events import T0
 
 pytestmark = pytest.mark.reliability
@@ -40,11 +41,13 @@ class ConcurrentWriters:
     def find(self, flt, projection=None, **kw):
         if self.stage == 1 and "recent_writes" in (projection or {}):
             # the landed check is about to read: another worker appends 300 events to u first (one write)
-            ids = [f"{i:064x}" for i in range(300)]
-            self.coll.update_one({"user_id": self.u}, {"$inc": {"version": 1, "event_count": 300},
-                                                       "$push": {"recent_message_ids": {"$each": ids,
-                                                                                        "$slice": -256},
-                                                                 "recent_writes": "other-worker"}})
+            doc = self.coll.find_one({"user_id": self.u})
+            ids = b"".join(i.to_bytes(ID_BYTES) for i in range(300))
+            writes = pack_ring(doc["recent_writes"], TOKEN_BYTES) + b"otherwkr"
+            self.coll.update_one({"user_id": self.u},
+                                 {"$inc": {"version": 1, "event_count": 300},
+                                  "$set": {"recent_message_ids": Binary(ids[-RECENT_IDS * ID_BYTES:]),
+                                           "recent_writes": Binary(writes[-RECENT_WRITES * TOKEN_BYTES:])}})
             self.stage = 2
         return self.coll.find(flt, projection, **kw)
 

@@ -1,0 +1,41 @@
+"""The packed id rings of a profile document (store.pack_ring, ring_has, message_ids)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from bson.binary import Binary
+
+from myshop_ops.store import ID_BYTES, TOKEN_BYTES, message_ids, pack_ring, ring_has
+
+
+def ids(n: int) -> list[str]:
+    return [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+
+
+def test_a_binary_ring_is_kept_as_is_and_unpacks_to_hex():
+    hexes = ids(5)
+    ring = Binary(b"".join(bytes.fromhex(h) for h in hexes))
+    assert pack_ring(ring, ID_BYTES) == bytes(ring)
+    assert message_ids({"recent_message_ids": ring}) == hexes
+
+
+def test_the_array_layout_written_by_push_is_read():
+    hexes = ids(3)
+    assert pack_ring(hexes, ID_BYTES) == b"".join(bytes.fromhex(h) for h in hexes)
+    assert message_ids({"recent_message_ids": hexes}) == hexes
+    assert pack_ring(["0123456789abcdef", "not-a-token", 7], TOKEN_BYTES) == bytes.fromhex("0123456789abcdef")
+
+
+def test_missing_rings_are_empty():
+    assert pack_ring(None, ID_BYTES) == b"" and message_ids({}) == []
+
+
+def test_membership_is_item_aligned():
+    ring = bytes(range(1, 17))  # two 8-byte tokens: 01..08 and 09..10
+    assert ring_has(ring, bytes(range(1, 9))) and ring_has(ring, bytes(range(9, 17)))
+    assert not ring_has(ring, bytes(range(5, 13)))  # straddles the two items
+    assert not ring_has(b"", bytes(8))
+    # a match straddling two items before the real one is skipped, the real one found
+    assert ring_has(b"\x00" * 4 + b"\x01" * 8 + b"\x01" * 4, b"\x01" * 8)
+    assert ring_has(b"\x00" * 4 + b"\x01" * 12 + b"\x01" * 8, b"\x01" * 8)
