@@ -6,6 +6,7 @@ keeps the connection serviced (heartbeats, new deliveries buffered for the next 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -278,10 +279,12 @@ class Worker:
 
     def _process(self, batch: list[Delivery]) -> BatchResult:
         """Run the pipeline on the batch thread while this thread keeps the connection serviced."""
+        conn = self._connection
         future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
+        future.add_done_callback(lambda _f: _wake(conn))
         try:
             while not future.done():
-                self._connection.process_data_events(time_limit=0.1)  # heartbeats keep flowing
+                conn.process_data_events(time_limit=IDLE_WAIT)  # heartbeats keep flowing; returns when woken
                 self._alive()  # a slow provider is not a hung worker
         except broker.CONNECTION_ERRORS:
             future.result()  # let the batch land; its messages come back and are deduplicated
@@ -367,3 +370,8 @@ class Worker:
         t.conflicts += result.conflicts
         self.limits.count(len(batch), t.failed - failed_before)
 
+
+def _wake(conn) -> None:
+    """End the connection thread's wait for I/O now (called from the batch thread when the batch is done)."""
+    with contextlib.suppress(Exception):  # closed meanwhile: the connection thread is not waiting on it
+        conn.add_callback_threadsafe(lambda: None)
