@@ -36,7 +36,7 @@ debian-tools:
 
 test: venv debian-tools
 	@tools/services.sh >/dev/null
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # two processes, whole files each: see tests/support/services.py redis_url
 
 # the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies); figures in .run/reliability-soak.jsonl
 soak: venv

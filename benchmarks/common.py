@@ -2,7 +2,7 @@
 CPU (os.wait4 rusage), metrics scraping, medians, rows of the result table.
 
 Every run gets its own queue names (``bench-<hex>.events`` / ``.failed``), its own database (``bench<hex>``) and
-Redis database ``BENCH_REDIS_DB`` (11: the test suites use 0, 12, 13 and 14, so a ``stop-workers`` flag set by a
+Redis database ``BENCH_REDIS_DB`` (11: the test suites use 0-7, so a ``stop-workers`` flag set by a
 suite never stops a benchmark worker); all of it is deleted afterwards.
 """
 

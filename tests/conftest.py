@@ -16,11 +16,11 @@ import redis as redis_lib
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.services import ROOT, MongoWire
+from tests.support.services import ROOT, MongoWire, redis_url
 from tests.support.workers import Workers, prepare
 
 RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
-REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS = redis_url()
 DIMS = 64  # small vectors keep the Mongo-wire server fast; the math is dimension-independent
 
 

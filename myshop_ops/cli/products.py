@@ -76,7 +76,7 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
     if not console.is_terminal:
         def plain(r: ImportResult) -> None:
             console.print(f"{r.lines} lines read: {r.imported} imported, {r.updated} updated, {r.unchanged} unchanged, "
-                          f"{r.bad} bad", highlight=False)
+                          f"{r.bad} bad", highlight=False, soft_wrap=True)
 
         return import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad, on_batch=plain)
     with open(path, "rb") as fh:
@@ -97,4 +97,5 @@ def _summary(path: Path, r: ImportResult) -> None:
         f"{path}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
         f"{r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
         highlight=False,
+        soft_wrap=True,  # one line however long the path: pipes and grep see it whole
     )

@@ -1,7 +1,7 @@
 """`myshop generate-test-events` and the windowed publisher on the real broker, store and a real worker.
 
 Every test has its own queues and database (the ``env`` fixture). The worker of the ``--wait`` test uses Redis
-database ``REDIS_DB`` so a stop-workers flag set by another suite on the shared Redis never stops it.
+database ``redis_url(GENERATE)`` so a stop-workers flag set by another suite on the shared Redis never stops it.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from myshop_ops.contract import EVENT_TYPES, parse
 from myshop_ops.generate import SEARCH_PHRASES
 from myshop_ops.publisher import NACKED, OK, WindowedPublisher
 from myshop_ops.store import Store
-from tests.conftest import RABBIT, REDIS, run_cli
+from tests.conftest import RABBIT, run_cli
 from tests.support.events import seed_products
-from tests.support.services import ROOT
+from tests.support.services import GENERATE, ROOT, redis_url
 from tests.support.workers import event_counts, one_line, queue_state, wait_queue
 
 pytestmark = pytest.mark.integration
 
-REDIS_DB = 12
 PLAN = ("--users", "4", "--events-per-user", "5", "--start-user-id", "700")
 
 
@@ -222,7 +221,7 @@ def test_the_prompt_on_a_terminal(env, topology):
 def test_wait_reports_latencies_consistent_with_the_profiles(env, topology, workers, tmp_path):
     s = env.settings()
     seed_products(s, [f"w{i}" for i in range(5)])
-    wenv = env.subprocess_env(REDIS_URL=REDIS.rsplit("/", 1)[0] + f"/{REDIS_DB}")
+    wenv = env.subprocess_env(REDIS_URL=redis_url(GENERATE))
     worker = workers.start(wenv, "--time-limit", "90")
     wait_queue(s, topology.queue, consumers=1, timeout=20)
     record = tmp_path / "events.jsonl"

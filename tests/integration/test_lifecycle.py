@@ -4,7 +4,7 @@ slow batches, sd_notify, crash exit code.
 
 Isolation on shared services: every test has its own queues and database (the ``env`` fixture) and its own
 user ids (message ids are derived from them, so the shared Redis never sees another test's ids); worker
-processes use Redis database ``REDIS_DB`` so the global stop-workers flag never reaches workers of other
+processes use Redis database ``redis_url(LIFECYCLE)`` so the global stop-workers flag never reaches workers of other
 suites (and theirs never reach ours); tests that close or inspect broker connections do it in a private vhost.
 """
 
@@ -27,9 +27,9 @@ import redis as redis_lib
 from myshop_ops.contract import Event, make_event
 from myshop_ops.dedup import STOP_FLAG
 from myshop_ops.store import Store
-from tests.conftest import RABBIT, REDIS, run_cli
+from tests.conftest import RABBIT, run_cli
 from tests.support.events import T0, expected_profiles, publish
-from tests.support.services import wait_for
+from tests.support.services import LIFECYCLE, redis_url, wait_for
 from tests.support.workers import (
     check_profiles,
     event_counts,
@@ -45,12 +45,11 @@ from tests.support.workers import (
 
 pytestmark = pytest.mark.integration
 
-REDIS_DB = 14  # the lifecycle tests' Redis database (see the module docstring)
 
 
 @pytest.fixture
 def lenv(env):
-    env["REDIS_URL"] = REDIS.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    env["REDIS_URL"] = redis_url(LIFECYCLE)
     return env
 
 

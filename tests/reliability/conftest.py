@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REDIS
-from tests.reliability.harness import REDIS_DB, halt_all
+from tests.reliability.harness import halt_all
+from tests.support.services import RELIABILITY, redis_url
 from tests.support.workers import Workers
 
 
@@ -13,7 +13,7 @@ from tests.support.workers import Workers
 def renv(env):
     """The test's environment with workers on the suite's own Redis database (a stop-workers flag of another
     suite never reaches them) and quick retries."""
-    env["REDIS_URL"] = REDIS.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    env["REDIS_URL"] = redis_url(RELIABILITY)
     env["WORKER_RETRY_DELAY"] = "200"
     env["WORKER_MAX_RETRIES"] = "5"
     env["LOG_LEVEL"] = "debug"  # one line per batch in the workers' logs: what happened when, after a failure

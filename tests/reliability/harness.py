@@ -55,7 +55,6 @@ from tests.support.workers import WorkerProcess, Workers, parse_summary, prepare
 
 SOAK = os.environ.get("SOAK", "") == "1"
 RUN = f"{socket.gethostname()}-{os.getpid()}"  # tells report lines of concurrent runs apart
-REDIS_DB = 13  # the reliability suite's database on the shared Redis (12 and 14 belong to other suites)
 MANAGEMENT = os.environ.get("TEST_RABBITMQ_MANAGEMENT", "http://guest:guest@127.0.0.1:15672")
 EVENT_TYPES = ("search", "product_view", "product_click", "product_purchase")
 

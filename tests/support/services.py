@@ -15,6 +15,19 @@ from pymongo import MongoClient
 ROOT = Path(__file__).resolve().parents[2]
 MONGO_PYTHON = Path(os.environ.get("MONGO_WIRE_PYTHON", ROOT / ".venv-mongo" / "bin" / "python"))
 MONGO_SCRIPT = ROOT / "tools" / "mongo_wire_server.py"
+REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+DEFAULT, GENERATE, RELIABILITY, LIFECYCLE = range(4)  # what a test's Redis database is for
+_PROCESS = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+def redis_url(purpose: int = DEFAULT) -> str:
+    """This pytest process's Redis database for ``purpose``: the lifecycle tests' stop-workers flag and the
+    generate and reliability workers stay apart from every other test's workers. Parallel pytest processes
+    (pytest-xdist) get four databases each (0-3, 4-7), so they never share processed ids or a flag either;
+    database 11 is the benchmarks'."""
+    if _PROCESS > 1:
+        raise RuntimeError("at most 2 parallel pytest processes (`-n 2`): Redis databases 0-7 are the tests'")
+    return f"{REDIS_SERVER}/{_PROCESS * 4 + purpose}"
 
 
 def wait_for(
