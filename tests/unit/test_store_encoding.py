@@ -1,4 +1,4 @@
-"""The packed id rings of a profile document (store.pack_ring, ring_has, message_ids)."""
+"""Encodings of a profile document: the packed id rings (store.pack_ring, ring_has, message_ids) and vectors."""
 
 from __future__ import annotations
 
@@ -39,3 +39,17 @@ def test_membership_is_item_aligned():
     # a match straddling two items before the real one is skipped, the real one found
     assert ring_has(b"\x00" * 4 + b"\x01" * 8 + b"\x01" * 4, b"\x01" * 8)
     assert ring_has(b"\x00" * 4 + b"\x01" * 12 + b"\x01" * 8, b"\x01" * 8)
+
+
+def test_encode_vector_is_bson_float32_vector():
+    import numpy as np
+    from bson.binary import BinaryVectorDtype
+
+    from myshop_ops.store import decode_vector, encode_vector
+
+    rng = np.random.default_rng(7)
+    for vec in (rng.standard_normal(1536).astype(np.float32), rng.standard_normal(64), rng.standard_normal(8)[::2],
+                np.array([0.0, -0.0, np.finfo(np.float32).max, np.finfo(np.float32).tiny], dtype=np.float32)):
+        got = encode_vector(vec)
+        assert got == Binary.from_vector(np.asarray(vec, dtype=np.float32), BinaryVectorDtype.FLOAT32)
+        assert got.subtype == 9 and np.array_equal(decode_vector(got), np.asarray(vec, dtype=np.float32))
