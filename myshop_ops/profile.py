@@ -85,15 +85,12 @@ def fold(
             f"event vectors are {model}/{dims}d but the profile is {profile.model}/{profile.dimensions}d"
         )
     newest = float(times.max())
-    if profile is None:
-        new_t = newest
-        total = np.zeros(dims, dtype=np.float64)
-    else:
-        new_t = max(profile.last_updated, newest)
-        total = profile.total * math.exp(-lam * (new_t - profile.last_updated))
+    new_t = newest if profile is None else max(profile.last_updated, newest)
     coeffs = weights * np.exp(-lam * (new_t - times))
-    total += coeffs @ vectors.astype(np.float64, copy=False)
-    magnitude = float(np.linalg.norm(total))
+    total = coeffs @ vectors  # float64 (coeffs are)
+    if profile is not None:
+        total += profile.total * math.exp(-lam * (new_t - profile.last_updated))
+    magnitude = math.sqrt(float(total @ total))
     if magnitude == 0.0 or not math.isfinite(magnitude):
         raise ValueError("the folded profile has no direction (zero or non-finite sum)")
     return Profile(
