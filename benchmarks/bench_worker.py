@@ -4,9 +4,10 @@ Redis and hash provider).
 
 Scenarios (mixed events from myshop_ops.generate.synthesize, round-robin over the users):
   few-users   100 users x 50 events = 5,000 events (~4 events per user in a batch of 500)
-  many-users  520 users x 3 events = 1,560 events: one profile write per event, as with 10k users x 5 — scaled
-              down because the Mongo-wire test server does ~30-300 writes/s on this box (50k writes would take
-              3-15 min per run); 520 users > prefetch 500 keeps every batch at one write per event
+  many-users  2,000 users x 5 events = 10,000 events: one profile write per event, as with 10k users x 5 — a
+              fifth of it because the Mongo-wire test server does ~300-600 profile writes/s on this box (50k
+              writes would take 2-3 min per run); 2,000 users > prefetch 500 keeps every batch at one write per
+              event
 The naive worker drains a smaller queue of the same shape (300 events: its rate does not depend on N).
 
 Per run: events/s (consumer attached -> "worker stopped" logged); worker CPU µs per event as user+sys from
@@ -44,7 +45,7 @@ from benchmarks.common import (
 NAME = "worker"
 SCENARIOS = {  # name: (users, events per user, naive users, naive events per user)
     "few-users": (100, 50, 100, 3),
-    "many-users": (520, 3, 150, 2),
+    "many-users": (2000, 5, 150, 2),
 }
 PREFETCH = 500
 REDO = 3  # attempts at one repetition

@@ -40,7 +40,7 @@ BENCHMARKS = {  # name: (run function, full sizes, --quick sizes)
 }
 
 SCALED = """scaled for the Mongo-wire test server (mongoeco: ~30-300 profile writes/s on this box, shared):
-  worker many-users: 520 users x 3 events (1 write/event, as 10k users x 5; 50k writes would take minutes)
+  worker many-users: 2,000 users x 5 events (1 write/event, as 10k users x 5; 50k writes would take minutes)
   naive baselines: 300 events per run (their rates do not depend on N; rates extrapolated)
   latency: --prefetch 5000 (batches must grow to what arrives while ~100 profile writes take 0.5-2.5 s);
     baseline: the naive worker under the same load (its queue only grows: lower bounds)
