@@ -1,47 +1,70 @@
-"""The `myshop` command: every command of the SPEC, each in a thin module."""
+"""The `myshop` command: every command of the SPEC, each in a thin module.
+
+A command's module is imported only when that command runs (or for the top-level help), so `myshop consume`
+starts without importing what `myshop recommend` or `myshop generate-test-events` need.
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
 
-from myshop_ops.cli import failed, generate, preflight, purge, setup, stats, verify, worker
-from myshop_ops.cli.products import import_products
-from myshop_ops.cli.recommend import recommend
-from myshop_ops.cli.user import delete_user, show_user
+# command -> (module in myshop_ops.cli, function, the module's help text constant or None for the docstring)
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "consume": ("worker", "consume", "CONSUME_HELP"),
+    "stop-workers": ("worker", "stop_workers", None),
+    "setup-transports": ("setup", "setup_transports", None),
+    "setup-indexes": ("setup", "setup_indexes", None),
+    "stats": ("stats", "stats", "STATS_HELP"),
+    "purge": ("purge", "purge", "PURGE_HELP"),
+    "preflight": ("preflight", "run_preflight", "PREFLIGHT_HELP"),
+    "verify": ("verify", "run_verify", "VERIFY_HELP"),
+    "generate-test-events": ("generate", "generate_test_events", None),
+    "recommend": ("recommend", "recommend", None),
+}
+GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "failed": ("List, retry and remove failed messages.",
+               {"show": ("failed", "show"), "retry": ("failed", "retry"), "remove": ("failed", "remove")}),
+    "user": ("Inspect or erase one user's profile.",
+             {"show": ("user", "show_user"), "delete": ("user", "delete_user")}),
+    "products": ("Manage product vectors.", {"import": ("products", "import_products")}),
+}
 
-app = typer.Typer(
-    name="myshop",
-    help="Operations toolkit and worker of the myshop user embeddings pipeline.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.command("consume", help=worker.CONSUME_HELP)(worker.consume)
-app.command("stop-workers")(worker.stop_workers)
-app.command("setup-transports")(setup.setup_transports)
-app.command("setup-indexes")(setup.setup_indexes)
-app.command("stats", help=stats.STATS_HELP)(stats.stats)
-app.command("purge", help=purge.PURGE_HELP)(purge.purge)
-app.command("preflight", help=preflight.PREFLIGHT_HELP)(preflight.run_preflight)
-app.command("verify", help=verify.VERIFY_HELP)(verify.run_verify)
-app.command("generate-test-events")(generate.generate_test_events)
 
-failed_app = typer.Typer(help="List, retry and remove failed messages.", no_args_is_help=True)
-user_app = typer.Typer(help="Inspect or erase one user's profile.", no_args_is_help=True)
-products_app = typer.Typer(help="Manage product vectors.", no_args_is_help=True)
-app.add_typer(failed_app, name="failed")
-failed_app.command("show")(failed.show)
-failed_app.command("retry")(failed.retry)
-failed_app.command("remove")(failed.remove)
-app.add_typer(user_app, name="user")
-app.add_typer(products_app, name="products")
-app.command("recommend")(recommend)
-user_app.command("show")(show_user)
-user_app.command("delete")(delete_user)
-products_app.command("import")(import_products)
+def build(only: str | None = None) -> typer.Typer:
+    """The app with every command, or with the one command or group ``only`` names."""
+    app = typer.Typer(
+        name="myshop",
+        help="Operations toolkit and worker of the myshop user embeddings pipeline.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)  # a group even with one command registered: `myshop consume ...` keeps its name
+    for name, (module, function, help_name) in COMMANDS.items():
+        if only in (None, name):
+            mod = importlib.import_module(f"myshop_ops.cli.{module}")
+            app.command(name, help=getattr(mod, help_name) if help_name else None)(getattr(mod, function))
+    for name, (help_text, commands) in GROUPS.items():
+        if only in (None, name):
+            group = typer.Typer(help=help_text, no_args_is_help=True)
+            for sub, (module, function) in commands.items():
+                group.command(sub)(getattr(importlib.import_module(f"myshop_ops.cli.{module}"), function))
+            app.add_typer(group, name=name)
+    return app
+
+
+def _root() -> None:
+    """No options of its own (the app's help text is Typer's ``help``)."""
+
+
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the whole app (tests walk every command); `main` builds only what the argv names
+        return build()
+    raise AttributeError(name)
 
 
 def optional_values(argv: list[str]) -> list[str]:
@@ -57,4 +80,6 @@ def optional_values(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    app(args=optional_values(sys.argv[1:]), prog_name="myshop")
+    argv = optional_values(sys.argv[1:])
+    first = argv[0] if argv else None
+    build(first if first in COMMANDS or first in GROUPS else None)(args=argv, prog_name="myshop")

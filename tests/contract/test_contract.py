@@ -308,6 +308,13 @@ def test_alias_conflicts() -> None:
     assert "userId" in errors[0]
 
 
+def test_a_key_given_twice_takes_its_last_value() -> None:
+    """Like Python's json and most parsers: the later duplicate wins (an alias conflict is an error instead)."""
+    raw = enc(body(user_id="first"))
+    raw = raw[:-1] + b', "user_id": "second"}'
+    assert parse(raw, now=NOW).user_id == "second"
+
+
 # ------------------------------------------------------------------------------------------ time
 
 
