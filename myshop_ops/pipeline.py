@@ -20,11 +20,12 @@ from myshop_ops.contract import Event, InvalidMessage, parse
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
 from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
-from myshop_ops.store import ProfileWrite, Store
+from myshop_ops.store import ProfileCache, ProfileWrite, Store
 
 log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 5  # re-read and re-fold on version conflicts before falling back to a retry
+PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d): no read before their next write
 
 
 class ProductMissing(Exception):
@@ -72,6 +73,7 @@ class Pipeline:
         self.phrases = phrases
         self.model = settings.model
         self.dimensions = settings.embedding_dimensions
+        self.profiles = ProfileCache(PROFILE_CACHE)
 
     def process(self, bodies: Sequence[bytes]) -> BatchResult:
         items = [Item(body=b) for b in bodies]
@@ -157,8 +159,9 @@ class Pipeline:
         for _attempt in range(WRITE_ATTEMPTS):
             if not pending:
                 return
+            stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
             try:
-                stored = self.store.load_profiles(pending)
+                stored.update(self.store.load_profiles(unknown))
             except PyMongoError as exc:
                 self._mark([i for group in pending.values() for i in group], "retry", StoreUnavailable(str(exc)))
                 return
@@ -205,8 +208,11 @@ class Pipeline:
             try:
                 outcome = self.store.write_profiles(writes)
             except PyMongoError as exc:
+                self.profiles.drop(groups)  # landed or not: read them again
                 self._mark([i for g in groups.values() for i in g], "retry", StoreUnavailable(str(exc)))
                 return
+            self.profiles.put(outcome.stored)
+            self.profiles.drop(outcome.conflicted)
             result.writes += len(outcome.applied)
             result.conflicts += len(outcome.conflicted)
             for user_id in outcome.applied:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
 from bson.binary import Binary, BinaryVectorDtype
+from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -95,6 +97,7 @@ class StoredProfile:
     version: int
     recent_ids: bytes = b""
     recent_writes: bytes = b""
+    doc_id: ObjectId | None = None  # the document's _id: a profile erased and created again is another document
 
     def seen(self, message_id: str) -> bool:
         """Whether the message's effect is already in this profile."""
@@ -119,6 +122,58 @@ class ProfileWrite:
 class WriteResult:
     applied: list[str] = field(default_factory=list)
     conflicted: list[str] = field(default_factory=list)
+    stored: dict[str, StoredProfile] = field(default_factory=dict)  # each applied profile, as it now is
+
+
+class ProfileCache:
+    """The profiles this worker wrote last, exactly as written (a bounded LRU).
+
+    A cached profile replaces the read before the user's next write. That write is still filtered on the
+    cached version and ``_id``, so a profile changed meanwhile (another worker, an erasure and a new profile)
+    makes it miss: the user is dropped from the cache and read again. Only correct while every change to a
+    profile increments ``version``, as every writer here does.
+    """
+
+    def __init__(self, size: int = 1000):
+        self.size = size
+        self._items: OrderedDict[str, StoredProfile] = OrderedDict()
+
+    def take(self, user_ids: Iterable[str]) -> tuple[dict[str, StoredProfile], list[str]]:
+        """(cached profiles, the user ids to read from MongoDB)."""
+        hits: dict[str, StoredProfile] = {}
+        misses: list[str] = []
+        for user_id in user_ids:
+            found = self._items.get(user_id)
+            if found is None:
+                misses.append(user_id)
+            else:
+                self._items.move_to_end(user_id)
+                hits[user_id] = found
+        return hits, misses
+
+    def put(self, stored: dict[str, StoredProfile]) -> None:
+        self._items.update(stored)
+        for user_id in stored:
+            self._items.move_to_end(user_id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def drop(self, user_ids: Iterable[str]) -> None:
+        for user_id in user_ids:
+            self._items.pop(user_id, None)
+
+
+def _after(w: ProfileWrite, token: bytes) -> StoredProfile:
+    """The profile as ``w`` leaves it: next version, both rings advanced, same document (a new one for an insert)."""
+    base = w.base or StoredProfile(w.profile, 0, doc_id=ObjectId())
+    new_ids = b"".join(bytes.fromhex(m) for m in w.message_ids)
+    return StoredProfile(
+        profile=w.profile,
+        version=base.version + 1,
+        recent_ids=(base.recent_ids + new_ids)[-RECENT_IDS * ID_BYTES:],
+        recent_writes=(base.recent_writes + token)[-RECENT_WRITES * TOKEN_BYTES:],
+        doc_id=base.doc_id,
+    )
 
 
 class Store:
@@ -179,7 +234,7 @@ class Store:
         cursor = self.users.find(
             {"user_id": {"$in": ids}},
             {"user_id": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1, "dimensions": 1,
-             "version": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 0},
+             "version": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1},
             batch_size=SCAN_BATCH,
         )
         out = {}
@@ -196,6 +251,7 @@ class Store:
                 version=int(doc["version"]),
                 recent_ids=pack_ring(doc.get("recent_message_ids"), ID_BYTES),
                 recent_writes=pack_ring(doc.get("recent_writes"), TOKEN_BYTES),
+                doc_id=doc["_id"],
             )
         return out
 
@@ -203,7 +259,7 @@ class Store:
         """One unordered bulk_write of conditional inserts/updates.
 
         A write is ``applied`` when it landed, ``conflicted`` when another writer got there first
-        (duplicate key on insert, version moved on update); conflicted users must be re-read.
+        (duplicate key on insert, version or document changed on update); conflicted users must be re-read.
         Other errors (connection, server) raise.
         """
         result = WriteResult()
@@ -211,7 +267,8 @@ class Store:
             return result
         now = datetime.now(UTC)
         tokens = [os.urandom(TOKEN_BYTES) for _ in writes]
-        ops = [self._op(w, now, t) for w, t in zip(writes, tokens, strict=True)]
+        after = [_after(w, t) for w, t in zip(writes, tokens, strict=True)]
+        ops = [self._op(w, a, now) for w, a in zip(writes, after, strict=True)]
         failed_idx: set[int] = set()
         try:
             res = self.users.bulk_write(ops, ordered=False)
@@ -237,14 +294,16 @@ class Store:
             }
             failed_idx.update(i for i in updates if not ring_has(landed.get(writes[i].user_id, b""), tokens[i]))
         for i, w in enumerate(writes):
-            (result.conflicted if i in failed_idx else result.applied).append(w.user_id)
+            if i in failed_idx:
+                result.conflicted.append(w.user_id)
+            else:
+                result.applied.append(w.user_id)
+                result.stored[w.user_id] = after[i]
         return result
 
     @staticmethod
-    def _op(w: ProfileWrite, now: datetime, token: bytes) -> InsertOne | UpdateOne:
+    def _op(w: ProfileWrite, after: StoredProfile, now: datetime) -> InsertOne | UpdateOne:
         p = w.profile
-        base = w.base or StoredProfile(p, 0)
-        new_ids = b"".join(bytes.fromhex(m) for m in w.message_ids)
         fields = {
             "embedding": encode_vector(p.embedding),
             "magnitude": p.magnitude,
@@ -252,14 +311,15 @@ class Store:
             "dimensions": p.dimensions,
             "last_updated": from_days(p.last_updated),
             "updated_at": now,
-            "recent_message_ids": Binary((base.recent_ids + new_ids)[-RECENT_IDS * ID_BYTES:]),
-            "recent_writes": Binary((base.recent_writes + token)[-RECENT_WRITES * TOKEN_BYTES:]),
+            "recent_message_ids": Binary(after.recent_ids),
+            "recent_writes": Binary(after.recent_writes),
         }
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:
             return InsertOne(
                 {
+                    "_id": after.doc_id,
                     "user_id": w.user_id,
                     **fields,
                     "version": 1,
@@ -274,7 +334,7 @@ class Store:
         update = {"$set": fields, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
-        return UpdateOne({"user_id": w.user_id, "version": base.version}, update)
+        return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
 
     def get_profile_doc(self, user_id: str) -> dict | None:
         return self.users.find_one({"user_id": user_id}, {"_id": 0})

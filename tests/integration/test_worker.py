@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import numpy as np
 import pika
@@ -16,8 +17,10 @@ from bson.binary import Binary
 from myshop_ops import broker
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.dedup import RedisState
+from myshop_ops.embeddings import HashProvider, PhraseEmbedder
 from myshop_ops.failures import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.limits import Limits
+from myshop_ops.pipeline import Pipeline
 from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
@@ -367,3 +370,88 @@ def test_recent_ids_ring_is_bounded_and_reads_the_array_layout(env, topology):
     assert len(tokens) % TOKEN_BYTES == 0 and len(tokens) >= 3 * TOKEN_BYTES
     assert tokens[:TOKEN_BYTES] == bytes.fromhex("0123456789abcdef")  # the array layout's token, carried over
     assert doc["event_count"] == 301
+
+
+# ---- the cache of profiles this worker wrote last --------------------------------------------------------------
+
+
+class CountingFinds:
+    """``store.users`` counting the profile reads (``find`` calls)."""
+
+    def __init__(self, coll):
+        self.coll, self.finds = coll, 0
+
+    def __getattr__(self, name):
+        return getattr(self.coll, name)
+
+    def find(self, *args, **kw):
+        self.finds += 1
+        return self.coll.find(*args, **kw)
+
+
+def pipeline(settings) -> tuple[Pipeline, Store]:
+    """An in-process pipeline with no Redis: the profiles' own ids are the only dedup, as after a Redis flush."""
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    redis = RedisState("redis://127.0.0.1:1/0", timeout=0.2)
+    return Pipeline(settings, store, redis, PhraseEmbedder(HashProvider(settings.embedding_dimensions,
+                                                                        settings.model), None, ttl=60)), store
+
+
+def run(pipe: Pipeline, events) -> list[str]:
+    return [i.status for i in pipe.process([serialise(e) for e in events]).items]
+
+
+def searches(user: str, start: int, n: int):
+    return [make_event(user, "search", f"phrase {k}", T0 + timedelta(minutes=k)) for k in range(start, start + n)]
+
+
+def test_profiles_written_last_are_not_read_again(env, topology):
+    s = env.settings()
+    pipe, store = pipeline(s)
+    users = [f"cache-u{i}" for i in range(5)]
+    first = [e for u in users for e in searches(u, 0, 3)]
+    second = [e for u in users for e in searches(u, 3, 3)]
+    try:
+        assert set(run(pipe, first)) == {"applied"}
+        store.users = counting = CountingFinds(store.users)
+        assert set(run(pipe, second)) == {"applied"}
+        assert counting.finds == 0, "the second batch read profiles this pipeline had just written"
+        assert set(run(pipe, second[:2])) == {"duplicate"}  # the cached ring knows them
+        assert counting.finds == 0
+    finally:
+        store.close()
+    assert_profiles(s, expected_profiles(s, first + second, {}), {u: 6 for u in users})
+
+
+def test_a_cached_profile_changed_by_another_worker_is_read_again(env, topology):
+    s = env.settings()
+    mine, store = pipeline(s)
+    other, other_store = pipeline(s)
+    a, b, c = searches("cache-shared", 0, 2), searches("cache-shared", 2, 2), searches("cache-shared", 4, 2)
+    try:
+        assert set(run(mine, a)) == {"applied"}  # cached here at version 1
+        assert set(run(other, b)) == {"applied"}  # version 2, written by the other worker
+        assert set(run(mine, c + b[:1])) == {"applied", "duplicate"}  # stale cache: the write misses, re-read
+        assert run(mine, b[1:]) == ["duplicate"]
+    finally:
+        store.close()
+        other_store.close()
+    assert_profiles(s, expected_profiles(s, a + b + c, {}), {"cache-shared": 6})
+
+
+def test_an_erased_profile_is_never_resurrected_from_the_cache(env, topology):
+    """Erased, then created again by another worker at the same version: the cached copy's _id no longer
+    matches, so its write misses and the new profile gets only the new events."""
+    s = env.settings()
+    mine, store = pipeline(s)
+    other, other_store = pipeline(s)
+    before, after, later = (searches("cache-erased", k, n) for k, n in ((0, 3), (3, 1), (4, 1)))
+    try:
+        assert set(run(mine, before)) == {"applied"}  # version 1, cached here
+        store.users.delete_one({"user_id": "cache-erased"})  # `myshop user delete`
+        assert run(other, after) == ["applied"]  # a new document, version 1 again
+        assert run(mine, later) == ["applied"]
+    finally:
+        store.close()
+        other_store.close()
+    assert_profiles(s, expected_profiles(s, after + later, {}), {"cache-erased": 2})
