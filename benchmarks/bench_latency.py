@@ -154,7 +154,7 @@ def run(rate: float = 1000, seconds: float = 30, prefetch: int = 5000, naive_sec
                 met=r["p95"] is not None and r["p95"] < 1.0, digits=3, unit="s",
                 note=(f"{frac * 100:.1f}% of {r['observed']:,.0f} events took <= 1 s (bucket le=1); "
                       if frac is not None else "")
-                + "quantiles interpolated in the buckets (..., 1, 2.5, 5, 10, 30, 60 s: coarse above 1 s)"),
+                + "quantiles interpolated in the buckets (..., 0.5, 0.75, 1, 1.5, 2, 2.5, 5 s: coarse above 2.5 s)"),
             Row(bench, "P99 publish-to-profile (histogram)", r["p99"], b["p99"], label, digits=3, unit="s",
                 note=base_note if users == USERS else ""),
             Row(bench, "P95 via updated_at polling (cross-check)", r["vis_p95"], None, "", digits=3, unit="s",

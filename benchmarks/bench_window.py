@@ -130,7 +130,7 @@ def run(reps: int = 3, users: int = 20, burst: int = 10) -> list[Row]:
         Row(NAME, "P95 publish-to-profile", m(win, "p95"), m(base, "p95"), "zero-wait micro-batch", digits=2,
             unit="s", runs=[r["p95"] for r in win],
             note=f"histogram cross-check P95: window {m(win, 'h_p95'):.2f} s, micro-batch {m(base, 'h_p95'):.2f} s "
-                 "(buckets ... 2.5, 5, 10 s: coarse)"),
+                 "(buckets ... 2, 2.5, 5, 10 s: coarse above 2.5 s)"),
     ]
 
 

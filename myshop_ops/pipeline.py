@@ -20,12 +20,13 @@ from myshop_ops.contract import Event, InvalidMessage, parse
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
 from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
-from myshop_ops.store import ProfileCache, ProfileWrite, Store
+from myshop_ops.store import ProfileWrite, Recent, Store, StoredProfile
 
 log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 5  # re-read and re-fold on version conflicts before falling back to a retry
-PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d): no read before their next write
+PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d)
+PRODUCT_CACHE, PRODUCT_TTL = 2000, 60.0  # product vectors kept (~6 KB each at 1,536 d), for at most 60 s
 
 
 class ProductMissing(Exception):
@@ -73,7 +74,12 @@ class Pipeline:
         self.phrases = phrases
         self.model = settings.model
         self.dimensions = settings.embedding_dimensions
-        self.profiles = ProfileCache(PROFILE_CACHE)
+        # The profiles this worker wrote last, exactly as written: no read before their next write. That write is
+        # still filtered on version and _id, so a profile changed meanwhile (another worker, erased and created
+        # again) misses and is read again. Correct while every change to a profile increments its version.
+        self.profiles: Recent[str, StoredProfile] = Recent(PROFILE_CACHE)
+        # Usable product vectors, for PRODUCT_TTL seconds: a product re-embedded by the sync is used within that.
+        self.products: Recent[str, np.ndarray] = Recent(PRODUCT_CACHE, ttl=PRODUCT_TTL)
 
     def process(self, bodies: Sequence[bytes]) -> BatchResult:
         items = [Item(body=b) for b in bodies]
@@ -117,13 +123,14 @@ class Pipeline:
         products = [i for i in live if i.event.product_id is not None]
         searches = [i for i in live if i.event.search_phrase is not None]
         if products:
+            vectors, unknown = self.products.take({i.event.product_id for i in products})
             try:
-                vectors, foreign = self.store.product_vectors(
-                    [i.event.product_id for i in products], self.model, self.dimensions
-                )
+                found, foreign = self.store.product_vectors(unknown, self.model, self.dimensions)
             except PyMongoError as exc:
                 self._mark(products, "retry", StoreUnavailable(f"reading product vectors: {exc}"))
             else:
+                self.products.put(found)
+                vectors.update(found)
                 for item in products:
                     pid = item.event.product_id
                     if pid in vectors:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import numpy as np
 from bson.binary import Binary, BinaryVectorDtype
@@ -24,6 +27,8 @@ RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from 
 ID_BYTES = 32  # a message id (sha256 hex) is kept as its 32 raw bytes
 TOKEN_BYTES = 8
 SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
+K = TypeVar("K")
+V = TypeVar("V")
 
 INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
     USERS: [
@@ -125,42 +130,38 @@ class WriteResult:
     stored: dict[str, StoredProfile] = field(default_factory=dict)  # each applied profile, as it now is
 
 
-class ProfileCache:
-    """The profiles this worker wrote last, exactly as written (a bounded LRU).
+class Recent(Generic[K, V]):
+    """A bounded LRU of values by key; with ``ttl``, a value put more than ``ttl`` seconds ago is a miss."""
 
-    A cached profile replaces the read before the user's next write. That write is still filtered on the
-    cached version and ``_id``, so a profile changed meanwhile (another worker, an erasure and a new profile)
-    makes it miss: the user is dropped from the cache and read again. Only correct while every change to a
-    profile increments ``version``, as every writer here does.
-    """
+    def __init__(self, size: int, ttl: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.size, self.ttl, self.clock = size, ttl, clock
+        self._items: OrderedDict[K, tuple[V, float]] = OrderedDict()
 
-    def __init__(self, size: int = 1000):
-        self.size = size
-        self._items: OrderedDict[str, StoredProfile] = OrderedDict()
-
-    def take(self, user_ids: Iterable[str]) -> tuple[dict[str, StoredProfile], list[str]]:
-        """(cached profiles, the user ids to read from MongoDB)."""
-        hits: dict[str, StoredProfile] = {}
-        misses: list[str] = []
-        for user_id in user_ids:
-            found = self._items.get(user_id)
-            if found is None:
-                misses.append(user_id)
+    def take(self, keys: Iterable[K]) -> tuple[dict[K, V], list[K]]:
+        """(the values held, the keys to look up elsewhere)."""
+        hits: dict[K, V] = {}
+        misses: list[K] = []
+        oldest = -math.inf if self.ttl is None else self.clock() - self.ttl
+        for key in keys:
+            found = self._items.get(key)
+            if found is None or found[1] < oldest:
+                misses.append(key)
             else:
-                self._items.move_to_end(user_id)
-                hits[user_id] = found
+                self._items.move_to_end(key)
+                hits[key] = found[0]
         return hits, misses
 
-    def put(self, stored: dict[str, StoredProfile]) -> None:
-        self._items.update(stored)
-        for user_id in stored:
-            self._items.move_to_end(user_id)
+    def put(self, items: dict[K, V]) -> None:
+        now = self.clock()
+        for key, value in items.items():
+            self._items[key] = (value, now)
+            self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
 
-    def drop(self, user_ids: Iterable[str]) -> None:
-        for user_id in user_ids:
-            self._items.pop(user_id, None)
+    def drop(self, keys: Iterable[K]) -> None:
+        for key in keys:
+            self._items.pop(key, None)
 
 
 def _after(w: ProfileWrite, token: bytes) -> StoredProfile:

@@ -376,7 +376,7 @@ def test_recent_ids_ring_is_bounded_and_reads_the_array_layout(env, topology):
 
 
 class CountingFinds:
-    """``store.users`` counting the profile reads (``find`` calls)."""
+    """A collection counting its reads (``find`` calls)."""
 
     def __init__(self, coll):
         self.coll, self.finds = coll, 0
@@ -455,3 +455,23 @@ def test_an_erased_profile_is_never_resurrected_from_the_cache(env, topology):
         store.close()
         other_store.close()
     assert_profiles(s, expected_profiles(s, after + later, {}), {"cache-erased": 2})
+
+
+def test_product_vectors_are_read_once_per_minute(env, topology):
+    s = env.settings()
+    products = seed_products(s, ["c1", "c2"])
+    pipe, store = pipeline(s)
+    views = [make_event(f"cache-viewer{i}", "product_view", f"c{1 + i % 2}", T0 + timedelta(minutes=i))
+             for i in range(6)]
+    try:
+        assert set(run(pipe, views[:3])) == {"applied"}
+        store.products = counting = CountingFinds(store.products)
+        assert set(run(pipe, views[3:])) == {"applied"}
+        assert counting.finds == 0, "product vectors read again within a minute"
+        pipe.products.ttl = 0.0  # the minute has passed
+        assert set(run(pipe, [make_event("cache-viewer9", "product_view", "c1", T0)])) == {"applied"}
+        assert counting.finds == 1
+    finally:
+        store.close()
+    assert_profiles(s, expected_profiles(s, [*views, make_event("cache-viewer9", "product_view", "c1", T0)],
+                                         products))
