@@ -111,7 +111,7 @@ class StoredProfile:
 
 @dataclass(slots=True)
 class ProfileWrite:
-    """One conditional write: insert (version None) or update of the version read."""
+    """One conditional write: an insert (no base) or an update of the document read (base)."""
 
     user_id: str
     profile: Profile
