@@ -39,10 +39,10 @@ BENCHMARKS = {  # name: (run function, full sizes, --quick sizes)
     "scale": (bench_scale.run, {}, {"reps": 1, "events": 5_000}),
 }
 
-SCALED = """scaled for the Mongo-wire test server (mongoeco: ~30-300 profile writes/s on this box, shared):
+SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile writes/s on this box):
   worker many-users: 2,000 users x 5 events (1 write/event, as 10k users x 5; 50k writes would take minutes)
-  naive baselines: 300 events per run (their rates do not depend on N; rates extrapolated)
-  latency: --prefetch 5000 (batches must grow to what arrives while ~100 profile writes take 0.5-2.5 s);
+  naive baselines: 300 events per run, beside the profiles ours wrote (rates extrapolated)
+  latency: --prefetch 5000 (batches must grow to what arrives while ~100 profile writes take ~0.5 s);
     baseline: the naive worker under the same load (its queue only grows: lower bounds)
   memory: 10 users x 10,000 events (few users, so 100k events need few writes)
   scale: 20 users x 400 events
