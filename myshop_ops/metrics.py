@@ -188,10 +188,11 @@ class QueueExporter:
     def __init__(self, interval: float, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.interval = interval
-        self.depth = Gauge("messenger_queue_depth", "Ready messages in the queue", ["queue"], registry=r)
-        self.unacked = Gauge("myshop_queue_unacked", "Delivered, not yet acked (management API)", ["queue"],
+        labels = ["queue", "role"]  # role: main | retry | failed | other, so alerts need no queue names
+        self.depth = Gauge("messenger_queue_depth", "Ready messages in the queue", labels, registry=r)
+        self.unacked = Gauge("myshop_queue_unacked", "Delivered, not yet acked (management API)", labels,
                              registry=r)
-        self.consumers = Gauge("myshop_queue_consumers", "Consumers attached to the queue", ["queue"], registry=r)
+        self.consumers = Gauge("myshop_queue_consumers", "Consumers attached to the queue", labels, registry=r)
         self.failed = Gauge("myshop_failed_queue_messages", "Messages in the failed queue", registry=r)
         self.level = Gauge("myshop_queue_level", "Worst queue level: 0 ok, 1 warn, 2 critical", registry=r)
         self.last_attempt = time.monotonic()
@@ -200,10 +201,10 @@ class QueueExporter:
     def update(self, report) -> None:
         """Set the gauges from a stats.Report."""
         for q in report.queues:
-            self.depth.labels(q.name).set(q.ready)
-            self.consumers.labels(q.name).set(q.consumers)
+            self.depth.labels(q.name, q.role).set(q.ready)
+            self.consumers.labels(q.name, q.role).set(q.consumers)
             if q.unacked is not None:
-                self.unacked.labels(q.name).set(q.unacked)
+                self.unacked.labels(q.name, q.role).set(q.unacked)
             if q.role == "failed":
                 self.failed.set(q.ready)
         self.level.set(("ok", "warn", "critical").index(report.level))

@@ -115,7 +115,10 @@ def test_queue_exporter_serves_depth_gauges(env, topology, workers):
         wait_for(lambda: get(port, "/readyz")[0] == 200, timeout=20, what="exporter ready")
         m = samples(port)
         assert total(m, "messenger_queue_depth", queue=topology.queue) == 0
-        assert {lab[0][1] for (n, lab) in m if n == "messenger_queue_depth"} == set(topology.queues())
+        roles = {dict(lab)["queue"]: dict(lab)["role"] for (n, lab) in m if n == "messenger_queue_depth"}
+        assert set(roles) == set(topology.queues())
+        assert roles[topology.queue] == "main" and roles[topology.failed_queue] == "failed"  # what alerts select
+        assert {roles[q] for q in topology.queues() if ".retry." in q} == {"retry"}
         publish(env.settings(), topology, [serialise(make_event("x", "search", f"q{i}", T0)) for i in range(5)])
         wait_for(lambda: total(samples(port), "messenger_queue_depth", queue=topology.queue) == 5, timeout=10,
                  what="depth 5 exported")
