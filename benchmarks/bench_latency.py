@@ -49,10 +49,9 @@ from benchmarks.common import (
     log,
     naive_args,
     percentile,
-    save,
+    report,
     scrape,
     settled,
-    table,
     visibility_latencies_ms,
     wait_until,
 )
@@ -176,8 +175,7 @@ def main() -> None:
     ap.add_argument("--few-users", type=int, default=20, help="also run with this many users (0: no)")
     a = ap.parse_args()
     rows = run(a.rate, a.seconds, a.prefetch, a.naive_seconds, a.few_users)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 3: latency"))
+    report(NAME, rows, "Benchmark 3: latency")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Proc, Row, bench_env, check_run, consume_args, log, save, table
+from benchmarks.common import Proc, Row, bench_env, check_run, consume_args, log, report
 
 NAME = "memory"
 
@@ -67,8 +67,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=10)
     a = ap.parse_args()
     rows = run(a.events, a.users)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 4: memory"))
+    report(NAME, rows, "Benchmark 4: memory")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pika
 
-from benchmarks.common import RABBIT, Row, bench_env, log, median, save, table
+from benchmarks.common import RABBIT, Row, bench_env, log, median, report
 from myshop_ops.broker import PERSISTENT
 
 NAME = "publish"
@@ -78,8 +78,7 @@ def main() -> None:
     ap.add_argument("--naive-events", type=int, default=1000)
     a = ap.parse_args()
     rows = run(a.reps, a.events, a.naive_events)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 1: publish"))
+    report(NAME, rows, "Benchmark 1: publish")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,9 @@ from benchmarks.common import (
     median,
     metric_sum,
     proc_cpu,
-    save,
+    report,
     scrape,
     settled,
-    table,
 )
 
 NAME = "scale"
@@ -121,8 +120,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=8_000)
     a = ap.parse_args()
     rows = run(a.reps, tuple(a.workers), a.users, a.events)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 6: scale"))
+    report(NAME, rows, "Benchmark 6: scale")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,9 @@ from benchmarks.common import (
     log,
     median,
     percentile,
-    save,
+    report,
     scrape,
     settled,
-    table,
     visibility_latencies_ms,
     wait_until,
 )
@@ -141,8 +140,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=10)
     a = ap.parse_args()
     rows = run(a.reps, a.users, a.burst)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 5: batching window"))
+    report(NAME, rows, "Benchmark 5: batching window")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ from benchmarks.common import (
     log,
     median,
     naive_args,
-    save,
-    table,
+    report,
 )
 
 NAME = "worker"
@@ -146,8 +145,7 @@ def main() -> None:
     ap.add_argument("--scenario", choices=list(SCENARIOS), action="append")
     a = ap.parse_args()
     rows = run(a.reps, a.scenario)
-    save(NAME, rows)
-    print(table(rows, "Benchmark 2: worker"))
+    report(NAME, rows, "Benchmark 2: worker")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,12 @@ def save(name: str, rows: Sequence[Row], extra: dict | None = None) -> Path:
     return path
 
 
+def report(name: str, rows: Sequence[Row], title: str) -> None:
+    """What a benchmark script does with its rows when run alone: save them, print the table."""
+    save(name, rows)
+    print(table(rows, title))
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -590,19 +596,33 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-class DepthSampler:
-    """Ready messages of a queue by passive declare every ``interval`` seconds on its own connection/thread."""
+class Sampler:
+    """A background thread sampling every ``interval`` seconds until ``stop()``; subclasses write ``_run``."""
 
-    def __init__(self, queue: str, interval: float = 0.1):
-        self.queue = queue
+    def __init__(self, interval: float):
         self.interval = interval
-        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> DepthSampler:
+    def start(self) -> Sampler:
         self._thread.start()
         return self
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _halt(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+
+class DepthSampler(Sampler):
+    """Ready messages of a queue by passive declare every ``interval`` seconds on its own connection/thread."""
+
+    def __init__(self, queue: str, interval: float = 0.1):
+        super().__init__(interval)
+        self.queue = queue
+        self.samples: list[tuple[float, int]] = []
 
     def _run(self) -> None:
         conn = broker.connect(RABBIT, name="bench-depth-sampler")
@@ -617,8 +637,7 @@ class DepthSampler:
                 conn.close()
 
     def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        self._halt(timeout=5)
         return max((d for _, d in self.samples), default=0)
 
 
@@ -633,21 +652,15 @@ def machine() -> dict:
             "loadavg_1m": os.getloadavg()[0]}
 
 
-class ProfilePoller:
+class ProfilePoller(Sampler):
     """Snapshots of the users' (event_count, updated_at) every ``interval`` s, for a publish-to-profile cross-check
     replayed later through myshop_ops.generate.VisibilityTracker (the `generate-test-events --wait` logic)."""
 
     def __init__(self, env: BenchEnv, user_ids: Sequence[str], interval: float = 0.15):
+        super().__init__(interval)
         self.env = env
         self.user_ids = list(user_ids)
-        self.interval = interval
         self.snapshots: list[tuple[float, list[dict]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> ProfilePoller:
-        self._thread.start()
-        return self
 
     def _run(self) -> None:
         from myshop_ops.generate import profile_counts
@@ -665,8 +678,7 @@ class ProfilePoller:
             store.close()
 
     def stop(self) -> list[tuple[float, list[dict]]]:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._halt(timeout=10)
         return self.snapshots
 
 
