@@ -24,15 +24,20 @@ services: venv
 demo: services
 	@MYSHOP_ALLOW_ROOT=$${MYSHOP_ALLOW_ROOT:-$$( [ "$$(id -u)" = 0 ] && echo 1 )} $(BIN)/python tools/demo.py
 
-# promtool (checks monitoring/alerts.yml) and docker-compose v1 (checks docker-compose.yml without a daemon)
+# promtool (checks monitoring/alerts.yml), docker-compose v1 (checks docker-compose.yml without a daemon), and the
+# shop's own PHP side: Symfony Messenger's AMQP transport and the MongoDB driver (tests/shop drives them for real)
+DEBIAN_TOOLS := prometheus docker-compose php-cli php-amqp php-mongodb php-symfony-messenger \
+  php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access php-symfony-property-info
 debian-tools:
-	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null && \
+	  php -m 2>/dev/null | grep -qx amqp && php -m | grep -qx mongodb && \
+	  test -f /usr/share/php/Symfony/Component/Messenger/Bridge/Amqp/autoload.php || { \
 	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { \
-	    echo "installing promtool and docker-compose from Debian"; \
+	    echo "installing from Debian: $(DEBIAN_TOOLS)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus docker-compose >/dev/null; }; \
-	  } || echo "promtool/docker-compose missing: their checks are skipped" >&2; }
+	    apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(DEBIAN_TOOLS) >/dev/null; }; \
+	  } || echo "promtool/docker-compose/php missing: their checks are skipped" >&2; }
 
 test: venv debian-tools
 	@tools/services.sh >/dev/null
