@@ -258,11 +258,13 @@ def import_catalog(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_bad: Callable[[BadLine], None] | None = None,
     on_batch: Callable[[ImportResult], None] | None = None,
+    layout: str = "shop",
 ) -> ImportResult:
     """Import a JSONL catalog in batches of ``batch_size`` products: one ``$in`` read of stored hashes, one
     provider call for the products whose text, model or dimensions changed, one bulk write.
 
-    ``on_bad`` is called for each bad line as it is read, ``on_batch`` after each batch is written.
+    ``on_bad`` is called for each bad line as it is read, ``on_batch`` after each batch is written. Vectors are
+    stored in ``layout`` (STORE_LAYOUT, layout.py): arrays the shop's ranking reads, or compact BSON vectors.
     Raises EmbeddingError (provider) or PyMongoError (store); batches already written stay written, so a
     re-run resumes where it stopped.
     """
@@ -279,18 +281,18 @@ def import_catalog(
             continue
         batch.append(item)
         if len(batch) >= batch_size:
-            _import_batch(batch, store, provider, result)
+            _import_batch(batch, store, provider, result, layout)
             batch = []
             if on_batch is not None:
                 on_batch(result)
     if batch:
-        _import_batch(batch, store, provider, result)
+        _import_batch(batch, store, provider, result, layout)
         if on_batch is not None:
             on_batch(result)
     return result
 
 
-def _import_batch(batch: list[Product], store: Store, provider: Provider, result: ImportResult) -> None:
+def _import_batch(batch: list[Product], store: Store, provider: Provider, result: ImportResult, layout: str) -> None:
     stored = {
         d["product_id"]: d
         for d in store.products.find(
@@ -322,7 +324,7 @@ def _import_batch(batch: list[Product], store: Store, provider: Provider, result
             {"product_id": p.product_id, **p.fields(), "embedding": vec, "model": provider.model,
              "dimensions": provider.dimensions, "text_hash": digest}
             for (p, _, digest), vec in zip(to_embed, vectors, strict=True)
-        ])
+        ], layout)
         result.imported += len(to_embed)
     if to_update:
         now = datetime.now(UTC)

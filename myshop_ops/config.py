@@ -22,6 +22,7 @@ PROVIDER_MODELS = {"hash": "hash-v1", "local": "all-MiniLM-L6-v2-int8"}
 SECRET_VARS = frozenset({"OPENAI_API_KEY"})
 APP_ENVS = ("prod", "dev", "test")
 RECOMMEND_BACKENDS = ("numpy", "atlas")
+STORE_LAYOUTS = ("shop", "compact")  # layout.LAYOUTS: the shop's PHP code reads the first, only myshop the second
 
 
 class ConfigError(ValueError):
@@ -89,6 +90,7 @@ class Settings:
     recommend_backend: str = "numpy"
     atlas_vector_index: str = "product_embedding_index"
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    store_layout: str = "shop"  # how profiles and imported products are written (layout.py): shop | compact
 
     @property
     def retry_delays_ms(self) -> list[int]:
@@ -117,6 +119,7 @@ class Settings:
             "EMBEDDING_DIMENSIONS": str(self.embedding_dimensions),
             "RECOMMEND_BACKEND": self.recommend_backend,
             "ATLAS_VECTOR_INDEX": self.atlas_vector_index,
+            "STORE_LAYOUT": self.store_layout,
         }
         return {k: mask(k, v) for k, v in shown.items()}
 
@@ -250,4 +253,5 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         recommend_backend=_choice(e, "RECOMMEND_BACKEND", "numpy", RECOMMEND_BACKENDS),
         atlas_vector_index=index,
         weights=weights,
+        store_layout=_choice(e, "STORE_LAYOUT", "shop", STORE_LAYOUTS),
     )

@@ -136,10 +136,7 @@ class Pipeline:
                     if pid in vectors:
                         item.vector = vectors[pid]
                     elif pid in foreign:
-                        item.status = "failed"
-                        item.error = VectorSpaceMismatch(
-                            f"product {pid} has {foreign[pid]}, expected {self.model}/{self.dimensions}d"
-                        )
+                        item.status, item.error = "failed", VectorSpaceMismatch(f"product {pid} has {foreign[pid]}")
                     else:
                         item.status, item.error = "skipped", ProductMissing(f"product {pid} has no vector")
                         log.warning("product not found, event skipped", extra=_fields(item.event))
@@ -168,10 +165,13 @@ class Pipeline:
                 return
             stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
             try:
-                stored.update(self.store.load_profiles(unknown))
+                read, unreadable = self.store.load_profiles(unknown, self.model, self.dimensions)
             except PyMongoError as exc:
                 self._mark([i for group in pending.values() for i in group], "retry", StoreUnavailable(str(exc)))
                 return
+            stored.update(read)
+            for user_id, problem in unreadable.items():  # a document no fold can start from: its events fail
+                self._mark(pending.pop(user_id), "failed", problem)
             writes: list[ProfileWrite] = []
             groups: dict[str, list[Item]] = {}
             for user_id, group in pending.items():
@@ -213,7 +213,7 @@ class Pipeline:
                 )
                 groups[user_id] = group
             try:
-                outcome = self.store.write_profiles(writes)
+                outcome = self.store.write_profiles(writes, self.settings.store_layout)
             except PyMongoError as exc:
                 self.profiles.drop(groups)  # landed or not: read them again
                 self._mark([i for g in groups.values() for i in g], "retry", StoreUnavailable(str(exc)))

@@ -24,11 +24,13 @@ from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
 from myshop_ops.config import Settings
+from myshop_ops.layout import UnreadableProfile, id_key, profile_vector
+from myshop_ops.profile import VectorSpaceMismatch
 from myshop_ops.store import PRODUCTS, SCAN_BATCH, Store, decode_vector
 
 ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
 _FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding
-_PRODUCT_FIELDS = {"_id": 0, "product_id": 1, "name": 1, "category": 1}
+_PRODUCT_FIELDS = {"_id": 0, "product_id": 1, "productId": 1, "name": 1, "category": 1}
 
 
 class RecommendError(Exception):
@@ -75,6 +77,10 @@ def _fast_vector(value: object) -> np.ndarray:
     return decode_vector(value)
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 class ProductMatrix:
     """Usable product vectors of one model/dimensions: L2-normalised float32 rows and their ids."""
 
@@ -101,11 +107,20 @@ def signature(products: Collection) -> tuple[int, datetime | None]:
     return products.estimated_document_count(), (newest or {}).get("updated_at")
 
 
+def in_space(model: str, dimensions: int) -> dict:
+    """The filter of the products of a vector space: tagged with it, or untagged (the shop's sync tags nothing:
+    an untagged vector of the right length is taken as the configured model's)."""
+    return {"$or": [{"model": model, "dimensions": dimensions}, {"model": None}]}
+
+
+def product_key(doc: dict) -> str | None:
+    """A product document's id as events carry it: ``product_id``, else the shop's ``productId``."""
+    return id_key(doc.get("product_id")) or id_key(doc.get("productId"))
+
+
 def load_matrix(products: Collection, model: str, dimensions: int, sig: tuple[int, datetime | None]) -> ProductMatrix:
     """Read every product vector of ``model``/``dimensions`` into one normalised float32 matrix."""
-    cursor = products.find(
-        {"model": model, "dimensions": dimensions}, {**_PRODUCT_FIELDS, "embedding": 1}, batch_size=SCAN_BATCH
-    )
+    cursor = products.find(in_space(model, dimensions), {**_PRODUCT_FIELDS, "embedding": 1}, batch_size=SCAN_BATCH)
     matrix = np.empty((min(max(sig[0], 16), 65_536), dimensions), np.float32)  # grows by doubling
     ids: list[str] = []
     names: list[str | None] = []
@@ -117,16 +132,17 @@ def load_matrix(products: Collection, model: str, dimensions: int, sig: tuple[in
         except (TypeError, ValueError):
             skipped += 1
             continue
-        if vec.shape != (dimensions,) or not np.isfinite(vec).all() or not vec.any():
+        pid = product_key(doc)
+        if vec.shape != (dimensions,) or not np.isfinite(vec).all() or not vec.any() or pid is None:
             skipped += 1
             continue
         n = len(ids)
         if n == len(matrix):
             matrix = np.concatenate([matrix, np.empty_like(matrix)])
         matrix[n] = vec
-        ids.append(str(doc["product_id"]))
-        names.append(doc.get("name"))
-        categories.append(doc.get("category"))
+        ids.append(pid)
+        names.append(_text(doc.get("name")))
+        categories.append(_text(doc.get("category")))
     matrix = matrix[: len(ids)].copy()
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     return ProductMatrix(ids, names, categories, matrix, sig, skipped)
@@ -235,23 +251,29 @@ class Recommender:
         """Top ``limit`` products for a profile document (as stored in user_embeddings)."""
         user_id = str(doc["user_id"])
         space = f"{doc.get('model')}/{doc.get('dimensions')}d"
-        if space != self.space:
+        if doc.get("model") is not None and space != self.space:
             raise RecommendError(
                 f"user {user_id}'s profile is {space} but the configured vector space is {self.space}: vectors "
                 "of different models are never compared (set EMBEDDING_PROVIDER/OPENAI_EMBEDDING_MODEL/"
                 "EMBEDDING_DIMENSIONS to the profile's, or rebuild the profiles)"
             )
-        try:
-            query = decode_vector(doc.get("embedding", ())).astype(np.float64)
-        except (TypeError, ValueError):
-            query = np.zeros(0)
-        norm = float(np.linalg.norm(query)) if query.ndim == 1 else 0.0
-        if query.shape != (self.dimensions,) or not np.isfinite(norm) or norm == 0.0:
+        try:  # the shop's PHP workers tag nothing: an untagged vector of the configured length is taken
+            _, vec = profile_vector(doc, self.model, self.dimensions)
+        except VectorSpaceMismatch as exc:
+            if doc.get("model") is not None:
+                raise RecommendError(f"user {user_id}'s profile vector is unreadable, zero or not {self.dimensions} "
+                                     "finite numbers (rebuild the profile)") from None
+            raise RecommendError(f"user {user_id}'s profile: {exc}: vectors of different sizes are never compared "
+                                 "(set EMBEDDING_DIMENSIONS to the profile's, or rebuild the profiles)") from None
+        except UnreadableProfile:
             raise RecommendError(f"user {user_id}'s profile vector is unreadable, zero or not {self.dimensions} "
-                                 "finite numbers (rebuild the profile)")
-        query = (query / norm).astype(np.float32)
-        purchased = [str(p) for p in doc.get("purchased_product_ids") or ()] if exclude_purchased else []
-        excluded = len(set(purchased)) if exclude_purchased and "purchased_product_ids" in doc else None
+                                 "finite numbers (rebuild the profile)") from None
+        query = vec.astype(np.float64)
+        query = (query / np.linalg.norm(query)).astype(np.float32)
+        bought = doc.get("purchased_product_ids")
+        bought = bought if isinstance(bought, list) else None
+        purchased = [str(p) for p in bought or ()] if exclude_purchased else []
+        excluded = len(set(purchased)) if exclude_purchased and bought is not None else None
         if self.backend == "atlas":
             items = self._atlas(query, limit, purchased)
         else:
@@ -261,14 +283,14 @@ class Recommender:
     def newest(self, user_id: str, limit: int) -> Recommendations:
         """The fallback for a user without a profile: the most recently updated products of the vector space."""
         docs = list(
-            self.store.products.find({"model": self.model, "dimensions": self.dimensions}, _PRODUCT_FIELDS,
-                                     batch_size=SCAN_BATCH)
+            self.store.products.find(in_space(self.model, self.dimensions), _PRODUCT_FIELDS, batch_size=SCAN_BATCH)
             .sort([("updated_at", -1), ("product_id", 1)])
             .limit(limit)
         )
         if not docs:
             raise self._no_products()
-        items = [Recommendation(str(d["product_id"]), d.get("name"), d.get("category"), None) for d in docs]
+        items = [Recommendation(product_key(d) or "?", _text(d.get("name")), _text(d.get("category")), None)
+                 for d in docs]
         return Recommendations(user_id, items, "fallback", self.model, self.dimensions)
 
     def _no_products(self) -> RecommendError:
@@ -300,5 +322,5 @@ class Recommender:
                                    "built over `embedding` with filters model, dimensions, product_id "
                                    "(docs/RECOMMENDATIONS.md)? Or set RECOMMEND_BACKEND=numpy")
             raise self._no_products()
-        return [Recommendation(str(d["product_id"]), d.get("name"), d.get("category"), 2.0 * float(d["score"]) - 1.0)
-                for d in docs]
+        return [Recommendation(product_key(d) or "?", _text(d.get("name")), _text(d.get("category")),
+                               2.0 * float(d["score"]) - 1.0) for d in docs]

@@ -12,12 +12,26 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 import numpy as np
-from bson.binary import Binary, BinaryVectorDtype
+from bson.binary import Binary
 from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from myshop_ops.profile import Profile, from_days, to_days
+from myshop_ops.layout import (
+    ForeignVector,
+    UnreadableProfile,
+    decode_vector,
+    encode_vector,
+    id_forms,
+    id_key,
+    product_fields,
+    product_vector,
+    profile_fields,
+    read_profile,
+)
+from myshop_ops.profile import Profile, VectorSpaceMismatch, from_days
+
+__all__ = ["decode_vector", "encode_vector"]  # the vector codecs live in layout.py; imported from here too
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
@@ -48,25 +62,6 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
 }
 
 
-_FLOAT32_VECTOR = BinaryVectorDtype.FLOAT32.value + b"\x00"  # BSON vector header: dtype 0x27, padding 0
-
-
-def encode_vector(vec: np.ndarray) -> Binary:
-    """A float32 vector as BSON Binary subtype 9 (FLOAT32): what ``Binary.from_vector`` makes, at 2 µs not 8."""
-    return Binary(_FLOAT32_VECTOR + np.asarray(vec, dtype="<f4").tobytes(), 9)
-
-
-def decode_vector(value: object) -> np.ndarray:
-    """A stored vector (Binary subtype 9, raw float32 bytes, or an array of numbers) as float32."""
-    if isinstance(value, Binary) and value.subtype == 9:
-        # numpy view of the payload, copied: the same fresh float32 array as from the default list of Python floats,
-        # at ~4 µs instead of ~125 µs per 1,536-d vector (benchmarks: worker CPU per event)
-        return np.array(value.as_vector(return_numpy=True).data, dtype=np.float32)
-    if isinstance(value, bytes | bytearray):
-        return np.frombuffer(value, "<f4")
-    return np.asarray(value, dtype=np.float32)
-
-
 def pack_ring(value: object, width: int) -> bytes:
     """A stored ring of ids as packed bytes, oldest first.
 
@@ -74,8 +69,12 @@ def pack_ring(value: object, width: int) -> bytes:
     256 array elements made a profile write ~4x and a read ~6x slower on the Mongo-wire server (docs/PERFORMANCE.md).
     Arrays of hex strings (what $push stored before) are read too."""
     if isinstance(value, bytes):
-        return bytes(value)  # plain bytes, also from a Binary
-    return b"".join(bytes.fromhex(v) for v in value or () if isinstance(v, str) and len(v) == 2 * width)
+        ring = bytes(value)  # plain bytes, also from a Binary
+        return ring[len(ring) % width:]  # whole items only, whatever was stored
+    if not isinstance(value, list):
+        return b""
+    return b"".join(bytes.fromhex(v) for v in value if isinstance(v, str) and len(v) == 2 * width
+                    and all(c in "0123456789abcdefABCDEF" for c in v))
 
 
 def ring_has(ring: bytes, item: bytes) -> bool:
@@ -86,6 +85,31 @@ def ring_has(ring: bytes, item: bytes) -> bool:
             return True
         i = ring.find(item, i + 1)
     return False
+
+
+_INDEX_OPTIONS = ("unique", "sparse", "partialFilterExpression", "expireAfterSeconds")
+
+
+def _options(index: dict) -> tuple:
+    return tuple(None if index.get(o) in (None, False) else index.get(o) for o in _INDEX_OPTIONS)
+
+
+def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opts: dict,
+                     name: str | None = None) -> str | None:
+    """The name of an index in ``existing`` (``index_information()``) that serves as ``keys`` with ``opts``:
+    the same fields in the same directions (either direction for a single field: it serves both sort orders)
+    and the same options, whatever its name (``name`` first)."""
+    want = [(k, int(d)) for k, d in keys]
+    for found in sorted(existing, key=lambda n: n != name):
+        info = existing[found]
+        try:
+            got = [(k, int(d)) for k, d in info["key"]]
+        except (KeyError, TypeError, ValueError):
+            continue  # a text or hashed index, or an odd listing
+        same_keys = got == want or (len(want) == 1 and len(got) == 1 and got[0][0] == want[0][0])
+        if same_keys and _options(info) == _options(opts):
+            return found
+    return None
 
 
 def message_ids(doc: dict) -> list[str]:
@@ -103,6 +127,8 @@ class StoredProfile:
     recent_ids: bytes = b""
     recent_writes: bytes = b""
     doc_id: ObjectId | None = None  # the document's _id: a profile erased and created again is another document
+    adopted: bool = False  # a prior myshop did not write (layout.py): its next write records the adoption
+    event_count: int = 0  # events counted in the document when it was read
 
     def seen(self, message_id: str) -> bool:
         """Whether the message's effect is already in this profile."""
@@ -174,6 +200,7 @@ def _after(w: ProfileWrite, token: bytes) -> StoredProfile:
         recent_ids=(base.recent_ids + new_ids)[-RECENT_IDS * ID_BYTES:],
         recent_writes=(base.recent_writes + token)[-RECENT_WRITES * TOKEN_BYTES:],
         doc_id=base.doc_id,
+        event_count=base.event_count + sum(w.counts.values()),
     )
 
 
@@ -200,64 +227,80 @@ class Store:
         self.client.close()
 
     def setup_indexes(self) -> list[tuple[str, str, str]]:
-        """Create the required indexes; returns (collection, index, "created" | "existing")."""
+        """Create the required indexes; returns (collection, index, "created" | "existing" | "existing as NAME").
+
+        An index with the same key and options under another name (the shop's ``idx_user_id``) satisfies the
+        requirement: MongoDB refuses a second index on the same key, so none is created beside it."""
         out = []
         for coll_name, specs in INDEXES.items():
             coll = self.db[coll_name]
             existing = coll.index_information()
             for name, keys, opts in specs:
-                state = "existing" if name in existing else "created"
-                coll.create_index(keys, name=name, **opts)
-                out.append((coll_name, name, state))
+                found = satisfying_index(existing, keys, opts, name)
+                if found is None:
+                    coll.create_index(keys, name=name, **opts)
+                    out.append((coll_name, name, "created"))
+                else:
+                    out.append((coll_name, name, "existing" if found == name else f"existing as {found}"))
         return out
 
     def missing_indexes(self) -> list[tuple[str, str]]:
-        """Required indexes that are absent or differ in keys/uniqueness."""
+        """Required indexes that no existing index satisfies (same key and options, whatever its name)."""
         missing = []
         for coll_name, specs in INDEXES.items():
             info = self.db[coll_name].index_information()
-            for name, keys, opts in specs:
-                got = info.get(name)
-                if (
-                    got is None
-                    or [(k, int(d)) for k, d in got["key"]] != keys
-                    or bool(got.get("unique")) != bool(opts.get("unique"))
-                ):
-                    missing.append((coll_name, name))
+            missing += [(coll_name, name) for name, keys, opts in specs if satisfying_index(info, keys, opts) is None]
         return missing
+
+    def foreign_indexes(self) -> list[tuple[str, str, str | None]]:
+        """Indexes myshop did not name: (collection, index, the required index it serves or None)."""
+        out = []
+        for coll_name, specs in INDEXES.items():
+            info = self.db[coll_name].index_information()
+            ours = {name for name, _, _ in specs}
+            serves = {satisfying_index(info, keys, opts, name): name for name, keys, opts in specs}
+            out += [(coll_name, n, serves.get(n)) for n in info if n not in ours and n != "_id_"]
+        return out
 
     # ---- profiles -------------------------------------------------------------------------------
 
-    def load_profiles(self, user_ids: Iterable[str]) -> dict[str, StoredProfile]:
+    def load_profiles(
+        self, user_ids: Iterable[str], model: str, dimensions: int
+    ) -> tuple[dict[str, StoredProfile], dict[str, ValueError]]:
+        """(profiles by user id, users whose document cannot be folded into -> why: UnreadableProfile or
+        VectorSpaceMismatch), in any stored layout."""
         ids = list(user_ids)
+        profiles: dict[str, StoredProfile] = {}
+        unreadable: dict[str, ValueError] = {}
         if not ids:
-            return {}
+            return profiles, unreadable
         cursor = self.users.find(
             {"user_id": {"$in": ids}},
-            {"user_id": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1, "dimensions": 1,
-             "version": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1},
+            {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
+             "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
+             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1},
             batch_size=SCAN_BATCH,
         )
-        out = {}
         for doc in cursor:
-            vec = decode_vector(doc["embedding"])
-            out[doc["user_id"]] = StoredProfile(
-                profile=Profile(
-                    embedding=vec,
-                    magnitude=float(doc["magnitude"]),
-                    last_updated=to_days(doc["last_updated"]),
-                    model=doc.get("model", ""),
-                    dimensions=int(doc.get("dimensions", len(vec))),
-                ),
-                version=int(doc["version"]),
+            user_id = doc["user_id"]
+            try:
+                read = read_profile(doc, model, dimensions)
+            except (UnreadableProfile, VectorSpaceMismatch) as exc:
+                unreadable[user_id] = type(exc)(f"the profile of user {user_id} cannot be folded into: {exc}")
+                continue
+            profiles[user_id] = StoredProfile(
+                profile=read.profile,
+                version=read.version,
                 recent_ids=pack_ring(doc.get("recent_message_ids"), ID_BYTES),
                 recent_writes=pack_ring(doc.get("recent_writes"), TOKEN_BYTES),
                 doc_id=doc["_id"],
+                adopted=read.adopted,
+                event_count=read.event_count,
             )
-        return out
+        return profiles, unreadable
 
-    def write_profiles(self, writes: Sequence[ProfileWrite]) -> WriteResult:
-        """One unordered bulk_write of conditional inserts/updates.
+    def write_profiles(self, writes: Sequence[ProfileWrite], layout: str = "shop") -> WriteResult:
+        """One unordered bulk_write of conditional inserts/updates, vectors in ``layout`` (layout.py).
 
         A write is ``applied`` when it landed, ``conflicted`` when another writer got there first
         (duplicate key on insert, version or document changed on update); conflicted users must be re-read.
@@ -269,7 +312,7 @@ class Store:
         now = datetime.now(UTC)
         tokens = [os.urandom(TOKEN_BYTES) for _ in writes]
         after = [_after(w, t) for w, t in zip(writes, tokens, strict=True)]
-        ops = [self._op(w, a, now) for w, a in zip(writes, after, strict=True)]
+        ops = [self._op(w, a, now, layout) for w, a in zip(writes, after, strict=True)]
         failed_idx: set[int] = set()
         try:
             res = self.users.bulk_write(ops, ordered=False)
@@ -303,18 +346,19 @@ class Store:
         return result
 
     @staticmethod
-    def _op(w: ProfileWrite, after: StoredProfile, now: datetime) -> InsertOne | UpdateOne:
+    def _op(w: ProfileWrite, after: StoredProfile, now: datetime, layout: str) -> InsertOne | UpdateOne:
         p = w.profile
-        fields = {
-            "embedding": encode_vector(p.embedding),
-            "magnitude": p.magnitude,
-            "model": p.model,
-            "dimensions": p.dimensions,
-            "last_updated": from_days(p.last_updated),
-            "updated_at": now,
-            "recent_message_ids": Binary(after.recent_ids),
-            "recent_writes": Binary(after.recent_writes),
-        }
+        fields, unset = profile_fields(p, layout, after.version)
+        fields.update(
+            last_updated=from_days(p.last_updated),
+            updated_at=now,
+            recent_message_ids=Binary(after.recent_ids),
+            recent_writes=Binary(after.recent_writes),
+        )
+        if w.base is not None and w.base.adopted:
+            # what verify needs to account for the prior: its time, and what was counted before it
+            fields["adopted"] = {"version": w.base.version, "last_updated": from_days(w.base.profile.last_updated),
+                                 "event_count": w.base.event_count}
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:
@@ -332,7 +376,7 @@ class Store:
             )
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        update = {"$set": fields, "$inc": inc}
+        update = {"$set": fields, "$unset": unset, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
         return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
@@ -345,43 +389,42 @@ class Store:
     def product_vectors(
         self, product_ids: Iterable[str], model: str, dimensions: int
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """(usable vectors by product id, ids whose stored vector is unusable -> what it is instead)."""
-        ids = list(set(product_ids))
+        """(usable vectors by product id, ids whose stored vector is unusable -> what it is instead).
+
+        Documents are found by ``product_id``, then (for ids still missing) by ``productId``, the field the shop's
+        sync upserts by; a decimal id also finds the integer (``"42"`` finds ``42``), and the other way round."""
+        wanted = set(product_ids)
         vectors: dict[str, np.ndarray] = {}
         foreign: dict[str, str] = {}
-        if not ids:
-            return vectors, foreign
-        cursor = self.products.find(
-            {"product_id": {"$in": ids}},
-            {"product_id": 1, "embedding": 1, "model": 1, "dimensions": 1, "_id": 0},
-            batch_size=SCAN_BATCH,
-        )
-        for doc in cursor:
-            pid = str(doc["product_id"])
-            try:
-                vec = decode_vector(doc.get("embedding", []))
-                readable = vec.ndim == 1 and bool(np.isfinite(vec).all())
-            except (ValueError, TypeError):
-                readable = False
-            if not readable:
-                foreign[pid] = "an unreadable vector (not a finite float array)"
-                continue
-            doc_dims = doc.get("dimensions") or len(vec)
-            if doc.get("model") != model or doc_dims != dimensions or len(vec) != dimensions:
-                foreign[pid] = f"a {doc.get('model')}/{doc_dims}d vector"
-            else:
-                vectors[pid] = vec
+        for key in ("product_id", "productId"):
+            missing = sorted(wanted - vectors.keys() - foreign.keys())
+            if not missing:
+                break
+            cursor = self.products.find(
+                {key: {"$in": id_forms(missing)}},
+                {key: 1, "embedding": 1, "model": 1, "dimensions": 1, "_id": 0},
+                batch_size=SCAN_BATCH,
+            )
+            for doc in cursor:
+                pid = id_key(doc.get(key))
+                if pid not in wanted or pid in vectors:
+                    continue
+                try:
+                    vectors[pid] = product_vector(doc, model, dimensions)
+                    foreign.pop(pid, None)
+                except ForeignVector as exc:
+                    foreign[pid] = str(exc)
         return vectors, foreign
 
-    def upsert_products(self, docs: Sequence[dict]) -> int:
-        """Upsert product documents by product_id (vectors are encoded here)."""
+    def upsert_products(self, docs: Sequence[dict], layout: str = "shop") -> int:
+        """Upsert product documents by product_id, vectors stored in ``layout`` (layout.py)."""
         if not docs:
             return 0
         now = datetime.now(UTC)
         ops = [
             UpdateOne(
                 {"product_id": d["product_id"]},
-                {"$set": {**d, "embedding": encode_vector(d["embedding"]), "updated_at": now}},
+                {"$set": {**d, **product_fields(d["product_id"], d["embedding"], layout), "updated_at": now}},
                 upsert=True,
             )
             for d in docs

@@ -14,8 +14,9 @@ import numpy as np
 from myshop_ops.config import Settings
 from myshop_ops.contract import Event, InvalidMessage, parse
 from myshop_ops.embeddings import PhraseEmbedder
-from myshop_ops.profile import Profile, fold, to_days
-from myshop_ops.store import SCAN_BATCH, Store, decode_vector
+from myshop_ops.layout import UnreadableProfile, read_profile, to_datetime
+from myshop_ops.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
+from myshop_ops.store import SCAN_BATCH, Store
 
 COSINE_MIN = 0.99999
 MAGNITUDE_RTOL = 1e-4
@@ -25,11 +26,13 @@ CHUNK = 1000
 @dataclass(slots=True)
 class UserCheck:
     user_id: str
-    status: str  # ok | lost | duplicated | diverging
+    status: str  # ok | lost | duplicated | diverging | unverifiable
     expected_events: int
     stored_events: int
-    cosine: float | None = None
-    magnitude_error: float | None = None  # relative
+    cosine: float | None = None  # None for an adopted profile: its prior's direction is not known any more
+    magnitude_error: float | None = None  # relative (adopted: how far the sum beyond the events is from the prior's)
+    adopted: bool = False  # folded from a prior myshop adopted (layout.py): checked against the rule
+    reason: str | None = None  # why an unverifiable profile cannot be checked
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Verification:
                 "in_failed": self.in_failed, "users": len(self.users),
                 "users_ok": self.count("ok"), "users_lost": self.count("lost"),
                 "users_duplicated": self.count("duplicated"), "users_diverging": self.count("diverging"),
+                "users_unverifiable": self.count("unverifiable"),
+                "users_adopted": sum(1 for u in self.users if u.adopted),
                 "events_lost": self.lost_events, "events_duplicated": self.duplicated_events, "problems": problems}
 
 
@@ -113,7 +118,8 @@ def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: Ph
                         np.array([settings.weights[e.event_type] for e in evs]),
                         np.stack([vectors[e.message_id] for e in evs]), lam=settings.decay_lambda,
                         model=settings.model)
-        report.users.append(_judge(user_id, expected, Counter(e.event_type for e in evs), stored.get(user_id)))
+        report.users.append(_judge(settings, user_id, expected, Counter(e.event_type for e in evs),
+                                   stored.get(user_id)))
     return report
 
 
@@ -138,26 +144,42 @@ def _stored(store: Store, user_ids: list[str]) -> dict[str, dict]:
     out = {}
     for chunk in _chunks(user_ids):
         for doc in store.users.find({"user_id": {"$in": chunk}},
-                                    {"user_id": 1, "embedding": 1, "magnitude": 1, "event_count": 1,
-                                     "event_counts": 1, "_id": 0}, batch_size=SCAN_BATCH):
+                                    {"recent_message_ids": 0, "recent_writes": 0, "_id": 0}, batch_size=SCAN_BATCH):
             out[doc["user_id"]] = doc
     return out
 
 
-def _judge(user_id: str, expected: Profile, counts: Counter, doc: dict | None) -> UserCheck:
+def _judge(settings: Settings, user_id: str, expected: Profile, counts: Counter, doc: dict | None) -> UserCheck:
     n = sum(counts.values())
     if doc is None:
         return UserCheck(user_id, "lost", n, 0)
-    stored_n = int(doc.get("event_count", 0))
-    check = UserCheck(user_id, "ok", n, stored_n)
-    if stored_n != n:
-        check.status = "lost" if stored_n < n else "duplicated"
+    try:
+        stored = read_profile(doc, settings.model, settings.embedding_dimensions)
+    except (UnreadableProfile, VectorSpaceMismatch) as exc:
+        return UserCheck(user_id, "unverifiable", n, 0, reason=f"the profile cannot be read: {exc}")
+    if stored.adopted:
+        return UserCheck(user_id, "unverifiable", n, stored.event_count, reason=(
+            f"version {stored.version} was written by another writer (the shop's PHP workers?) after myshop's last "
+            "write: its events are not all in the file"))
+    adoption = doc.get("adopted") if isinstance(doc.get("adopted"), dict) else None
+    prior_t = to_datetime(adoption.get("last_updated")) if adoption else None
+    before = adoption.get("event_count", 0) if adoption else 0
+    if adoption and (prior_t is None or not isinstance(before, int)):
+        return UserCheck(user_id, "unverifiable", n, stored.event_count, reason="its adoption record is unreadable")
+    check = UserCheck(user_id, "ok", n, stored.event_count - before, adopted=adoption is not None)
+    if check.stored_events != n:
+        check.status = "lost" if check.stored_events < n else "duplicated"
         return check
-    vec = decode_vector(doc["embedding"]).astype(np.float64)
-    check.cosine = float(vec @ expected.embedding.astype(np.float64) /
-                         (np.linalg.norm(vec) * np.linalg.norm(expected.embedding) or 1.0))
-    check.magnitude_error = abs(float(doc["magnitude"]) - expected.magnitude) / max(expected.magnitude, 1e-12)
-    if (check.cosine < COSINE_MIN or check.magnitude_error > MAGNITUDE_RTOL
-            or dict(doc.get("event_counts") or {}) != dict(counts)):
+    if prior_t is not None:
+        # the prior's direction is gone; its weight is known: the sum beyond the events must be exactly that
+        check.magnitude_error = prior_residual(stored.profile, expected, to_days(prior_t), settings.decay_lambda)
+        diverging = check.magnitude_error > MAGNITUDE_RTOL
+    else:
+        got = stored.profile
+        check.cosine = float(got.embedding.astype(np.float64) @ expected.embedding.astype(np.float64) /
+                             (np.linalg.norm(got.embedding) * np.linalg.norm(expected.embedding) or 1.0))
+        check.magnitude_error = abs(got.magnitude - expected.magnitude) / max(expected.magnitude, 1e-12)
+        diverging = check.cosine < COSINE_MIN or check.magnitude_error > MAGNITUDE_RTOL
+    if diverging or (not before and dict(doc.get("event_counts") or {}) != dict(counts)):
         check.status = "diverging"
     return check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -47,7 +48,7 @@ def import_products(
         provider = make_provider(s)
         store = Store(s.mongodb_url, s.mongodb_db)
         try:
-            result = _run(path, store, provider, batch_size, as_json)
+            result = _run(path, store, provider, batch_size, as_json, s.store_layout)
         except EmbeddingError as exc:
             fail(f"embeddings provider failed ({s.model}): {exc}; batches already stored are kept, re-run to resume",
                  EXIT_UNAVAILABLE if exc.transient else EXIT_FAIL)
@@ -61,9 +62,10 @@ def import_products(
         raise typer.Exit(EXIT_FAIL)
 
 
-def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool) -> ImportResult:
+def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool, layout: str) -> ImportResult:
     """The import with feedback: a progress bar on a terminal, a line per batch otherwise, none with --json."""
     shown = 0
+    run = functools.partial(import_catalog, path, store, provider, batch_size=batch_size, layout=layout)
 
     def bad(line: BadLine) -> None:
         nonlocal shown
@@ -72,20 +74,19 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
             err_console.print(f"[yellow]line {line.line}:[/] {line.error}", highlight=False, soft_wrap=True)
 
     if quiet:
-        return import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad)
+        return run(on_bad=bad)
     if not console.is_terminal:
         def plain(r: ImportResult) -> None:
             console.print(f"{r.lines} lines read: {r.imported} imported, {r.updated} updated, {r.unchanged} unchanged, "
                           f"{r.bad} bad", highlight=False, soft_wrap=True)
 
-        return import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad, on_batch=plain)
+        return run(on_bad=bad, on_batch=plain)
     with open(path, "rb") as fh:
         total = sum(1 for _ in fh)
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("import", total=total)
-        result = import_catalog(path, store, provider, batch_size=batch_size, on_bad=bad,
-                                on_batch=lambda r: progress.update(task, completed=r.lines))
+        result = run(on_bad=bad, on_batch=lambda r: progress.update(task, completed=r.lines))
         progress.update(task, completed=total)
     return result
 

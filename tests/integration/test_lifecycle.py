@@ -437,25 +437,27 @@ def test_sd_notify_ready_status_watchdog_stopping(lenv, workers):
 # ---- 8. crash -----------------------------------------------------------------------------------
 
 
-def test_unexpected_error_exits_1_and_leaves_the_message_queued(lenv, workers):
-    """A profile document whose embedding is not a vector (written by hand, not by the worker) makes the batch
-    raise something that is neither a store nor a provider error: the worker logs the crash and exits 1; the
-    unacked message goes back to the queue (and would end in failed as a PoisonMessage after restarts)."""
+def test_unexpected_error_exits_1_and_leaves_the_message_queued(lenv, workers, tmp_path):
+    """A bug (here an exception injected into the fold through a sitecustomize module: no stored document can
+    cause one any more) makes the batch raise something that is neither a store nor a provider error: the
+    worker logs the crash and exits 1; the unacked message goes back to the queue (and would end in failed as a
+    PoisonMessage after restarts)."""
     s = lenv.settings()
     topo = prepare(s)
     user = f"{lenv['MONGODB_DB']}-crash"
-    store = Store(s.mongodb_url, s.mongodb_db)
-    store.users.insert_one({"user_id": user, "embedding": "not a vector", "magnitude": 1.0, "last_updated": T0,
-                            "model": s.model, "dimensions": s.embedding_dimensions, "version": 1})
-    store.close()
+    (tmp_path / "sitecustomize.py").write_text(
+        "import myshop_ops.pipeline as pipeline\n\n\n"
+        "def fold(*args, **kwargs):\n    raise RuntimeError('injected bug')\n\n\n"
+        "pipeline.fold = fold\n")
     publish(s, topo, [make_event(user, "search", f"{user} phrase", T0)])
-    w = workers.start(lenv.subprocess_env(), "--time-limit", "30")
+    env = lenv.subprocess_env()
+    w = workers.start({**env, "PYTHONPATH": f"{tmp_path}:{env['PYTHONPATH']}"}, "--time-limit", "30")
     assert w.wait(20) == 1, w.describe()
-    assert "worker crashed" in w.stderr and "Traceback" in w.stderr, w.describe()
+    assert "worker crashed" in w.stderr and "RuntimeError: injected bug" in w.stderr, w.describe()
     assert "0 messages" in one_line(w.stdout), w.describe()
     wait_queue(s, topo.queue, messages=1, consumers=0)
     store = Store(s.mongodb_url, s.mongodb_db)
-    assert store.users.find_one({"user_id": user}, {"_id": 0, "version": 1}) == {"version": 1}  # untouched
+    assert store.users.find_one({"user_id": user}) is None  # untouched
     store.close()
 
 

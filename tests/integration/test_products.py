@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bson.binary import Binary
 
 from myshop_ops.catalog import import_catalog, text_hash
 from myshop_ops.embeddings import HashProvider, make_provider
@@ -84,9 +83,10 @@ def test_import_in_batches_then_only_changed_products(env, fake_openai, tmp_path
         assert (doc["model"], doc["dimensions"], doc["name"], doc["category"], doc["price"], doc["stock"]) == (
             "text-embedding-3-small", DIMS, p["name"], p["category"], p["price"], p["stock"])
         assert doc["text_hash"] == text_hash(text)
-        assert isinstance(doc["embedding"], Binary) and doc["embedding"].subtype == 9
+        # STORE_LAYOUT=shop: an array of doubles the shop's ranking reads, and the id its sync upserts by
+        assert doc["productId"] == p["product_id"] and all(type(x) is float for x in doc["embedding"])
         expected = native.embed_one(text)[:DIMS]  # what text-embedding-3 returns for `dimensions`
-        got = np.asarray(doc["embedding"].as_vector().data, np.float32)
+        got = np.asarray(doc["embedding"], np.float32)
         np.testing.assert_allclose(got, expected / np.linalg.norm(expected), atol=1e-6)
 
     fake_openai.clear()  # a re-run embeds nothing

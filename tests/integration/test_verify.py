@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from myshop_ops.contract import make_event, serialise
+from myshop_ops.layout import vector_value
 from myshop_ops.limits import Limits
-from myshop_ops.store import Store, encode_vector
+from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
 from tests.support.events import T0, mixed_events, publish, seed_products
@@ -65,8 +66,8 @@ def test_verify_reports_lost_duplicated_and_diverging_users(env, applied):
     store.users.update_one({"user_id": users[1]}, {"$inc": {"event_count": 1}})
     doc = store.get_profile_doc(users[2])
     rng = np.random.default_rng(1)
-    store.users.update_one({"user_id": users[2]}, {"$set": {"embedding": encode_vector(
-        rng.standard_normal(s.embedding_dimensions).astype(np.float32))}})
+    store.users.update_one({"user_id": users[2]}, {"$set": {"vector": vector_value(
+        rng.standard_normal(s.embedding_dimensions).astype(np.float32), s.store_layout)}})
     assert doc is not None
     report, code = run_verify(env, path)
     assert code == 1 and report["ok"] is False

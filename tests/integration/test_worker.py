@@ -12,7 +12,6 @@ from datetime import timedelta
 import numpy as np
 import pika
 import pytest
-from bson.binary import Binary
 
 from myshop_ops import broker
 from myshop_ops.contract import make_event, serialise
@@ -24,7 +23,7 @@ from myshop_ops.pipeline import Pipeline
 from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
-from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products
+from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products, stored_profile
 from tests.support.services import ROOT, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,9 +44,8 @@ def assert_profiles(settings, expected: dict, counts: dict | None = None) -> Non
     assert set(docs) == set(expected)
     for user, exp in expected.items():
         doc = docs[user]
-        assert isinstance(doc["embedding"], Binary) and doc["embedding"].subtype == 9
-        got = np.asarray(doc["embedding"].as_vector().data, np.float32)
-        assert np.max(np.abs(got - exp.embedding)) < 1e-5, user
+        got = stored_profile(settings, doc)
+        assert np.max(np.abs(got.embedding - exp.embedding)) < 1e-5, user
         assert doc["magnitude"] == pytest.approx(exp.magnitude, rel=1e-5)
         assert doc["dimensions"] == settings.embedding_dimensions and doc["model"] == settings.model
         assert doc["last_updated"].utcoffset().total_seconds() == 0

@@ -13,9 +13,22 @@ from myshop_ops.broker import Publisher, Topology
 from myshop_ops.config import Settings
 from myshop_ops.contract import Event, make_event, serialise
 from myshop_ops.embeddings import HashProvider, normalise_phrase
+from myshop_ops.layout import read_profile
 from myshop_ops.store import Store
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def stored_profile(settings: Settings, doc: dict) -> profile.Profile:
+    """A profile document as the math state, asserting it has the configured layout's shape (layout.py)."""
+    if settings.store_layout == "shop":
+        assert "embedding" not in doc and doc["dimension_count"] == len(doc["vector"]) == settings.embedding_dimensions
+        assert all(type(x) is float for x in doc["vector"])  # BSON doubles: what the shop's PHP reader takes
+    else:
+        assert "vector" not in doc and doc["embedding"].subtype == 9
+    read = read_profile(doc, settings.model, settings.embedding_dimensions)
+    assert not read.adopted and doc["myshop_version"] == doc["version"]
+    return read.profile
 
 
 def publish(settings: Settings, topo: Topology, bodies: Iterable[bytes | Event], message_ids: bool = True) -> int:

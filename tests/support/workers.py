@@ -20,12 +20,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from bson.binary import Binary
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings
 from myshop_ops.store import Store
+from tests.support.events import stored_profile
 from tests.support.services import ROOT, wait_for
 
 _SUMMARY = re.compile(
@@ -241,9 +241,8 @@ def check_profiles(settings: Settings, expected: dict, counts: dict[str, int]) -
     assert set(docs) == set(expected)
     for user, exp in expected.items():
         doc = docs[user]
-        assert isinstance(doc["embedding"], Binary) and doc["embedding"].subtype == 9
-        got = np.asarray(doc["embedding"].as_vector().data, np.float32)
-        assert np.max(np.abs(got - exp.embedding)) < 1e-5, user
+        got = stored_profile(settings, doc)
+        assert np.max(np.abs(got.embedding - exp.embedding)) < 1e-5, user
         assert abs(doc["magnitude"] - exp.magnitude) <= 1e-5 * max(1.0, abs(exp.magnitude)), user
         assert doc["event_count"] == counts[user], (user, doc["event_count"], counts[user])
         assert sum(doc["event_counts"].values()) == counts[user], user

@@ -57,7 +57,8 @@ def test_atlas_pipeline():
             "limit": 10,
             "filter": {"model": "text-embedding-3-small", "dimensions": 3, "product_id": {"$nin": ["p1", "p2"]}},
         }},
-        {"$project": {"_id": 0, "product_id": 1, "name": 1, "category": 1, "score": {"$meta": "vectorSearchScore"}}},
+        {"$project": {"_id": 0, "product_id": 1, "productId": 1, "name": 1, "category": 1,
+                      "score": {"$meta": "vectorSearchScore"}}},
     ]
     assert all(type(x) is float for x in pipeline[0]["$vectorSearch"]["queryVector"])  # BSON doubles
 
