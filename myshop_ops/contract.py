@@ -66,10 +66,23 @@ class Event:
     version: str = CONTRACT_VERSION
 
     @property
+    def key(self) -> str:
+        """The duplicate-detection key: the message id scoped to its user.
+
+        Producers' ids are not unique across users (the shop hashes the user id with ``%d``, so two users'
+        events in the same second can share an id): a duplicate is the same id for the same user."""
+        return event_key(self.message_id, self.user_id)
+
+    @property
     def reference(self) -> str:
         """The search phrase for ``search``, the product id otherwise."""
         ref = self.search_phrase if self.event_type == "search" else self.product_id
         return ref or ""
+
+
+def event_key(message_id: str, user_id: str) -> str:
+    """``Event.key`` of a message id and a user id (the id is fixed-length hex, so the key is unambiguous)."""
+    return f"{message_id}:{user_id}"
 
 
 def _utc_text(when: datetime) -> str:
@@ -211,9 +224,12 @@ def _occurred_at(value: Any, now: datetime | None, errors: list[str]) -> datetim
 
 
 def _metadata(value: Any, errors: list[str]) -> dict | None:
-    """An optional JSON object of at most 4 KiB once compactly serialised."""
+    """An optional JSON object of at most 4 KiB once compactly serialised. ``[]`` is an empty object: PHP's
+    json_encode writes an empty array (the shop's ``array $metadata = []``) that way."""
     if value is _MISSING or value is None:
         return None
+    if isinstance(value, list) and not value:
+        return {}
     if not isinstance(value, dict):
         errors.append(f"metadata: must be a JSON object or null (got {json_kind(value)})")
         return None

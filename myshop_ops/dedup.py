@@ -1,4 +1,4 @@
-"""Redis: processed message ids, the phrase-vector cache and the stop-workers flag.
+"""Redis: processed messages (by ``Event.key``: message id and user), the phrase-vector cache, the stop-workers flag.
 
 Redis is an accelerator, never the source of truth: every error is logged, counted and
 degraded (a miss), and the authoritative duplicate check is inside the MongoDB update.
@@ -46,20 +46,20 @@ class RedisState:
         """Raises redis.RedisError when Redis cannot be reached (used at start-up and by preflight)."""
         self.client.ping()
 
-    def seen(self, message_ids: Sequence[str]) -> set[str]:
-        """The ids already recorded as processed (empty when Redis is down)."""
-        if not message_ids:
+    def seen(self, keys: Sequence[str]) -> set[str]:
+        """The event keys (``Event.key``) already recorded as processed (empty when Redis is down)."""
+        if not keys:
             return set()
         try:
-            values = self.client.mget([PROCESSED + m for m in message_ids])
+            values = self.client.mget([PROCESSED + k for k in keys])
         except redis.RedisError as exc:
             self._degraded("seen", exc)
             return set()
-        return {m for m, v in zip(message_ids, values, strict=True) if v is not None}
+        return {k for k, v in zip(keys, values, strict=True) if v is not None}
 
-    def mark(self, message_ids: Iterable[str]) -> None:
-        """Record ids as processed for IDEMPOTENCY_TTL seconds (called after the MongoDB write)."""
-        keys = [PROCESSED + m for m in message_ids]
+    def mark(self, event_keys: Iterable[str]) -> None:
+        """Record event keys as processed for IDEMPOTENCY_TTL seconds (called after the MongoDB write)."""
+        keys = [PROCESSED + k for k in event_keys]
         if not keys:
             return
         try:
@@ -73,9 +73,9 @@ class RedisState:
         except redis.RedisError as exc:
             self._degraded("mark", exc)
 
-    def forget(self, message_ids: Iterable[str]) -> None:
-        """Drop processed ids (user erasure, failed retry)."""
-        keys = [PROCESSED + m for m in message_ids]
+    def forget(self, event_keys: Iterable[str]) -> None:
+        """Drop processed event keys (user erasure)."""
+        keys = [PROCESSED + k for k in event_keys]
         if keys:
             try:
                 self.client.delete(*keys)

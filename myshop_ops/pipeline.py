@@ -90,7 +90,7 @@ class Pipeline:
         self._apply(result, [i for i in live if i.status == "pending"])
         # Mark only ids whose effect is known to be stored: a second copy in this batch is acked as a duplicate,
         # but if its first copy goes to a retry queue the id must stay unmarked or the retry would be dropped.
-        done = [i.event.message_id for i in items
+        done = [i.event.key for i in items
                 if i.event and (i.status == "applied" or (i.status == "duplicate" and not i.second_copy))]
         self.redis.mark(done)
         result.counts.update(i.status for i in items)
@@ -105,17 +105,17 @@ class Pipeline:
             except InvalidMessage as exc:
                 item.status, item.error = "failed", exc
                 continue
-            if item.event.message_id in seen:
+            if item.event.key in seen:  # the same id for another user is another event
                 item.status, item.second_copy = "duplicate", True
                 continue
-            seen.add(item.event.message_id)
+            seen.add(item.event.key)
             live.append(item)
         return live
 
     def _drop_known(self, live: list[Item]) -> list[Item]:
-        known = self.redis.seen([i.event.message_id for i in live])
+        known = self.redis.seen([i.event.key for i in live])
         for item in live:
-            if item.event.message_id in known:
+            if item.event.key in known:
                 item.status = "duplicate"
         return [i for i in live if i.status == "pending"]
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from myshop_ops.config import Settings
-from myshop_ops.contract import Event, InvalidMessage, parse
+from myshop_ops.contract import Event, InvalidMessage, event_key, parse
 from myshop_ops.embeddings import PhraseEmbedder
 from myshop_ops.layout import UnreadableProfile, read_profile, to_datetime
 from myshop_ops.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
@@ -73,7 +73,7 @@ class Verification:
 
 
 def read_events(lines: Iterable[bytes], report: Verification) -> dict[str, Event]:
-    """Valid events by message_id (the first of duplicates kept, as the workers do)."""
+    """Valid events by ``Event.key`` (message id and user; the first of duplicates kept, as the workers do)."""
     events: dict[str, Event] = {}
     for line in lines:
         if not line.strip():
@@ -84,10 +84,10 @@ def read_events(lines: Iterable[bytes], report: Verification) -> dict[str, Event
         except InvalidMessage:
             report.invalid_lines += 1
             continue
-        if event.message_id in events:
+        if event.key in events:
             report.duplicates_in_file += 1
         else:
-            events[event.message_id] = event
+            events[event.key] = event
     report.events = len(events)
     return events
 
@@ -100,23 +100,23 @@ def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
 def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: PhraseEmbedder) -> Verification:
     report = Verification()
     events = read_events(lines, report)
-    failed_ids = set()
-    for chunk in _chunks(list(events)):
-        failed_ids.update(d["message_id"] for d in store.failed.find(
-            {"message_id": {"$in": chunk}}, {"message_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
-    report.in_failed = len(failed_ids)
-    live = [e for e in events.values() if e.message_id not in failed_ids]
+    failed_keys = set()
+    for chunk in _chunks(sorted({e.message_id for e in events.values()})):
+        failed_keys.update(event_key(d["message_id"], str(d.get("user_id"))) for d in store.failed.find(
+            {"message_id": {"$in": chunk}}, {"message_id": 1, "user_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
+    live = [e for e in events.values() if e.key not in failed_keys]
+    report.in_failed = len(events) - len(live)
     vectors = _vectors(settings, live, store, phrases)
-    report.skipped_no_product = sum(1 for e in live if e.message_id not in vectors)
+    report.skipped_no_product = sum(1 for e in live if e.key not in vectors)
     by_user: dict[str, list[Event]] = defaultdict(list)
     for e in live:
-        if e.message_id in vectors:
+        if e.key in vectors:
             by_user[e.user_id].append(e)
     stored = _stored(store, list(by_user))
     for user_id, evs in sorted(by_user.items()):
         expected = fold(None, np.array([to_days(e.occurred_at) for e in evs]),
                         np.array([settings.weights[e.event_type] for e in evs]),
-                        np.stack([vectors[e.message_id] for e in evs]), lam=settings.decay_lambda,
+                        np.stack([vectors[e.key] for e in evs]), lam=settings.decay_lambda,
                         model=settings.model)
         report.users.append(_judge(settings, user_id, expected, Counter(e.event_type for e in evs),
                                    stored.get(user_id)))
@@ -124,7 +124,7 @@ def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: Ph
 
 
 def _vectors(settings: Settings, events: list[Event], store: Store, phrases: PhraseEmbedder) -> dict[str, np.ndarray]:
-    """The vector each event contributes, by message_id (absent: its product has no usable vector)."""
+    """The vector each event contributes, by ``Event.key`` (absent: its product has no usable vector)."""
     products: dict[str, np.ndarray] = {}
     for chunk in _chunks(sorted({e.product_id for e in events if e.product_id is not None})):
         found, _ = store.product_vectors(chunk, settings.model, settings.embedding_dimensions)
@@ -136,7 +136,7 @@ def _vectors(settings: Settings, events: list[Event], store: Store, phrases: Phr
     for e in events:
         vec = searched.get(e.search_phrase) if e.search_phrase is not None else products.get(e.product_id)
         if vec is not None:
-            out[e.message_id] = vec
+            out[e.key] = vec
     return out
 
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
 from myshop_ops.cli.recommend import as_dict, render
-from myshop_ops.contract import EVENT_TYPES
+from myshop_ops.contract import EVENT_TYPES, event_key
 from myshop_ops.dedup import RedisState
 from myshop_ops.recommend import Recommendations, Recommender, RecommendError
 from myshop_ops.store import USERS, Store, message_ids
@@ -93,7 +93,7 @@ def delete_user(
                 fail(f"user {user_id}'s profile was erased by someone else meanwhile")
             ids = message_ids(doc)
             errors_before = redis_state.errors
-            redis_state.forget(ids)
+            redis_state.forget(event_key(m, user_id) for m in ids)
             redis_ok = redis_state.errors == errors_before
             failed_records = store.failed.count_documents({"user_id": user_id})
         finally:

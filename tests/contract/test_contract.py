@@ -19,6 +19,7 @@ from myshop_ops.contract import (
     MAX_METADATA_BYTES,
     Event,
     InvalidMessage,
+    event_key,
     make_event,
     message_id,
     parse,
@@ -185,7 +186,7 @@ def test_multiple_errors_reported_together() -> None:
         "event_type": "search",
         "product_id": "p",
         "occurred_at": "2024-01-01T00:00:00",
-        "metadata": [],
+        "metadata": [1],
         "message_id": "XYZ",
         "version": "2.0",
     }
@@ -548,3 +549,31 @@ def test_arbitrary_json_objects_parse_or_invalid(data: dict[str, Any]) -> None:
 @given(json_values)
 def test_arbitrary_json_values_parse_or_invalid(value: Any) -> None:
     _parse_or_invalid(json.dumps(value))
+
+
+# The shop's publisher (Symfony Messenger + Symfony serializer), one message exactly as it reaches the queue.
+SHOP_BODY = (b'{"weight":0.7,"userId":"669a3f12-7b00-413f-f7e2-e25d19efe76b","eventType":"search",'
+             b'"searchPhrase":"gaming laptop","productId":null,"occurredAt":"2026-11-26T09:29:44+00:00",'
+             b'"metadata":[],"messageId":"7e783b9db3a84a79871b36989f0fb13e8bb6b7baea49f4ad7115f39e9fe72ecf"}')
+
+
+def test_the_shops_wire_format_is_accepted_as_it_is() -> None:
+    event = parse(SHOP_BODY, now=datetime(2026, 11, 27, tzinfo=UTC))
+    assert event.user_id == "669a3f12-7b00-413f-f7e2-e25d19efe76b"
+    assert event.event_type == "search" and event.search_phrase == "gaming laptop" and event.product_id is None
+    assert event.message_id == "7e783b9db3a84a79871b36989f0fb13e8bb6b7baea49f4ad7115f39e9fe72ecf"
+    assert event.metadata == {}  # PHP's empty array, "[]": empty metadata, not an error ("weight" is ignored)
+
+
+def test_empty_array_metadata_is_empty_and_a_non_empty_array_is_refused() -> None:
+    assert parse(enc(body(metadata=[])), now=NOW).metadata == {}
+    assert parse(enc(body(metadata={})), now=NOW).metadata == {}
+    assert errors_of(enc(body(metadata=["a"]))) == ["metadata: must be a JSON object or null (got an array)"]
+
+
+def test_the_dedup_key_is_the_message_id_scoped_to_the_user() -> None:
+    """The shop's ids collide across users (sprintf('%d', uuid)): the key must tell them apart."""
+    a = parse(enc(body(user_id="669a3f12-aaaa", message_id="a" * 64)), now=NOW)
+    b = parse(enc(body(user_id="669a3f12-bbbb", message_id="a" * 64)), now=NOW)
+    assert a.message_id == b.message_id and a.key != b.key
+    assert a.key == event_key("a" * 64, "669a3f12-aaaa")
