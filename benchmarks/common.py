@@ -41,8 +41,11 @@ from myshop_ops.broker import H_PUBLISHED_AT, Topology  # noqa: E402
 from myshop_ops.config import Settings, load_settings  # noqa: E402
 from myshop_ops.embeddings import HashProvider  # noqa: E402
 from myshop_ops.generate import Plan, Run, synthesize  # noqa: E402
+from myshop_ops.management import for_dsn  # noqa: E402
 from myshop_ops.publisher import PublishResult, WindowedPublisher  # noqa: E402
 from myshop_ops.store import Store  # noqa: E402
+from myshop_ops.transports import Transports  # noqa: E402
+from tests.support.workers import remove_topology  # noqa: E402
 
 RABBIT = os.environ.get("BENCH_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 MONGO = os.environ.get("BENCH_MONGODB_URL", "mongodb://127.0.0.1:27017/?directConnection=true")
@@ -192,7 +195,7 @@ class BenchEnv:
         """Declare the topology (``setup-transports``), create the indexes (``setup-indexes``), seed products."""
         conn = broker.connect(RABBIT, name="bench-setup")
         try:
-            broker.declare(conn, self.topology)
+            Transports(conn, for_dsn(None, RABBIT), self.topology).setup()
         finally:
             conn.close()
         store = Store(MONGO, self.settings.mongodb_db)
@@ -273,14 +276,7 @@ class BenchEnv:
         clear_redis()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            conn = pika.BlockingConnection(pika.URLParameters(RABBIT))
-            ch = conn.channel()
-            for q in self.topology.queues():
-                ch.queue_delete(q)
-            for x in (self.topology.exchange, self.topology.failed_exchange):
-                ch.exchange_delete(x)
-            conn.close()
+        remove_topology(RABBIT, self.topology)
         with contextlib.suppress(Exception):
             client = MongoClient(MONGO, serverSelectionTimeoutMS=2000)
             client.drop_database(self.settings.mongodb_db)

@@ -1,7 +1,9 @@
-"""RabbitMQ: connection with failover, the topology of SPEC section 3, a confirmed publisher, queue depth."""
+"""RabbitMQ: connection with failover, the topology's names and policies (declared by ``transports``), a confirmed
+publisher, queue depth."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -24,19 +26,36 @@ class BrokerError(Exception):
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, BrokerError, ConnectionError)
 
 
-class TopologyMismatch(BrokerError):
-    """A queue or exchange exists with other arguments than the configured ones."""
+SHOP_ROUTING_KEY = "user.embedding.update"  # the shop's Symfony transport: default_publish_routing_key
+POLICY_PRIORITY = 10  # above a catch-all policy an operator may have (one policy applies per object)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A RabbitMQ policy for one object: what may change without redeclaring (dead-lettering, delivery limit, TTLs,
+    alternate exchange) lives in policies, so a queue is declared with nothing but its type, as the shop declares
+    it."""
+
+    name: str
+    target: str  # the queue or exchange it applies to (its pattern matches that name only)
+    apply_to: str  # queues | exchanges
+    definition: dict
+
+    @property
+    def pattern(self) -> str:
+        return "^" + re.escape(self.target) + "$"
 
 
 @dataclass(frozen=True)
 class Topology:
-    """Names and arguments of every exchange and queue; the main exchange has the main queue's name."""
+    """Names, arguments and policies of every exchange and queue; the main exchange has the main queue's name."""
 
     queue: str = "user_embedding_updates"
     failed_queue: str = "failed"
     queue_type: str = "quorum"
     retry_delays_ms: tuple[int, ...] = (5000, 10000, 20000, 40000, 60000)
     delivery_limit: int = DELIVERY_LIMIT
+    binding_keys: tuple[str, ...] = (SHOP_ROUTING_KEY,)  # what producers publish with (besides the queue's name)
 
     @classmethod
     def from_settings(cls, s: Settings, queue: str | None = None) -> Topology:
@@ -45,6 +64,7 @@ class Topology:
             failed_queue=s.failed_queue,
             queue_type=s.rabbitmq_queue_type,
             retry_delays_ms=tuple(s.retry_delays_ms),
+            binding_keys=tuple(s.rabbitmq_binding_keys),
         )
 
     @property
@@ -55,31 +75,45 @@ class Topology:
     def failed_exchange(self) -> str:
         return self.failed_queue
 
+    @property
+    def unrouted(self) -> str:
+        """The alternate exchange of the main exchange (fanout) and its queue: what no binding matched."""
+        return f"{self.queue}.unrouted"
+
+    @property
+    def routing_keys(self) -> tuple[str, ...]:
+        """Every key the main queue is bound with: its own name (retry copies come back with it), then the
+        producers' keys."""
+        return tuple(dict.fromkeys((self.queue, *self.binding_keys)))
+
     def retry_queue(self, attempt: int) -> str:
         """The delay queue of retry ``attempt`` (1-based)."""
         return f"{self.queue}.retry.{attempt}"
 
     def main_arguments(self) -> dict:
-        args = {
-            "x-queue-type": self.queue_type,
-            "x-dead-letter-exchange": self.failed_exchange,
-            "x-dead-letter-routing-key": self.failed_queue,
-        }
-        if self.queue_type == "quorum":
-            args["x-delivery-limit"] = self.delivery_limit
-        return args
+        """The main queue's declare arguments: only its type, which no policy can set. A producer that declares
+        the queue (Symfony's auto_setup) must pass exactly these."""
+        return {"x-queue-type": self.queue_type}
 
-    def retry_arguments(self, attempt: int) -> dict:
-        return {
-            "x-queue-type": "classic",
-            "x-message-ttl": self.retry_delays_ms[attempt - 1],
-            "x-dead-letter-exchange": self.exchange,
-            "x-dead-letter-routing-key": self.queue,
-        }
+    def policies(self) -> list[Policy]:
+        main = {"dead-letter-exchange": self.failed_exchange, "dead-letter-routing-key": self.failed_queue}
+        if self.queue_type == "quorum":
+            main["delivery-limit"] = self.delivery_limit
+        policies = [
+            Policy(f"myshop.{self.queue}", self.queue, "queues", main),
+            Policy(f"myshop.{self.queue}.exchange", self.exchange, "exchanges",
+                   {"alternate-exchange": self.unrouted}),
+        ]
+        for attempt, delay in enumerate(self.retry_delays_ms, start=1):
+            policies.append(Policy(f"myshop.{self.retry_queue(attempt)}", self.retry_queue(attempt), "queues",
+                                   {"message-ttl": delay, "dead-letter-exchange": self.exchange,
+                                    "dead-letter-routing-key": self.queue}))
+        return policies
 
     def queues(self) -> list[str]:
-        """Every queue of the topology: main, retries, failed."""
-        return [self.queue, *(self.retry_queue(i) for i in range(1, len(self.retry_delays_ms) + 1)), self.failed_queue]
+        """Every queue of the topology: main, retries, failed, unrouted."""
+        return [self.queue, *(self.retry_queue(i) for i in range(1, len(self.retry_delays_ms) + 1)),
+                self.failed_queue, self.unrouted]
 
 
 H_PUBLISHED_AT = "x-published-at"  # epoch milliseconds of the first publish, kept by retry copies
@@ -127,65 +161,6 @@ def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingC
     raise BrokerError("RabbitMQ unreachable: " + "; ".join(errors) + " (is RabbitMQ running? check RABBITMQ_DSN)")
 
 
-def declare(connection: BlockingConnection, topo: Topology) -> list[tuple[str, str]]:
-    """Declare the topology idempotently; returns (kind, name). A mismatch raises TopologyMismatch."""
-    done: list[tuple[str, str]] = []
-    ch = connection.channel()
-
-    def run(kind: str, name: str, **kw) -> None:
-        nonlocal ch
-        try:
-            if kind == "exchange":
-                ch.exchange_declare(exchange=name, exchange_type="direct", durable=True)
-            else:
-                ch.queue_declare(queue=name, durable=True, **kw)
-        except pex.ChannelClosedByBroker as exc:
-            ch = connection.channel()
-            if exc.reply_code == 406:
-                raise TopologyMismatch(
-                    f"{kind} '{name}' exists with other settings ({exc.reply_text}); it was left untouched: "
-                    f"drain and delete it (rabbitmqctl delete_queue {name}) or change the configuration to match"
-                ) from None
-            raise BrokerError(f"declaring {kind} '{name}' failed: {exc.reply_text}") from None
-        done.append((kind, name))
-
-    run("exchange", topo.failed_exchange)
-    run("queue", topo.failed_queue, arguments={"x-queue-type": "classic"})
-    ch.queue_bind(topo.failed_queue, topo.failed_exchange, routing_key=topo.failed_queue)
-    run("exchange", topo.exchange)
-    run("queue", topo.queue, arguments=topo.main_arguments())
-    ch.queue_bind(topo.queue, topo.exchange, routing_key=topo.queue)
-    for attempt in range(1, len(topo.retry_delays_ms) + 1):
-        run("queue", topo.retry_queue(attempt), arguments=topo.retry_arguments(attempt))
-    ch.close()
-    return done
-
-
-def check_topology(connection: BlockingConnection, topo: Topology) -> list[str]:
-    """What differs between the broker and the configured topology, without changing anything: each exchange
-    and queue is looked up passively, then redeclared with the expected settings (RabbitMQ refuses a redeclare
-    whose durability or arguments differ, and creates nothing that already exists). Empty when all is in place."""
-    problems: list[str] = []
-    expected = [("exchange", topo.failed_exchange, {}), ("queue", topo.failed_queue, {"x-queue-type": "classic"}),
-                ("exchange", topo.exchange, {}), ("queue", topo.queue, topo.main_arguments())]
-    expected += [("queue", topo.retry_queue(i), topo.retry_arguments(i))
-                 for i in range(1, len(topo.retry_delays_ms) + 1)]
-    for kind, name, arguments in expected:
-        ch = connection.channel()
-        try:
-            if kind == "exchange":
-                ch.exchange_declare(exchange=name, passive=True)
-                ch.exchange_declare(exchange=name, exchange_type="direct", durable=True)
-            else:
-                ch.queue_declare(queue=name, passive=True)
-                ch.queue_declare(queue=name, durable=True, arguments=arguments)
-            ch.close()
-        except pex.ChannelClosedByBroker as exc:
-            problems.append(f"{kind} '{name}' " + ("is missing" if exc.reply_code == 404 else
-                                                   f"differs from the configuration: {exc.reply_text}"))
-    return problems
-
-
 def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] | None:
     """(ready messages, consumers) of ``queue``, or None when it does not exist."""
     ch = connection.channel()
@@ -197,6 +172,34 @@ def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] |
         raise
     ch.close()
     return ok.method.message_count, ok.method.consumer_count
+
+
+def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0) -> int:
+    """Move the messages of ``source`` (all but its first ``skip``) to ``exchange`` with ``routing_key``, properties
+    and headers kept: each is republished with a confirm, then acked, so none is ever lost (an interruption leaves
+    one copy twice at most, which deduplication absorbs). Returns how many moved."""
+    get, put = connection.channel(), connection.channel()
+    put.confirm_delivery()
+    moved = 0
+    try:
+        while True:
+            method, props, body = get.basic_get(source, auto_ack=False)
+            if method is None:
+                return moved
+            if skip > 0:
+                skip -= 1  # left unacked until the channel closes: back in the queue, in its place
+                continue
+            try:
+                put.basic_publish(exchange, routing_key, body, props, mandatory=True)
+            except (pex.UnroutableError, pex.NackError) as exc:
+                raise BrokerError(f"moving a message from '{source}' to '{exchange or routing_key}' failed "
+                                  f"({type(exc).__name__}); it stays in '{source}'") from None
+            get.basic_ack(method.delivery_tag)
+            moved += 1
+    finally:
+        for ch in (get, put):
+            if ch.is_open:
+                ch.close()
 
 
 def purge(connection: BlockingConnection, queue: str) -> int:

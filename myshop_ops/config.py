@@ -70,6 +70,7 @@ class Settings:
     rabbitmq_management_url: str | None = None
     queue: str = "user_embedding_updates"
     failed_queue: str = "failed"
+    rabbitmq_binding_keys: tuple[str, ...] = ("user.embedding.update",)
     mongodb_url: str = DEV_DEFAULTS["MONGODB_URL"]
     mongodb_db: str = "myshop"
     redis_url: str = DEV_DEFAULTS["REDIS_URL"]
@@ -170,6 +171,7 @@ def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+_ROUTING_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
 
 
 def _url(env: Mapping[str, str], var: str, schemes: tuple[str, ...], prod: bool, required: bool = True) -> str | None:
@@ -219,6 +221,11 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         names[var] = (e.get(var) or default).strip()
         if not _NAME.match(names[var]):
             raise ConfigError(var, names[var], "letters, digits and _ . : - (1..200 characters)")
+    raw_keys = e.get("RABBITMQ_BINDING_KEYS") or "user.embedding.update"
+    keys = tuple(dict.fromkeys(k.strip() for k in raw_keys.split(",")))
+    if not all(_ROUTING_KEY.match(k) for k in keys):
+        raise ConfigError("RABBITMQ_BINDING_KEYS", raw_keys,
+                          "comma-separated routing keys of letters, digits and _ . : -, e.g. user.embedding.update")
     index = (e.get("ATLAS_VECTOR_INDEX") or "product_embedding_index").strip()
     if not _NAME.match(index) or "." in index or ":" in index:
         raise ConfigError("ATLAS_VECTOR_INDEX", index, "an Atlas search index name of letters, digits, _ and -")
@@ -233,6 +240,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | N
         rabbitmq_management_url=_url(e, "RABBITMQ_MANAGEMENT_URL", ("http", "https"), prod, required=False),
         queue=names["RABBITMQ_QUEUE"],
         failed_queue=names["RABBITMQ_FAILED_QUEUE"],
+        rabbitmq_binding_keys=keys,
         mongodb_url=_url(e, "MONGODB_URL", ("mongodb", "mongodb+srv"), prod),
         mongodb_db=db,
         redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix"), prod),

@@ -1,6 +1,8 @@
-"""RabbitMQ management HTTP API (optional, RABBITMQ_MANAGEMENT_URL): unacked counts, rates, queue arguments.
+"""RabbitMQ management HTTP API: unacked counts, rates, queue types and arguments, bindings, policies.
 
-The AMQP protocol only tells ready messages and consumers; everything else an operator wants comes from here.
+The AMQP protocol only tells ready messages and consumers; everything else an operator wants comes from here, and
+policies can only be set here. RABBITMQ_MANAGEMENT_URL names it; `setup-transports` and `preflight` fall back to
+the first RABBITMQ_DSN host on port 15672 (15671 for amqps) with its credentials.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class QueueInfo:
     publish_rate: float | None  # messages/s over the broker's sampling window
     deliver_rate: float | None
     acked_total: int | None  # acks since the queue's statistics began (a broker restart resets them)
+    type: str = "classic"
+    policy: str | None = None  # the policy applied to the queue (None: none)
 
 
 class Management:
@@ -44,8 +48,12 @@ class Management:
                                 ""))
         self.timeout = timeout
 
-    def _request(self, method: str, path: str) -> object:
-        request = urllib.request.Request(self.base + path, method=method, headers={"Authorization": self._auth})
+    def _request(self, method: str, path: str, payload: object = None) -> object:
+        headers = {"Authorization": self._auth}
+        data = None
+        if payload is not None:
+            data, headers["Content-Type"] = json.dumps(payload).encode(), "application/json"
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                 body = reply.read()
@@ -65,11 +73,31 @@ class Management:
         return self._request("GET", path)
 
     def queue(self, name: str) -> QueueInfo | None:
-        raw = self._get(f"/queues/{quote(self.vhost, safe='')}/{quote(name, safe='')}")
+        raw = self._get(f"/queues/{self._vhost}/{quote(name, safe='')}")
         return None if raw is None else _queue_info(raw)
 
     def bindings(self, queue: str) -> list[dict]:
-        return self._get(f"/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}/bindings") or []
+        return self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}/bindings") or []
+
+    def exchange(self, name: str) -> dict | None:
+        return self._get(f"/exchanges/{self._vhost}/{quote(name, safe='')}")
+
+    def policy(self, name: str) -> dict | None:
+        return self._get(f"/policies/{self._vhost}/{quote(name, safe='')}")
+
+    def policies(self) -> list[dict]:
+        return self._get(f"/policies/{self._vhost}") or []
+
+    def put_policy(self, name: str, pattern: str, apply_to: str, definition: dict, priority: int) -> None:
+        self._request("PUT", f"/policies/{self._vhost}/{quote(name, safe='')}",
+                      {"pattern": pattern, "apply-to": apply_to, "definition": definition, "priority": priority})
+
+    def delete_policy(self, name: str) -> None:
+        self._request("DELETE", f"/policies/{self._vhost}/{quote(name, safe='')}")
+
+    @property
+    def _vhost(self) -> str:
+        return quote(self.vhost, safe="")
 
 
 def _queue_info(raw: dict) -> QueueInfo:
@@ -89,6 +117,8 @@ def _queue_info(raw: dict) -> QueueInfo:
         publish_rate=rate("publish"),
         deliver_rate=rate("deliver_get"),
         acked_total=stats.get("ack"),
+        type=str(raw.get("type") or "classic"),
+        policy=raw.get("policy") or None,
     )
 
 
@@ -96,3 +126,20 @@ def vhost_of(dsn: str) -> str:
     """The vhost of the first URL of a RABBITMQ_DSN ('/' when the path is empty)."""
     path = urlsplit(dsn_urls(dsn)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def management_url(management: str | None, dsn: str) -> str:
+    """RABBITMQ_MANAGEMENT_URL, or the first RABBITMQ_DSN host on the management port with the DSN's credentials."""
+    if management:
+        return management
+    parts = urlsplit(dsn_urls(dsn)[0])
+    tls = parts.scheme == "amqps"
+    user = quote(unquote(parts.username or "guest"), safe="")
+    password = quote(unquote(parts.password or "guest"), safe="")
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    return f"{'https' if tls else 'http'}://{user}:{password}@{host}:{15671 if tls else 15672}"
+
+
+def for_dsn(management: str | None, dsn: str) -> Management:
+    """The management API of the broker a RABBITMQ_DSN names, in its vhost."""
+    return Management(management_url(management, dsn), vhost_of(dsn))

@@ -188,7 +188,7 @@ class QueueExporter:
     def __init__(self, interval: float, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.interval = interval
-        labels = ["queue", "role"]  # role: main | retry | failed | other, so alerts need no queue names
+        labels = ["queue", "role"]  # role: main | retry | failed | unrouted | other: alerts need no queue names
         self.depth = Gauge("messenger_queue_depth", "Ready messages in the queue", labels, registry=r)
         self.unacked = Gauge("myshop_queue_unacked", "Delivered, not yet acked (management API)", labels,
                              registry=r)

@@ -21,9 +21,10 @@ from myshop_ops import broker
 from myshop_ops.broker import BrokerError, Topology
 from myshop_ops.config import ConfigError, Settings, load_settings, mask_url, merged_env
 from myshop_ops.embeddings import EmbeddingError, make_provider
-from myshop_ops.management import Management, ManagementError, vhost_of
+from myshop_ops.management import ManagementError, for_dsn
 from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH
 from myshop_ops.store import Store
+from myshop_ops.transports import Transports
 
 PACKAGES = ("myshop-ops", "pika", "pymongo", "redis", "openai", "numpy", "typer", "rich", "prometheus-client")
 _PLACEHOLDER = re.compile(r"^(sk-\.{3}|sk-x+|<[^>]*>|changeme|change-me|your[-_].*|xxx+|todo|replace[-_ ]?me)$",
@@ -142,18 +143,7 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
         return
     try:
         yield Check("rabbitmq", "reachable", "PASS", mask_url(s.rabbitmq_dsn))
-        problems = broker.check_topology(conn, topo)
-        if problems:
-            missing = all(p.endswith("is missing") for p in problems)
-            yield Check("rabbitmq", "topology", "FAIL", "; ".join(problems),
-                        "myshop setup-transports" if missing else
-                        "drain and delete the differing queue (rabbitmqctl delete_queue NAME), "
-                        "then myshop setup-transports")
-        else:
-            yield Check("rabbitmq", "topology", "PASS",
-                        f"{topo.queue} ({topo.queue_type}, durable, DLX {topo.failed_exchange}, no TTL), "
-                        f"{len(topo.retry_delays_ms)} retry queues, {topo.failed_queue}")
-        yield from _bindings(s, topo)
+        yield from _topology(s, conn, topo)
         main = broker.queue_depth(conn, topo.queue)
         failed = broker.queue_depth(conn, topo.failed_queue)
         if main is not None:
@@ -173,24 +163,33 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
         conn.close()
 
 
-def _bindings(s: Settings, topo: Topology) -> Iterator[Check]:
-    if not s.rabbitmq_management_url:
-        yield Check("rabbitmq", "bindings", "SKIP", "needs RABBITMQ_MANAGEMENT_URL")
-        return
-    api = Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn))
-    missing = []
+def _topology(s: Settings, conn, topo: Topology) -> Iterator[Check]:
+    """Exchanges, queues (type, arguments overriding policies), the producers' routing keys, policies, and
+    anything the alternate exchange caught."""
     try:
-        for queue, exchange in ((topo.queue, topo.exchange), (topo.failed_queue, topo.failed_exchange)):
-            found = {(b["source"], b["routing_key"]) for b in api.bindings(queue)}
-            if (exchange, queue) not in found:
-                missing.append(f"{exchange} -> {queue} (key {queue})")
+        found = Transports(conn, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), topo).check()
     except ManagementError as exc:
-        yield Check("rabbitmq", "bindings", "WARN", str(exc), "rabbitmq-plugins enable rabbitmq_management")
+        yield Check("rabbitmq", "topology", "FAIL", f"{exc}: policies and bindings cannot be checked",
+                    "rabbitmq-plugins enable rabbitmq_management (or set RABBITMQ_MANAGEMENT_URL)")
         return
-    if missing:
-        yield Check("rabbitmq", "bindings", "FAIL", "missing " + ", ".join(missing), "myshop setup-transports")
-    else:
-        yield Check("rabbitmq", "bindings", "PASS", "main and failed queues bound to their exchanges")
+    bindings = [st for st in found if st.kind == "binding"]
+    others = [st for st in found if st.kind != "binding"]
+    for name, steps, good in (
+            ("topology", others, f"{topo.queue} ({topo.queue_type}), {len(topo.retry_delays_ms)} retry queues, "
+                                 f"{topo.failed_queue}, {topo.unrouted}; policies applied"),
+            ("bindings", bindings, f"routing keys {', '.join(topo.routing_keys)} reach {topo.queue}")):
+        if not steps:
+            yield Check("rabbitmq", name, "PASS", good)
+            continue
+        level = "FAIL" if any(st.level == "fail" for st in steps) else "WARN"
+        fixes = list(dict.fromkeys(st.fix for st in steps if st.fix))
+        yield Check("rabbitmq", name, level, "; ".join(f"{st.kind} {st.name}: {st.state}" + (
+            f" ({st.detail})" if st.detail else "") for st in steps), "; ".join(fixes) or None)
+    unrouted = broker.queue_depth(conn, topo.unrouted)
+    if unrouted is not None and unrouted[0]:
+        yield Check("rabbitmq", "unrouted", "WARN", f"{unrouted[0]} message(s) published to {topo.exchange} matched "
+                    f"no binding (kept in {topo.unrouted})",
+                    "fix the producer's routing key or RABBITMQ_BINDING_KEYS, then myshop unrouted republish")
 
 
 def _redis(s: Settings) -> Iterator[Check]:

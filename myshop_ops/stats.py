@@ -23,7 +23,7 @@ LEVELS = ("ok", "warn", "critical")
 @dataclass
 class QueueRow:
     name: str
-    role: str  # main | retry | failed | other
+    role: str  # main | retry | failed | unrouted | other
     ready: int
     consumers: int
     unacked: int | None = None  # None: not known without the management API
@@ -63,6 +63,8 @@ def role_of(topo: Topology, name: str) -> str:
         return "main"
     if name == topo.failed_queue:
         return "failed"
+    if name == topo.unrouted:
+        return "unrouted"
     return "retry" if name in topo.queues() else "other"
 
 
@@ -102,6 +104,8 @@ def _judge(rows: list[QueueRow]) -> None:
                 row.flag("warn", f"more than {WARN_DEPTH} ready")
             if row.ready and not row.consumers:
                 row.flag("warn", "messages waiting with no consumer")
+        elif row.role == "unrouted" and row.ready:
+            row.flag("warn", "published with a routing key no binding matches: see `myshop unrouted show`")
         elif row.role == "failed" and row.ready:
             acked = main.acked_total if main else None
             if acked:

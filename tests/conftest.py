@@ -9,7 +9,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-import pika
 import pytest
 import redis as redis_lib
 
@@ -17,7 +16,7 @@ from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import ROOT, MongoWire, redis_url
-from tests.support.workers import Workers, prepare
+from tests.support.workers import Workers, prepare, remove_topology
 
 RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 REDIS = redis_url()
@@ -85,17 +84,7 @@ def _forget_redis_state() -> None:
 
 def _cleanup(e: Env) -> None:
     s = e.settings()
-    topo = Topology.from_settings(s)
-    try:
-        conn = pika.BlockingConnection(pika.URLParameters(RABBIT))
-        ch = conn.channel()
-        for q in topo.queues():
-            ch.queue_delete(q)
-        for x in (topo.exchange, topo.failed_exchange):
-            ch.exchange_delete(x)
-        conn.close()
-    except Exception:
-        pass
+    remove_topology(RABBIT, Topology.from_settings(s))
     from pymongo import MongoClient
 
     client = MongoClient(s.mongodb_url, serverSelectionTimeoutMS=2000)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str | None]] = {
     "consume": ("worker", "consume", "CONSUME_HELP"),
     "stop-workers": ("worker", "stop_workers", None),
     "setup-transports": ("setup", "setup_transports", None),
+    "messenger-config": ("setup", "messenger_config", None),
     "setup-indexes": ("setup", "setup_indexes", None),
     "stats": ("stats", "stats", "STATS_HELP"),
     "purge": ("purge", "purge", "PURGE_HELP"),
@@ -30,6 +31,8 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "user": ("Inspect or erase one user's profile.",
              {"show": ("user", "show_user"), "delete": ("user", "delete_user")}),
     "products": ("Manage product vectors.", {"import": ("products", "import_products")}),
+    "unrouted": ("List and republish messages that matched no binding of the main exchange.",
+                 {"show": ("unrouted", "show"), "republish": ("unrouted", "republish")}),
 }
 
 

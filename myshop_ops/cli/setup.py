@@ -1,48 +1,80 @@
-"""`myshop setup-transports` and `myshop setup-indexes`: idempotent, report what exists and what was made."""
+"""`myshop setup-transports`, `messenger-config`, `setup-indexes`: idempotent, report what exists and was made."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from myshop_ops import broker
+from myshop_ops import broker, transports
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import console, operator_errors, print_json, settings
+from myshop_ops.cli.common import EXIT_FAIL, console, err_console, fail, operator_errors, print_json, settings
+from myshop_ops.config import Settings, mask_url
+from myshop_ops.management import for_dsn
 from myshop_ops.store import Store
+from myshop_ops.transports import MigrationRefused
 
 
 def setup_transports(
     queue: str = typer.Option(None, help="Main queue name (default RABBITMQ_QUEUE)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the declared objects as JSON."),
+    migrate: bool = typer.Option(False, "--migrate", help="Also recreate a main queue of another type (or with "
+                                 "declared arguments) and old retry queues, moving their messages; workers stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was found and done as JSON."),
 ) -> None:
-    """Declare the exchanges and queues (main, retry delay queues, failed). A mismatching queue is reported,
-    never redeclared."""
+    """Declare the exchanges, queues, bindings and policies; adopt what exists (never redeclared)."""
     s = settings()
     topo = Topology.from_settings(s, queue)
-    with operator_errors(s):
-        conn = broker.connect(s.rabbitmq_dsn, name="myshop-setup")
-        try:
-            declared = broker.declare(conn, topo)
-        finally:
-            conn.close()
-    rows = [{"kind": k, "name": n, "arguments": _args(topo, k, n)} for k, n in declared]
+    with operator_errors(s), _transports(s, topo) as transports:
+        steps = transports.setup()
+        if migrate:
+            try:
+                steps += transports.migrate(progress=lambda line: err_console.print(line, highlight=False))
+            except MigrationRefused as exc:
+                fail(str(exc), EXIT_FAIL)
+    warned = [st for st in steps if st.level != "ok"]
     if as_json:
-        print_json({"declared": rows})
+        print_json({"steps": [asdict(st) for st in steps], "ok": not warned})
         return
-    table = Table("kind", "name", "arguments", title="RabbitMQ topology (declared, idempotent)")
-    for r in rows:
-        table.add_row(r["kind"], r["name"], ", ".join(f"{k}={v}" for k, v in r["arguments"].items()))
+    table = Table("kind", "name", "state", "detail", title="RabbitMQ topology (idempotent)")
+    for column in table.columns:
+        column.overflow = "fold"
+    for st in steps:
+        style = {"created": "green", "set": "green", "recreated": "green", "adopted": "yellow"}.get(st.state)
+        table.add_row(st.kind, escape(st.name), f"[{style}]{st.state}[/]" if style else st.state, escape(st.detail))
     console.print(table)
+    for st in warned:
+        console.print(f"[yellow]note:[/] {escape(st.kind)} {escape(st.name)}: {escape(st.detail)}"
+                      + (f" (fix: {escape(st.fix)})" if st.fix else ""), highlight=False, soft_wrap=True)
 
 
-def _args(topo: Topology, kind: str, name: str) -> dict:
-    if kind == "exchange":
-        return {"type": "direct", "durable": True}
-    if name == topo.queue:
-        return topo.main_arguments()
-    if name == topo.failed_queue:
-        return {"x-queue-type": "classic"}
-    return topo.retry_arguments(int(name.rsplit(".", 1)[1]))
+def messenger_config(
+    no_auto_setup: bool = typer.Option(False, "--no-auto-setup", help="auto_setup: false (during --migrate)."),
+    confirm_timeout: float = typer.Option(5.0, min=0.1, help="Seconds the shop waits for each publish confirm."),
+) -> None:
+    """Print the shop's messenger.yaml transport block matching the live topology."""
+    s = settings()
+    topo = Topology.from_settings(s)
+    with operator_errors(s):
+        info = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn).queue(topo.queue)
+    arguments = topo.main_arguments() if info is None else {
+        k: v for k, v in info.arguments.items() if k.startswith("x-")}
+    dsn = mask_url(broker.dsn_urls(s.rabbitmq_dsn)[0])
+    sys.stdout.write(transports.messenger_config(topo, arguments, dsn, auto_setup=not no_auto_setup,
+                                                 confirm_timeout=confirm_timeout))
+
+
+@contextlib.contextmanager
+def _transports(s: Settings, topo: Topology) -> Iterator[transports.Transports]:
+    conn = broker.connect(s.rabbitmq_dsn, name="myshop-setup")
+    try:
+        yield transports.Transports(conn, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), topo)
+    finally:
+        conn.close()
 
 
 def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:

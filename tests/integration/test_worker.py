@@ -19,6 +19,7 @@ from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import HashProvider, PhraseEmbedder
 from myshop_ops.failures import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.limits import Limits
+from myshop_ops.management import for_dsn
 from myshop_ops.pipeline import Pipeline
 from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
@@ -268,21 +269,36 @@ def test_consume_cli_limit_and_exit_codes(env, topology):
     assert "s3cret" not in nobroker.stderr and "guest:***@" in nobroker.stderr
 
 
-def test_setup_commands_are_idempotent_and_report_mismatch(env):
+def test_setup_commands_are_idempotent_and_adopt_what_exists(env):
     first = run_cli("setup-transports", "--json", env=env.subprocess_env())
     assert first.returncode == 0, first.stderr
-    declared = json.loads(first.stdout)["declared"]
-    names = {d["name"] for d in declared}
-    assert {env["RABBITMQ_QUEUE"], env["RABBITMQ_FAILED_QUEUE"], env["RABBITMQ_QUEUE"] + ".retry.3"} <= names
-    assert run_cli("setup-transports", env=env.subprocess_env()).returncode == 0
-    clash = run_cli("setup-transports", env=env.subprocess_env(RABBITMQ_QUEUE_TYPE="classic"))
-    assert clash.returncode == 3 and "exists with other settings" in clash.stderr and "x-queue-type" in clash.stderr
+    steps = json.loads(first.stdout)["steps"]
+    queue = env["RABBITMQ_QUEUE"]
+    states = {(st["kind"], st["name"]): st["state"] for st in steps}
+    assert {("queue", queue), ("queue", env["RABBITMQ_FAILED_QUEUE"]), ("queue", queue + ".retry.3"),
+            ("queue", queue + ".unrouted"), ("policy", f"myshop.{queue}")} <= set(states)
+    assert {st["state"] for st in steps if st["kind"] in ("queue", "exchange", "policy")} == {"created", "set"}
+    again = json.loads(run_cli("setup-transports", "--json", env=env.subprocess_env()).stdout)["steps"]
+    assert {st["state"] for st in again if st["kind"] in ("queue", "exchange", "policy")} == {"existing", "unchanged"}
+    # a new retry delay is a policy change: no queue is deleted, the new TTL applies at once
+    delay = run_cli("setup-transports", "--json", env=env.subprocess_env(WORKER_RETRY_DELAY="300"))
+    assert delay.returncode == 0, delay.stderr
+    changed = {st["name"] for st in json.loads(delay.stdout)["steps"] if st["state"] == "set"}
+    assert changed == {f"myshop.{queue}.retry.{i}" for i in (1, 2, 3)}
+    api = for_dsn(None, env["RABBITMQ_DSN"])
+    assert api.policy(f"myshop.{queue}.retry.1")["definition"]["message-ttl"] == 300
+    # a main queue of another type is adopted as it is and reported, never redeclared
+    other = run_cli("setup-transports", "--json", env=env.subprocess_env(RABBITMQ_QUEUE_TYPE="classic"))
+    assert other.returncode == 0, other.stderr
+    [main] = [st for st in json.loads(other.stdout)["steps"] if st["name"] == queue and st["kind"] == "queue"]
+    assert main["state"] == "adopted" and "configured classic" in main["detail"] and "--migrate" in main["fix"]
+    assert api.queue(queue).type == "quorum"
     idx1 = json.loads(run_cli("setup-indexes", "--json", env=env.subprocess_env()).stdout)["indexes"]
     idx2 = json.loads(run_cli("setup-indexes", "--json", env=env.subprocess_env()).stdout)["indexes"]
     assert {i["state"] for i in idx1} == {"created"} and {i["state"] for i in idx2} == {"existing"}
     assert ("user_embeddings", "user_id_unique") in {(i["collection"], i["index"]) for i in idx1}
     conn = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_DSN"]))
-    ok = conn.channel().queue_declare(env["RABBITMQ_QUEUE"], passive=True)
+    ok = conn.channel().queue_declare(queue, passive=True)
     assert ok.method.message_count == 0
     conn.close()
 

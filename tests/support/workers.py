@@ -24,7 +24,9 @@ import numpy as np
 from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings
+from myshop_ops.management import for_dsn
 from myshop_ops.store import Store
+from myshop_ops.transports import Transports
 from tests.support.events import stored_profile
 from tests.support.services import ROOT, wait_for
 
@@ -151,12 +153,28 @@ def prepare(settings: Settings) -> Topology:
     """Declare the topology on the settings' broker and create the database's indexes (the worker checks them)."""
     topo = Topology.from_settings(settings)
     conn = broker.connect(settings.rabbitmq_dsn)
-    broker.declare(conn, topo)
+    Transports(conn, for_dsn(settings.rabbitmq_management_url, settings.rabbitmq_dsn), topo).setup()
     conn.close()
     store = Store(settings.mongodb_url, settings.mongodb_db)
     store.setup_indexes()
     store.close()
     return topo
+
+
+def remove_topology(dsn: str, topo: Topology) -> None:
+    """Delete a test's queues, exchanges and policies (best effort: the test may have removed some itself)."""
+    with contextlib.suppress(Exception):
+        conn = broker.connect(dsn, name="test-cleanup")
+        ch = conn.channel()
+        for q in [*topo.queues(), f"{topo.queue}.migrating"]:
+            ch.queue_delete(q)
+        for x in (topo.exchange, topo.failed_exchange, topo.unrouted):
+            ch.exchange_delete(x)
+        conn.close()
+    api = for_dsn(None, dsn)
+    for policy in topo.policies():
+        with contextlib.suppress(Exception):
+            api.delete_policy(policy.name)
 
 
 def queue_state(settings: Settings, queue: str) -> tuple[int, int]:

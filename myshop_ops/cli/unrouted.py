@@ -1,0 +1,59 @@
+"""`myshop unrouted show|republish`: messages the main exchange matched to no binding."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from myshop_ops import broker, unrouted
+from myshop_ops.broker import Topology
+from myshop_ops.cli.common import console, operator_errors, print_json, settings
+
+
+def show(
+    limit: int = typer.Option(20, "--max", min=1, max=1000, help="How many to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """List messages that matched no binding of the main exchange (nothing is consumed)."""
+    s = settings()
+    topo = Topology.from_settings(s)
+    with operator_errors(s):
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-unrouted")
+        try:
+            total, messages = unrouted.peek(conn, topo, limit)
+        finally:
+            conn.close()
+    if as_json:
+        print_json({"queue": topo.unrouted, "total": total, "messages": [asdict(m) for m in messages]})
+        return
+    table = Table("routing key", "published", "message id", "user", "event", title=f"{total} in {topo.unrouted}")
+    for m in messages:
+        when = datetime.fromtimestamp(m.published_at, UTC).isoformat(timespec="seconds") if m.published_at else "?"
+        table.add_row(*(escape(_printable(v or "-")) for v in (m.routing_key, when, m.message_id, m.user_id,
+                                                                  m.event_type)))
+    console.print(table)
+    if total:
+        console.print(f"bindings of {topo.exchange} -> {topo.queue}: {', '.join(topo.routing_keys)} "
+                      "(RABBITMQ_BINDING_KEYS); once fixed: myshop unrouted republish", highlight=False, markup=False)
+
+
+def republish() -> None:
+    """Move every unrouted message into the main queue (confirmed, then acked: none lost)."""
+    s = settings()
+    topo = Topology.from_settings(s)
+    with operator_errors(s):
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-unrouted")
+        try:
+            moved = unrouted.republish(conn, topo)
+        finally:
+            conn.close()
+    console.print(f"moved {moved} message(s) from {topo.unrouted} to {topo.queue}", highlight=False, markup=False)
+
+
+def _printable(text: str) -> str:
+    """Control characters shown as escapes, never sent to the terminal raw."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
