@@ -1,0 +1,166 @@
+"""The shop's data with the shop's own PHP MongoDB code (tests/shop/shop_mongo.php on Debian's php-mongodb driver):
+its catalog and profiles used as they are, profiles it can read, and its profiles adopted by the stated rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from myshop_ops.contract import make_event, serialise
+from myshop_ops.embeddings import HashProvider, normalise_phrase
+from myshop_ops.layout import read_profile
+from myshop_ops.limits import Limits
+from myshop_ops.profile import Profile, fold, to_days
+from myshop_ops.store import Store
+from myshop_ops.worker import Worker
+from tests.conftest import run_cli
+from tests.support.events import T0, publish, stored_profile
+from tests.support.services import ROOT
+from tests.support.workers import prepare
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("php") is None, reason="php-cli missing (make test installs it from Debian)"),
+]
+
+SHOP_DIMS = "1536"  # the shop's UserEmbedding refuses any other length
+SCRIPT = ROOT / "tests" / "shop" / "shop_mongo.php"
+
+
+def php(settings, *args: str) -> dict:
+    """Run the shop's MongoDB code; its JSON answer."""
+    done = subprocess.run(["php", str(SCRIPT), settings.mongodb_url, settings.mongodb_db, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"shop_mongo.php {args[0]}: {done.stderr}"
+    return json.loads(done.stdout)
+
+
+def product_body(event, as_int: bool) -> bytes:
+    """The event as the shop's Symfony serializer sends it: camelCase, the product id as an int."""
+    data = json.loads(serialise(event))
+    if as_int:
+        data["productId"] = int(data.pop("product_id"))
+    return json.dumps(data).encode()
+
+
+def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, tmp_path):
+    env["EMBEDDING_DIMENSIONS"] = SHOP_DIMS
+    s = env.settings()
+    hp = HashProvider(s.embedding_dimensions, s.model)
+    php(s, "ensure-indexes")  # the shop ran first: idx_user_id {user_id: 1} unique, idx_last_updated
+    done = run_cli("setup-indexes", "--json", env=env.subprocess_env())
+    assert done.returncode == 0, done.stderr
+    states = {(r["collection"], r["index"]): r["state"] for r in json.loads(done.stdout)["indexes"]}
+    assert states[("user_embeddings", "user_id_unique")] == "existing as idx_user_id"
+    assert states[("user_embeddings", "last_updated")] == "existing as idx_last_updated"
+    store = Store(s.mongodb_url, s.mongodb_db)
+    users_indexes = store.users.index_information()
+    assert "user_id_unique" not in users_indexes and "last_updated" not in users_indexes  # no second index
+    assert store.missing_indexes() == []
+
+    # the shop's catalog, written by its sync: string ids, arrays, no model or dimensions
+    ids = [str(i) for i in range(40, 56)]
+    catalog = {pid: hp.embed_one(f"product {pid} item") for pid in ids}
+    (tmp_path / "products.json").write_text(json.dumps([
+        {"product_id": pid, "embedding": [float(x) for x in v], "name": f"Product {pid}", "description": "",
+         "category": "shop"} for pid, v in catalog.items()]))
+    assert php(s, "write-products", str(tmp_path / "products.json")) == {"saved": len(ids)}
+
+    # profiles the shop's PHP workers wrote: unit vectors, second-precision last_updated, no magnitude or counts
+    adopted = [f"shop-{i}" for i in range(4)]
+    priors = {u: hp.embed_one(f"{u} history") for u in adopted}
+    prior_t = {u: T0 - timedelta(days=3 + i, seconds=17) for i, u in enumerate(adopted)}
+    (tmp_path / "profiles.json").write_text(json.dumps([
+        {"user_id": u, "vector": [float(x) for x in priors[u]], "last_updated": int(prior_t[u].timestamp()),
+         "version": version} for u in adopted for version in (1, 2)]))  # inserted, then updated by version
+    assert php(s, "write-profiles", str(tmp_path / "profiles.json")) == {"written": 8}
+
+    fresh = [f"new-{i}" for i in range(4)]
+    events = []
+    for i, user in enumerate(adopted + fresh):
+        for k in range(5):
+            when = T0 + timedelta(hours=5 * k + i, minutes=k)
+            if k == 2:
+                events.append((make_event(user, "search", f"gift for {user}", when), None))
+            else:
+                pid = ids[(3 * i + k) % len(ids)]
+                events.append((make_event(user, ("product_view", "product_click", "product_purchase")[k % 3], pid,
+                                          when), k % 2 == 0))
+    events.append((make_event(adopted[0], "product_view", ids[0], prior_t[adopted[0]] - timedelta(days=1)), True))
+    bodies = [product_body(e, as_int) if as_int is not None else serialise(e) for e, as_int in events]
+    (tmp_path / "events.jsonl").write_bytes(b"\n".join(bodies) + b"\n")
+    topo = prepare(s)
+    publish(s, topo, bodies)
+    worker = Worker(s, prefetch=200, limits=Limits(messages=len(bodies), seconds=60))
+    assert worker.run() == 0
+    assert (worker.totals.applied, worker.totals.failed) == (len(bodies), 0)  # untagged vectors, int ids: used
+
+    # every profile as the rule says: the shop's unit vector is one event of weight 1 at its last_updated
+    docs = {d["user_id"]: d for d in store.users.find({}, {"_id": 0})}
+    for user in adopted + fresh:
+        evs = [e for e, _ in events if e.user_id == user]
+        vecs = np.stack([hp.embed_one(normalise_phrase(e.search_phrase)) if e.search_phrase else catalog[e.product_id]
+                         for e in evs])
+        prior = None
+        if user in adopted:
+            shop_t = prior_t[user].replace(microsecond=0)
+            prior = Profile(priors[user], 1.0, to_days(shop_t), s.model, s.embedding_dimensions)
+            assert docs[user]["adopted"]["version"] == 2 and docs[user]["adopted"]["last_updated"] == shop_t
+        expected = fold(prior, np.array([to_days(e.occurred_at) for e in evs]),
+                        np.array([s.weights[e.event_type] for e in evs]), vecs, lam=s.decay_lambda, model=s.model)
+        got = stored_profile(s, docs[user])
+        assert np.max(np.abs(got.embedding - expected.embedding)) < 1e-6, user
+        assert got.magnitude == pytest.approx(expected.magnitude, rel=1e-6), user
+        assert docs[user]["event_count"] == len(evs) and docs[user]["version"] == (3 if user in adopted else 1)
+
+    # the shop's reader takes every profile; its ranking equals `myshop recommend`
+    read = php(s, "read-profiles", *adopted, *fresh)
+    for user, profile in read.items():
+        assert "error" not in profile, (user, profile)
+        assert np.array_equal(np.array(profile["vector"], np.float32), stored_profile(s, docs[user]).embedding)
+    ranked = php(s, "rank", "5", *adopted, *fresh)
+    for user in adopted + fresh:
+        done = run_cli("recommend", user, "--limit", "5", "--json", env=env.subprocess_env())
+        assert done.returncode == 0, done.stderr
+        ours = [(r["product_id"], r["score"]) for r in json.loads(done.stdout)["recommendations"]]
+        assert [p for p, _ in ranked[user]] == [p for p, _ in ours], user
+        np.testing.assert_allclose([sc for _, sc in ranked[user]], [sc for _, sc in ours], atol=1e-6)
+
+    # verify accounts for the adopted priors
+    done = run_cli("verify", "--events", str(tmp_path / "events.jsonl"), "--json", env=env.subprocess_env())
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"], report
+    assert (report["users"], report["users_ok"], report["users_adopted"]) == (8, 8, 4)
+
+    # the shop's PHP worker writes again after us (a rollback): the next event adopts its vector anew
+    user = adopted[1]
+    before = read_profile(docs[user], s.model, s.embedding_dimensions)
+    shop_vector = hp.embed_one("rolled back")
+    shop_when = T0 + timedelta(days=2)
+    (tmp_path / "again.json").write_text(json.dumps([{"user_id": user, "vector": [float(x) for x in shop_vector],
+                                                      "last_updated": int(shop_when.timestamp()),
+                                                      "version": before.version + 1}]))
+    assert php(s, "write-profiles", str(tmp_path / "again.json")) == {"written": 1}
+    done = run_cli("verify", "--events", str(tmp_path / "events.jsonl"), "--json", env=env.subprocess_env())
+    [problem] = json.loads(done.stdout)["problems"]
+    assert done.returncode == 1 and problem["status"] == "unverifiable" and "after myshop's last write" in problem[
+        "reason"]
+    late = make_event(user, "product_purchase", ids[5], shop_when + timedelta(hours=1))
+    publish(s, topo, [late])
+    worker = Worker(s, prefetch=10, limits=Limits(messages=1, seconds=60))
+    assert worker.run() == 0 and worker.totals.applied == 1
+    expected = fold(Profile(shop_vector, 1.0, to_days(shop_when), s.model, s.embedding_dimensions),
+                    np.array([to_days(late.occurred_at)]), np.array([s.weights["product_purchase"]]),
+                    catalog[ids[5]][None, :], lam=s.decay_lambda, model=s.model)
+    doc = store.users.find_one({"user_id": user}, {"_id": 0})
+    got = stored_profile(s, doc)
+    assert np.max(np.abs(got.embedding - expected.embedding)) < 1e-6
+    assert got.magnitude == pytest.approx(expected.magnitude, rel=1e-6)
+    assert doc["adopted"]["version"] == before.version + 1 and doc["adopted"]["event_count"] == 5
+    assert "error" not in php(s, "read-profiles", user)[user]
+    store.close()
