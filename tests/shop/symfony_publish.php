@@ -10,6 +10,7 @@
  *   stdin         one event per line: {"userId", "eventType", "searchPhrase", "productId", "occurredAt", "metadata"}
  *                 optional "repeat": N dispatches the same message N times; "sleepMs" pauses before it
  * stdout          one line per dispatch: "ok <messageId>" or "error <class>: <message>" (the shop catches and logs)
+ * RECORD=FILE     also append each published body (as the serializer encodes it) to FILE, for `myshop verify`
  */
 
 declare(strict_types=1);
@@ -75,6 +76,7 @@ namespace {
     use App\Domain\EventType;
     use Psr\Container\ContainerInterface;
     use Symfony\Component\Messenger\Bridge\Amqp\Transport\AmqpTransportFactory;
+    use Symfony\Component\Messenger\Envelope;
     use Symfony\Component\Messenger\MessageBus;
     use Symfony\Component\Messenger\Middleware\AddBusNameStampMiddleware;
     use Symfony\Component\Messenger\Middleware\SendMessageMiddleware;
@@ -131,6 +133,10 @@ namespace {
             try {  // the shop's controllers catch and log a failed dispatch: the event is dropped
                 $bus->dispatch($message);
                 echo "ok {$message->messageId}\n";
+                if (getenv('RECORD')) {
+                    file_put_contents(getenv('RECORD'), $serializer->encode(new Envelope($message))['body'] . "\n",
+                        FILE_APPEND);
+                }
             } catch (\Throwable $exc) {
                 echo 'error ' . get_class($exc) . ': ' . str_replace("\n", ' ', $exc->getMessage()) . "\n";
             }
