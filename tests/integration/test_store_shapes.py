@@ -1,0 +1,128 @@
+"""Whatever is in user_embeddings and product_embeddings, the worker goes on: hostile documents fail their own
+messages with a reason; both layouts are written and read; the shop's product id variants are found."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from bson.binary import Binary
+
+from myshop_ops.contract import make_event
+from myshop_ops.failures import H_ERROR_CLASS
+from myshop_ops.layout import read_profile
+from myshop_ops.limits import Limits
+from myshop_ops.store import Store
+from myshop_ops.worker import Worker
+from tests.conftest import DIMS
+from tests.integration.test_worker import failed_messages
+from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
+
+pytestmark = pytest.mark.integration
+
+GOOD = [0.125] * DIMS
+HOSTILE = {  # name: the document's fields besides user_id (each breaks one thing)
+    "vector-string": {"vector": "not a vector", "last_updated": T0, "version": 1},
+    "vector-nested": {"vector": [GOOD], "last_updated": T0, "version": 1},
+    "vector-nan": {"vector": [float("nan")] * DIMS, "last_updated": T0, "version": 1},
+    "vector-zero": {"vector": [0.0] * DIMS, "last_updated": T0, "version": 1},
+    "vector-short": {"vector": GOOD[:8], "last_updated": T0, "version": 1},
+    "vector-dict": {"vector": {"a": 1}, "last_updated": T0, "version": 1},
+    "embedding-garbage": {"embedding": Binary(b"\x27\x00\x01", 9), "magnitude": 1.0, "last_updated": T0,
+                          "version": 1},
+    "no-vector": {"last_updated": T0, "version": 1},
+    "no-version": {"vector": GOOD, "last_updated": T0},
+    "version-string": {"vector": GOOD, "last_updated": T0, "version": "3"},
+    "last-updated-garbage": {"vector": GOOD, "last_updated": "yesterday", "version": 1},
+    "counts-string": {"vector": GOOD, "last_updated": T0, "version": 1, "event_counts": "many"},
+    "other-model": {"vector": GOOD, "last_updated": T0, "version": 1, "model": "ada", "dimensions": DIMS},
+}
+
+
+def consume(settings, n: int) -> Worker:
+    worker = Worker(settings, prefetch=200, limits=Limits(messages=n, seconds=60))
+    assert worker.run() == 0
+    return worker
+
+
+def test_hostile_profiles_fail_their_messages_with_a_reason_and_the_worker_goes_on(env, topology):
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.users.insert_many([{"user_id": name, **doc} for name, doc in HOSTILE.items()])
+    store.users.insert_one({"user_id": "odd-rings", "vector": GOOD, "last_updated": T0, "version": 1,
+                            "recent_message_ids": 7, "recent_writes": ["zz"]})  # unusable rings: read as empty
+    products = seed_products(s, ["p1"])
+    events = [make_event(u, "product_view", "p1", T0) for u in [*HOSTILE, "odd-rings", "fine"]]
+    publish(s, topology, events)
+    worker = consume(s, len(events))
+    assert (worker.totals.failed, worker.totals.applied) == (len(HOSTILE), 2)
+    reasons = {}
+    for props, body in failed_messages(s, topology):
+        user = next(u for u in HOSTILE if f'"user_id":"{u}"' in body.decode().replace(" ", ""))
+        reasons[user] = (props.headers[H_ERROR_CLASS], props.headers["x-error-message"])
+    assert set(reasons) == set(HOSTILE)
+    for user, (cls, message) in reasons.items():
+        assert message.startswith(f"the profile of user {user} cannot be folded into: it"), message
+        assert cls == ("VectorSpaceMismatch" if user in ("vector-short", "other-model") else "UnreadableProfile")
+    assert "untagged 8d vector, expected hash-v1/64d" in reasons["vector-short"][1]
+    assert "version is a str" in reasons["version-string"][1]
+    assert "neither a vector nor an embedding" in reasons["no-vector"][1]
+    for user in HOSTILE:  # untouched
+        assert store.users.find_one({"user_id": user}, {"_id": 0, "version": 1}) == (
+            {} if user == "no-version" else {"version": HOSTILE[user]["version"]})
+    # an adopted prior with unusable rings: the event applied once, the rings rewritten
+    doc = store.users.find_one({"user_id": "odd-rings"})
+    assert doc["version"] == 2 and doc["event_count"] == 1 and len(doc["recent_message_ids"]) == 32
+    expected = expected_profiles(s, events[-1:], products)["fine"]
+    assert np.allclose(stored_profile(s, store.get_profile_doc("fine")).embedding, expected.embedding, atol=1e-6)
+    store.close()
+
+
+def test_layouts_switch_both_ways_and_keep_one_vector(env, topology):
+    """STORE_LAYOUT=compact writes the Binary embedding, shop the array vector; each removes the other's fields,
+    and a profile written in one layout is folded into by a worker of the other (the same math state)."""
+    products = seed_products(env.settings(), ["p1", "p2"])
+    events = [make_event("switch", "product_view", "p1", T0),
+              make_event("switch", "product_click", "p2", T0 + timedelta(hours=1)),
+              make_event("switch", "search", "lamp", T0 + timedelta(hours=2))]
+    store = Store(env["MONGODB_URL"], env["MONGODB_DB"])
+    for layout, event in zip(("compact", "shop", "compact"), events, strict=True):
+        s = env.settings(STORE_LAYOUT=layout)
+        publish(s, topology, [event])
+        consume(s, 1)
+        doc = store.get_profile_doc("switch")
+        stored_profile(s, doc)  # asserts the layout's shape
+        assert ("vector" in doc, "dimension_count" in doc, "embedding" in doc) == (
+            (False, False, True) if layout == "compact" else (True, True, False))
+    expected = expected_profiles(s, events, products)["switch"]
+    got = read_profile(doc, s.model, s.embedding_dimensions)
+    assert not got.adopted and np.allclose(got.profile.embedding, expected.embedding, atol=1e-6)
+    assert got.profile.magnitude == pytest.approx(expected.magnitude, rel=1e-6)
+    store.close()
+
+
+def test_the_shops_product_ids_and_untagged_vectors(env, topology):
+    """product_id as a string or an int, only productId, untagged vectors of the right or the wrong length."""
+    s = env.settings()
+    vec = [float(x) for x in np.linspace(0.1, 1.0, DIMS)]
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.products.insert_many([
+        {"productId": "42", "product_id": "42", "embedding": vec, "updated_at": "2026-02-10T14:30:00+00:00"},
+        {"product_id": 7, "embedding": vec},  # an int in the document, a string in the event
+        {"productId": "only-camel", "embedding": vec},
+        {"product_id": "short", "embedding": vec[:16]},  # untagged, another length
+        {"product_id": "tagged-other", "embedding": vec, "model": "ada", "dimensions": DIMS},
+    ])
+    found, foreign = store.product_vectors(["42", "7", "only-camel", "short", "tagged-other", "none"], s.model, DIMS)
+    assert sorted(found) == ["42", "7", "only-camel"]
+    assert foreign == {"short": f"an untagged 16d vector, expected hash-v1/{DIMS}d",
+                       "tagged-other": f"a ada/{DIMS}d vector, expected hash-v1/{DIMS}d"}
+    events = [make_event("ids", "product_view", pid, T0) for pid in (42, "7", "only-camel", "short", "none")]
+    publish(s, topology, events)
+    worker = consume(s, len(events))
+    assert (worker.totals.applied, worker.totals.failed, worker.totals.skipped) == (3, 1, 1)
+    [(props, _)] = failed_messages(s, topology)
+    assert props.headers["x-error-message"] == f"product short has an untagged 16d vector, expected hash-v1/{DIMS}d"
+    assert store.get_profile_doc("ids")["event_count"] == 3
+    store.close()

@@ -1,0 +1,84 @@
+"""layout.py: how any profile or product document is read, and indexes matched by key (store.satisfying_index)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from myshop_ops.layout import (
+    UnreadableProfile,
+    encode_vector,
+    id_forms,
+    id_key,
+    product_fields,
+    profile_fields,
+    read_profile,
+)
+from myshop_ops.profile import Profile, VectorSpaceMismatch, to_days
+from myshop_ops.store import satisfying_index
+
+T = datetime(2026, 11, 1, 12, 0, 7, tzinfo=UTC)
+V = np.array([3.0, 4.0, 0.0, 0.0])
+
+
+def test_a_shop_profile_is_a_prior_of_weight_one_at_its_last_updated():
+    doc = {"user_id": "u", "vector": list(V / 5), "dimension_count": 4, "last_updated": T, "version": 7}
+    read = read_profile(doc, "m", 4)
+    assert read.adopted and read.version == 7 and read.event_count == 0
+    assert read.profile == Profile(read.profile.embedding, 1.0, to_days(T), "m", 4)
+    assert np.array_equal(read.profile.embedding, np.float32(V / 5))
+    # the shop's reader also takes a string time; so do we
+    assert read_profile({**doc, "last_updated": "2026-11-01T12:00:07+00:00"}, "m", 4).profile.last_updated == to_days(T)
+    # a vector of another length without a tag is another space's
+    with pytest.raises(VectorSpaceMismatch, match="untagged 4d vector, expected m/8d"):
+        read_profile(doc, "m", 8)
+
+
+def test_magnitude_is_trusted_only_with_the_vector_it_was_written_with():
+    fields, unset = profile_fields(Profile(np.float32(V / 5), 2.5, to_days(T), "m", 4), "shop", 3)
+    assert unset == {"embedding": ""} and fields["dimension_count"] == 4
+    assert fields["vector"] == [float(np.float32(0.6)), float(np.float32(0.8)), 0.0, 0.0]  # the float32 state
+    ours = {"user_id": "u", **fields, "last_updated": T, "version": 3}
+    assert not read_profile(ours, "m", 4).adopted and read_profile(ours, "m", 4).profile.magnitude == 2.5
+    rewritten = {**ours, "version": 4}  # the shop's $set bumped the version and left our magnitude behind
+    assert read_profile(rewritten, "m", 4).adopted and read_profile(rewritten, "m", 4).profile.magnitude == 1.0
+    compact, unset = profile_fields(Profile(np.float32(V / 5), 2.5, to_days(T), "m", 4), "compact", 3)
+    assert unset == {"vector": "", "dimension_count": ""} and compact["embedding"] == encode_vector(V / 5)
+    legacy = {"embedding": compact["embedding"], "magnitude": 2.5, "model": "m", "dimensions": 4, "last_updated": T,
+              "version": 9}  # written before myshop_version existed: only myshop writes `embedding` into profiles
+    assert not read_profile(legacy, "m", 4).adopted
+
+
+@pytest.mark.parametrize(("doc", "reason"), [
+    ({"vector": "x", "last_updated": T, "version": 1}, "its vector is an unreadable vector"),
+    ({"vector": list(V), "last_updated": T, "version": True}, "its version is a bool"),
+    ({"vector": list(V), "last_updated": T, "version": 1.5}, "its version is 1.5"),
+    ({"vector": list(V), "last_updated": 5, "version": 1}, "its last_updated is 5, not a UTC time"),
+    ({"vector": list(V), "last_updated": T, "version": 1, "event_count": "3"}, "its event_count is a str"),
+    ({"vector": list(V), "last_updated": T, "version": 1, "purchased_product_ids": {}}, "purchased_product_ids is a"),
+])
+def test_unreadable_profiles_say_why(doc, reason):
+    with pytest.raises(UnreadableProfile, match=reason):
+        read_profile(doc, "m", 4)
+
+
+def test_product_ids_in_both_forms():
+    assert id_forms(["42", "042", "x", "9" * 30]) == ["42", "042", "x", "9" * 30, 42]
+    assert [id_key(v) for v in (42, "42", True, 4.2, None)] == ["42", "42", None, None, None]
+    assert product_fields("42", V, "shop") == {"product_id": "42", "productId": "42", "embedding": list(V)}
+    assert set(product_fields("42", V, "compact")) == {"product_id", "embedding"}
+
+
+def test_indexes_match_by_key_and_options_not_by_name():
+    shop = {"_id_": {"key": [("_id", 1)]}, "idx_user_id": {"key": [("user_id", 1)], "unique": True},
+            "idx_last_updated": {"key": [("last_updated", 1)], "unique": False}}
+    assert satisfying_index(shop, [("user_id", 1)], {"unique": True}, "user_id_unique") == "idx_user_id"
+    assert satisfying_index(shop, [("last_updated", -1)], {}, "last_updated") == "idx_last_updated"  # one field
+    assert satisfying_index(shop, [("user_id", 1)], {}, "x") is None  # unique is not the same index
+    sparse = {"s": {"key": [("user_id", 1)], "unique": True, "sparse": True}}
+    assert satisfying_index(sparse, [("user_id", 1)], {"unique": True}) is None
+    both = {**shop, "user_id_unique": {"key": [("user_id", 1)], "unique": True}}
+    assert satisfying_index(both, [("user_id", 1)], {"unique": True}, "user_id_unique") == "user_id_unique"
+    assert satisfying_index({"t": {"key": [("a", "text")]}}, [("a", 1)], {}) is None
