@@ -12,7 +12,7 @@ import typer
 from myshop_ops.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ["CHECKLIST.md", "README.md"]
+DOCS = ["CHECKLIST.md", "README.md", "docs/SHOP.md"]
 _FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.MULTILINE | re.DOTALL)
 _INLINE = re.compile(r"`([^`\n]+)`")
 _SEPARATORS = re.compile(r"\s*(?:&&|\|\||;|\bdo\b|\bthen\b)\s*")
