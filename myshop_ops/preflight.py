@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 from pymongo.errors import PyMongoError
@@ -54,7 +54,9 @@ def run(env: Mapping[str, str] | None = None, env_file: str | None = ".env", off
         return [*checks, Check("services", "all", "SKIP", "the configuration must load first")]
     checks += _packages()
     checks += _mongodb(s)
+    checks += _shop_data(s)
     checks += _rabbitmq(s)
+    checks += _other_consumers(s)
     checks += _redis(s)
     checks.append(_provider(s) if not offline else Check("provider", "one embedding", "SKIP", "--offline"))
     checks += _security(s, env_file)
@@ -132,6 +134,65 @@ def _mongodb(s: Settings) -> Iterator[Check]:
                     "check MONGODB_URL and that mongod is running")
     finally:
         store.close()
+
+
+def _shop_data(s: Settings) -> Iterator[Check]:
+    """What the shop's own code left in the store: profiles per layout, untagged products, indexes not named by
+    myshop (CHECKLIST.md, "Cutover from the shop's PHP workers")."""
+    store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+    try:
+        d = store.data_report(s.embedding_dimensions)
+        foreign = store.foreign_indexes()
+    except PyMongoError:
+        return  # _mongodb reported the store
+    finally:
+        store.close()
+    other = "profiles_compact" if s.store_layout == "shop" else "profiles_shop_layout"
+    level = "WARN" if d["profiles_without_vector"] or (s.store_layout == "shop" and d[other]) else "PASS"
+    yield Check("data", "profiles", level,
+                f"{d['profiles_shop_layout']} in the shop layout, {d['profiles_compact']} compact, "
+                f"{d['profiles_to_adopt']} written by the shop's PHP workers (adopted at their next event), "
+                f"{d['profiles_without_vector']} without a vector (their events fail); STORE_LAYOUT={s.store_layout}"
+                + (f": the shop's PHP code cannot read the {d[other]} compact ones until their next event"
+                   if level == "WARN" and d[other] else ""),
+                "myshop user show USER_ID for one of them; CHECKLIST.md cutover" if level == "WARN" else None)
+    wrong = d["products_untagged"] - d["products_untagged_usable"]
+    yield Check("data", "untagged products", "WARN" if wrong else "PASS",
+                f"{d['products_untagged']} product vectors without a model (the shop's sync), "
+                f"{d['products_untagged_usable']} of them {s.embedding_dimensions}-d: used as {s.model}"
+                + (f"; {wrong} of another length or not an array: their events fail" if wrong else "")
+                + (f"; {d['products_without_product_id']} found by productId only"
+                   if d["products_without_product_id"] else ""),
+                f"re-embed them: myshop products import catalog.jsonl (EMBEDDING_DIMENSIONS={s.embedding_dimensions})"
+                if wrong else None)
+    if foreign:
+        yield Check("data", "indexes", "PASS", "not named by myshop: " + ", ".join(
+            f"{c}.{n}" + (f" (serves as {req})" if req else "") for c, n, req in foreign))
+
+
+def _other_consumers(s: Settings) -> Iterator[Check]:
+    """Consumers of the main queue whose connection is not a myshop one (its client_properties connection_name
+    starts with "myshop", broker.connect): the shop's PHP workers, still running, take events myshop never sees."""
+    api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
+    queue = Topology.from_settings(s).queue
+    try:
+        raw = api._get(f"/queues/{quote(api.vhost, safe='')}/{quote(queue, safe='')}") or {}
+        names = {c.get("channel_details", {}).get("connection_name") for c in raw.get("consumer_details") or ()}
+        others = []
+        for name in sorted(n for n in names if n):
+            conn = api._get(f"/connections/{quote(name, safe='')}") or {}
+            given = str((conn.get("client_properties") or {}).get("connection_name") or "")
+            if not given.startswith("myshop"):
+                others.append(f"{given or 'unnamed'} from {conn.get('peer_host', '?')} ({conn.get('user', '?')})")
+    except ManagementError as exc:
+        yield Check("rabbitmq", "other consumers", "SKIP", str(exc))
+        return
+    if others:
+        yield Check("rabbitmq", "other consumers", "WARN",
+                    f"{len(others)} connection(s) consuming {queue} are not myshop workers: " + "; ".join(others),
+                    "stop the shop's PHP workers (messenger:consume) before the cutover: CHECKLIST.md")
+    else:
+        yield Check("rabbitmq", "other consumers", "PASS", f"every consumer of {queue} is a myshop worker")
 
 
 def _rabbitmq(s: Settings) -> Iterator[Check]:

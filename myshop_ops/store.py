@@ -258,9 +258,25 @@ class Store:
         for coll_name, specs in INDEXES.items():
             info = self.db[coll_name].index_information()
             ours = {name for name, _, _ in specs}
-            serves = {satisfying_index(info, keys, opts, name): name for name, keys, opts in specs}
-            out += [(coll_name, n, serves.get(n)) for n in info if n not in ours and n != "_id_"]
+            others = {n: i for n, i in info.items() if n not in ours and n != "_id_"}
+            serves = {satisfying_index(others, keys, opts): name for name, keys, opts in specs}
+            out += [(coll_name, n, serves.get(n)) for n in others]
         return out
+
+    def data_report(self, dimensions: int) -> dict[str, int]:
+        """What the collections hold, by shape (`myshop preflight`): profiles per layout, the shop's products."""
+        count = self.users.count_documents
+        written_with = {"$expr": {"$eq": ["$myshop_version", "$version"]}}
+        products = self.products.count_documents
+        return {
+            "profiles_shop_layout": count({"vector": {"$exists": True}, **written_with}),
+            "profiles_to_adopt": count({"vector": {"$exists": True}, "$nor": [written_with]}),
+            "profiles_compact": count({"vector": {"$exists": False}, "embedding": {"$exists": True}}),
+            "profiles_without_vector": count({"vector": {"$exists": False}, "embedding": {"$exists": False}}),
+            "products_untagged": products({"model": None}),
+            "products_untagged_usable": products({"model": None, "embedding": {"$size": dimensions}}),
+            "products_without_product_id": products({"product_id": {"$exists": False}}),
+        }
 
     # ---- profiles -------------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
+import pika
 import pytest
 from bson.binary import Binary
 
+from myshop_ops import preflight
 from myshop_ops.contract import make_event
 from myshop_ops.failures import H_ERROR_CLASS
 from myshop_ops.layout import read_profile
@@ -18,6 +20,7 @@ from myshop_ops.worker import Worker
 from tests.conftest import DIMS
 from tests.integration.test_worker import failed_messages
 from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
+from tests.support.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +129,40 @@ def test_the_shops_product_ids_and_untagged_vectors(env, topology):
     assert props.headers["x-error-message"] == f"product short has an untagged 16d vector, expected hash-v1/{DIMS}d"
     assert store.get_profile_doc("ids")["event_count"] == 3
     store.close()
+
+
+def test_preflight_reports_the_shops_data_and_consumers_that_are_not_myshop(env, topology):
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.users.insert_many([
+        {"user_id": "php", "vector": GOOD, "dimension_count": DIMS, "last_updated": T0, "version": 4},
+        {"user_id": "ours", "vector": GOOD, "magnitude": 2.0, "last_updated": T0, "version": 2, "myshop_version": 2},
+        {"user_id": "old", "embedding": Binary(b"\x27\x00" + b"\x00" * 4 * DIMS, 9), "magnitude": 1.0,
+         "last_updated": T0, "version": 1},
+        {"user_id": "empty", "last_updated": T0, "version": 1},
+    ])
+    store.products.insert_many([{"productId": "1", "embedding": GOOD}, {"product_id": "2", "embedding": GOOD[:3]}])
+    store.users.create_index([("last_updated", 1)], name="idx_last_updated_php")  # the Mongo-wire server allows it
+    store.close()
+    checks = {c.name: c for c in preflight._shop_data(s)}
+    assert checks["profiles"].status == "WARN" and checks["profiles"].detail == (
+        "1 in the shop layout, 1 compact, 1 written by the shop's PHP workers (adopted at their next event), 1 without "
+        "a vector (their events fail); STORE_LAYOUT=shop: the shop's PHP code cannot read the 1 compact ones until "
+        "their next event")
+    assert checks["untagged products"].status == "WARN" and checks["untagged products"].detail.startswith(
+        f"2 product vectors without a model (the shop's sync), 1 of them {DIMS}-d: used as hash-v1; 1 of another "
+        "length or not an array: their events fail; 1 found by productId only")
+    assert checks["indexes"].detail == (
+        "not named by myshop: user_embeddings.idx_last_updated_php (serves as last_updated)")
+
+    assert [c.status for c in preflight._other_consumers(s)] == ["PASS"]
+    params = pika.URLParameters(s.rabbitmq_dsn)
+    params.client_properties = {"connection_name": "php messenger:consume"}
+    php = pika.BlockingConnection(params)
+    try:
+        php.channel().basic_consume(topology.queue, lambda *a: None)
+        [check] = wait_for(lambda: [c for c in preflight._other_consumers(s) if c.status == "WARN"], timeout=15)
+        assert check.detail.startswith(f"1 connection(s) consuming {topology.queue} are not myshop workers: "
+                                       "php messenger:consume from 127.0.0.1 (guest)"), check.detail
+    finally:
+        php.close()
