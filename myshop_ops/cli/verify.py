@@ -16,10 +16,13 @@ from myshop_ops.verify import COSINE_MIN, verify
 VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorded events (the file written by
 `generate-test-events --record`, or any JSON-lines export of the stream): lost, duplicated and diverging users
 (cosine < {COSINE_MIN}, magnitude or per-type counts off). Events recorded in failed_messages are expected to be
-missing. Search phrases are embedded again (through the shared cache). Exit 1 on any mismatch.
+missing. Search phrases are embedded again (through the shared cache). A profile adopted from the shop's PHP
+workers is checked against the adoption rule (the sum beyond the file's events must be the prior's weight, decayed);
+one the shop's PHP workers rewrote after myshop is unverifiable, with the reason. Exit 1 on any mismatch.
 --json prints {{"ok", "lines", "invalid_lines", "events", "duplicates_in_file", "skipped_no_product", "in_failed",
-"users", "users_ok", "users_lost", "users_duplicated", "users_diverging", "events_lost", "events_duplicated",
-"problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine", "magnitude_error"}}]}}."""
+"users", "users_ok", "users_lost", "users_duplicated", "users_diverging", "users_unverifiable", "users_adopted",
+"events_lost", "events_duplicated", "problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine",
+"magnitude_error", "adopted", "reason"}}]}}."""
 
 
 def run_verify(
@@ -57,7 +60,13 @@ def _render(report, max_problems: int) -> None:
     if d["invalid_lines"] or d["duplicates_in_file"]:
         console.print(f"{d['lines']} lines: {d['invalid_lines']} invalid, {d['duplicates_in_file']} duplicate "
                       "events (each counted once)", highlight=False)
+    if d["users_adopted"]:
+        console.print(f"{d['users_adopted']} user(s) adopted from the shop's PHP workers, checked against the "
+                      "adoption rule", highlight=False)
     for p in d["problems"]:
+        if p["status"] == "unverifiable":
+            console.print(f"  unverifiable {p['user_id']}: {p['reason']}", highlight=False)
+            continue
         console.print(f"  {p['status']:<10} {p['user_id']}: expected {p['expected_events']} events, stored "
                       f"{p['stored_events']}" + (f", cosine {p['cosine']:.6f}" if p["cosine"] is not None else ""),
                       highlight=False)
