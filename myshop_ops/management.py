@@ -62,7 +62,8 @@ class Management:
                 return None
             if exc.code in (401, 403):
                 raise ManagementError(f"RabbitMQ management API at {self.display} refused the credentials "
-                                      "(the user needs the monitoring tag; check RABBITMQ_MANAGEMENT_URL)") from None
+                                      "(the user needs the monitoring tag, and policymaker for setup-transports; check "
+                                      "RABBITMQ_MANAGEMENT_URL)") from None
             raise ManagementError(f"RabbitMQ management API at {self.display} answered {exc.code}") from None
         except OSError as exc:
             raise ManagementError(f"RabbitMQ management API at {self.display} unreachable: {exc} "

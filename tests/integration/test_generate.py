@@ -23,6 +23,7 @@ from myshop_ops import broker
 from myshop_ops.broker import BrokerError, Topology, published_at
 from myshop_ops.contract import EVENT_TYPES, parse
 from myshop_ops.generate import SEARCH_PHRASES
+from myshop_ops.management import for_dsn
 from myshop_ops.publisher import NACKED, OK, WindowedPublisher
 from myshop_ops.store import Store
 from tests.conftest import RABBIT, run_cli
@@ -142,10 +143,14 @@ def test_json_output_follows_the_documented_schema_and_reruns_make_new_events(en
     wait_queue(env.settings(), topology.queue, messages=40)
 
 
-def test_unroutable_events_are_counted_as_failed(env, topology):
+def test_unroutable_events_are_kept_by_the_alternate_exchange_or_counted_as_failed(env, topology):
     conn = broker.connect(RABBIT)
     conn.channel().queue_unbind(topology.queue, topology.exchange, routing_key=topology.queue)
     conn.close()
+    done = generate(env, "--users", "2", "--events-per-user", "3", "--event-type", "search", "--yes", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr  # routed to the alternate exchange: nothing lost
+    wait_queue(env.settings(), topology.unrouted, messages=6)
+    for_dsn(None, RABBIT).delete_policy(f"myshop.{topology.exchange}.exchange")  # no alternate exchange any more
     done = generate(env, "--users", "2", "--events-per-user", "3", "--event-type", "search", "--yes", "--json")
     assert done.returncode == 1, done.stdout + done.stderr
     data = json.loads(done.stdout)

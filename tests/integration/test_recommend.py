@@ -228,7 +228,7 @@ def test_user_show_and_delete(env, topology, redis_client):
               make_event("u-keep", "product_click", "r003", T0)]
     publish(s, topology, events)
     consume(s, len(events))
-    deleted_keys = [PROCESSED + e.message_id for e in events[:3]]
+    deleted_keys = [PROCESSED + e.key for e in events[:3]]
     assert redis_client.exists(*deleted_keys) == 3
 
     done = run_cli("user", "show", "u-del", "--json", env=env.subprocess_env())
@@ -260,7 +260,7 @@ def test_user_show_and_delete(env, topology, redis_client):
     assert store.get_profile_doc("u-del") is not None
     # Any test session sharing this Redis wipes processed ids when a test starts: set them again right before.
     state = RedisState(env["REDIS_URL"])
-    state.mark([e.message_id for e in events])
+    state.mark([e.key for e in events])
     state.close()
     assert redis_client.exists(*deleted_keys) == 3
 

@@ -31,7 +31,7 @@ def secret_broker():
         rabbitmqctl("add_user", user, BROKER_PASSWORD)
         try:
             rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-            rabbitmqctl("set_user_tags", user, "monitoring")
+            rabbitmqctl("set_user_tags", user, "monitoring", "policymaker")  # setup-transports sets policies
             host_and_vhost = dsn.split("@", 1)[1]
             yield (f"amqp://{user}:{BROKER_PASSWORD}@{host_and_vhost}",
                    f"http://{user}:{BROKER_PASSWORD}@127.0.0.1:15672")
