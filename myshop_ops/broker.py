@@ -119,12 +119,27 @@ class Topology:
 H_PUBLISHED_AT = "x-published-at"  # epoch milliseconds of the first publish, kept by retry copies
 
 
+EARLIEST_PUBLISH = 946_684_800  # 2000-01-01: a publish time before it, or in the future, is no publish time
+
+
+def publish_time(ms: object) -> float | None:
+    """An x-published-at header value (epoch milliseconds) as epoch seconds, or None unless it is an integer
+    between 2000 and now (plus a minute of clock skew)."""
+    if not isinstance(ms, int) or isinstance(ms, bool):
+        return None
+    return ms / 1000 if EARLIEST_PUBLISH * 1000 <= ms <= (time.time() + 60) * 1000 else None
+
+
 def published_at(properties: BasicProperties) -> float | None:
-    """When a message was first published (epoch seconds): our header, else the AMQP timestamp, else None."""
-    ms = (properties.headers or {}).get(H_PUBLISHED_AT)
-    if isinstance(ms, int | float):
-        return ms / 1000
-    return float(properties.timestamp) if properties.timestamp else None
+    """When a message was first published (epoch seconds): our header, else the AMQP timestamp, else None (a
+    value out of range or of another type is ignored: publishers choose these)."""
+    at = publish_time((properties.headers or {}).get(H_PUBLISHED_AT))
+    if at is not None:
+        return at
+    stamp = properties.timestamp
+    if isinstance(stamp, int) and not isinstance(stamp, bool) and EARLIEST_PUBLISH <= stamp <= time.time() + 60:
+        return float(stamp)
+    return None
 
 
 def dsn_urls(dsn: str) -> list[str]:

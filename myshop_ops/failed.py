@@ -27,6 +27,7 @@ from myshop_ops.failures import (
     H_WORKER_HOST,
     failure_record_fields,
     message_id_of,
+    retry_count,
 )
 from myshop_ops.store import SCAN_BATCH, Store
 
@@ -213,7 +214,7 @@ def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
         headers=h,
         error_class=str(error_class),
         error_message=str(message),
-        retry_count=int(h.get(H_RETRY_COUNT, 0) or 0),
+        retry_count=retry_count(h) or 0,
         first_failure_at=now,
         last_failure_at=now,
         worker_host=str(h.get(H_WORKER_HOST, "")),

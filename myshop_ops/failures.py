@@ -6,9 +6,10 @@ import hashlib
 import json
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from myshop_ops.broker import Topology
+from myshop_ops.amqp_fields import encodable
+from myshop_ops.broker import H_PUBLISHED_AT, Topology, publish_time
 
 H_RETRY_COUNT = "x-retry-count"
 H_FIRST_FAILURE = "x-first-failure-at"
@@ -18,7 +19,10 @@ H_ERROR_MESSAGE = "x-error-message"
 H_WORKER_HOST = "x-worker-host"
 H_ORIGINAL_QUEUE = "x-original-queue"
 H_HISTORY = "x-error-history"  # JSON list of {at, error_class, error_message}, the last 10 failures
+H_IGNORED = "x-ignored-headers"  # what a delivery's headers held that was malformed and ignored (JSON list of text)
 MAX_ERROR_CHARS = 1000
+MAX_RETRY_COUNT = 10  # WORKER_MAX_RETRIES' upper bound: a larger count was not written by a worker
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # a failure time before this, or after now, is not one of ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,23 +36,73 @@ class Copy:
     error_class: str
     error_message: str
     retry_count: int
+    ignored: tuple[str, ...] = ()  # malformed headers of the delivery, ignored (see read_headers)
 
 
-def retry_count(headers: dict | None) -> int:
+def retry_count(headers: dict | None) -> int | None:
+    """The x-retry-count header: 0 when absent, None when it is no count a worker wrote (not an integer, a
+    boolean, negative, over MAX_RETRY_COUNT)."""
+    value = (headers or {}).get(H_RETRY_COUNT, 0)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str) and len(value) <= 2 and value.isdigit() and value.isascii():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_RETRY_COUNT:
+        return value
+    return None
+
+
+def failure_time(value: object, now: datetime | None = None) -> datetime | None:
+    """An x-first-failure-at / x-last-failure-at header as a time, or None unless it is an ISO-8601 string with
+    a UTC offset between 2000 and now (plus a minute of clock skew)."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
     try:
-        return int((headers or {}).get(H_RETRY_COUNT, 0))
-    except (TypeError, ValueError):
-        return 0
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if at.tzinfo is None or at.utcoffset() is None:
+        return None
+    return at if EARLIEST <= at <= (now or datetime.now(UTC)) + timedelta(minutes=1) else None
+
+
+def read_headers(headers: dict | None, now: datetime | None = None) -> tuple[dict, list[str]]:
+    """A delivery's headers as a worker may trust and publish them again, and what was ignored (one text each:
+    the header's name and why). Our failure headers are checked for type, range and format; every other header
+    is kept only when pika can encode it again. Never raises."""
+    kept, dropped = encodable(dict(headers or {}))
+    ignored = [f"{name}: not encodable" for name in dropped]
+    if H_RETRY_COUNT in kept and retry_count(kept) is None:
+        ignored.append(f"{H_RETRY_COUNT}: not a count 0..{MAX_RETRY_COUNT} ({_brief(kept.pop(H_RETRY_COUNT))})")
+    if H_PUBLISHED_AT in kept and publish_time(kept[H_PUBLISHED_AT]) is None:
+        ignored.append(f"{H_PUBLISHED_AT}: not epoch milliseconds, 2000..now ({_brief(kept.pop(H_PUBLISHED_AT))})")
+    for name in (H_FIRST_FAILURE, H_LAST_FAILURE):
+        if name in kept and failure_time(kept[name], now) is None:
+            ignored.append(f"{name}: not an ISO-8601 time with offset, 2000..now ({_brief(kept.pop(name))})")
+    if H_HISTORY in kept:
+        history = _history(kept)
+        raw = _loads(kept[H_HISTORY])
+        if not isinstance(raw, list) or len(history) != min(len(raw), 10):
+            ignored.append(f"{H_HISTORY}: malformed entries dropped")
+        kept[H_HISTORY] = json.dumps(history)
+    return kept, ignored
+
+
+def _brief(value: object) -> str:
+    return repr(value)[:40]
 
 
 def route(
     topo: Topology, headers: dict | None, error: Exception, *, transient: bool, now: datetime | None = None
 ) -> Copy:
     """The copy of a message that failed with ``error``: next delay queue, or `failed` when unrecoverable
-    or out of retries."""
+    or out of retries. Malformed headers are ignored (never trusted, never steering the route) and named in
+    x-ignored-headers."""
     now = now or datetime.now(UTC)
-    headers = dict(headers or {})
-    count = retry_count(headers)
+    headers, ignored = read_headers(headers, now)
+    count = retry_count(headers) or 0
+    if ignored:
+        headers[H_IGNORED] = json.dumps(ignored)[:MAX_ERROR_CHARS]
     stamp = now.isoformat()
     headers.setdefault(H_FIRST_FAILURE, stamp)
     headers[H_LAST_FAILURE] = stamp
@@ -63,12 +117,12 @@ def route(
     headers[H_HISTORY] = json.dumps(history[-10:])
     if transient and count < len(topo.retry_delays_ms):
         headers[H_RETRY_COUNT] = count + 1
-        return Copy("", topo.retry_queue(count + 1), headers, False, error_class, message, count + 1)
+        return Copy("", topo.retry_queue(count + 1), headers, False, error_class, message, count + 1, tuple(ignored))
     if transient:
         message = f"gave up after {count} retries: {message}"[:MAX_ERROR_CHARS]
         headers[H_ERROR_MESSAGE] = message
     headers[H_RETRY_COUNT] = count
-    return Copy(topo.failed_exchange, topo.failed_queue, headers, True, error_class, message, count)
+    return Copy(topo.failed_exchange, topo.failed_queue, headers, True, error_class, message, count, tuple(ignored))
 
 
 def message_id_of(body: bytes, message_id: str | None) -> str:
@@ -85,7 +139,7 @@ def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetim
         error_class=copy.error_class,
         error_message=copy.error_message,
         retry_count=copy.retry_count,
-        first_failure_at=datetime.fromisoformat(copy.headers[H_FIRST_FAILURE]),
+        first_failure_at=failure_time(copy.headers[H_FIRST_FAILURE]) or now or datetime.now(UTC),
         last_failure_at=now or datetime.now(UTC),
         worker_host=copy.headers[H_WORKER_HOST],
         original_queue=copy.headers[H_ORIGINAL_QUEUE],
@@ -121,10 +175,15 @@ def _loads(text: object) -> object:
         return None
 
 
-def _history(headers: dict) -> list:
-    """The x-error-history header as a list of entries (empty when missing or malformed)."""
+def _history(headers: dict) -> list[dict]:
+    """The x-error-history header as a list of well-formed entries ({at, error_class, error_message}, all text):
+    empty when missing or malformed, malformed entries dropped, at most the last 10."""
     history = _loads(headers.get(H_HISTORY) or "[]")
-    return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+    if not isinstance(history, list):
+        return []
+    keys = ("at", "error_class", "error_message")
+    return [{k: h[k][:MAX_ERROR_CHARS] for k in keys} for h in history[-10:]
+            if isinstance(h, dict) and all(isinstance(h.get(k), str) for k in keys)]
 
 
 def _bson_safe(value: object) -> object:

@@ -345,6 +345,8 @@ class Worker:
                       "user_id": item.event.user_id if item.event else None,
                       "event_type": item.event.event_type if item.event else None,
                       "retry_count": copy.retry_count, "error_class": copy.error_class, "error": copy.error_message}
+            if copy.ignored:
+                fields["ignored_headers"] = "; ".join(copy.ignored)
             if copy.failed:
                 records.append(record)
                 t.failed += 1

@@ -1,0 +1,190 @@
+"""Hostile input (issue 18): messages whose headers a publisher forged. No header crashes a worker, steers its
+retries or reaches a failed record unchecked; every valid neighbour is still applied. Real RabbitMQ, Redis and the
+Mongo-wire server; in-process workers, each run of which must end with exit code 0."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from contextlib import contextmanager
+
+import pika
+import pika.data
+import pytest
+
+from myshop_ops import broker
+from myshop_ops.contract import make_event, serialise
+from myshop_ops.failures import H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_COUNT
+from myshop_ops.limits import Limits
+from myshop_ops.store import Store
+from myshop_ops.worker import EXIT_OK, Worker
+from tests.support.events import T0, seed_products
+
+pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
+
+
+class Raw:
+    """A header value sent as these exact AMQP field bytes (type tag included): what pika itself would never
+    encode, but any other client may."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+@contextmanager
+def raw_fields():
+    original = pika.data.encode_value
+
+    def encode(pieces, value):
+        if isinstance(value, Raw):
+            pieces.append(value.data)
+            return len(value.data)
+        return original(pieces, value)
+
+    pika.data.encode_value = encode
+    try:
+        yield
+    finally:
+        pika.data.encode_value = original
+
+
+def publish_raw(settings, topo, messages: list[tuple[bytes, str, dict | None]], **props) -> None:
+    """Publish (body, message_id, headers) triples to the main exchange with confirms."""
+    conn = broker.connect(settings.rabbitmq_dsn)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    with raw_fields():
+        for body, mid, headers in messages:
+            ch.basic_publish(topo.exchange, topo.queue, body, pika.BasicProperties(
+                message_id=mid, delivery_mode=2, content_type="application/json", headers=headers, **props))
+    conn.close()
+
+
+def failed_queue(settings, topo) -> dict[str, tuple[dict, bytes]]:
+    """message_id -> (headers, body) of every message in the failed queue (all left in it)."""
+    conn = broker.connect(settings.rabbitmq_dsn)
+    ch = conn.channel()
+    out = {}
+    while (got := ch.basic_get(topo.failed_queue, auto_ack=False))[0] is not None:
+        out[got[1].message_id] = (got[1].headers or {}, got[2])
+    conn.close()
+    return out
+
+
+def run_workers_until(settings, condition, timeout: float = 60.0) -> None:
+    """In-process workers (1 s each) until ``condition(store)`` holds; each must stop with exit code 0."""
+    store = Store(settings.mongodb_url, settings.mongodb_db)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            code = Worker(settings, limits=Limits(seconds=1), store=store).run()
+            assert code == EXIT_OK, f"the worker exited with {code}"
+            if condition(store):
+                return
+        raise AssertionError("condition not reached")
+    finally:
+        store.close()
+
+
+def neighbours(tag: str, n: int) -> list[tuple[bytes, str, None]]:
+    events = [make_event(f"{tag}-n{i}", "product_view", "p1", T0.replace(minute=i)) for i in range(n)]
+    return [(serialise(e), e.message_id, None) for e in events]
+
+
+def applied_users(store: Store) -> set[str]:
+    return {d["user_id"] for d in store.users.find({}, {"user_id": 1})}
+
+
+HOSTILE_HEADERS = {
+    # crash loops of issue 18: pika could not encode the count again / fromisoformat raised on the record
+    "huge retry count string": {H_RETRY_COUNT: "1000000000000000000000000000000"},
+    "huge retry count int": {H_RETRY_COUNT: 2**62},
+    "garbage first failure": {H_FIRST_FAILURE: "garbage"},
+    "first failure a number": {H_FIRST_FAILURE: 12},
+    "first failure naive": {H_FIRST_FAILURE: "2026-01-01T00:00:00"},
+    "first failure far future": {H_FIRST_FAILURE: "9999-01-01T00:00:00+00:00"},
+    # pika raised OverflowError decoding it: the connection died at every delivery
+    "timestamp header out of range": {"x-when": Raw(b"T" + struct.pack(">Q", 2**64 - 1))},
+    "history without at": {H_HISTORY: json.dumps([{"error_class": "X", "error_message": "forged"}])},
+    "history not a list": {H_HISTORY: json.dumps({"at": 1})},
+    "history of junk": {H_HISTORY: json.dumps([1, None, "x", {"at": 5, "error_class": [], "error_message": {}}])},
+    "history binary": {H_HISTORY: b"\xff\xfe"},
+    "published-at junk": {"x-published-at": "yesterday"},
+    "published-at negative": {"x-published-at": -1},
+    "published-at far future": {"x-published-at": 2**62},
+    "published-at boolean": {"x-published-at": True},
+}
+
+
+def test_hostile_headers_on_invalid_bodies_are_ignored_and_recorded(env, topology):
+    """Each forged header rides on an invalid body (straight to `failed`) between valid neighbours, all in one
+    batch: the worker never exits, each lands in `failed` once with a record, the malformed header named in
+    x-ignored-headers and never copied."""
+    s = env.settings()
+    seed_products(s, ["p1"])
+    tag = topology.queue.split(".")[0]
+    hostile = [(b"not json", f"{tag}-{i}", h) for i, h in enumerate(HOSTILE_HEADERS.values())]
+    fine = neighbours(tag, 4)
+    publish_raw(s, topology, [*fine[:2], *hostile, *fine[2:]])
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == len(hostile) and len(applied_users(st)) == 4)
+
+    queued = failed_queue(s, topology)
+    assert set(queued) == {mid for _, mid, _ in hostile}
+    store = Store(s.mongodb_url, s.mongodb_db)
+    for (kind, forged), (_, mid, _) in zip(HOSTILE_HEADERS.items(), hostile, strict=True):
+        headers, _ = queued[mid]
+        [(name, value)] = forged.items()
+        assert headers[H_RETRY_COUNT] == 0, kind  # an invalid body is never retried, whatever the count said
+        assert name in headers.get(H_IGNORED, ""), (kind, headers)
+        assert name not in headers if isinstance(value, Raw) else headers.get(name) != value, (kind, headers)
+        entries = json.loads(headers[H_HISTORY])
+        assert [e["error_class"] for e in entries] == ["InvalidMessage"], (kind, entries)
+        record = store.failed.find_one({"message_id": mid})
+        assert record is not None and record["error_class"] == "InvalidMessage", kind
+        assert record["first_failure_at"].year >= 2026 and record["retry_count"] == 0, (kind, record)
+    store.close()
+
+
+def test_a_forged_retry_count_never_steers_the_retries(env, topology, fake_openai):
+    """A transient failure whose x-retry-count is negative (used to route to `.retry.-4`: unroutable, taken for a
+    lost connection), past the maximum (used to skip every retry) or not a number goes through all its retries
+    like any other message, then to `failed`."""
+    s = env.settings(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
+                     EMBEDDING_DIMENSIONS="1536")
+    seed_products(s, ["p1"])
+    fake_openai.clear()
+    fake_openai.fail_next(503, retry_after_ms=1, times=100_000)
+    tag = topology.queue.split(".")[0]
+    counts = {"negative": -5, "past the maximum": 99, "text": "abc", "boolean": True, "huge": "9" * 40}
+    searches = [make_event(f"{tag}-s{i}", "search", f"phrase {i}", T0) for i in range(len(counts))]
+    forged = [(serialise(e), e.message_id, {H_RETRY_COUNT: c}) for e, c in zip(searches, counts.values(),
+                                                                             strict=True)]
+    publish_raw(s, topology, [*neighbours(tag, 2), *forged])
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == len(forged), timeout=90)
+    fake_openai.clear()
+
+    queued = failed_queue(s, topology)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert applied_users(store) == {f"{tag}-n0", f"{tag}-n1"}
+    for kind, (_, mid, _) in zip(counts, forged, strict=True):
+        headers, _ = queued[mid]
+        assert headers[H_RETRY_COUNT] == 3, (kind, headers)
+        assert headers["x-error-message"].startswith("gave up after 3 retries"), (kind, headers)
+        assert H_RETRY_COUNT in headers[H_IGNORED], (kind, headers)
+        assert len(store.failed.find_one({"message_id": mid})["history"]) == 4, kind
+    store.close()
+
+
+def test_a_forged_publish_time_is_ignored_and_the_event_applied(env, topology):
+    """x-published-at and the AMQP timestamp feed the latency histogram: out of range or of another type, they are
+    ignored and the event is applied like any other."""
+    s = env.settings()
+    seed_products(s, ["p1"])
+    tag = topology.queue.split(".")[0]
+    values = ["soon", -1, 2**62, True, None]
+    events = [make_event(f"{tag}-p{i}", "product_view", "p1", T0) for i in range(len(values))]
+    publish_raw(s, topology, [(serialise(e), e.message_id, {"x-published-at": v})
+                              for e, v in zip(events, values, strict=True)], timestamp=2**64 - 1)
+    run_workers_until(s, lambda st: len(applied_users(st)) == len(events))
+    assert Store(s.mongodb_url, s.mongodb_db).failed.count_documents({}) == 0
