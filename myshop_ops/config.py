@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -34,28 +34,40 @@ class ConfigError(ValueError):
         super().__init__(f"{var}={shown} is invalid: {allowed}")
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# query parameters that carry secrets: password=, tlsCertificateKeyFilePassword=, authMechanismProperties=..., token=
+_SECRET_PARAM = re.compile(r"(?i)([?&;][^=&;#?]*(?:pass|secret|token|key|credential|authmechanismproperties)"
+                           r"[^=&;#?]*=)[^&;#]*")
+
+
 def mask_url(url: str) -> str:
-    """The URL (or comma-separated URLs) with any password replaced by ``***``."""
-    return ",".join(_mask_one(u) for u in url.split(","))
+    """The URL, URL list (RabbitMQ's comma-separated DSNs, MongoDB's multi-host URIs) or any text holding URLs,
+    with every password and secret query parameter replaced by ``***``. Never parses: a password with unencoded
+    ``/ ? # , @ :`` is masked too (everything up to the last ``@`` before the next URL is the user part)."""
+    starts = [m.start() for m in _SCHEME.finditer(url)] or [0]
+    pieces = [url[:starts[0]], *(url[a:b] for a, b in zip(starts, [*starts[1:], len(url)], strict=True))]
+    return "".join(_mask_one(p) for p in pieces if p)
 
 
 def _mask_one(url: str) -> str:
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return "***"
-    if parts.password is None:
-        return url.strip()
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    scheme = _SCHEME.match(url)
+    head, rest = (url[:scheme.end()], url[scheme.end():]) if scheme else ("", url)
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        rest = (userinfo.split(":", 1)[0] + ":***@" if ":" in userinfo else "***@") + rest
+    return head + _SECRET_PARAM.sub(r"\1***", rest)
+
+
+def mask_text(text: str) -> str:
+    """Free text (an error message, a library's exception) with every URL in it masked."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", lambda m: mask_url(m.group()), text)
 
 
 def mask(var: str, value: str) -> str:
     """How a setting's value may be shown: keys hidden, passwords in URLs masked."""
     if var in SECRET_VARS or "KEY" in var or "SECRET" in var or "PASSWORD" in var:
         return f"***{value[-4:]}" if len(value) > 12 else "***"
-    if "://" in value:
+    if "://" in value or var.endswith(("_URL", "_DSN")):
         return mask_url(value)
     return value
 
@@ -191,17 +203,49 @@ def _url(env: Mapping[str, str], var: str, schemes: tuple[str, ...], prod: bool,
     return raw
 
 
-def merged_env(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> dict[str, str]:
-    """``env`` (default: the process environment) over the values of ``env_file``."""
+ENV_FILE_VAR = "MYSHOP_ENV_FILE"  # the settings file; `myshop --env-file PATH` sets it
+SYSTEM_ENV_FILE = Path("/etc/myshop/myshop.env")  # the file the systemd units, supervisor and the checklist use
+
+
+class _Discover:
+    def __repr__(self) -> str:
+        return "DISCOVER"
+
+
+DISCOVER = _Discover()  # env_file default: settings_file() decides
+
+
+def settings_file(env: Mapping[str, str] | None = None) -> Path | None:
+    """The settings file: MYSHOP_ENV_FILE (which must exist), else /etc/myshop/myshop.env when it exists, else
+    none. Never a `.env` of the current directory: a directory handed to an operator must not be able to set
+    OPENAI_BASE_URL (and receive the API key) or any other unset variable."""
+    explicit = ((os.environ if env is None else env).get(ENV_FILE_VAR) or "").strip()
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ConfigError(ENV_FILE_VAR, explicit, "an existing settings file of KEY=value lines (--env-file)")
+        return Path(explicit)
+    return SYSTEM_ENV_FILE if SYSTEM_ENV_FILE.is_file() else None
+
+
+def merged_env(env: Mapping[str, str] | None = None, env_file: str | Path | _Discover | None = DISCOVER
+               ) -> dict[str, str]:
+    """``env`` (default: the process environment) over the values of ``env_file`` (default: settings_file())."""
+    if isinstance(env_file, _Discover):
+        env_file = settings_file(env)
     merged: dict[str, str] = {}
-    if env_file and Path(env_file).is_file():
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    if env_file:
+        try:
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(ENV_FILE_VAR, str(env_file), f"a readable settings file ({exc})") from None
     merged.update(os.environ if env is None else env)
     return merged
 
 
-def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | None = ".env") -> Settings:
-    """Settings from ``env`` (default: the process environment) over the values of ``env_file``."""
+def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _Discover | None = DISCOVER
+                  ) -> Settings:
+    """Settings from ``env`` (default: the process environment) over the values of ``env_file`` (default: the
+    file settings_file() names, if any)."""
     e = merged_env(env, env_file)
 
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)

@@ -19,7 +19,15 @@ from pymongo.errors import PyMongoError
 
 from myshop_ops import broker
 from myshop_ops.broker import BrokerError, Topology
-from myshop_ops.config import ConfigError, Settings, load_settings, mask_url, merged_env
+from myshop_ops.config import (
+    DISCOVER,
+    ConfigError,
+    Settings,
+    load_settings,
+    mask_url,
+    merged_env,
+    settings_file,
+)
 from myshop_ops.embeddings import EmbeddingError, make_provider
 from myshop_ops.management import ManagementError, for_dsn
 from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH
@@ -45,8 +53,15 @@ class Check:
         return asdict(self)
 
 
-def run(env: Mapping[str, str] | None = None, env_file: str | None = ".env", offline: bool = False) -> list[Check]:
-    """Every check, in checklist order. A configuration that does not load stops the service checks."""
+def run(env: Mapping[str, str] | None = None, env_file: object = DISCOVER, offline: bool = False) -> list[Check]:
+    """Every check, in checklist order. A configuration that does not load stops the service checks. ``env_file``:
+    a path, None for none, DISCOVER (default) for the file config.settings_file() names."""
+    if env_file is DISCOVER:
+        try:
+            env_file = settings_file(env)
+        except ConfigError as exc:
+            return [Check("config", exc.var, "FAIL", str(exc), "give an existing file to --env-file"),
+                    Check("services", "all", "SKIP", "the configuration must load first")]
     checks = list(_config(env, env_file))
     try:
         s = load_settings(env, env_file)
@@ -304,7 +319,12 @@ def _security(s: Settings, env_file: str | None) -> Iterator[Check]:
         yield Check("security", "user", "PASS", f"uid {os.geteuid()}")
     if env_file and Path(env_file).is_file():
         mode = Path(env_file).stat().st_mode
-        if mode & stat.S_IROTH:
+        if mode & (stat.S_IWOTH | stat.S_IWGRP):
+            who = "every user" if mode & stat.S_IWOTH else "its group"
+            yield Check("security", ".env", "FAIL", f"{env_file} is writable by {who}: whoever writes it chooses "
+                        "the settings (and where the API key goes)",
+                        f"chmod 600 {env_file}")
+        elif mode & stat.S_IROTH:
             yield Check("security", ".env", "FAIL", f"{env_file} is readable by every user", f"chmod 600 {env_file}")
         elif mode & stat.S_IRGRP:
             yield Check("security", ".env", "WARN", f"{env_file} is readable by its group", f"chmod 600 {env_file}")

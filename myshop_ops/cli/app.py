@@ -7,9 +7,12 @@ starts without importing what `myshop recommend` or `myshop generate-test-events
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
+
+from myshop_ops.config import ENV_FILE_VAR
 
 # command -> (module in myshop_ops.cli, function, the module's help text constant or None for the docstring)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
@@ -60,8 +63,14 @@ def build(only: str | None = None) -> typer.Typer:
     return app
 
 
-def _root() -> None:
-    """No options of its own (the app's help text is Typer's ``help``)."""
+def _root(
+    env_file: str = typer.Option(None, "--env-file", metavar="PATH",
+                                 help="Settings file of KEY=value lines, under the environment (default: "
+                                      "MYSHOP_ENV_FILE, else /etc/myshop/myshop.env if it exists; never ./.env)."),
+) -> None:
+    """Options of every command (the app's help text is Typer's ``help``)."""
+    if env_file is not None:
+        os.environ[ENV_FILE_VAR] = env_file  # load_settings reads it, and so do the processes a command starts
 
 
 def __getattr__(name: str) -> typer.Typer:
@@ -84,5 +93,7 @@ def optional_values(argv: list[str]) -> list[str]:
 
 def main() -> None:
     argv = optional_values(sys.argv[1:])
-    first = argv[0] if argv else None
+    rest = argv[2:] if argv[:1] == ["--env-file"] else argv[1:] if argv[:1] and argv[0].startswith("--env-file=") \
+        else argv
+    first = rest[0] if rest else None
     build(first if first in COMMANDS or first in GROUPS else None)(args=argv, prog_name="myshop")

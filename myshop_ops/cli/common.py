@@ -12,10 +12,11 @@ import redis
 import typer
 from pymongo.errors import PyMongoError
 from rich.console import Console
+from rich.text import Text
 
 from myshop_ops import logs
 from myshop_ops.broker import BrokerError
-from myshop_ops.config import ConfigError, Settings, load_settings, mask_url
+from myshop_ops.config import ConfigError, Settings, load_settings, mask_text, mask_url
 from myshop_ops.management import ManagementError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -25,7 +26,10 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every URL
+    in it is masked (it may quote a library's exception)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", mask_text(message)), highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -7,6 +7,7 @@ import os
 import typer
 
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, operator_errors, settings
+from myshop_ops.config import mask_url
 from myshop_ops.dedup import RedisState
 from myshop_ops.limits import Limits, parse_size
 from myshop_ops.metrics import Metrics, serve
@@ -70,5 +71,5 @@ def stop_workers() -> None:
     try:
         RedisState(s.redis_url).request_stop()
     except Exception as exc:
-        fail(f"Redis at {s.redis_url} unreachable: {exc}", EXIT_UNAVAILABLE)
+        fail(f"Redis at {mask_url(s.redis_url)} unreachable: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
     console.print("stop requested: workers exit after their current batch")

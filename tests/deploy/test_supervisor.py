@@ -85,7 +85,7 @@ def test_stop_restart_and_logs(conf, section):
     assert conf.getint(section, "startsecs") >= 10
     assert 1 <= conf.getint(section, "startretries") <= 10
     assert get("user") not in (None, "root")
-    assert get("directory") == "/opt/myshop-ops", "the worker reads /opt/myshop-ops/.env (python-dotenv)"
+    assert get("directory") == "/opt/myshop-ops", "the installed checkout"
     assert conf.getboolean(section, "redirect_stderr")
     assert get("stdout_logfile", "").startswith("/var/log/myshop/")
     assert get("stdout_logfile_maxbytes") and conf.getint(section, "stdout_logfile_backups") >= 1

@@ -295,12 +295,14 @@ def test_preflight_flags_an_env_file_readable_by_others(env, tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("LOG_FORMAT=console\n")
     dotenv.chmod(0o644)
-    done = subprocess.run([sys.executable, "-m", "myshop_ops", "preflight", "--json", "--offline"],
-                          env={**env.subprocess_env()}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "myshop_ops", "--env-file", str(dotenv), "preflight", "--json",
+                           "--offline"], env={**env.subprocess_env()}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
     check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
-    assert check["status"] == "FAIL" and check["fix"] == "chmod 600 .env"
+    assert check["status"] == "FAIL" and check["fix"] == f"chmod 600 {dotenv}"
     dotenv.chmod(0o600)
     done = subprocess.run([sys.executable, "-m", "myshop_ops", "preflight", "--json", "--offline"],
-                          env={**env.subprocess_env()}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          env={**env.subprocess_env(MYSHOP_ENV_FILE=str(dotenv))}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
     check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
     assert check["status"] == "PASS"

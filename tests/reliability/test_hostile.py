@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -19,6 +21,7 @@ from myshop_ops.failures import H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_C
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
 from myshop_ops.worker import EXIT_OK, Worker
+from tests.conftest import run_cli
 from tests.support.events import T0, seed_products
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
@@ -188,3 +191,59 @@ def test_a_forged_publish_time_is_ignored_and_the_event_applied(env, topology):
                               for e, v in zip(events, values, strict=True)], timestamp=2**64 - 1)
     run_workers_until(s, lambda st: len(applied_users(st)) == len(events))
     assert Store(s.mongodb_url, s.mongodb_db).failed.count_documents({}) == 0
+
+
+# ---- secrets in URLs, settings from the current directory -------------------------------------------------------
+
+SECRET_URLS = [
+    ("RABBITMQ_DSN", "amqp://secprobe:pa55/w0rd@127.0.0.1:1/%2f", "pa55/w0rd"),
+    ("RABBITMQ_DSN", "amqp://secprobe:pa?s#s,word@127.0.0.1:1/%2f", "s,word"),
+    ("MONGODB_URL", "mongodb://u:pa55/w0rd@127.0.0.1:1/?serverSelectionTimeoutMS=300", "pa55/w0rd"),
+    ("MONGODB_URL", "mongodb://127.0.0.1:1,127.0.0.1:2/?serverSelectionTimeoutMS=300"
+                    "&tlsCertificateKeyFilePassword=k3ysecret", "k3ysecret"),
+    ("REDIS_URL", "redis://127.0.0.1:1/0?password=r3dissecret", "r3dissecret"),
+    ("REDIS_URL", "redis://:r3d/is@127.0.0.1:1/0", "r3d/is"),
+]
+
+
+@pytest.mark.parametrize(("var", "url", "secret"), SECRET_URLS)
+def test_no_command_prints_a_secret_of_any_form_of_url(env, topology, var, url, secret):
+    """Unencoded reserved characters in a password, secrets in the query string, host lists: whether the URL is
+    invalid or its service unreachable, no output of any command holds the secret."""
+    sub = env.subprocess_env(**{var: url})
+    for args in (("failed", "show", "--json"), ("stop-workers",), ("preflight", "--offline", "--json"),
+                 ("user", "show", "nobody")):
+        done = run_cli(*args, env=sub, timeout=60)
+        out = done.stdout + done.stderr
+        assert secret not in out, (args, out)
+        assert "Traceback" not in out, (args, out)
+
+
+def test_settings_never_come_from_the_current_directory(env, topology, tmp_path):
+    """A `.env` in the directory the operator stands in is not read (it could point OPENAI_BASE_URL at a listener
+    that collects the API key); an explicit --env-file or MYSHOP_ENV_FILE is, and a missing one is one line."""
+    (tmp_path / ".env").write_text("LOG_FORMAT=hostile\n")
+    sub = env.subprocess_env()
+    sub.pop("LOG_FORMAT")
+
+    def cli(*args: str, **extra: str):
+        return subprocess.run([sys.executable, "-m", "myshop_ops", *args], env={**sub, **extra}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    assert cli("failed", "show", "--json").returncode == 0
+    explicit = cli("--env-file", str(tmp_path / ".env"), "failed", "show", "--json")
+    assert explicit.returncode == 2 and "LOG_FORMAT='hostile' is invalid" in explicit.stderr
+    assert cli("failed", "show", "--json", MYSHOP_ENV_FILE=".env").returncode == 2
+    missing = cli("--env-file=nowhere.env", "failed", "show")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "MYSHOP_ENV_FILE='nowhere.env'" in \
+        missing.stderr
+
+
+def test_preflight_fails_a_settings_file_others_can_write(env, tmp_path):
+    settings_file = tmp_path / "myshop.env"
+    settings_file.write_text("LOG_FORMAT=console\n")
+    for mode, status in ((0o602, "FAIL"), (0o620, "FAIL"), (0o644, "FAIL"), (0o640, "WARN"), (0o600, "PASS")):
+        settings_file.chmod(mode)
+        done = run_cli("preflight", "--json", "--offline", env=env.subprocess_env(MYSHOP_ENV_FILE=str(settings_file)))
+        check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
+        assert check["status"] == status, (oct(mode), check)
