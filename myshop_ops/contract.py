@@ -121,6 +121,11 @@ def json_kind(value: Any) -> str:
     return type(value).__name__
 
 
+# ids and phrases reach terminals (failed show, verify, logs): C0, DEL, C1 (the 8-bit CSI \x9b), line separators and
+# bidirectional overrides are refused here (a phrase may hold tabs and newlines: shown escaped)
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
 def _short(text: str) -> str:
     """A bounded repr of a string for error messages."""
     return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
@@ -172,6 +177,9 @@ def _ident(name: str, value: Any, errors: list[str]) -> str | None:
     if not _unicode_ok(value):
         errors.append(f"{name}: not valid Unicode (lone surrogate)")
         return None
+    if (bad := CONTROL.search(value)) is not None:
+        errors.append(f"{name}: must not contain control characters (U+{ord(bad.group()):04X} at {bad.start()})")
+        return None
     return value
 
 
@@ -186,6 +194,9 @@ def _phrase(value: Any, errors: list[str]) -> str | None:
         return None
     if not _unicode_ok(value):
         errors.append("search_phrase: not valid Unicode (lone surrogate)")
+        return None
+    if (bad := CONTROL.search(value.replace("\t", " ").replace("\n", " ").replace("\r", " "))) is not None:
+        errors.append(f"search_phrase: must not contain control characters (U+{ord(bad.group()):04X} at {bad.start()})")
         return None
     return value
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
+from myshop_ops.printable import printable
+
+_C1 = re.compile("[\x7f-\x9f\u2028\u2029]")  # raw in JSON text; a terminal (journalctl) would act on C1
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
@@ -25,14 +29,15 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        line = json.dumps(doc, default=str, ensure_ascii=False)  # escapes C0; C1 and separators below
+        return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        extra = " ".join(f"{printable(k)}={printable(v)}" for k, v in _fields(record).items())
         ts = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        line = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f"  {extra}" if extra else "")
+        line = f"{ts} {record.levelname:<7} {printable(record.getMessage())}" + (f"  {extra}" if extra else "")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -12,12 +12,14 @@ import redis
 import typer
 from pymongo.errors import PyMongoError
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from myshop_ops import logs
 from myshop_ops.broker import BrokerError
 from myshop_ops.config import ConfigError, Settings, load_settings, mask_text, mask_url
 from myshop_ops.management import ManagementError
+from myshop_ops.printable import printable
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -28,9 +30,15 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
     """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every URL
     in it is masked (it may quote a library's exception)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", mask_text(message)), highlight=False,
+    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(mask_text(message))), highlight=False,
                       soft_wrap=True)
     raise typer.Exit(code)
+
+
+def shown(value: object) -> str:
+    """Data (an id, a name, an error message, a body) for a rich f-string: control characters escaped, markup
+    escaped, so it is displayed as written and never styles, links or breaks the output."""
+    return escape(printable(value))
 
 
 def settings() -> Settings:

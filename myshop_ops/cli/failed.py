@@ -6,14 +6,25 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 
 import typer
 from rich.table import Table
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAIL,
+    console,
+    fail,
+    operator_errors,
+    print_json,
+    settings,
+    shown,
+)
 from myshop_ops.failed import Drift, FailedBox, parse_duration
+from myshop_ops.printable import printable
 from myshop_ops.store import Store
 
 
@@ -72,7 +83,7 @@ def show(
                 return
             table = Table("error class", "messages", title=f"failed messages: {sum(n for _, n in rows)}")
             for cls, n in rows:
-                table.add_row(cls, str(n))
+                table.add_row(shown(cls), str(n))
             console.print(table)
             return
         records = box.records(text=text, since=window, limit=max_rows)
@@ -85,31 +96,42 @@ def show(
     table = Table("message id", "user", "type", "error", "retries", "failed at",
                   title=f"failed messages: {drift.queue_count} in queue (showing {len(records)})")
     for r in records:
-        table.add_row(r["message_id"][:16], str(r.get("user_id") or "-"), str(r.get("event_type") or "-"),
-                      f"{r['error_class']}: {r['error_message'][:80]}", str(r.get("retry_count", 0)),
-                      r["last_failure_at"].strftime("%Y-%m-%d %H:%M:%S"))
+        table.add_row(shown(r["message_id"][:16]), shown(r.get("user_id") or "-"), shown(r.get("event_type") or "-"),
+                      shown(f"{r.get('error_class')}: {str(r.get('error_message'))[:80]}"),
+                      shown(r.get("retry_count", 0)), shown(_when(r.get("last_failure_at"))))
     console.print(table)
     if (line := _drift_line(drift)) is not None:
-        console.print(f"[yellow]drift:[/] {line}", highlight=False)
+        console.print(f"[yellow]drift:[/] {shown(line)}", highlight=False)
+
+
+def _when(at: object) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, datetime) else str(at or "-")
 
 
 def _print_one(rec: dict) -> None:
-    console.print(f"[bold]{rec['message_id']}[/]  {rec['error_class']}: {rec['error_message']}", highlight=False)
-    console.print(f"user {rec.get('user_id')}  type {rec.get('event_type')}  retries {rec.get('retry_count')}  "
-                  f"first {rec.get('first_failure_at')}  last {rec.get('last_failure_at')}  "
-                  f"host {rec.get('worker_host')}  queue {rec.get('original_queue')}", highlight=False)
+    """One record in full. Every field is data (from a message or its headers): shown escaped, never as markup,
+    and a record missing fields (older versions, forged history) is still shown."""
+    console.print(f"[bold]{shown(rec.get('message_id'))}[/]  {shown(rec.get('error_class'))}: "
+                  f"{shown(rec.get('error_message'))}", highlight=False)
+    console.print(shown(f"user {rec.get('user_id')}  type {rec.get('event_type')}  retries {rec.get('retry_count')}  "
+                        f"first {rec.get('first_failure_at')}  last {rec.get('last_failure_at')}  "
+                        f"host {rec.get('worker_host')}  queue {rec.get('original_queue')}"), highlight=False)
     try:
-        body = json.dumps(json.loads(rec["body"]), indent=2)
-    except ValueError:
-        body = rec["body"]
+        body = json.dumps(json.loads(rec["body"]), indent=2, ensure_ascii=False)
+    except (ValueError, TypeError, KeyError, RecursionError):
+        body = str(rec.get("body"))
     console.print("[bold]body[/]")
-    console.print(body, markup=False, highlight=False)
+    for line in body.splitlines():
+        console.print(printable(line), markup=False, highlight=False)
     console.print("[bold]headers[/]")
-    for k, v in sorted(rec.get("headers", {}).items()):
-        console.print(f"  {k}: {v}", markup=False, highlight=False)
+    headers = rec.get("headers")
+    for k, v in sorted((headers if isinstance(headers, dict) else {}).items()):
+        console.print(printable(f"  {k}: {v}"), markup=False, highlight=False)
     console.print("[bold]history[/]")
-    for h in rec.get("history", []):
-        console.print(f"  {h['at']}  {h['error_class']}: {h['error_message']}", markup=False, highlight=False)
+    for h in rec.get("history") or []:
+        h = h if isinstance(h, dict) else {}
+        console.print(printable(f"  {h.get('at', '?')}  {h.get('error_class', '?')}: {h.get('error_message', '')}"),
+                      markup=False, highlight=False)
 
 
 def _confirm(action: str, ids: list[str] | None, force: bool) -> None:

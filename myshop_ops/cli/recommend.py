@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from myshop_ops.cli.common import EXIT_CONFIG, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import EXIT_CONFIG, console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.recommend import BackendError, Recommendations, Recommender, RecommendError
 from myshop_ops.store import Store
 
@@ -58,10 +58,11 @@ def as_dict(recs: Recommendations) -> dict:
 def render(recs: Recommendations, title: str | None = None) -> None:
     """A table of recommendations (also used by `user show`)."""
     if title is None:
-        title = (f"fallback for user {recs.user_id} (no profile): the newest products" if recs.fallback else
-                 f"top {len(recs.items)} for user {recs.user_id} ({recs.backend}, {recs.model}/{recs.dimensions}d)")
+        title = (f"fallback for user {shown(recs.user_id)} (no profile): the newest products" if recs.fallback else
+                 f"top {len(recs.items)} for user {shown(recs.user_id)} ({recs.backend}, {shown(recs.model)}/"
+                 f"{recs.dimensions}d)")
     table = Table("#", "product", "name", "category", "score", title=title)
     for i, r in enumerate(recs.items, start=1):
-        table.add_row(str(i), r.product_id, r.name or "-", r.category or "-",
+        table.add_row(str(i), shown(r.product_id), shown(r.name or "-"), shown(r.category or "-"),
                       "-" if r.score is None else f"{r.score:.4f}")
     console.print(table)

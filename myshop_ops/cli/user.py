@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.table import Table
 
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
 from myshop_ops.contract import EVENT_TYPES, event_key
 from myshop_ops.dedup import RedisState
@@ -47,7 +47,7 @@ def show_user(
         top = as_dict(recs)["recommendations"] if recs is not None else None
         print_json({"user_id": user_id, **profile, "recommendations": top, "recommendations_error": problem})
         return
-    table = Table(title=f"user {user_id}", show_header=False)
+    table = Table(title=f"user {shown(user_id)}", show_header=False)
     table.add_column("field", no_wrap=True)
     table.add_column("value", overflow="fold")  # ids are copied from here: never cut them
     counts = profile.pop("event_counts") or {}
@@ -56,7 +56,7 @@ def show_user(
             value = f"{value:.6f}"
         elif hasattr(value, "isoformat"):
             value = value.isoformat(timespec="seconds")
-        table.add_row(key.replace("_", " "), "-" if value is None else str(value))
+        table.add_row(key.replace("_", " "), "-" if value is None else shown(value))
         if key == "event_count":
             for event_type in EVENT_TYPES:
                 table.add_row(f"  {event_type}", str(counts.get(event_type, 0)))
@@ -64,7 +64,7 @@ def show_user(
     if recs is not None:
         render(recs, title=f"top {len(recs.items)} recommendations ({recs.backend})")
     else:
-        console.print(f"[yellow]recommendations unavailable:[/] {problem}", highlight=False)
+        console.print(f"[yellow]recommendations unavailable:[/] {shown(problem)}", highlight=False)
 
 
 def delete_user(
@@ -99,8 +99,8 @@ def delete_user(
         finally:
             redis_state.close()
             store.close()
-    console.print(f"erased user {user_id}: profile (version {doc.get('version')}, {doc.get('event_count', 0)} events) "
-                  f"deleted from {s.mongodb_db}.{USERS}", highlight=False)
+    console.print(f"erased user {shown(user_id)}: profile (version {doc.get('version')}, "
+                  f"{doc.get('event_count', 0)} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
     if redis_ok:
         console.print(f"forgot {len(ids)} processed-message id(s) in Redis", highlight=False)
     else:
@@ -108,4 +108,5 @@ def delete_user(
                       f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
     if failed_records:
         console.print(f"[yellow]note:[/] {failed_records} failed-message record(s) still hold this user's events "
-                      f"(`myshop failed show --filter {user_id}`, then `myshop failed remove ID...`)", highlight=False)
+                      f"(`myshop failed show --filter {shown(user_id)}`, then `myshop failed remove ID...`)",
+                      highlight=False)

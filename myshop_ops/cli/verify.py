@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.store import Store
@@ -65,9 +65,9 @@ def _render(report, max_problems: int) -> None:
                       "adoption rule", highlight=False)
     for p in d["problems"]:
         if p["status"] == "unverifiable":
-            console.print(f"  unverifiable {p['user_id']}: {p['reason']}", highlight=False)
+            console.print(f"  unverifiable {shown(p['user_id'])}: {shown(p['reason'])}", highlight=False)
             continue
-        console.print(f"  {p['status']:<10} {p['user_id']}: expected {p['expected_events']} events, stored "
+        console.print(f"  {p['status']:<10} {shown(p['user_id'])}: expected {p['expected_events']} events, stored "
                       f"{p['stored_events']}" + (f", cosine {p['cosine']:.6f}" if p["cosine"] is not None else ""),
                       highlight=False)
     if d["users_duplicated"]:

@@ -16,7 +16,7 @@ import pika.data
 import pytest
 
 from myshop_ops import broker
-from myshop_ops.contract import make_event, serialise
+from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
 from myshop_ops.failures import H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_COUNT
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
@@ -247,3 +247,107 @@ def test_preflight_fails_a_settings_file_others_can_write(env, tmp_path):
         done = run_cli("preflight", "--json", "--offline", env=env.subprocess_env(MYSHOP_ENV_FILE=str(settings_file)))
         check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
         assert check["status"] == status, (oct(mode), check)
+
+
+# ---- the operator's terminal ----------------------------------------------------------------------------------
+
+OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\"  # sets the clipboard of a terminal that prints it
+RAW_CONTROL = ("\x1b", "\x9b", "\x07")
+
+
+def raw_control(text: str) -> list[str]:
+    return [c for c in RAW_CONTROL if c in text]
+
+
+@pytest.mark.parametrize("field", ["user_id", "product_id", "search_phrase"])
+@pytest.mark.parametrize("bad", ["\x1b[31m", "\x9b31m", "\x00", "\n12:00:00 ERROR forged", OSC52, "\u202etxt.exe",
+                                 "\x7f"])
+def test_the_contract_refuses_control_characters(field, bad):
+    if field == "search_phrase" and bad.startswith("\n"):
+        bad = "\x1b" + bad  # a phrase may hold newlines (see below), never ESC
+    event_type, ref = ("search", "shoes") if field == "search_phrase" else ("product_view", "p1")
+    doc = json.loads(serialise(make_event("u1", event_type, ref, T0)))
+    doc[field] = doc[field] + bad
+    with pytest.raises(InvalidMessage, match=f"{field}: must not contain control characters"):
+        parse(json.dumps(doc).encode())
+
+
+def test_a_search_phrase_may_hold_tabs_and_newlines():
+    doc = json.loads(serialise(make_event("u1", "search", "shoes", T0)))
+    doc["search_phrase"] = "red\tshoes\nsize 42"
+    assert parse(json.dumps(doc).encode()).search_phrase == "red\tshoes\nsize 42"
+
+
+def test_failed_tooling_shows_hostile_text_escaped_and_never_as_markup(env, topology):
+    """Bodies, ids, event types and headers built to attack the terminal (ESC, 8-bit CSI, OSC 52, rich markup that
+    used to raise MarkupError or become a link, a forged history entry without `at`) in `failed show`, its table,
+    one record in full, and --json: every command exits 0, prints no raw control character, shows markup
+    literally."""
+    s = env.settings()
+    tag = topology.queue.split(".")[0]
+    bodies = [
+        (json.dumps({"user_id": "u" + OSC52, "event_type": "[/x]"}).encode(), f"{tag}-osc", None),
+        (json.dumps({"user_id": "[link=https://evil.example]click[/link]", "event_type": "[bold red]x"}).encode(),
+         f"{tag}-markup", None),
+        ("plain \x1b[2J\x9b31m text [/x]".encode(), f"{tag}-raw", {"x-note": "\x1b]0;title\x07"}),
+        (b"not json", f"{tag}-forged-history", {H_HISTORY: json.dumps([{"error_class": "X", "error_message": 1}])}),
+    ]
+    publish_raw(s, topology, bodies)
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == len(bodies))
+    sub = env.subprocess_env(COLUMNS="300")  # no cell cut short
+    table = run_cli("failed", "show", env=sub)
+    assert table.returncode == 0 and not raw_control(table.stdout + table.stderr), table.stdout + table.stderr
+    assert "[/x]" in " ".join(table.stdout.split()) and "[bold red]x" in " ".join(table.stdout.split())
+    assert json.loads(run_cli("failed", "show", "--json", env=sub).stdout)["record_count"] == len(bodies)
+    for _, mid, _ in bodies:
+        one = run_cli("failed", "show", mid, env=sub)
+        assert one.returncode == 0 and not raw_control(one.stdout + one.stderr), (mid, one.stdout, one.stderr)
+    raw = run_cli("failed", "show", f"{tag}-raw", env=sub).stdout
+    assert "\\x1b[2J\\x9b31m text [/x]" in raw and "x-note: \\x1b]0;title\\x07" in raw
+    markup = run_cli("failed", "show", f"{tag}-markup", env=sub).stdout
+    assert "[link=https://evil.example]click[/link]" in markup
+
+
+def test_recommend_and_user_show_render_hostile_catalog_text_literally(env, topology):
+    """Product ids, names and categories in the store (the shop's sync or an import wrote them) with OSC 52, 8-bit
+    CSI and rich markup: `recommend` and `user show` print them escaped and literal; a user id of markup is an
+    error line, not a traceback."""
+    s = env.settings()
+    vectors = seed_products(s, ["p1"])
+    hostile = [("h-osc" + OSC52, "clipboard", "c"), ("h-link", "[link=https://evil.example]click[/link]", "[/x]"),
+               ("h-csi", "\x9b31mred", "[bold red]styled")]
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.upsert_products([{"product_id": pid, "embedding": vectors["p1"], "model": s.model,
+                            "dimensions": s.embedding_dimensions, "name": name, "category": category}
+                           for pid, name, category in hostile])
+    store.close()
+    tag = topology.queue.split(".")[0]
+    user = f"{tag}-viewer"
+    publish_raw(s, topology, [(serialise(e), e.message_id, None)
+                              for e in [make_event(user, "product_view", "p1", T0)]])
+    run_workers_until(s, lambda st: user in applied_users(st))
+    sub = env.subprocess_env(COLUMNS="300")  # no cell cut short
+    for args in (("recommend", user), ("user", "show", user)):
+        done = run_cli(*args, env=sub)
+        text = " ".join(done.stdout.split())
+        assert done.returncode == 0 and not raw_control(done.stdout + done.stderr), (args, done.stdout, done.stderr)
+        assert "[link=https://evil.example]click[/link]" in text, text
+        assert "\\x9b31mred" in text and "[/x]" in text, text
+    for args in (("recommend", "[/x]", "--json"), ("user", "show", "[/x]"), ("recommend", "[/x]")):
+        done = run_cli(*args, env=sub)
+        assert "Traceback" not in done.stderr and "MarkupError" not in done.stderr, (args, done.stderr)
+
+
+def test_console_log_lines_cannot_be_forged_and_json_lines_carry_no_raw_c1():
+    """LOG_FORMAT=console: a field or message holding a newline stays on its line; json: C1 characters escaped."""
+    import logging
+
+    from myshop_ops.logs import ConsoleFormatter, JsonFormatter
+
+    record = logging.makeLogRecord({"msg": "message failed %s", "args": ("a\x1b[2Jb",), "levelname": "ERROR",
+                                    "user_id": "u\n12:00:00 ERROR   forged line", "error": "x\x9by\u2028z"})
+    line = ConsoleFormatter().format(record)
+    assert "\n" not in line and not raw_control(line) and "\u2028" not in line
+    assert "user_id=u\\n12:00:00 ERROR   forged line" in line
+    doc = JsonFormatter().format(record)
+    assert "\x9b" not in doc and "\u2028" not in doc and json.loads(doc)["error"] == "x\x9by\u2028z"
