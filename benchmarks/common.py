@@ -207,7 +207,7 @@ class BenchEnv:
                 docs = [{"product_id": pid, "embedding": hp.embed_one(f"product {pid} item"),
                          "model": self.settings.model, "dimensions": DIMS, "name": f"Product {pid}",
                          "category": "bench"} for pid in ids]
-                retry_store(lambda: store.upsert_products(docs), "seeding products")
+                retry_store(lambda: store.upsert_products(docs, self.settings.store_layout), "seeding products")
                 self.products = ids
         finally:
             store.close()

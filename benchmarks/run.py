@@ -1,6 +1,6 @@
 """Run every benchmark and print one table (`make bench`). Each benchmark is also a script of its own.
 
-    .venv/bin/python benchmarks/run.py [--only publish worker latency memory window scale] [--quick]
+    .venv/bin/python benchmarks/run.py [--only publish worker latency memory window scale layout] [--quick]
 
 Needs RabbitMQ, Redis and the Mongo-wire server (`tools/services.sh`). Every figure is the median of repeated runs
 (3, or 1 where a run is slow, as each row's note says) with its baseline measured in the same run and the ratio.
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (
     bench_latency,
+    bench_layout,
     bench_memory,
     bench_publish,
     bench_scale,
@@ -37,6 +38,7 @@ BENCHMARKS = {  # name: (run function, full sizes, --quick sizes)
     "memory": (bench_memory.run, {}, {"events": 20_000}),
     "window": (bench_window.run, {}, {"reps": 1}),
     "scale": (bench_scale.run, {}, {"reps": 1, "events": 5_000}),
+    "layout": (bench_layout.run, {}, {"reps": 1}),
 }
 
 SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile writes/s on this box):
@@ -46,7 +48,8 @@ SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile wr
     baseline: the naive worker under the same load (its queue only grows: lower bounds)
   memory: 10 users x 10,000 events (few users, so 100k events need few writes)
   scale: 20 users x 400 events
-  window: 20 bursty users x 10 events"""
+  window: 20 bursty users x 10 events
+  layout: 100 users x 50 and 500 users x 4 per layout (shop, compact); 200 profile rewrites in bulks of 25"""
 
 
 def main() -> int:
