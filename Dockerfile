@@ -25,7 +25,10 @@ RUN pip install . && rm -rf build *.egg-info
 USER myshop:myshop
 
 # Worker metrics, /healthz and /readyz. Inside a container every worker uses 9300 (one network namespace
-# each); on a host, systemd and supervisor give instance N the port 9300+N.
+# each); on a host, systemd and supervisor give instance N the port 9300+N. The port binds 127.0.0.1 unless told:
+# in a container it must bind every interface of the container's own namespace for a scraper to reach it (what
+# reaches the host is decided by -p / ports:, publish it to a trusted network only).
+ENV MYSHOP_METRICS_HOST=0.0.0.0
 EXPOSE 9300
 # Liveness: the consume loop turned in the last 60 s (not readiness: a worker waiting out a RabbitMQ or
 # MongoDB outage is alive, and restarting it would not help). Needs --metrics-port 9300, as in CMD.

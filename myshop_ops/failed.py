@@ -35,7 +35,8 @@ _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
                   H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST,
                   H_PUBLISHED_AT)  # a retried message's latency counts from its republication
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
+MAX_DURATION = timedelta(days=36_500)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -44,7 +45,13 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise ValueError(f"'{text}' is not a duration like 30m, 12h or 7d")
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
-    return timedelta(**{unit: int(m.group(1))})
+    try:
+        duration = timedelta(**{unit: int(m.group(1))})
+    except OverflowError:
+        duration = None
+    if duration is None or duration > MAX_DURATION:
+        raise ValueError(f"'{text}' is longer than {MAX_DURATION.days} days")
+    return duration
 
 
 @dataclass(slots=True)
@@ -176,12 +183,12 @@ class FailedBox:
             return True
 
         self.walk(drop)
-        orphans = [] if wanted is None else sorted(wanted - set(done))
+        orphans = [] if wanted is None else [o for o in sorted(wanted - set(done)) if self.record(o) is not None]
         if wanted is None:
             self.store.failed.delete_many({})
         else:
             self._forget([*done, *orphans])
-        return done + [o for o in orphans if self.record(o) is None]
+        return done + orphans
 
     def purge(self) -> tuple[int, int]:
         """Empty the failed queue, then delete the records of failures that happened before the purge began

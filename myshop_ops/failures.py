@@ -163,8 +163,17 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
         "user_id": None if user_id is None else str(user_id)[:128],
         "event_type": None if event_type is None else str(event_type)[:64],
         "body": text,
-        "headers": {k: (v if isinstance(v, str | int | float | bool) else str(v)) for k, v in headers.items()},
+        "headers": {_field_name(k): (v if isinstance(v, str | int | float | bool) else str(v))
+                    for k, v in headers.items()},
     })
+
+
+def _field_name(key: object) -> str:
+    """A header name as a MongoDB field name: NUL (never allowed), a leading `$` and `.` (operators and paths to
+    MongoDB) written as escapes, so any header a publisher chose is stored, shown and never interpreted."""
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+    text = text.replace("\\", "\\\\").replace("\x00", "\\x00").replace(".", "\\u002e")
+    return "\\u0024" + text[1:] if text.startswith("$") else text
 
 
 def _loads(text: object) -> object:

@@ -151,10 +151,44 @@ class Probed(Protocol):
     def readiness(self) -> tuple[bool, dict]: ...
 
 
-def serve(target: Probed, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz (liveness) and /readyz (readiness) of ``target`` on a daemon thread."""
+DEFAULT_HOST = "127.0.0.1"  # reachable from this host only; --metrics-host 0.0.0.0 where a scraper must reach it
+MAX_CONNECTIONS = 16  # served at once; more are closed at once (one thread each: idle sockets cannot pile up)
+REQUEST_TIMEOUT = 5.0  # seconds a connection may stay silent (a slow or idle client holds no thread longer)
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that serves at most MAX_CONNECTIONS connections at once."""
+
+    daemon_threads = True
+    request_queue_size = 64  # connections the kernel holds for accept(): a burst is answered or closed at once
+
+    def __init__(self, *args, **kwargs):
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve(target: Probed, port: int, host: str = DEFAULT_HOST) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (liveness) and /readyz (readiness) of ``target`` on a daemon thread, on ``host``
+    (127.0.0.1 unless told), at most MAX_CONNECTIONS at once, each dropped after REQUEST_TIMEOUT s of silence."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == "/metrics":
@@ -176,8 +210,7 @@ def serve(target: Probed, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServ
         def log_message(self, *args) -> None:  # scrapes are not worth a log line
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = _BoundedServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

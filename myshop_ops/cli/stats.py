@@ -19,7 +19,7 @@ from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, err_console, fail, operator_errors, settings
 from myshop_ops.management import Management, ManagementError, vhost_of
-from myshop_ops.metrics import QueueExporter, serve
+from myshop_ops.metrics import DEFAULT_HOST, QueueExporter, serve
 from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export
 
 STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
@@ -68,11 +68,13 @@ def stats(
     serve_metrics: int = typer.Option(None, "--serve-metrics", min=1, max=65535,
                                       help="Run as a Prometheus exporter on this port (queue gauges every --watch "
                                            "seconds, default 15) until SIGTERM/Ctrl-C."),
+    metrics_host: str = typer.Option(DEFAULT_HOST, "--metrics-host", envvar="MYSHOP_METRICS_HOST",
+                                     help="Address --serve-metrics binds (0.0.0.0: every interface)."),
 ) -> None:
     s = settings()
     topo = Topology.from_settings(s)
     if serve_metrics:
-        _exporter(s, topo, queues, serve_metrics, watch or 15.0)
+        _exporter(s, topo, queues, serve_metrics, watch or 15.0, metrics_host)
         return
     with operator_errors(s):
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
@@ -93,12 +95,12 @@ def _management(s) -> Management | None:
     return Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn)) if s.rabbitmq_management_url else None
 
 
-def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: float) -> None:
+def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: float, host: str) -> None:
     exporter = QueueExporter(interval)
     try:
-        serve(exporter, port)
+        serve(exporter, port, host)
     except OSError as exc:
-        fail(f"--serve-metrics {port}: {exc.strerror}", EXIT_CONFIG)
+        fail(f"--serve-metrics {port} on {host}: {exc.strerror or exc}", EXIT_CONFIG)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

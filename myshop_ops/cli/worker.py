@@ -10,7 +10,7 @@ from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, 
 from myshop_ops.config import mask_url
 from myshop_ops.dedup import RedisState
 from myshop_ops.limits import Limits, parse_size
-from myshop_ops.metrics import Metrics, serve
+from myshop_ops.metrics import DEFAULT_HOST, Metrics, serve
 from myshop_ops.worker import Worker
 
 CONSUME_HELP = """Consume shop events and fold them into user profiles.
@@ -28,6 +28,9 @@ def consume(
     prefetch: int = typer.Option(200, "--prefetch", min=1, max=5000, help="Messages delivered ahead = max batch."),
     metrics_port: int = typer.Option(None, "--metrics-port", min=1, max=65535,
                                      help="Serve /metrics, /healthz and /readyz on this port."),
+    metrics_host: str = typer.Option(DEFAULT_HOST, "--metrics-host", envvar="MYSHOP_METRICS_HOST",
+                                     help="Address the metrics port binds (0.0.0.0: every interface, for a remote "
+                                          "scraper; the container image sets it)."),
     allow_root: bool = typer.Option(False, "--allow-root", envvar="MYSHOP_ALLOW_ROOT",
                                     help="Run even as root (containers that cannot drop privileges)."),
 ) -> None:
@@ -44,9 +47,10 @@ def consume(
     metrics = Metrics() if metrics_port else None
     if metrics:
         try:
-            serve(metrics, metrics_port)
+            serve(metrics, metrics_port, metrics_host)
         except OSError as exc:
-            fail(f"--metrics-port {metrics_port}: {exc.strerror} (another worker on this port? give each its own)",
+            fail(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc} "
+                 "(another worker on this port? give each its own)",
                  EXIT_CONFIG)
     with operator_errors(s):
         worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits, observer=metrics)

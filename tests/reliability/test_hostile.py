@@ -351,3 +351,69 @@ def test_console_log_lines_cannot_be_forged_and_json_lines_carry_no_raw_c1():
     assert "user_id=u\\n12:00:00 ERROR   forged line" in line
     doc = JsonFormatter().format(record)
     assert "\x9b" not in doc and "\u2028" not in doc and json.loads(doc)["error"] == "x\x9by\u2028z"
+
+
+# ---- failed-message tooling, the metrics port ------------------------------------------------------------------
+
+def test_failed_tooling_survives_any_header_name(env, topology):
+    """Header names MongoDB refuses or interprets (NUL, a leading `$`, dots) used to lose the batch's records and
+    break every later `failed show`: stored escaped, shown, and each message removable."""
+    s = env.settings()
+    tag = topology.queue.split(".")[0]
+    hostile = [(b"not json", f"{tag}-nul", {"a\x00b": "x"}), (b"not json", f"{tag}-dollar", {"$where": "sleep(1)"}),
+               (b"not json", f"{tag}-dots", {"a.b.c": 1, "$set": {"x": 1}})]
+    publish_raw(s, topology, hostile)
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == len(hostile))
+    sub = env.subprocess_env()
+    listed = run_cli("failed", "show", "--json", env=sub)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["drift"] == {"recorded_from_queue": [], "orphan_records": []}
+    store = Store(s.mongodb_url, s.mongodb_db)
+    headers = {r["message_id"]: r["headers"] for r in store.failed.find({}, {"message_id": 1, "headers": 1})}
+    store.close()
+    assert headers[f"{tag}-nul"]["a\\x00b"] == "x" and headers[f"{tag}-dollar"]["\\u0024where"] == "sleep(1)"
+    assert headers[f"{tag}-dots"]["a\\u002eb\\u002ec"] == 1
+    for _, mid, _ in hostile:
+        assert run_cli("failed", "show", mid, env=sub).returncode == 0
+    removed = run_cli("failed", "remove", *(mid for _, mid, _ in hostile), "--force", env=sub)
+    assert removed.returncode == 0 and f"removed {len(hostile)} message(s)" in removed.stdout, removed.stdout
+
+
+def test_failed_remove_of_an_unknown_id_and_a_huge_since_are_one_line_errors(env, topology):
+    sub = env.subprocess_env()
+    gone = run_cli("failed", "remove", "no-such-id", "--force", env=sub)
+    assert gone.returncode == 1 and "removed 0 message(s)" in gone.stdout and "no-such-id" in gone.stderr
+    for since in ("99999999999999999999d", "9999999999w"):
+        done = run_cli("failed", "show", "--since", since, env=sub)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_metrics_port_binds_localhost_and_bounds_idle_connections(monkeypatch):
+    """Idle connections (372 held 377 threads) are capped at MAX_CONNECTIONS and dropped after the timeout; the
+    server binds 127.0.0.1 unless told."""
+    import socket
+    import threading
+    import urllib.request
+
+    from myshop_ops import metrics
+    from myshop_ops.metrics import Metrics, serve
+    from tests.support.services import wait_for
+
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 1.0)
+    server = serve(Metrics(), 0)
+    host, port = server.server_address
+    assert host == "127.0.0.1"
+    def serving() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    idle = [socket.create_connection((host, port)) for _ in range(3 * metrics.MAX_CONNECTIONS)]
+    try:
+        wait_for(lambda: serving() >= metrics.MAX_CONNECTIONS, timeout=5, what="the idle connections served")
+        assert serving() <= metrics.MAX_CONNECTIONS
+        wait_for(lambda: serving() == 0, timeout=10, what="idle connections timed out")
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as reply:
+            assert reply.status in (200, 503)
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
