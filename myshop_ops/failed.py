@@ -20,11 +20,13 @@ from myshop_ops.broker import H_PUBLISHED_AT, Publisher, Topology
 from myshop_ops.failures import (
     H_ERROR_CLASS,
     H_ERROR_MESSAGE,
+    H_FAILURE_ID,
     H_FIRST_FAILURE,
     H_LAST_FAILURE,
     H_ORIGINAL_QUEUE,
     H_RETRY_COUNT,
     H_WORKER_HOST,
+    failure_id_of,
     failure_record_fields,
     message_id_of,
     retry_count,
@@ -34,7 +36,7 @@ from myshop_ops.store import SCAN_BATCH, Store
 _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
                   H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST,
-                  H_PUBLISHED_AT)  # a retried message's latency counts from its republication
+                  H_FAILURE_ID, H_PUBLISHED_AT)  # a retried message's latency counts from its republication
 _DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
 MAX_DURATION = timedelta(days=36_500)
 
@@ -61,6 +63,29 @@ class QueuedMessage:
     headers: dict
     content_type: str | None
 
+    @property
+    def failure_id(self) -> str | None:
+        return failure_id_of(self.headers)
+
+    @property
+    def key(self) -> str:
+        """Its record's key: the failure id, or the message id for a message without one."""
+        return self.failure_id or self.message_id
+
+    def chosen(self, ids: set[str] | None) -> bool:
+        """Whether ``ids`` (None: all) name it, by failure id or message id (which names every copy)."""
+        return ids is None or self.key in ids or self.message_id in ids
+
+
+def record_key(record: dict) -> str:
+    return record.get("failure_id") or record["message_id"]
+
+
+def _by_key(keys: Iterable[str]) -> dict:
+    """The records of these keys (failure ids, or message ids of records without one)."""
+    keys = list(keys)
+    return {"$or": [{"failure_id": {"$in": keys}}, {"message_id": {"$in": keys}, "failure_id": {"$exists": False}}]}
+
 
 @dataclass
 class Drift:
@@ -74,6 +99,15 @@ class Drift:
     @property
     def consistent(self) -> bool:
         return not self.recorded_from_queue and not self.orphan_records
+
+
+@dataclass
+class Outcome:
+    """What retry/remove did: the keys of the messages (and orphan records) acted on, and the ids asked for that
+    named nothing."""
+
+    done: list[str]
+    missing: list[str]
 
 
 class FailedBox:
@@ -115,19 +149,20 @@ class FailedBox:
         record_count = self.store.failed.count_documents({})
         drift = Drift(queue_count, record_count)
         seen: set[str] = set()
-        known = set(self.store.failed.distinct("message_id"))
+        known = {record_key(r) for r in self.store.failed.find({}, {"message_id": 1, "failure_id": 1, "_id": 0},
+                                                              batch_size=SCAN_BATCH)}
         new_records = []
 
         def look(msg: QueuedMessage) -> bool:
-            seen.add(msg.message_id)
-            if msg.message_id not in known:
+            if msg.key not in known and msg.key not in seen:
                 new_records.append(record_from_queue(msg, self.topo))
+            seen.add(msg.key)
             return False
 
         self.walk(look)
         if new_records:
             self.store.record_failures(new_records)
-            drift.recorded_from_queue = [r["message_id"] for r in new_records]
+            drift.recorded_from_queue = [record_key(r) for r in new_records]
         drift.orphan_records = sorted(known - seen)
         return drift
 
@@ -141,54 +176,62 @@ class FailedBox:
         cursor = self.store.failed.find(query, {"_id": 0}, batch_size=SCAN_BATCH).sort("last_failure_at", -1)
         return list(cursor.limit(limit))
 
-    def record(self, message_id: str) -> dict | None:
-        return self.store.failed.find_one({"message_id": message_id}, {"_id": 0})
+    def matching(self, ident: str) -> list[dict]:
+        """The records a failure id or a message id names (a message id: every failed copy of it), newest first."""
+        query = {"$or": [{"failure_id": ident}, {"message_id": ident}]}
+        return list(self.store.failed.find(query, {"_id": 0}).sort("last_failure_at", -1).limit(100))
 
     def stats(self) -> list[tuple[str, int]]:
         group = {"$group": {"_id": "$error_class", "n": {"$sum": 1}}}
         rows = self.store.failed.aggregate([group, {"$sort": {"n": -1}}])
         return [(r["_id"] or "?", r["n"]) for r in rows]
 
-    def retry(self, ids: Iterable[str] | None) -> list[str]:
-        """Republish the chosen messages (None = all) to the main queue with the retry count reset, then
-        remove them from the queue and the collection. Returns the ids retried."""
+    def retry(self, ids: Iterable[str] | None) -> Outcome:
+        """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
+        count reset, then remove them from the queue and the collection. Returns the keys retried."""
         wanted = None if ids is None else set(ids)
         publisher = Publisher(self.connection)
         done: list[str] = []
+        named: set[str] = set()
 
         def resend(msg: QueuedMessage) -> bool:
-            if wanted is not None and msg.message_id not in wanted:
+            if not msg.chosen(wanted):
                 return False
             headers = {k: v for k, v in msg.headers.items() if k not in _DROP_ON_RETRY}
             publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
                               headers=headers, content_type=msg.content_type or "application/json")
-            done.append(msg.message_id)
+            done.append(msg.key)
+            named.update({msg.key, msg.message_id})
             return True
 
         self.walk(resend)
         publisher.channel.close()
         self._forget(done)
-        return done
+        return Outcome(done, [] if wanted is None else sorted(wanted - named))
 
-    def remove(self, ids: Iterable[str] | None) -> list[str]:
-        """Delete the chosen messages (None = all) from the queue and the collection. Records whose
-        message is no longer in the queue are removed too."""
+    def remove(self, ids: Iterable[str] | None) -> Outcome:
+        """Delete the chosen messages (None = all; by failure id or message id) from the queue and the collection.
+        Records whose message is no longer in the queue are removed too. Returns the keys removed."""
         wanted = None if ids is None else set(ids)
         done: list[str] = []
+        named: set[str] = set()
 
         def drop(msg: QueuedMessage) -> bool:
-            if wanted is not None and msg.message_id not in wanted:
+            if not msg.chosen(wanted):
                 return False
-            done.append(msg.message_id)
+            done.append(msg.key)
+            named.update({msg.key, msg.message_id})
             return True
 
         self.walk(drop)
-        orphans = [] if wanted is None else [o for o in sorted(wanted - set(done)) if self.record(o) is not None]
         if wanted is None:
             self.store.failed.delete_many({})
-        else:
-            self._forget([*done, *orphans])
-        return done + orphans
+            return Outcome(done, [])
+        orphans = [record_key(r) for ident in sorted(wanted - named) for r in self.matching(ident)]
+        orphans = [k for k in dict.fromkeys(orphans) if k not in done]
+        named.update(i for i in wanted if self.matching(i))
+        self._forget([*done, *orphans])
+        return Outcome(done + orphans, sorted(wanted - named))
 
     def purge(self) -> tuple[int, int]:
         """Empty the failed queue, then delete the records of failures that happened before the purge began
@@ -198,9 +241,9 @@ class FailedBox:
         deleted = self.store.failed.delete_many({"last_failure_at": {"$lt": started}}).deleted_count
         return purged, deleted
 
-    def _forget(self, ids: list[str]) -> None:
-        if ids:
-            self.store.failed.delete_many({"message_id": {"$in": ids}})
+    def _forget(self, keys: list[str]) -> None:
+        if keys:
+            self.store.failed.delete_many(_by_key(keys))
 
 
 def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
@@ -216,6 +259,7 @@ def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
     )
     now = datetime.now(UTC)
     return failure_record_fields(
+        **({"failure_id": msg.failure_id} if msg.failure_id else {}),  # absent, never null: the index is sparse
         message_id=msg.message_id,
         body=msg.body,
         headers=h,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +20,7 @@ H_ERROR_MESSAGE = "x-error-message"
 H_WORKER_HOST = "x-worker-host"
 H_ORIGINAL_QUEUE = "x-original-queue"
 H_HISTORY = "x-error-history"  # JSON list of {at, error_class, error_message}, the last 10 failures
+H_FAILURE_ID = "x-failure-id"  # a new random id on every failed copy: its failed_messages record's key
 H_IGNORED = "x-ignored-headers"  # what a delivery's headers held that was malformed and ignored (JSON list of text)
 MAX_ERROR_CHARS = 1000
 MAX_RETRY_COUNT = 10  # WORKER_MAX_RETRIES' upper bound: a larger count was not written by a worker
@@ -100,6 +102,7 @@ def route(
     x-ignored-headers."""
     now = now or datetime.now(UTC)
     headers, ignored = read_headers(headers, now)
+    headers.pop(H_FAILURE_ID, None)  # only a failed copy has one, its own
     count = retry_count(headers) or 0
     if ignored:
         headers[H_IGNORED] = json.dumps(ignored)[:MAX_ERROR_CHARS]
@@ -122,6 +125,7 @@ def route(
         message = f"gave up after {count} retries: {message}"[:MAX_ERROR_CHARS]
         headers[H_ERROR_MESSAGE] = message
     headers[H_RETRY_COUNT] = count
+    headers[H_FAILURE_ID] = uuid.uuid4().hex
     return Copy(topo.failed_exchange, topo.failed_queue, headers, True, error_class, message, count, tuple(ignored))
 
 
@@ -130,9 +134,19 @@ def message_id_of(body: bytes, message_id: str | None) -> str:
     return message_id or "body-sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def failure_id_of(headers: dict | None) -> str | None:
+    """The x-failure-id of a message in the failed queue (32 hex), None for one without (dead-lettered by RabbitMQ,
+    or failed before failure ids existed: its record is found by message_id)."""
+    value = (headers or {}).get(H_FAILURE_ID)
+    return value if isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value) \
+        else None
+
+
 def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetime | None = None) -> dict:
-    """The failed_messages document of a failed copy (keyed by message_id, or a body hash when it has none)."""
+    """The failed_messages document of a failed copy, keyed by its failure id (two failed copies of one message id
+    are two records); message_id is the AMQP id, or a body hash when it has none."""
     return failure_record_fields(
+        failure_id=copy.headers[H_FAILURE_ID],
         message_id=message_id_of(body, message_id),
         body=body,
         headers=copy.headers,

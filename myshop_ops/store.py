@@ -54,11 +54,18 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
         ("product_id_unique", [("product_id", ASCENDING)], {"unique": True}),
         ("updated_at", [("updated_at", DESCENDING)], {}),
     ],
-    FAILED: [
-        ("message_id_unique", [("message_id", ASCENDING)], {"unique": True}),
+    FAILED: [  # one record per failed copy (failure_id); records of older versions and dead-lettered messages have none
+        ("failure_id_unique", [("failure_id", ASCENDING)], {"unique": True, "sparse": True}),
+        ("message_id", [("message_id", ASCENDING)], {}),
         ("last_failure_at", [("last_failure_at", DESCENDING)], {}),
         ("error_class", [("error_class", ASCENDING)], {}),
     ],
+}
+
+
+# indexes setup_indexes drops: failed_messages was keyed by message_id, which two failed messages may share
+OBSOLETE: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
+    FAILED: [("message_id_unique", [("message_id", ASCENDING)], {"unique": True})],
 }
 
 
@@ -235,6 +242,11 @@ class Store:
         for coll_name, specs in INDEXES.items():
             coll = self.db[coll_name]
             existing = coll.index_information()
+            for name, keys, opts in OBSOLETE.get(coll_name, []):
+                if (found := satisfying_index(existing, keys, opts, name)) is not None:
+                    coll.drop_index(found)
+                    out.append((coll_name, found, "dropped (obsolete)"))
+                    existing = coll.index_information()
             for name, keys, opts in specs:
                 found = satisfying_index(existing, keys, opts, name)
                 if found is None:
@@ -451,12 +463,14 @@ class Store:
     # ---- failed messages ------------------------------------------------------------------------
 
     def record_failures(self, records: Sequence[dict]) -> None:
-        """Upsert failed-message records by message_id (the first failure time is kept)."""
+        """Upsert failed-message records by failure_id, or by message_id for a record without one (the first
+        failure time is kept)."""
         if not records:
             return
         ops = [
             UpdateOne(
-                {"message_id": r["message_id"]},
+                {"failure_id": r["failure_id"]} if r.get("failure_id") else
+                {"message_id": r["message_id"], "failure_id": {"$exists": False}},
                 {"$set": {k: v for k, v in r.items() if k != "first_failure_at"},
                  "$setOnInsert": {"first_failure_at": r["first_failure_at"]}},
                 upsert=True,

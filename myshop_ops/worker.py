@@ -347,6 +347,8 @@ class Worker:
                       "retry_count": copy.retry_count, "error_class": copy.error_class, "error": copy.error_message}
             if copy.ignored:
                 fields["ignored_headers"] = "; ".join(copy.ignored)
+            if record:
+                fields["failure_id"] = record["failure_id"]
             if copy.failed:
                 records.append(record)
                 t.failed += 1

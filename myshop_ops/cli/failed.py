@@ -23,7 +23,7 @@ from myshop_ops.cli.common import (
     settings,
     shown,
 )
-from myshop_ops.failed import Drift, FailedBox, parse_duration
+from myshop_ops.failed import Drift, FailedBox, Outcome, parse_duration
 from myshop_ops.printable import printable
 from myshop_ops.store import Store
 
@@ -53,7 +53,8 @@ def _drift_line(d: Drift) -> str | None:
 
 
 def show(
-    message_id: str = typer.Argument(None, help="Show one message in full."),
+    message_id: str = typer.Argument(None, help="Show one message in full: its failure id, or its message id "
+                                                "(every failed copy of it)."),
     max_rows: int = typer.Option(50, "--max", min=1, help="Rows to list."),
     stats: bool = typer.Option(False, "--stats", help="Counts by error class."),
     text: str = typer.Option(None, "--filter", help="Only messages whose error, class, user or id contains TEXT."),
@@ -68,13 +69,14 @@ def show(
     with _box() as box:
         drift = box.check()
         if message_id:
-            rec = box.record(message_id)
-            if rec is None:
+            recs = box.matching(message_id)
+            if not recs:
                 fail(f"no failed message with id {message_id} (list them with `myshop failed show`)")
             if as_json:
-                print_json(rec)
+                print_json(recs[0] if len(recs) == 1 else recs)
                 return
-            _print_one(rec)
+            for rec in recs:
+                _print_one(rec)
             return
         if stats:
             rows = box.stats()
@@ -93,10 +95,11 @@ def show(
                               "orphan_records": drift.orphan_records},
                     "messages": records})
         return
-    table = Table("message id", "user", "type", "error", "retries", "failed at",
+    table = Table("failure id", "message id", "user", "type", "error", "retries", "failed at",
                   title=f"failed messages: {drift.queue_count} in queue (showing {len(records)})")
     for r in records:
-        table.add_row(shown(r["message_id"][:16]), shown(r.get("user_id") or "-"), shown(r.get("event_type") or "-"),
+        table.add_row(shown(r.get("failure_id") or "-"), shown(r["message_id"][:16]), shown(r.get("user_id") or "-"),
+                      shown(r.get("event_type") or "-"),
                       shown(f"{r.get('error_class')}: {str(r.get('error_message'))[:80]}"),
                       shown(r.get("retry_count", 0)), shown(_when(r.get("last_failure_at"))))
     console.print(table)
@@ -111,7 +114,8 @@ def _when(at: object) -> str:
 def _print_one(rec: dict) -> None:
     """One record in full. Every field is data (from a message or its headers): shown escaped, never as markup,
     and a record missing fields (older versions, forged history) is still shown."""
-    console.print(f"[bold]{shown(rec.get('message_id'))}[/]  {shown(rec.get('error_class'))}: "
+    console.print(f"[bold]{shown(rec.get('message_id'))}[/] (failure {shown(rec.get('failure_id') or '-')})  "
+                  f"{shown(rec.get('error_class'))}: "
                   f"{shown(rec.get('error_message'))}", highlight=False)
     console.print(shown(f"user {rec.get('user_id')}  type {rec.get('event_type')}  retries {rec.get('retry_count')}  "
                         f"first {rec.get('first_failure_at')}  last {rec.get('last_failure_at')}  "
@@ -151,7 +155,7 @@ def _targets(ids: list[str], all_: bool) -> list[str] | None:
 
 
 def retry(
-    ids: list[str] = typer.Argument(None, help="Message ids to retry."),
+    ids: list[str] = typer.Argument(None, help="Failure ids, or message ids (every failed copy)."),
     all_: bool = typer.Option(False, "--all", help="Retry every failed message."),
     force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
 ) -> None:
@@ -159,12 +163,12 @@ def retry(
     targets = _targets(ids or [], all_)
     _confirm("retry", targets, force)
     with _box() as box:
-        done = box.retry(targets)
-    _report("retried", done, targets)
+        outcome = box.retry(targets)
+    _report("retried", outcome)
 
 
 def remove(
-    ids: list[str] = typer.Argument(None, help="Message ids to remove."),
+    ids: list[str] = typer.Argument(None, help="Failure ids, or message ids (every failed copy)."),
     all_: bool = typer.Option(False, "--all", help="Remove every failed message."),
     force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
 ) -> None:
@@ -172,12 +176,12 @@ def remove(
     targets = _targets(ids or [], all_)
     _confirm("remove", targets, force)
     with _box() as box:
-        done = box.remove(targets)
-    _report("removed", done, targets)
+        outcome = box.remove(targets)
+    _report("removed", outcome)
 
 
-def _report(verb: str, done: list[str], targets: list[str] | None) -> None:
-    console.print(f"{verb} {len(done)} message(s)", highlight=False)
-    missing = [] if targets is None else sorted(set(targets) - set(done))
-    if missing:
-        fail(f"not found in the failed queue: {', '.join(missing)}")
+def _report(verb: str, outcome: Outcome) -> None:
+    console.print(f"{verb} {len(outcome.done)} message(s)", highlight=False)
+    if outcome.missing:
+        fail(f"not found in the failed queue or its records: {', '.join(outcome.missing)} "
+             "(list them with `myshop failed show`)")

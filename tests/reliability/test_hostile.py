@@ -17,7 +17,7 @@ import pytest
 
 from myshop_ops import broker
 from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
-from myshop_ops.failures import H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_COUNT
+from myshop_ops.failures import H_FAILURE_ID, H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_COUNT
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
 from myshop_ops.worker import EXIT_OK, Worker
@@ -417,3 +417,61 @@ def test_the_metrics_port_binds_localhost_and_bounds_idle_connections(monkeypatc
         for sock in idle:
             sock.close()
         server.shutdown()
+
+
+def test_two_failed_messages_with_one_message_id_keep_two_records(env, topology):
+    """Two different bodies published with the same AMQP message_id both fail: two messages in `failed`, two records
+    (each keyed by the x-failure-id of its copy), no drift; each is shown and removed by its failure id, and the
+    message id names both."""
+    s = env.settings()
+    tag = topology.queue.split(".")[0]
+    mid = f"{tag}-shared"
+    publish_raw(s, topology, [(b"not json 1", mid, None), (b"not json 2", mid, None), (b"not json 3", mid, None)])
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == 3)
+    queued = failed_queue_list(s, topology)
+    assert len({h[H_FAILURE_ID] for h, _ in queued}) == 3
+    sub = env.subprocess_env()
+    listed = json.loads(run_cli("failed", "show", "--json", env=sub).stdout)
+    assert listed["queue_count"] == listed["record_count"] == 3
+    assert listed["drift"] == {"recorded_from_queue": [], "orphan_records": []}
+    first = queued[0][0][H_FAILURE_ID]
+    one = json.loads(run_cli("failed", "show", first, "--json", env=sub).stdout)
+    assert one["failure_id"] == first and one["body"] == "not json 1"
+    assert len(json.loads(run_cli("failed", "show", mid, "--json", env=sub).stdout)) == 3
+    removed = run_cli("failed", "remove", first, "--force", env=sub)
+    assert removed.returncode == 0 and "removed 1 message(s)" in removed.stdout
+    assert sorted(b for _, b in failed_queue_list(s, topology)) == [b"not json 2", b"not json 3"]
+    removed = run_cli("failed", "remove", mid, "--force", env=sub)
+    assert removed.returncode == 0 and "removed 2 message(s)" in removed.stdout
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert store.failed.count_documents({}) == 0 and failed_queue_list(s, topology) == []
+    store.close()
+
+
+def test_setup_indexes_replaces_the_unique_message_id_index(env):
+    """A database set up before failure ids has a unique index on failed_messages.message_id: the worker refuses to
+    start until `setup-indexes`, which drops it; records without a failure id stay readable."""
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    try:
+        store.failed.create_index([("message_id", 1)], name="message_id_unique", unique=True)
+        store.failed.insert_many([{"message_id": "old-1"}, {"message_id": "old-2"}])
+        assert ("failed_messages", "failure_id_unique") in store.missing_indexes()
+        done = run_cli("setup-indexes", env=env.subprocess_env())
+        assert done.returncode == 0 and "dropped" in done.stdout, done.stdout + done.stderr
+        assert not store.missing_indexes()
+        assert "message_id_unique" not in store.failed.index_information()
+        assert store.failed.count_documents({"failure_id": {"$exists": False}}) == 2
+    finally:
+        store.close()
+
+
+def failed_queue_list(settings, topo) -> list[tuple[dict, bytes]]:
+    """(headers, body) of every message in the failed queue, in order (all left in it)."""
+    conn = broker.connect(settings.rabbitmq_dsn)
+    ch = conn.channel()
+    out = []
+    while (got := ch.basic_get(topo.failed_queue, auto_ack=False))[0] is not None:
+        out.append((got[1].headers or {}, got[2]))
+    conn.close()
+    return out
