@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 from pymongo.errors import PyMongoError
@@ -191,14 +191,8 @@ def _other_consumers(s: Settings) -> Iterator[Check]:
     api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
     queue = Topology.from_settings(s).queue
     try:
-        raw = api._get(f"/queues/{quote(api.vhost, safe='')}/{quote(queue, safe='')}") or {}
-        names = {c.get("channel_details", {}).get("connection_name") for c in raw.get("consumer_details") or ()}
-        others = []
-        for name in sorted(n for n in names if n):
-            conn = api._get(f"/connections/{quote(name, safe='')}") or {}
-            given = str((conn.get("client_properties") or {}).get("connection_name") or "")
-            if not given.startswith("myshop"):
-                others.append(f"{given or 'unnamed'} from {conn.get('peer_host', '?')} ({conn.get('user', '?')})")
+        others = sorted({f"{c['connection_name'] or 'unnamed'} from {c['peer_host']} ({c['user']})"
+                         for c in api.consumers(queue) if not c["connection_name"].startswith("myshop")})
     except ManagementError as exc:
         yield Check("rabbitmq", "other consumers", "SKIP", str(exc))
         return
