@@ -10,14 +10,26 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from datetime import UTC
 
 import pika
 import pika.data
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from myshop_ops import broker
+from myshop_ops.broker import Topology
 from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
-from myshop_ops.failures import H_FAILURE_ID, H_FIRST_FAILURE, H_HISTORY, H_IGNORED, H_RETRY_COUNT
+from myshop_ops.failures import (
+    H_FAILURE_ID,
+    H_FIRST_FAILURE,
+    H_HISTORY,
+    H_IGNORED,
+    H_RETRY_COUNT,
+    failure_record,
+    route,
+)
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
 from myshop_ops.worker import EXIT_OK, Worker
@@ -475,3 +487,51 @@ def failed_queue_list(settings, topo) -> list[tuple[dict, bytes]]:
         out.append((got[1].headers or {}, got[2]))
     conn.close()
     return out
+
+
+# ---- properties: any header, any text -------------------------------------------------------------------------
+
+header_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=40) | st.binary(max_size=20)
+    | st.datetimes(timezones=st.just(UTC)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=6)
+ours = st.sampled_from([H_RETRY_COUNT, H_FIRST_FAILURE, "x-last-failure-at", H_HISTORY, "x-published-at",
+                        H_FAILURE_ID, H_IGNORED, "x-death"])
+header_names = ours | st.text(min_size=1, max_size=20)
+json_values = st.none() | st.booleans() | st.integers() | st.text(max_size=40) | st.lists(st.integers(), max_size=2)
+history_values = st.lists(st.dictionaries(st.sampled_from(["at", "error_class", "error_message", "x"]),
+                                          json_values, max_size=4) | json_values, max_size=12).map(json.dumps)
+
+
+@settings(derandomize=True, database=None, max_examples=300, deadline=None)
+@given(st.dictionaries(header_names, header_values | history_values, max_size=8), st.booleans())
+def test_property_any_headers_route_to_an_encodable_copy(headers, transient):
+    """Whatever headers a delivery has, route() returns a copy pika can publish, on a queue of the topology, with a
+    retry count in range and failure times it can read back."""
+    topo = Topology(queue="q", failed_queue="f")
+    copy = route(topo, headers, ValueError("boom"), transient=transient)
+    pika.data.encode_table([], copy.headers)
+    assert copy.routing_key in (topo.failed_queue, *(topo.retry_queue(i) for i in range(1, 6)))
+    assert 0 <= copy.retry_count <= len(topo.retry_delays_ms)
+    record = failure_record(copy, b"body", "mid") if copy.failed else None
+    if record is not None:
+        assert all("\x00" not in k and not k.startswith("$") and "." not in k for k in record["headers"])
+
+
+@settings(derandomize=True, database=None, max_examples=500, deadline=None)
+@given(st.text())
+def test_property_any_text_is_shown_without_control_characters_and_never_as_markup(text):
+    from rich.console import Console
+
+    from myshop_ops.cli.common import shown
+    from myshop_ops.contract import CONTROL
+    from myshop_ops.printable import printable
+
+    assert CONTROL.search(printable(text)) is None
+    console = Console(record=True, width=10_000, color_system=None)
+    console.print(shown(text), highlight=False, soft_wrap=True)
+    rendered, expected = console.export_text().rstrip("\n"), printable(text).rstrip("\n")
+    assert CONTROL.search(rendered) is None
+    # nothing consumed as markup; backslashes next to brackets may show one more or less (rich's escaping rules)
+    assert rendered.replace("\\", "") == expected.replace("\\", ""), (rendered, expected)
