@@ -24,6 +24,7 @@ from myshop_ops.config import (
     ConfigError,
     Settings,
     load_settings,
+    mask_text,
     mask_url,
     merged_env,
     settings_file,
@@ -127,8 +128,9 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 def _mongodb(s: Settings) -> Iterator[Check]:
     where = mask_url(s.mongodb_url)
-    store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+    store = None
     try:
+        store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)  # an unescaped @, an unresolvable SRV name
         _, ms = _timed(store.ping)
         yield Check("mongodb", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
         missing = store.missing_indexes()
@@ -145,16 +147,20 @@ def _mongodb(s: Settings) -> Iterator[Check]:
                         f"no product vectors for {s.model}/{s.embedding_dimensions}d: product events will be skipped",
                         "myshop products import catalog.jsonl")
     except PyMongoError as exc:
-        yield Check("mongodb", "reachable", "FAIL", f"{where}: {type(exc).__name__}: {str(exc)[:200]}",
-                    "check MONGODB_URL and that mongod is running")
+        yield Check("mongodb", "reachable", "FAIL", f"{where}: {type(exc).__name__}: {mask_text(str(exc))[:200]}",
+                    "check MONGODB_URL (reserved characters in the password %-encoded) and that mongod is running")
     finally:
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def _shop_data(s: Settings) -> Iterator[Check]:
     """What the shop's own code left in the store: profiles per layout, untagged products, indexes not named by
     myshop (CHECKLIST.md, "Cutover from the shop's PHP workers")."""
-    store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+    try:
+        store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+    except PyMongoError:
+        return  # _mongodb reported the store
     try:
         d = store.data_report(s.embedding_dimensions)
         foreign = store.foreign_indexes()
@@ -334,6 +340,18 @@ def _security(s: Settings, env_file: str | None) -> Iterator[Check]:
                     "use amqps://, rediss:// and tls=true (or mongodb+srv://) in those URLs")
     else:
         yield Check("security", "tls", "PASS", "TLS everywhere it leaves the host")
+    unverified = [var for var, url in (("RABBITMQ_DSN", s.rabbitmq_dsn), ("MONGODB_URL", s.mongodb_url),
+                                       ("REDIS_URL", s.redis_url)) if _UNVERIFIED_TLS.search(url)]
+    if unverified:
+        yield Check("security", "tls verification", "FAIL" if prod else "WARN",
+                    "TLS without certificate or host verification (anyone on the path can read and change the "
+                    "traffic): " + ", ".join(unverified),
+                    "remove tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames / ssl_cert_reqs=none")
+
+
+_UNVERIFIED_TLS = re.compile(r"[?&;](?:tlsInsecure|tlsAllowInvalidCertificates|tlsAllowInvalidHostnames|"
+                             r"tlsDisableOCSPEndpointCheck)=(?:true|1)|[?&;]ssl_cert_reqs=(?:none|cert_none)"
+                             r"|cert_reqs['\"]?\s*[:=]\s*['\"]?(?:0|cert_none)", re.IGNORECASE)
 
 
 def _uses_tls(url: str, scheme: str | None) -> bool:

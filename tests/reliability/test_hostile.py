@@ -535,3 +535,28 @@ def test_property_any_text_is_shown_without_control_characters_and_never_as_mark
     assert CONTROL.search(rendered) is None
     # nothing consumed as markup; backslashes next to brackets may show one more or less (rich's escaping rules)
     assert rendered.replace("\\", "") == expected.replace("\\", ""), (rendered, expected)
+
+
+@pytest.mark.parametrize("url", ["mongodb://u:p@ss@127.0.0.1:1/?serverSelectionTimeoutMS=300",
+                                 "mongodb+srv://u:s3cret@nowhere.invalid/db"])
+def test_preflight_reports_a_bad_mongodb_url_as_a_check_not_a_traceback(env, url):
+    done = run_cli("preflight", "--offline", "--json", env=env.subprocess_env(MONGODB_URL=url), timeout=90)
+    assert "Traceback" not in done.stderr, done.stderr
+    check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("mongodb", "reachable")]
+    assert check["status"] == "FAIL" and "s3cret" not in done.stdout and "p@ss" not in done.stdout, check
+
+
+@pytest.mark.parametrize(("var", "url"), [
+    ("REDIS_URL", "rediss://127.0.0.1:1/0?ssl_cert_reqs=none"),
+    ("MONGODB_URL", "mongodb://127.0.0.1:1/?tls=true&tlsInsecure=true&serverSelectionTimeoutMS=300"),
+    ("MONGODB_URL", "mongodb://127.0.0.1:1/?tls=true&tlsAllowInvalidCertificates=true&serverSelectionTimeoutMS=300"),
+])
+def test_preflight_flags_tls_without_verification(env, var, url):
+    for app_env, status in (("test", "WARN"), ("prod", "FAIL")):
+        extra = {"APP_ENV": app_env}
+        if app_env == "prod":
+            extra |= {"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "sk-test-key-000000"}
+        done = run_cli("preflight", "--offline", "--json", env=env.subprocess_env(**{var: url, **extra}), timeout=90)
+        checks = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}
+        assert checks[("security", "tls verification")]["status"] == status, (app_env, checks)
+        assert var in checks[("security", "tls verification")]["detail"]
