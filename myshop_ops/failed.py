@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops import broker
@@ -26,6 +27,7 @@ from myshop_ops.failures import (
     H_ORIGINAL_QUEUE,
     H_RETRY_COUNT,
     H_WORKER_HOST,
+    body_user,
     failure_id_of,
     failure_record_fields,
     message_id_of,
@@ -232,6 +234,17 @@ class FailedBox:
         named.update(i for i in wanted if self.matching(i))
         self._forget([*done, *orphans])
         return Outcome(done + orphans, sorted(wanted - named))
+
+    def erase_user(self, user_id: str) -> tuple[int, int]:
+        """Erasure: remove every failed message of ``user_id`` from the queue and every record of it from the
+        collection. Returns (messages removed, records removed)."""
+        try:
+            removed = self.walk(lambda msg: body_user(msg.body) == user_id)
+        except pex.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            removed = 0  # no failed queue (never set up here): nothing in it
+        return removed, self.store.failed.delete_many({"user_id": user_id}).deleted_count
 
     def purge(self) -> tuple[int, int]:
         """Empty the failed queue, then delete the records of failures that happened before the purge began

@@ -164,17 +164,14 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
     """A failed_messages document: the given fields plus the body as text, its user and event type
     when readable, and the headers made BSON-safe."""
     text = body.decode("utf-8", errors="replace")
-    user_id = event_type = None
     doc = _loads(text)
-    if isinstance(doc, dict):
-        user_id = doc.get("user_id", doc.get("userId"))
-        event_type = doc.get("event_type", doc.get("eventType"))
+    event_type = doc.get("event_type", doc.get("eventType")) if isinstance(doc, dict) else None
     history = _history(headers)
     return _bson_safe({
         **fields,
         "history": history or [{"at": fields["last_failure_at"].isoformat(), "error_class": fields["error_class"],
                                 "error_message": fields["error_message"]}],
-        "user_id": None if user_id is None else str(user_id)[:128],
+        "user_id": _user_of(doc),
         "event_type": None if event_type is None else str(event_type)[:64],
         "body": text,
         "headers": {_field_name(k): (v if isinstance(v, str | int | float | bool) else str(v))
@@ -188,6 +185,16 @@ def _field_name(key: object) -> str:
     text = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
     text = text.replace("\\", "\\\\").replace("\x00", "\\x00").replace(".", "\\u002e")
     return "\\u0024" + text[1:] if text.startswith("$") else text
+
+
+def body_user(body: bytes) -> str | None:
+    """The user id a failed message's record holds for its body (None when the body names none)."""
+    return _user_of(_loads(body.decode("utf-8", errors="replace")))
+
+
+def _user_of(doc: object) -> str | None:
+    user_id = doc.get("user_id", doc.get("userId")) if isinstance(doc, dict) else None
+    return None if user_id is None else _bson_safe(str(user_id)[:128])
 
 
 def _loads(text: object) -> object:

@@ -7,10 +7,13 @@ import sys
 import typer
 from rich.table import Table
 
+from myshop_ops import broker
+from myshop_ops.broker import Topology
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
 from myshop_ops.contract import EVENT_TYPES, event_key
 from myshop_ops.dedup import RedisState
+from myshop_ops.failed import FailedBox
 from myshop_ops.recommend import Recommendations, Recommender, RecommendError
 from myshop_ops.store import USERS, Store, message_ids
 
@@ -71,7 +74,8 @@ def delete_user(
     user_id: str = typer.Argument(..., help="The user's id."),
     force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
 ) -> None:
-    """Erase a user's profile document and its processed-message keys in Redis (asks first unless --force)."""
+    """Erase a user: profile document, processed-message keys in Redis, failed messages (queue and records); asks
+    first unless --force."""
     if not force and not sys.stdin.isatty():
         fail(f"refusing to erase user {user_id} without a terminal: add --force", EXIT_CONFIG)
     s = settings()
@@ -80,33 +84,39 @@ def delete_user(
         redis_state = RedisState(s.redis_url, idempotency_ttl=s.idempotency_ttl)
         try:
             found = store.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})
-            if found is None:
+            failed_records = store.failed.count_documents({"user_id": user_id})
+            if found is None and not failed_records:
                 fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS}: nothing to erase")
             question = (f"Erase user {user_id}'s profile ({found.get('event_count', 0)} events) and its "
-                        "processed-message keys in Redis?")
+                        "processed-message keys in Redis?" if found is not None else
+                        f"Erase user {user_id}'s {failed_records} failed message(s)?")
             if not force and not typer.confirm(question):
                 fail(f"user {user_id} not erased (answered no)", EXIT_FAIL)
-            doc = store.users.find_one_and_delete(
+            doc = None if found is None else store.users.find_one_and_delete(
                 {"user_id": user_id}, {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1}
             )
-            if doc is None:
+            if found is not None and doc is None:
                 fail(f"user {user_id}'s profile was erased by someone else meanwhile")
-            ids = message_ids(doc)
+            ids = message_ids(doc) if doc is not None else []
             errors_before = redis_state.errors
             redis_state.forget(event_key(m, user_id) for m in ids)
             redis_ok = redis_state.errors == errors_before
-            failed_records = store.failed.count_documents({"user_id": user_id})
+            conn = broker.connect(s.rabbitmq_dsn, name="myshop-user-delete")
+            try:
+                failed_messages, failed_records = FailedBox(conn, store, Topology.from_settings(s)).erase_user(user_id)
+            finally:
+                conn.close()
         finally:
             redis_state.close()
             store.close()
-    console.print(f"erased user {shown(user_id)}: profile (version {doc.get('version')}, "
-                  f"{doc.get('event_count', 0)} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
-    if redis_ok:
-        console.print(f"forgot {len(ids)} processed-message id(s) in Redis", highlight=False)
-    else:
-        console.print(f"[yellow]Redis unavailable:[/] {len(ids)} processed-message id(s) not forgotten; they "
-                      f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
-    if failed_records:
-        console.print(f"[yellow]note:[/] {failed_records} failed-message record(s) still hold this user's events "
-                      f"(`myshop failed show --filter {shown(user_id)}`, then `myshop failed remove ID...`)",
-                      highlight=False)
+    if doc is not None:
+        console.print(f"erased user {shown(user_id)}: profile (version {doc.get('version')}, "
+                      f"{doc.get('event_count', 0)} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
+        if redis_ok:
+            console.print(f"forgot {len(ids)} processed-message id(s) in Redis", highlight=False)
+        else:
+            console.print(f"[yellow]Redis unavailable:[/] {len(ids)} processed-message id(s) not forgotten; they "
+                          f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
+    if failed_messages or failed_records:
+        console.print(f"erased user {shown(user_id)}'s failed messages: {failed_messages} from the failed queue, "
+                      f"{failed_records} record(s) from failed_messages", highlight=False)

@@ -560,3 +560,25 @@ def test_preflight_flags_tls_without_verification(env, var, url):
         checks = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}
         assert checks[("security", "tls verification")]["status"] == status, (app_env, checks)
         assert var in checks[("security", "tls verification")]["detail"]
+
+
+def test_user_delete_erases_the_users_failed_messages(env, topology):
+    """Erasure: `user delete` removes the user's failed messages from the queue and their records (their bodies
+    hold the user's searches), also for a user whose every event failed (no profile); others' stay."""
+    s = env.settings()
+    tag = topology.queue.split(".")[0]
+    gone, kept = f"{tag}-gone", f"{tag}-kept"
+    bodies = [(json.dumps({"user_id": u, "event_type": "search", "search_phrase": f"secret {i}"}).encode(),
+               f"{tag}-{i}", None) for i, u in enumerate([gone, kept, gone])]
+    publish_raw(s, topology, bodies)
+    run_workers_until(s, lambda st: st.failed.count_documents({}) == 3)
+    done = run_cli("user", "delete", gone, "--force", env=env.subprocess_env(), input="")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 from the failed queue, 2 record(s)" in " ".join(done.stdout.split())
+    left = failed_queue_list(s, topology)
+    assert [json.loads(b)["user_id"] for _, b in left] == [kept]
+    store = Store(s.mongodb_url, s.mongodb_db)
+    assert [r["user_id"] for r in store.failed.find({}, {"user_id": 1})] == [kept]
+    store.close()
+    again = run_cli("user", "delete", gone, "--force", env=env.subprocess_env(), input="")
+    assert again.returncode == 1 and "nothing to erase" in again.stderr
