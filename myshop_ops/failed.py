@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops import broker
-from myshop_ops.broker import H_PUBLISHED_AT, Publisher, Topology
+from myshop_ops.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
 from myshop_ops.failures import (
     H_ERROR_CLASS,
     H_ERROR_MESSAGE,
@@ -119,17 +118,18 @@ class FailedBox:
         self.topo = topo
 
     def queue_count(self) -> int:
-        ch = self.connection.channel()
-        try:
-            return ch.queue_declare(self.topo.failed_queue, passive=True).method.message_count
-        finally:
-            ch.close()
+        """Messages in the failed queue; BrokerError (one line) when it does not exist."""
+        depth = broker.queue_depth(self.connection, self.topo.failed_queue)
+        if depth is None:
+            raise BrokerError(f"the failed queue '{self.topo.failed_queue}' does not exist "
+                              "(check RABBITMQ_FAILED_QUEUE, or run `myshop setup-transports`)")
+        return depth[0]
 
     def walk(self, handle: Callable[[QueuedMessage], bool]) -> int:
         """Fetch each message currently in the queue once; ``handle`` returns True to ack it (after doing
         its work), False to leave it. Returns how many were acked."""
+        total = self.queue_count()
         ch = self.connection.channel()
-        total = ch.queue_declare(self.topo.failed_queue, passive=True).method.message_count
         acked = 0
         for _ in range(total):
             method, props, body = ch.basic_get(self.topo.failed_queue, auto_ack=False)
@@ -238,12 +238,8 @@ class FailedBox:
     def erase_user(self, user_id: str) -> tuple[int, int]:
         """Erasure: remove every failed message of ``user_id`` from the queue and every record of it from the
         collection. Returns (messages removed, records removed)."""
-        try:
-            removed = self.walk(lambda msg: body_user(msg.body) == user_id)
-        except pex.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            removed = 0  # no failed queue (never set up here): nothing in it
+        exists = broker.queue_depth(self.connection, self.topo.failed_queue) is not None
+        removed = self.walk(lambda msg: body_user(msg.body) == user_id) if exists else 0
         return removed, self.store.failed.delete_many({"user_id": user_id}).deleted_count
 
     def purge(self) -> tuple[int, int]:

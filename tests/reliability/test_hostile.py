@@ -582,3 +582,13 @@ def test_user_delete_erases_the_users_failed_messages(env, topology):
     store.close()
     again = run_cli("user", "delete", gone, "--force", env=env.subprocess_env(), input="")
     assert again.returncode == 1 and "nothing to erase" in again.stderr
+
+
+def test_failed_commands_on_a_missing_failed_queue_say_so_in_one_line(env):
+    """No topology declared: every failed command names the queue and the fix, exit 3, no traceback."""
+    sub = env.subprocess_env()
+    for args in (("failed", "show"), ("failed", "show", "--json"), ("failed", "retry", "--all", "--force"),
+                 ("failed", "remove", "x", "--force")):
+        done = run_cli(*args, env=sub)
+        assert done.returncode == 3 and "Traceback" not in done.stderr, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr, (args, done.stderr)
