@@ -6,7 +6,10 @@ its effect is done (ack), must be retried later (transient) or can never succeed
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +27,11 @@ from myshop_ops.store import ProfileWrite, Recent, Store, StoredProfile
 
 log = logging.getLogger(__name__)
 
-WRITE_ATTEMPTS = 5  # re-read and re-fold on version conflicts before falling back to a retry
+# Version conflicts (another worker wrote the profile between our read and our write) are resolved in the batch:
+# re-read, re-fold, write again, with a growing random pause that takes the workers out of step, for up to
+# WRITE_BUDGET_S; only a profile that keeps changing longer than that goes through a delay queue.
+WRITE_BUDGET_S = 10.0
+CONFLICT_PAUSE_S = (0.005, 0.25)  # first pause at most 5 ms, doubling, at most 250 ms
 PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d)
 PRODUCT_CACHE, PRODUCT_TTL = 2000, 60.0  # product vectors kept (~6 KB each at 1,536 d), for at most 60 s
 
@@ -38,7 +45,7 @@ class StoreUnavailable(Exception):
 
 
 class VersionConflict(Exception):
-    """The profile kept changing under this worker for WRITE_ATTEMPTS re-reads (transient)."""
+    """The profile kept changing under this worker for WRITE_BUDGET_S of re-reads (transient)."""
 
 
 @dataclass(slots=True)
@@ -160,9 +167,12 @@ class Pipeline:
             pending[item.event.user_id].append(item)
         weights = self.settings.weights
         lam = self.settings.decay_lambda
-        for _attempt in range(WRITE_ATTEMPTS):
+        deadline = time.monotonic() + WRITE_BUDGET_S
+        for attempt in itertools.count():
             if not pending:
                 return
+            if attempt and not self._pause_after_conflict(attempt, deadline):
+                break
             stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
             try:
                 read, unreadable = self.store.load_profiles(unknown, self.model, self.dimensions)
@@ -226,7 +236,18 @@ class Pipeline:
                 self._mark(groups[user_id], "applied", None)
             pending = {u: groups[u] for u in outcome.conflicted}
         for group in pending.values():
-            self._mark(group, "retry", VersionConflict(f"profile changed {WRITE_ATTEMPTS} times during the write"))
+            self._mark(group, "retry", VersionConflict(
+                f"the profile kept changing under this worker for {WRITE_BUDGET_S:g} s of re-reads"))
+
+    @staticmethod
+    def _pause_after_conflict(attempt: int, deadline: float) -> bool:
+        """Sleep a random pause before re-read ``attempt`` (1-based); False when the budget is spent."""
+        first, cap = CONFLICT_PAUSE_S
+        pause = random.uniform(0, min(first * 2 ** (attempt - 1), cap))
+        if time.monotonic() + pause >= deadline:
+            return False
+        time.sleep(pause)
+        return True
 
 
 def _fields(event: Event) -> dict:

@@ -3,8 +3,8 @@
 Found by the soak (hot users, --prefetch 1000: 1 event of 3,000 lost, no fault injected): when both copies of
 a message (a body published twice, e.g. again after a lost publisher confirm) land in the same batch, the second
 copy is marked `duplicate` by the in-batch check in `Pipeline._parse` before the first copy's fate is known. If
-the first copy then fails transiently (provider 429/5xx/timeout, MongoDB unavailable, VersionConflict after 5
-re-reads), it is sent to a retry queue — but the second copy's id has already been written to Redis as
+the first copy then fails transiently (provider 429/5xx/timeout, MongoDB unavailable, VersionConflict after its
+re-read budget), it is sent to a retry queue — but the second copy's id has already been written to Redis as
 processed (`Pipeline.process` marks `applied` *and* `duplicate` items) and acked. When the retry copy comes
 back, Redis says "seen": it is acked as a duplicate too. The event is never applied and is in no queue: lost
 (with Redis down it would be applied on the retry)."""
