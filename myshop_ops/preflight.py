@@ -3,8 +3,10 @@ with the exact command that fixes it. Nothing here changes state."""
 
 from __future__ import annotations
 
+import grp
 import importlib.metadata
 import os
+import pwd
 import re
 import stat
 import sys
@@ -228,7 +230,8 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
                 yield Check("rabbitmq", "consumers", "PASS", f"{consumers} consumer(s) on {topo.queue}")
             else:
                 yield Check("rabbitmq", "consumers", "WARN", f"no consumer on {topo.queue}",
-                            "systemctl start myshop-worker@1 myshop-worker@2 (or: myshop consume)")
+                            "systemctl start myshop-worker.target, or supervisorctl start 'myshop-worker:*' "
+                            "(or: myshop consume)")
             level = "FAIL" if ready > CRITICAL_DEPTH else "WARN" if ready > WARN_DEPTH else "PASS"
             yield Check("rabbitmq", "depth", level, f"{ready} ready on {topo.queue}",
                         None if level == "PASS" else "myshop stats --watch; add workers or find why they stall")
@@ -318,18 +321,7 @@ def _security(s: Settings, env_file: str | None) -> Iterator[Check]:
     else:
         yield Check("security", "user", "PASS", f"uid {os.geteuid()}")
     if env_file and Path(env_file).is_file():
-        mode = Path(env_file).stat().st_mode
-        if mode & (stat.S_IWOTH | stat.S_IWGRP):
-            who = "every user" if mode & stat.S_IWOTH else "its group"
-            yield Check("security", ".env", "FAIL", f"{env_file} is writable by {who}: whoever writes it chooses "
-                        "the settings (and where the API key goes)",
-                        f"chmod 600 {env_file}")
-        elif mode & stat.S_IROTH:
-            yield Check("security", ".env", "FAIL", f"{env_file} is readable by every user", f"chmod 600 {env_file}")
-        elif mode & stat.S_IRGRP:
-            yield Check("security", ".env", "WARN", f"{env_file} is readable by its group", f"chmod 600 {env_file}")
-        else:
-            yield Check("security", ".env", "PASS", f"{env_file} readable by its owner only")
+        yield _settings_file_mode(Path(env_file))
     plain = [var for var, url, tls in (
         ("RABBITMQ_DSN", s.rabbitmq_dsn, "amqps"),
         ("MONGODB_URL", s.mongodb_url, None),
@@ -347,6 +339,32 @@ def _security(s: Settings, env_file: str | None) -> Iterator[Check]:
                     "TLS without certificate or host verification (anyone on the path can read and change the "
                     "traffic): " + ", ".join(unverified),
                     "remove tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames / ssl_cert_reqs=none")
+
+
+def _settings_file_mode(path: Path) -> Check:
+    """The settings file holds the secrets. The checklist's `0640 root:myshop` passes: root owns it, the service
+    user reads it through its group. Writable by group or others FAIL (whoever writes it chooses the settings and
+    where the API key goes); readable by every user WARN. The fixes only remove rights, never the owner's or the
+    group's read: the service user keeps reading its settings."""
+    st = path.stat()
+    mode, owner, group = stat.S_IMODE(st.st_mode), _name(pwd.getpwuid, st.st_uid), _name(grp.getgrgid, st.st_gid)
+    who = f"{path} ({mode:04o} {owner}:{group})"
+    if mode & (stat.S_IWOTH | stat.S_IWGRP):
+        writers = "every user" if mode & stat.S_IWOTH else f"group {group}"
+        return Check("security", ".env", "FAIL", f"{who} is writable by {writers}: whoever writes it chooses the "
+                     "settings (and where the API key goes)", f"chmod g-w,o-rwx {path}")
+    if mode & stat.S_IROTH:
+        return Check("security", ".env", "WARN", f"{who} is readable by every user (it holds the secrets)",
+                     f"chmod o-rwx {path}")
+    readers = f"{owner} and group {group}" if mode & stat.S_IRGRP else owner
+    return Check("security", ".env", "PASS", f"{who}: readable by {readers} only, writable by {owner} only")
+
+
+def _name(lookup: Callable[[int], object], number: int) -> str:
+    try:
+        return lookup(number)[0]
+    except KeyError:
+        return str(number)
 
 
 _UNVERIFIED_TLS = re.compile(r"[?&;](?:tlsInsecure|tlsAllowInvalidCertificates|tlsAllowInvalidHostnames|"

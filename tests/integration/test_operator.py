@@ -291,6 +291,26 @@ def test_preflight_provider_check_uses_the_real_sdk(menv, topology, fake_openai:
     assert code == 1 and checks[("provider", "one embedding")]["status"] == "FAIL" and "wrong-key" not in output
 
 
+@pytest.mark.parametrize(("mode", "status", "fix"), [
+    (0o640, "PASS", None),  # the checklist's 0640 root:myshop: the service user reads it through its group
+    (0o600, "PASS", None),
+    (0o644, "WARN", "chmod o-rwx"),
+    (0o660, "FAIL", "chmod g-w,o-rwx"),
+    (0o602, "FAIL", "chmod g-w,o-rwx"),
+])
+def test_settings_file_modes_and_fixes_that_keep_the_group_reading(tmp_path, mode, status, fix):
+    from myshop_ops.preflight import _settings_file_mode
+
+    path = tmp_path / "myshop.env"
+    path.write_text("APP_ENV=test\n")
+    path.chmod(mode)
+    check = _settings_file_mode(path)
+    assert check.status == status and check.fix == (f"{fix} {path}" if fix else None)
+    assert f"{mode:04o}" in check.detail
+    if fix:  # the fix never takes read away from the owner or the group
+        assert "u-" not in fix and "g-r" not in fix and "600" not in fix
+
+
 def test_preflight_flags_an_env_file_readable_by_others(env, tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("LOG_FORMAT=console\n")
@@ -299,7 +319,7 @@ def test_preflight_flags_an_env_file_readable_by_others(env, tmp_path):
                            "--offline"], env={**env.subprocess_env()}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)
     check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
-    assert check["status"] == "FAIL" and check["fix"] == f"chmod 600 {dotenv}"
+    assert check["status"] == "WARN" and check["fix"] == f"chmod o-rwx {dotenv}"
     dotenv.chmod(0o600)
     done = subprocess.run([sys.executable, "-m", "myshop_ops", "preflight", "--json", "--offline"],
                           env={**env.subprocess_env(MYSHOP_ENV_FILE=str(dotenv))}, cwd=tmp_path, capture_output=True,
