@@ -94,6 +94,32 @@ def collect(connection, topo: Topology, names: list[str] | None = None,
     return Report(rows, management is not None)
 
 
+def unsettled(connection, topo: Topology, management: Management | None = None) -> tuple[int, bool]:
+    """(messages still on their way to a profile, whether anything moves them): ready in the main and retry
+    queues plus the main queue's unacked (from the management API when given: sampled every few seconds, so a
+    just-acked batch may still count); they move while the main queue has consumers or a retry queue holds some."""
+    main = broker.queue_depth(connection, topo.queue) or (0, 0)
+    retrying = sum((broker.queue_depth(connection, topo.retry_queue(i)) or (0, 0))[0]
+                   for i in range(1, len(topo.retry_delays_ms) + 1))
+    info = management.queue(topo.queue) if management else None
+    return main[0] + retrying + (info.unacked if info else 0), bool(main[1] or retrying)
+
+
+def wait_settled(connection, topo: Topology, management: Management | None, timeout: float) -> int:
+    """Wait up to ``timeout`` seconds for ``unsettled`` to reach 0, or until nothing moves the rest (no
+    consumer, no retry pending); the connection stays serviced. Returns the last count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            left, moving = unsettled(connection, topo, management)
+        except ManagementError:  # unacked unknown: ready counts only
+            management = None
+            left, moving = unsettled(connection, topo)
+        if not left or not moving or time.monotonic() >= deadline:
+            return left
+        connection.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
 def _judge(rows: list[QueueRow]) -> None:
     main = next((r for r in rows if r.role == "main"), None)
     for row in rows:

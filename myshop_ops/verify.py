@@ -26,7 +26,7 @@ CHUNK = 1000
 @dataclass(slots=True)
 class UserCheck:
     user_id: str
-    status: str  # ok | lost | duplicated | diverging | unverifiable
+    status: str  # ok | lost | pending (short while messages are in flight) | duplicated | diverging | unverifiable
     expected_events: int
     stored_events: int
     cosine: float | None = None  # None for an adopted profile: its prior's direction is not known any more
@@ -43,7 +43,17 @@ class Verification:
     duplicates_in_file: int = 0
     skipped_no_product: int = 0
     in_failed: int = 0
+    in_flight: int = 0  # messages still queued or unacked when verified: a short count may only be waiting
     users: list[UserCheck] = field(default_factory=list)
+
+    def unsettled(self, in_flight: int) -> None:
+        """Record that ``in_flight`` messages were not settled yet: users short of events are ``pending``, not
+        ``lost`` (the run cannot be judged until the queues drained)."""
+        self.in_flight = in_flight
+        if in_flight:
+            for u in self.users:
+                if u.status == "lost":
+                    u.status = "pending"
 
     def count(self, status: str) -> int:
         return sum(1 for u in self.users if u.status == status)
@@ -58,13 +68,14 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return all(u.status == "ok" for u in self.users)
+        return not self.in_flight and all(u.status == "ok" for u in self.users)
 
     def as_json(self, max_problems: int = 50) -> dict:
         problems = [asdict(u) for u in self.users if u.status != "ok"][:max_problems]
         return {"ok": self.ok, "lines": self.lines, "invalid_lines": self.invalid_lines, "events": self.events,
                 "duplicates_in_file": self.duplicates_in_file, "skipped_no_product": self.skipped_no_product,
-                "in_failed": self.in_failed, "users": len(self.users),
+                "in_failed": self.in_failed, "in_flight": self.in_flight, "users": len(self.users),
+                "users_pending": self.count("pending"),
                 "users_ok": self.count("ok"), "users_lost": self.count("lost"),
                 "users_duplicated": self.count("duplicated"), "users_diverging": self.count("diverging"),
                 "users_unverifiable": self.count("unverifiable"),

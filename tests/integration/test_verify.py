@@ -14,6 +14,7 @@ from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
 from tests.support.events import T0, mixed_events, publish, seed_products
+from tests.support.workers import wait_queue
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +82,27 @@ def test_verify_reports_lost_duplicated_and_diverging_users(env, applied):
 def test_verify_bad_file_is_one_line(env, topology, tmp_path):
     done = run_cli("verify", "--events", str(tmp_path / "missing.jsonl"), env=env.subprocess_env())
     assert done.returncode == 2 and "No such file" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_verify_reports_messages_in_flight_as_pending_not_lost(env, topology, workers, tmp_path):
+    """Right after a worker kill the queue still holds events: verify says so instead of reporting a loss, and
+    waits (bounded) for them while a consumer drains the queue."""
+    s = env.settings()
+    seed_products(s, ["p0", "p1"])
+    users = [f"{env['MONGODB_DB']}-f{i}" for i in range(2)]
+    events = mixed_events(users, ["p0", "p1"], per_user=6)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(serialise(e) for e in events) + b"\n")
+    publish(s, topology, events)
+    worker = Worker(s, prefetch=4, limits=Limits(messages=4, seconds=60))
+    assert worker.run() == 0  # 4 applied, 8 still queued with no consumer
+    report, code = run_verify(env, path)
+    assert code == 1 and report["ok"] is False and report["in_flight"] == 8
+    assert report["users_lost"] == 0 and report["events_lost"] == 8 and report["users_pending"] >= 1
+    assert {p["status"] for p in report["problems"]} == {"pending"}
+    table = run_cli("verify", "--events", str(path), "--wait", "0", env=env.subprocess_env())
+    assert "NOT SETTLED" in table.stdout and "8 message(s) still queued or unacked" in " ".join(table.stdout.split())
+    workers.start(env.subprocess_env(), "--time-limit", "60")  # a consumer drains the rest while verify waits
+    wait_queue(s, topology.queue, consumers=1)
+    report, code = run_verify(env, path)
+    assert code == 0 and report["ok"] is True and report["in_flight"] == 0 and report["users_ok"] == 2
