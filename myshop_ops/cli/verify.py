@@ -22,11 +22,12 @@ VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorde
 (cosine < {COSINE_MIN}, magnitude or per-type counts off). Events recorded in failed_messages are expected to be
 missing. Search phrases are embedded again (through the shared cache). A profile adopted from the shop's PHP
 workers is checked against the adoption rule (the sum beyond the file's events must be the prior's weight, decayed);
-one the shop's PHP workers rewrote after myshop is unverifiable, with the reason. Exit 1 on any mismatch.
+one the shop's PHP workers rewrote after myshop is unverifiable, with the reason. Messages still queued or unacked
+are waited for (--wait); users short of events while some remain are pending, not lost. Exit 1 unless all is OK.
 --json prints {{"ok", "lines", "invalid_lines", "events", "duplicates_in_file", "skipped_no_product", "in_failed",
-"users", "users_ok", "users_lost", "users_duplicated", "users_diverging", "users_unverifiable", "users_adopted",
-"events_lost", "events_duplicated", "problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine",
-"magnitude_error", "adopted", "reason"}}]}}."""
+"in_flight", "users", "users_pending", "users_ok", "users_lost", "users_duplicated", "users_diverging",
+"users_unverifiable", "users_adopted", "events_lost", "events_duplicated", "problems": [{{"user_id", "status",
+"expected_events", "stored_events", "cosine", "magnitude_error", "adopted", "reason"}}]}}."""
 
 
 def run_verify(
