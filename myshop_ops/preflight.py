@@ -92,6 +92,8 @@ def _config(env: Mapping[str, str] | None, env_file: str | None) -> Iterator[Che
         return
     yield Check("config", "variables", "PASS", f"APP_ENV={s.app_env}, every value valid")
     for var in _SECRET_VARS:
+        if var == "OPENAI_API_KEY" and s.embedding_provider != "openai":
+            continue  # unused by an offline provider: .env.example's placeholder is harmless there
         value = (raw.get(var) or "").strip()
         parts = urlsplit(value) if "://" in value else None
         password = parts.password if parts else value
@@ -103,7 +105,9 @@ def _config(env: Mapping[str, str] | None, env_file: str | None) -> Iterator[Che
                 p = urlsplit(one.strip())
                 if p.username == "guest" and p.password == "guest":
                     yield Check("config", var, "FAIL", f"{mask_url(one.strip())} uses guest/guest in prod",
-                                "rabbitmqctl add_user myshop '<password>' && set it in " + var)
+                                "rabbitmqctl add_user myshop '<password>' && rabbitmqctl set_permissions -p / myshop "
+                                "'.*' '.*' '.*' && rabbitmqctl set_user_tags myshop monitoring policymaker && set it "
+                                "in " + var)
     if s.embedding_provider == "hash":
         yield Check("config", "EMBEDDING_PROVIDER", "WARN", "hash provider: deterministic vectors without meaning",
                     "set EMBEDDING_PROVIDER=openai and OPENAI_API_KEY for real recommendations")
@@ -147,7 +151,7 @@ def _mongodb(s: Settings) -> Iterator[Check]:
         else:
             yield Check("mongodb", "product vectors", "WARN",
                         f"no product vectors for {s.model}/{s.embedding_dimensions}d: product events will be skipped",
-                        "myshop products import catalog.jsonl")
+                        "myshop products import CATALOG.jsonl (the shop's catalog; examples/catalog.jsonl to try)")
     except PyMongoError as exc:
         yield Check("mongodb", "reachable", "FAIL", f"{where}: {type(exc).__name__}: {mask_text(str(exc))[:200]}",
                     "check MONGODB_URL (reserved characters in the password %-encoded) and that mongod is running")
@@ -186,7 +190,7 @@ def _shop_data(s: Settings) -> Iterator[Check]:
                 + (f"; {wrong} of another length or not an array: their events fail" if wrong else "")
                 + (f"; {d['products_without_product_id']} found by productId only"
                    if d["products_without_product_id"] else ""),
-                f"re-embed them: myshop products import catalog.jsonl (EMBEDDING_DIMENSIONS={s.embedding_dimensions})"
+                f"re-embed them: myshop products import CATALOG.jsonl (EMBEDDING_DIMENSIONS={s.embedding_dimensions})"
                 if wrong else None)
     if foreign:
         yield Check("data", "indexes", "PASS", "not named by myshop: " + ", ".join(

@@ -242,8 +242,9 @@ class Recommender:
         doc = self.profile(user_id)
         if doc is None:
             if not fallback:
-                raise NoProfile(f"user {user_id} has no profile in {self.store.db.name}.user_embeddings "
-                                "(no events processed yet; --fallback lists the newest products instead)")
+                raise NoProfile(f"user {user_id} has no profile in {self.store.db.name}.user_embeddings (none of "
+                                "their events applied yet, or the profile was erased; --fallback lists the newest "
+                                "products instead)")
             return self.newest(user_id, limit)
         return self.for_profile(doc, limit=limit, exclude_purchased=exclude_purchased)
 

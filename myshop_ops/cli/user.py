@@ -34,7 +34,8 @@ def show_user(
             recommender = Recommender(s, store)
             doc = recommender.profile(user_id)
             if doc is None:
-                fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS} (no events processed yet)")
+                fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS} "
+                     "(none of their events applied yet, or erased)")
             recs: Recommendations | None = None
             try:
                 recs = recommender.for_profile(doc, limit=TOP)

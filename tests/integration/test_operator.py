@@ -276,6 +276,10 @@ def test_preflight_catches_prod_placeholders_and_guest(env):
     assert code == 1 and "sk-..." not in output
     assert checks[("config", "OPENAI_API_KEY")]["status"] == "FAIL"
     assert checks[("config", "RABBITMQ_DSN")]["detail"].endswith("uses guest/guest in prod")
+    assert "set_permissions -p / myshop" in checks[("config", "RABBITMQ_DSN")]["fix"]
+    # .env.example's placeholder key does not matter to an offline provider
+    offline, _, _ = preflight(env, "--offline", OPENAI_API_KEY="sk-...", EMBEDDING_PROVIDER="hash")
+    assert ("config", "OPENAI_API_KEY") not in offline
     bad = run_cli("preflight", env=env.subprocess_env(WORKER_MAX_RETRIES="99"))
     assert bad.returncode == 1 and "FAIL config" in " ".join(bad.stdout.split()) and "WORKER_MAX_RETRIES" in bad.stdout
     assert "SKIP services" in " ".join(bad.stdout.split())

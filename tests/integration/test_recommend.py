@@ -170,8 +170,8 @@ def test_no_profile_then_fallback_to_the_newest_products(env):
     done = run_cli("recommend", "nobody", env=env.subprocess_env())
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        f"error: user nobody has no profile in {s.mongodb_db}.user_embeddings (no events processed yet; --fallback "
-        "lists the newest products instead)"]
+        f"error: user nobody has no profile in {s.mongodb_db}.user_embeddings (none of their events applied yet, "
+        "or the profile was erased; --fallback lists the newest products instead)"]
 
     out = recommend_json(env, "nobody", "--fallback", "--limit", "4")
     assert (out["backend"], out["fallback"]) == ("fallback", True)
