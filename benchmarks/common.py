@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pika
-import redis as redis_lib
 from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
@@ -45,6 +44,7 @@ from myshop_ops.management import for_dsn  # noqa: E402
 from myshop_ops.publisher import PublishResult, WindowedPublisher  # noqa: E402
 from myshop_ops.store import Store  # noqa: E402
 from myshop_ops.transports import Transports  # noqa: E402
+from tests.support.services import forget_keys  # noqa: E402
 from tests.support.workers import remove_topology  # noqa: E402
 
 RABBIT = os.environ.get("BENCH_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
@@ -174,6 +174,7 @@ class BenchEnv:
             "MONGODB_URL": MONGO,
             "MONGODB_DB": self.tag,
             "REDIS_URL": REDIS,
+            "REDIS_KEY_PREFIX": f"{self.tag}:",  # the benchmark deletes its own keys only, never a deployment's
             "EMBEDDING_PROVIDER": "hash",
             "EMBEDDING_DIMENSIONS": str(DIMS),
             "LOG_FORMAT": "console",
@@ -273,7 +274,7 @@ class BenchEnv:
             retry_store(lambda: client[self.settings.mongodb_db]["user_embeddings"].delete_many({}), "reset")
         finally:
             client.close()
-        clear_redis()
+        clear_redis(self.settings.redis_prefix)
 
     def close(self) -> None:
         remove_topology(RABBIT, self.topology)
@@ -282,27 +283,21 @@ class BenchEnv:
             client.drop_database(self.settings.mongodb_db)
             client.close()
         with contextlib.suppress(Exception):
-            clear_redis()
+            clear_redis(self.settings.redis_prefix)
         with contextlib.suppress(Exception):
             for p in self.tmp.iterdir():
                 p.unlink()
             self.tmp.rmdir()
 
 
-def clear_redis() -> None:
-    """Delete the myshop keys of the benchmarks' Redis database (processed ids, phrase cache, attempts, flag)."""
-    client = redis_lib.Redis.from_url(REDIS)
-    try:
-        keys = list(client.scan_iter("myshop:*", count=2000))
-        for i in range(0, len(keys), 5000):
-            client.delete(*keys[i:i + 5000])
-    finally:
-        client.close()
+def clear_redis(prefix: str) -> None:
+    """Delete one benchmark environment's Redis keys (processed ids, phrase cache, attempts, flag): its own prefix
+    only, so a benchmark pointed at a live deployment's database never touches the deployment's keys."""
+    forget_keys(prefix, [REDIS])
 
 
 @contextlib.contextmanager
 def bench_env(label: str = "bench", products: int = PRODUCTS, **overrides: str) -> Iterator[BenchEnv]:
-    clear_redis()
     env = BenchEnv(label, **overrides)
     try:
         yield env.setup(products)

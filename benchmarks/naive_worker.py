@@ -94,7 +94,7 @@ def handle(body: bytes, r: redis.Redis, users, products, provider: HashProvider,
         event = parse(body)
     except InvalidMessage:
         return "failed"
-    key = "myshop:processed:" + event.message_id
+    key = s.redis_prefix + "processed:" + event.key
     if r.get(key) is not None:
         return "duplicate"
     if event.search_phrase is not None:

@@ -86,6 +86,7 @@ class Settings:
     mongodb_url: str = DEV_DEFAULTS["MONGODB_URL"]
     mongodb_db: str = "myshop"
     redis_url: str = DEV_DEFAULTS["REDIS_URL"]
+    redis_prefix: str = "myshop:"  # every Redis key of this deployment starts with it
     embedding_provider: str = "openai"
     openai_api_key: str | None = None
     openai_embedding_model: str = "text-embedding-3-small"
@@ -227,6 +228,13 @@ def settings_file(env: Mapping[str, str] | None = None) -> Path | None:
     return SYSTEM_ENV_FILE if SYSTEM_ENV_FILE.is_file() else None
 
 
+def _redis_prefix(e: Mapping[str, str]) -> str:
+    value = (e.get("REDIS_KEY_PREFIX") or "myshop:").strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+        raise ConfigError("REDIS_KEY_PREFIX", value, "letters, digits and _ . : - (1..64 characters), e.g. myshop:")
+    return value
+
+
 def merged_env(env: Mapping[str, str] | None = None, env_file: str | Path | _Discover | None = DISCOVER
                ) -> dict[str, str]:
     """``env`` (default: the process environment) over the values of ``env_file`` (default: settings_file())."""
@@ -288,6 +296,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
         mongodb_url=_url(e, "MONGODB_URL", ("mongodb", "mongodb+srv"), prod),
         mongodb_db=db,
         redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix"), prod),
+        redis_prefix=_redis_prefix(e),
         embedding_provider=provider,
         openai_api_key=api_key,
         openai_embedding_model=(e.get("OPENAI_EMBEDDING_MODEL") or "text-embedding-3-small").strip(),

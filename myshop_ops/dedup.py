@@ -12,13 +12,15 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from myshop_ops.config import mask_url
+from myshop_ops.config import Settings, mask_url
 
 log = logging.getLogger(__name__)
 
-PROCESSED = "myshop:processed:"
-ATTEMPTS = "myshop:attempts:"
-STOP_FLAG = "myshop:stop-workers"
+DEFAULT_PREFIX = "myshop:"  # REDIS_KEY_PREFIX: every key below starts with it (one deployment, one prefix)
+PROCESSED = "processed:"
+ATTEMPTS = "attempts:"
+STOP_FLAG = "stop-workers"
+VECTORS = "emb:"
 # SET key 1 NX EX ttl for every key, as a pipeline of SETs would (NX: a retry after a partial run changes nothing)
 _MARK_SCRIPT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) end"
 
@@ -26,12 +28,18 @@ _MARK_SCRIPT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'NX', 
 class RedisState:
     """Thin wrapper over one Redis connection pool; every call degrades instead of raising."""
 
-    def __init__(self, url: str, *, idempotency_ttl: int = 3600, timeout: float = 1.0):
+    def __init__(self, url: str, *, idempotency_ttl: int = 3600, timeout: float = 1.0, prefix: str = DEFAULT_PREFIX):
         self.url = url
         self.idempotency_ttl = idempotency_ttl
+        self.prefix = prefix
+        self.processed, self.attempts_key, self.stop_flag = prefix + PROCESSED, prefix + ATTEMPTS, prefix + STOP_FLAG
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.errors = 0
         self._last_warning = 0.0
+
+    @classmethod
+    def from_settings(cls, s: Settings, **kw) -> RedisState:
+        return cls(s.redis_url, idempotency_ttl=s.idempotency_ttl, prefix=s.redis_prefix, **kw)
 
     def _degraded(self, what: str, exc: Exception) -> None:
         self.errors += 1
@@ -51,7 +59,7 @@ class RedisState:
         if not keys:
             return set()
         try:
-            values = self.client.mget([PROCESSED + k for k in keys])
+            values = self.client.mget([self.processed + k for k in keys])
         except redis.RedisError as exc:
             self._degraded("seen", exc)
             return set()
@@ -59,7 +67,7 @@ class RedisState:
 
     def mark(self, event_keys: Iterable[str]) -> None:
         """Record event keys as processed for IDEMPOTENCY_TTL seconds (called after the MongoDB write)."""
-        keys = [PROCESSED + k for k in event_keys]
+        keys = [self.processed + k for k in event_keys]
         if not keys:
             return
         try:
@@ -75,7 +83,7 @@ class RedisState:
 
     def forget(self, event_keys: Iterable[str]) -> None:
         """Drop processed event keys (user erasure)."""
-        keys = [PROCESSED + k for k in event_keys]
+        keys = [self.processed + k for k in event_keys]
         if keys:
             try:
                 self.client.delete(*keys)
@@ -85,7 +93,7 @@ class RedisState:
     def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
         """Attempts recorded at each message by ``count_attempts`` (0 when none); None when Redis is down."""
         try:
-            values = self.client.mget([ATTEMPTS + m for m in message_ids])
+            values = self.client.mget([self.attempts_key + m for m in message_ids])
         except redis.RedisError as exc:
             self._degraded("attempts", exc)
             return None
@@ -96,8 +104,8 @@ class RedisState:
         killing workers shows up as a growing count."""
         pipe = self.client.pipeline(transaction=False)
         for m in message_ids:
-            pipe.incr(ATTEMPTS + m)
-            pipe.expire(ATTEMPTS + m, ttl)
+            pipe.incr(self.attempts_key + m)
+            pipe.expire(self.attempts_key + m, ttl)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -106,13 +114,14 @@ class RedisState:
     def attempts_done(self, message_ids: Sequence[str]) -> None:
         if message_ids:
             try:
-                self.client.delete(*(ATTEMPTS + m for m in message_ids))
+                self.client.delete(*(self.attempts_key + m for m in message_ids))
             except redis.RedisError as exc:
                 self._degraded("attempts_done", exc)
 
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Cached vectors by cache key (the embedder's, without the prefix)."""
         try:
-            return self.client.mget(keys)
+            return self.client.mget([self.prefix + VECTORS + k for k in keys])
         except redis.RedisError as exc:
             self._degraded("get_vectors", exc)
             return [None] * len(keys)
@@ -120,7 +129,7 @@ class RedisState:
     def set_vectors(self, items: dict[str, bytes], ttl: int) -> None:
         pipe = self.client.pipeline(transaction=False)
         for k, v in items.items():
-            pipe.set(k, v, ex=ttl)
+            pipe.set(self.prefix + VECTORS + k, v, ex=ttl)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -129,13 +138,13 @@ class RedisState:
     def request_stop(self, at: float | None = None) -> float:
         """Ask every worker started before ``at`` (default now) to exit after its batch. Raises if Redis is down."""
         at = time.time() if at is None else at
-        self.client.set(STOP_FLAG, repr(at))
+        self.client.set(self.stop_flag, repr(at))
         return at
 
     def stop_requested(self, started_at: float) -> bool:
         """True when stop-workers was run after a worker that started at ``started_at``."""
         try:
-            raw = self.client.get(STOP_FLAG)
+            raw = self.client.get(self.stop_flag)
         except redis.RedisError as exc:
             self._degraded("stop_requested", exc)
             return False

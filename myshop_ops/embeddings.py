@@ -202,7 +202,7 @@ class PhraseEmbedder:
 
     def key(self, phrase: str) -> str:
         digest = hashlib.sha256(normalise_phrase(phrase).encode()).hexdigest()
-        return f"myshop:emb:{self.provider.model}:{self.provider.dimensions}:{digest}"
+        return f"{self.provider.model}:{self.provider.dimensions}:{digest}"  # the Redis gateway adds its prefix
 
     def embed(self, phrases: Sequence[str]) -> dict[str, np.ndarray]:
         """Vectors by phrase for every distinct phrase given (raises EmbeddingError)."""

@@ -102,7 +102,7 @@ class Worker:
         self.prefetch = prefetch
         self.limits = limits or Limits()
         self.store = store or Store(settings.mongodb_url, settings.mongodb_db)
-        self.redis = redis or RedisState(settings.redis_url, idempotency_ttl=settings.idempotency_ttl)
+        self.redis = redis or RedisState.from_settings(settings)
         self.observer = observer or Observer()
         self.phrases = phrases or PhraseEmbedder(self.observer.instrument(make_provider(settings)), self.redis,
                                                  ttl=settings.cache_ttl)

@@ -15,7 +15,7 @@ import redis as redis_lib
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.services import ROOT, MongoWire, redis_url
+from tests.support.services import ROOT, MongoWire, forget_keys, redis_url
 from tests.support.workers import Workers, prepare, remove_topology
 
 RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
@@ -60,6 +60,7 @@ def env(mongo_wire) -> Iterator[Env]:
         MONGODB_URL=mongo_wire.url,
         MONGODB_DB=tag,
         REDIS_URL=REDIS,
+        REDIS_KEY_PREFIX=f"{tag}:",  # every key of this test's workers; removed at its end, nobody else's
         EMBEDDING_PROVIDER="hash",
         EMBEDDING_DIMENSIONS=str(DIMS),
         WORKER_RETRY_DELAY="200",
@@ -67,23 +68,13 @@ def env(mongo_wire) -> Iterator[Env]:
         LOG_FORMAT="console",
         MYSHOP_ALLOW_ROOT="1",  # CI runs as root; the refusal itself is tested without it
     )
-    _forget_redis_state()  # test events are deterministic: start every test with no remembered ids
     yield e
     _cleanup(e)
 
 
-def _forget_redis_state() -> None:
-    client = redis_lib.Redis.from_url(REDIS)
-    # not myshop:attempts:* — poison journals of a test running in another session would be lost (their ids are
-    # unique per test anyway)
-    keys = [k for pattern in ("myshop:processed:*", "myshop:emb:*") for k in client.scan_iter(pattern, count=1000)]
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
 def _cleanup(e: Env) -> None:
     s = e.settings()
+    forget_keys(e["REDIS_KEY_PREFIX"])
     remove_topology(RABBIT, Topology.from_settings(s))
     from pymongo import MongoClient
 

@@ -82,7 +82,7 @@ def delete_user(
     s = settings()
     with operator_errors(s):
         store = Store(s.mongodb_url, s.mongodb_db)
-        redis_state = RedisState(s.redis_url, idempotency_ttl=s.idempotency_ttl)
+        redis_state = RedisState.from_settings(s)
         try:
             found = store.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})
             failed_records = store.failed.count_documents({"user_id": user_id})

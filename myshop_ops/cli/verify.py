@@ -48,7 +48,7 @@ def run_verify(
         try:
             in_flight = wait_settled(conn, topo, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), wait)
             store = Store(s.mongodb_url, s.mongodb_db)
-            redis = RedisState(s.redis_url)
+            redis = RedisState.from_settings(s)
             report = verify(s, handle, store, PhraseEmbedder(make_provider(s), redis, ttl=s.cache_ttl))
             store.close()
             report.unsettled(in_flight or wait_settled(conn, topo, None, 0))  # and what came in meanwhile

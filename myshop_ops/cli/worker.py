@@ -73,7 +73,7 @@ def stop_workers() -> None:
     """Ask every running worker to exit after its current batch (workers started later are not affected)."""
     s = settings()
     try:
-        RedisState(s.redis_url).request_stop()
+        RedisState.from_settings(s).request_stop()
     except Exception as exc:
         fail(f"Redis at {mask_url(s.redis_url)} unreachable: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
     console.print("stop requested: workers exit after their current batch")

@@ -25,7 +25,6 @@ import pytest
 import redis as redis_lib
 
 from myshop_ops.contract import Event, make_event
-from myshop_ops.dedup import STOP_FLAG
 from myshop_ops.store import Store
 from tests.conftest import RABBIT, run_cli
 from tests.support.events import T0, expected_profiles, publish
@@ -252,7 +251,7 @@ def test_stop_workers_stops_running_workers_only(lenv, workers):
         assert w3.wait(15) == 0, w3.describe()
         assert w3.summary().reason == "signal" and w3.summary().applied == 1
     finally:
-        r.delete(STOP_FLAG)
+        r.delete(lenv["REDIS_KEY_PREFIX"] + "stop-workers")
         r.close()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from myshop_ops.contract import make_event
-from myshop_ops.dedup import PROCESSED, RedisState
+from myshop_ops.dedup import RedisState
 from myshop_ops.limits import Limits
 from myshop_ops.recommend import MatrixCache, Recommender, RecommendError
 from myshop_ops.store import Store, encode_vector
@@ -228,7 +228,8 @@ def test_user_show_and_delete(env, topology, redis_client):
               make_event("u-keep", "product_click", "r003", T0)]
     publish(s, topology, events)
     consume(s, len(events))
-    deleted_keys = [PROCESSED + e.key for e in events[:3]]
+    state = RedisState.from_settings(s)
+    deleted_keys = [state.processed + e.key for e in events[:3]]
     assert redis_client.exists(*deleted_keys) == 3
 
     done = run_cli("user", "show", "u-del", "--json", env=env.subprocess_env())
@@ -259,7 +260,6 @@ def test_user_show_and_delete(env, topology, redis_client):
     store = Store(s.mongodb_url, s.mongodb_db)
     assert store.get_profile_doc("u-del") is not None
     # Any test session sharing this Redis wipes processed ids when a test starts: set them again right before.
-    state = RedisState(env["REDIS_URL"])
     state.mark([e.key for e in events])
     state.close()
     assert redis_client.exists(*deleted_keys) == 3

@@ -122,7 +122,7 @@ def test_duplicates_never_double_apply(env, topology, redis_up):
     second = make_event("dup-user", "search", "running shoes", T0.replace(hour=13))
     # The same message three times, in separate batches (prefetch 1) and within one batch.
     publish(s, topology, [first, second, first, first])
-    redis = RedisState(s.redis_url, timeout=0.2)
+    redis = RedisState.from_settings(s, timeout=0.2)
     worker = consume(s, 4, prefetch=1, redis=redis)
     publish(s, topology, [first, second])
     worker2 = consume(s, 2, prefetch=10, redis=redis)

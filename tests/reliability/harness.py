@@ -511,7 +511,7 @@ class Probe:
                 for q in json.loads(out or "[]") if q["name"] in mine}
 
 
-def max_attempts(redis_url: str, message_ids: Sequence[str]) -> int:
+def max_attempts(redis_url: str, prefix: str, message_ids: Sequence[str]) -> int:
     """The highest attempt count the workers journaled at one of these redelivered messages (0 when none, or
     Redis down).
 
@@ -523,7 +523,7 @@ def max_attempts(redis_url: str, message_ids: Sequence[str]) -> int:
     try:
         best = 0
         for i in range(0, len(message_ids), 5000):
-            values = client.mget([f"myshop:attempts:{m}" for m in message_ids[i:i + 5000]])
+            values = client.mget([f"{prefix}attempts:{m}" for m in message_ids[i:i + 5000]])
             best = max(best, *(int(v or 0) for v in values))
         return best
     except redis_lib.RedisError:
@@ -648,7 +648,7 @@ class Scenario:
         assert self.plan is not None
         if self._ids is None:
             self._ids = sorted({b.message_id for b in self.plan.bodies if b.message_id})
-        return max_attempts(self.env["REDIS_URL"], self._ids) < 2
+        return max_attempts(self.env["REDIS_URL"], self.env["REDIS_KEY_PREFIX"], self._ids) < 2
 
     # -- the end --
 

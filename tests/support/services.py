@@ -30,6 +30,23 @@ def redis_url(purpose: int = DEFAULT) -> str:
     return f"{REDIS_SERVER}/{_PROCESS * 4 + purpose}"
 
 
+def forget_keys(prefix: str, urls: list[str] | None = None) -> int:
+    """Delete the Redis keys under ``prefix`` (one test's or one benchmark's: never anybody else's) in ``urls``
+    (default: this pytest process's databases); returns how many."""
+    import redis
+
+    deleted = 0
+    for url in urls or [redis_url(p) for p in (DEFAULT, GENERATE, RELIABILITY, LIFECYCLE)]:
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(prefix + "*", count=2000))
+            for i in range(0, len(keys), 5000):
+                deleted += client.delete(*keys[i:i + 5000])
+        finally:
+            client.close()
+    return deleted
+
+
 def wait_for(
     condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, what: str = "", fail: bool = True
 ) -> object:
