@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 import typer
@@ -53,14 +54,30 @@ def build(only: str | None = None) -> typer.Typer:
     for name, (module, function, help_name) in COMMANDS.items():
         if only in (None, name):
             mod = importlib.import_module(f"myshop_ops.cli.{module}")
-            app.command(name, help=getattr(mod, help_name) if help_name else None)(getattr(mod, function))
+            fn = getattr(mod, function)
+            text = getattr(mod, help_name) if help_name else fn.__doc__
+            app.command(name, help=text, short_help=summary(text))(fn)
     for name, (help_text, commands) in GROUPS.items():
         if only in (None, name):
             group = typer.Typer(help=help_text, no_args_is_help=True)
             for sub, (module, function) in commands.items():
-                group.command(sub)(getattr(importlib.import_module(f"myshop_ops.cli.{module}"), function))
+                fn = getattr(importlib.import_module(f"myshop_ops.cli.{module}"), function)
+                group.command(sub, short_help=summary(fn.__doc__))(fn)
             app.add_typer(group, name=name)
     return app
+
+
+def summary(text: str | None) -> str | None:
+    """The first sentence of a command's help, on one line: the command list shows it (the whole text is the
+    command's own --help)."""
+    if not text:
+        return None
+    flat = " ".join(text.split())
+    end = re.search(r"[.:;](\s|$)", flat)
+    first = flat[:end.start()] if end else flat
+    if len(first) > 100 and first.endswith(")") and " (" in first:
+        first = first[:first.index(" (")]  # the parenthetical is for the command's own help
+    return first
 
 
 def _root(
