@@ -254,7 +254,8 @@ def test_settings_never_come_from_the_current_directory(env, topology, tmp_path)
 def test_preflight_fails_a_settings_file_others_can_write(env, tmp_path):
     settings_file = tmp_path / "myshop.env"
     settings_file.write_text("LOG_FORMAT=console\n")
-    for mode, status in ((0o602, "FAIL"), (0o620, "FAIL"), (0o644, "FAIL"), (0o640, "WARN"), (0o600, "PASS")):
+    # writable by others: FAIL (whoever writes it chooses the settings); readable rules: tests/integration/test_operator
+    for mode, status in ((0o602, "FAIL"), (0o620, "FAIL"), (0o622, "FAIL"), (0o600, "PASS")):
         settings_file.chmod(mode)
         done = run_cli("preflight", "--json", "--offline", env=env.subprocess_env(MYSHOP_ENV_FILE=str(settings_file)))
         check = {(c["section"], c["name"]): c for c in json.loads(done.stdout)["checks"]}[("security", ".env")]
