@@ -1,10 +1,13 @@
 """RabbitMQ: connection with failover, the topology's names and policies (declared by ``transports``), a confirmed
-publisher, queue depth."""
+publisher that survives a cluster's nack stall and waits out resource alarms with a bound, queue depth."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pika
@@ -12,14 +15,28 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
 
-from myshop_ops.config import Settings, mask_url
+from myshop_ops import amqp_fields  # noqa: F401  (hostile header values decoded without raising, for every reader)
+from myshop_ops.config import ConfigError, Settings, mask_url
+
+log = logging.getLogger(__name__)
 
 DELIVERY_LIMIT = 10  # quorum main queue: a message redelivered this often (crash loops) goes to `failed`
 PERSISTENT = pika.DeliveryMode.Persistent
+# a connection RabbitMQ blocks (memory or disk alarm: every publisher of the cluster) is given up after this long:
+# pika closes it with ConnectionBlockedTimeout, publishers raise PublishBlocked, the worker reconnects
+BLOCKED_TIMEOUT_S = 60
+# a nacked publish is sent again on a fresh channel, at most this many times in all, pausing NACK_PAUSES_S between:
+# RabbitMQ 3.10 nacks every publish of a channel opened during a quorum leader election until the old leader
+# returns (seconds, or forever); a fresh channel ended it within 0.5 s in every run (notes/rabbitmq-cluster.md)
+NACK_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
 
 
 class BrokerError(Exception):
     """RabbitMQ could not be reached or refused an operation; ``str()`` is one line for the operator."""
+
+
+class PublishBlocked(BrokerError):
+    """A publish waited BLOCKED_TIMEOUT_S on a connection RabbitMQ blocked (memory or disk alarm) and gave up."""
 
 
 # what a lost or refused connection raises: the consumer reconnects, the exporter retries
@@ -150,10 +167,13 @@ def dsn_urls(dsn: str) -> list[str]:
 def connection_parameters(url: str, *, name: str, heartbeat: int = 30) -> pika.URLParameters:
     """pika parameters of one URL: our heartbeat unless the URL sets one, bounded socket waits, a connection name
     (shown by `rabbitmqctl list_connections` and the management UI)."""
-    params = pika.URLParameters(url)
+    try:
+        params = pika.URLParameters(url)
+    except (TypeError, ValueError) as exc:  # a query option pika cannot use (ssl_options={}, heartbeat=abc, ...)
+        raise ConfigError("RABBITMQ_DSN", url, f"connection options pika accepts ({exc})") from None
     if "heartbeat" not in url:
         params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 300
+    params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
     params.socket_timeout = 5
     params.stack_timeout = 15
     params.connection_attempts = 1
@@ -191,10 +211,9 @@ def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] |
 
 def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0) -> int:
     """Move the messages of ``source`` (all but its first ``skip``) to ``exchange`` with ``routing_key``, properties
-    and headers kept: each is republished with a confirm, then acked, so none is ever lost (an interruption leaves
-    one copy twice at most, which deduplication absorbs). Returns how many moved."""
-    get, put = connection.channel(), connection.channel()
-    put.confirm_delivery()
+    and headers kept: each is republished with a confirm (a nack: again, on a fresh channel), then acked, so none is
+    ever lost (an interruption leaves one copy twice at most, which deduplication absorbs). Returns how many moved."""
+    get, put = connection.channel(), Publisher(connection)
     moved = 0
     try:
         while True:
@@ -205,14 +224,14 @@ def move(connection: BlockingConnection, source: str, routing_key: str, *, excha
                 skip -= 1  # left unacked until the channel closes: back in the queue, in its place
                 continue
             try:
-                put.basic_publish(exchange, routing_key, body, props, mandatory=True)
-            except (pex.UnroutableError, pex.NackError) as exc:
-                raise BrokerError(f"moving a message from '{source}' to '{exchange or routing_key}' failed "
-                                  f"({type(exc).__name__}); it stays in '{source}'") from None
+                put.send(exchange, routing_key, body, props, what=f"a message moved from '{source}'")
+            except BrokerError as exc:
+                raise type(exc)(f"moving a message from '{source}' to '{exchange or routing_key}' failed: {exc}; "
+                                f"it stays in '{source}'") from None
             get.basic_ack(method.delivery_tag)
             moved += 1
     finally:
-        for ch in (get, put):
+        for ch in (get, put.channel):
             if ch.is_open:
                 ch.close()
 
@@ -226,12 +245,112 @@ def purge(connection: BlockingConnection, queue: str) -> int:
         ch.close()
 
 
-class Publisher:
-    """Publishes on a confirm-mode channel: ``publish`` returns only once the broker has the message."""
+class BlockedWatch:
+    """RabbitMQ's Connection.Blocked / Unblocked on one connection, reported the moment they arrive: also while a
+    publish waits for its confirm, which is where a publisher meets an alarm (pika's BlockingConnection callbacks are
+    dispatched only by process_data_events, which that wait never calls, so this listens on the pika connection
+    underneath). RabbitMQ sends Blocked to a connection when it publishes during an alarm, on any node.
 
-    def __init__(self, connection: BlockingConnection):
-        self.channel: BlockingChannel = connection.channel()
-        self.channel.confirm_delivery()
+    ``on_change(blocked, reason)`` at each change; ``tick()`` every ``every`` seconds while blocked (the worker
+    feeds its watchdog there: waiting out an alarm is healthy, a restart would not help)."""
+
+    def __init__(self, connection: BlockingConnection, on_change: Callable[[bool, str], None] | None = None,
+                 tick: Callable[[], None] | None = None, every: float = 1.0):
+        self.since: float | None = None
+        self.reason = ""
+        self._on_change, self._tick, self._every = on_change, tick, every
+        self._impl = getattr(connection, "_impl", None)  # the SelectConnection a BlockingConnection drives
+        if self._impl is not None:
+            self._impl.add_on_connection_blocked_callback(self._blocked)
+            self._impl.add_on_connection_unblocked_callback(self._unblocked)
+
+    @property
+    def blocked(self) -> bool:
+        return self.since is not None
+
+    def _blocked(self, _connection, frame) -> None:
+        if self.since is not None:
+            return
+        self.since = time.monotonic()
+        self.reason = str(getattr(frame.method, "reason", "") or "resource alarm")
+        log.warning("RabbitMQ blocked publishing on this connection (memory or disk alarm in the cluster); waiting "
+                    "for it to clear", extra={"reason": self.reason, "timeout_s": BLOCKED_TIMEOUT_S})
+        if self._on_change is not None:
+            self._on_change(True, self.reason)
+        self._schedule()
+
+    def _unblocked(self, _connection, _frame) -> None:
+        if self.since is None:
+            return
+        seconds, self.since = time.monotonic() - self.since, None
+        log.info("RabbitMQ unblocked publishing", extra={"blocked_s": round(seconds, 2)})
+        if self._on_change is not None:
+            self._on_change(False, "")
+
+    def _schedule(self) -> None:
+        if self._tick is not None and self._impl is not None:
+            self._impl.ioloop.call_later(self._every, self._ticked)
+
+    def _ticked(self) -> None:
+        if self.since is not None and self._tick is not None:
+            self._tick()
+            self._schedule()
+
+
+class Publisher:
+    """Publishes on a confirm-mode channel: ``publish`` returns only once the broker has the message.
+
+    A nack is answered by publishing again on a fresh channel (NACK_PAUSES_S: bounded; the copy is never dropped
+    silently, a duplicate is absorbed by deduplication). A connection blocked by a resource alarm is reported
+    (``on_blocked``, a log line) and waited out for BLOCKED_TIMEOUT_S at most, then PublishBlocked."""
+
+    def __init__(self, connection: BlockingConnection, *, on_blocked: Callable[[bool, str], None] | None = None,
+                 tick: Callable[[], None] | None = None, on_nack: Callable[[], None] | None = None):
+        self.connection = connection
+        self.watch = BlockedWatch(connection, on_blocked, tick)
+        self.on_nack = on_nack
+        self.nacks = 0  # nacks answered by a fresh channel, over this publisher's life
+        self.channel: BlockingChannel = self._open()
+
+    def _open(self) -> BlockingChannel:
+        channel = self.connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+    def renew(self) -> None:
+        """Publish on a fresh channel from now on (the old one is closed)."""
+        old = self.channel
+        with contextlib.suppress(Exception):
+            if old.is_open:
+                old.close()
+        self.channel = self._open()
+
+    def send(self, exchange: str, routing_key: str, body: bytes, props: BasicProperties, *, what: str) -> None:
+        """Publish mandatory and wait for the confirm, a nack answered on a fresh channel. Raises BrokerError when
+        unroutable or still nacked after every attempt, PublishBlocked when an alarm outlasted BLOCKED_TIMEOUT_S."""
+        for pause in (*NACK_PAUSES_S, None):
+            try:
+                self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
+                return
+            except pex.UnroutableError:
+                raise BrokerError(
+                    f"{what} to exchange '{exchange}' was unroutable (run `myshop setup-transports`)") from None
+            except pex.NackError:
+                self.nacks += 1
+                if self.on_nack is not None:
+                    self.on_nack()
+                if pause is None:
+                    break
+                log.warning("publish nacked by RabbitMQ, publishing again on a fresh channel",
+                            extra={"what": what, "exchange": exchange, "nacks": self.nacks})
+                self.connection.sleep(pause)
+                self.renew()
+            except pex.ConnectionBlockedTimeout:
+                raise PublishBlocked(f"{what}: RabbitMQ blocked publishing for {BLOCKED_TIMEOUT_S}s (a memory or disk "
+                                     "alarm in the cluster: rabbitmq-diagnostics alarms); it was not confirmed"
+                                     ) from None
+        raise BrokerError(f"the broker refused {what} {len(NACK_PAUSES_S) + 1} times, each on a fresh channel (nack): "
+                          "is the queue's quorum lost? (myshop stats)")
 
     def publish(
         self,
@@ -243,18 +362,11 @@ class Publisher:
         headers: dict | None = None,
         content_type: str = "application/json",
     ) -> None:
-        """Publish persistently and wait for the confirm; raises BrokerError if nacked or unroutable."""
+        """Publish persistently and wait for the confirm (see ``send``)."""
         props = pika.BasicProperties(
             content_type=content_type,
             delivery_mode=PERSISTENT,
             message_id=message_id,
             headers={H_PUBLISHED_AT: int(time.time() * 1000), **(headers or {})},
         )
-        try:
-            self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
-        except pex.UnroutableError:
-            raise BrokerError(
-                f"message {message_id} to exchange '{exchange}' was unroutable (run `myshop setup-transports`)"
-            ) from None
-        except pex.NackError:
-            raise BrokerError(f"the broker refused message {message_id} (nack)") from None
+        self.send(exchange, routing_key, body, props, what=f"message {message_id}")
