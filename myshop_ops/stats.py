@@ -101,7 +101,8 @@ def unsettled(connection, topo: Topology, management: Management | None = None) 
     main = broker.queue_depth(connection, topo.queue) or (0, 0)
     retrying = sum((broker.queue_depth(connection, topo.retry_queue(i)) or (0, 0))[0]
                    for i in range(1, len(topo.retry_delays_ms) + 1))
-    info = management.queue(topo.queue) if management else None
+    # unacked only exist while a consumer holds them (the AMQP count is exact, the management sample may be stale)
+    info = management.queue(topo.queue) if management and main[1] else None
     return main[0] + retrying + (info.unacked if info else 0), bool(main[1] or retrying)
 
 

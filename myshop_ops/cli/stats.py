@@ -53,9 +53,9 @@ def render(report: Report) -> Group:
                       _fmt(q.deliver_rate, True), f"[{_COLOURS[q.level]}]{q.level}[/]")
     if report.failed_records is not None:
         table.caption = f"failed_messages records: {report.failed_records}"
-    if not report.management:
-        table.caption = ((table.caption + " · ") if table.caption else "") + (
-            "unacked and rates need RABBITMQ_MANAGEMENT_URL")
+    table.caption = ((table.caption + " · ") if table.caption else "") + (
+        "unacked and rates: management API samples (every few seconds, not exact)" if report.management else
+        "unacked and rates need RABBITMQ_MANAGEMENT_URL")
     notes = [Text.from_markup(f"[{_COLOURS[q.level]}]{q.level}[/] {q.name}: {n}") for q in report.queues
              for n in q.notes]
     return Group(table, *notes)
@@ -80,7 +80,7 @@ def stats(
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
         management = _management(s)
         try:
-            report = _snapshot(conn, topo, queues, management)
+            report = _snapshot(conn, topo, queues, management, as_json)
             if watch is None:
                 _emit(report, as_json)
             else:
@@ -109,11 +109,14 @@ def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: 
            stopping.is_set)
 
 
-def _snapshot(conn, topo, queues, management) -> Report:
+def _snapshot(conn, topo, queues, management, as_json: bool = False) -> Report:
     try:
         return collect(conn, topo, queues, management)
     except UnknownQueue as exc:
-        fail(f"queue '{exc}' does not exist (queues of this deployment: {', '.join(topo.queues())})", EXIT_CONFIG)
+        error = f"queue '{exc}' does not exist (queues of this deployment: {', '.join(topo.queues())})"
+        if as_json:  # a script reading stdout gets an answer too
+            sys.stdout.write(json.dumps({"level": "critical", "error": error, "queues": []}) + "\n")
+        fail(error, EXIT_CONFIG)
     except ManagementError as exc:  # rates are a bonus: say why they are missing and show the rest
         err_console.print(f"[yellow]warning:[/] {exc}", highlight=False, soft_wrap=True)
         return collect(conn, topo, queues, None)
@@ -141,7 +144,7 @@ def _emit(report: Report, as_json: bool) -> None:
 
 
 def _watch(conn, topo, queues, management, every: float, as_json: bool) -> Report:
-    report = _snapshot(conn, topo, queues, management)
+    report = _snapshot(conn, topo, queues, management, as_json)
     live = Live(render(report), console=console, auto_refresh=False) if console.is_terminal and not as_json else None
     with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
         while True:
@@ -152,5 +155,5 @@ def _watch(conn, topo, queues, management, every: float, as_json: bool) -> Repor
             deadline = time.monotonic() + every
             while time.monotonic() < deadline:
                 conn.process_data_events(time_limit=min(0.5, max(0.0, deadline - time.monotonic())))
-            report = _snapshot(conn, topo, queues, management)
+            report = _snapshot(conn, topo, queues, management, as_json)
     return report

@@ -75,6 +75,8 @@ def _render(report, max_problems: int) -> None:
     table.add_row(str(d["events"]), str(d["users"]), str(d["users_ok"]), f"{d['users_lost']}/{d['events_lost']}",
                   f"{d['users_duplicated']}/{d['events_duplicated']}", str(d["users_diverging"]),
                   str(d["in_failed"]), str(d["skipped_no_product"]))
+    for column in table.columns:
+        column.overflow = "fold"  # a narrow terminal wraps a header, never cuts it
     console.print(table)
     if d["in_flight"]:
         console.print(f"{d['in_flight']} message(s) still queued or unacked: {d['users_pending']} user(s) short of "

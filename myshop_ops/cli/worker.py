@@ -57,12 +57,13 @@ def consume(
         worker.check_dependencies()
     code = worker.run()
     t = worker.totals
-    console.print(
-        f"stopped ({limits.reason}): {t.processed} messages, {t.applied} applied, {t.duplicate} duplicates, "
-        f"{t.skipped} skipped, {t.retried} retried, {t.failed} failed, {t.writes} profile writes",
-        highlight=False,
-        soft_wrap=True,
-    )
+    if s.log_format == "console":  # with JSON logs the "worker stopped" line says it: no plain line among them
+        console.print(
+            f"stopped ({limits.reason}): {t.processed} messages, {t.applied} applied, {t.duplicate} duplicates, "
+            f"{t.skipped} skipped, {t.retried} retried, {t.failed} failed, {t.writes} profile writes",
+            highlight=False,
+            soft_wrap=True,
+        )
     raise typer.Exit(code)
 
 

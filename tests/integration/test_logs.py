@@ -28,6 +28,9 @@ def test_json_log_lines_carry_ids_type_retry_count_and_duration(env, topology, f
     finally:
         workers.cleanup()
     lines = [json.loads(line) for line in w.stderr.splitlines() if line.strip()]  # every line is JSON
+    assert w.stdout == ""  # no plain summary among JSON logs (supervisor and docker merge both streams)
+    stopped = next(x for x in lines if x["msg"] == "worker stopped")
+    assert stopped["applied"] == 1 and stopped["reason"] == "message limit 3 reached"
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     retried = next(x for x in lines if x["msg"] == "message retried later")
     assert (retried["message_id"], retried["user_id"], retried["event_type"], retried["retry_count"]) == (

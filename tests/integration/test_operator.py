@@ -66,6 +66,11 @@ def test_stats_reports_every_queue_of_the_topology(menv, topology):
                                          "level=ok"]
 
 
+def test_stats_json_of_a_missing_queue_is_json_too(menv, topology):
+    missing = run_cli("stats", "no-such-queue", "--json", env=menv.subprocess_env())
+    assert missing.returncode == 2 and json.loads(missing.stdout)["error"].startswith("queue 'no-such-queue' does not")
+
+
 def test_stats_warns_without_consumer_and_is_critical_above_5000(menv, topology):
     fill(topology.queue, 1200)
     wait_queue(menv.settings(), topology.queue, messages=1200)

@@ -57,8 +57,10 @@ def test_verify_accepts_what_the_worker_stored(env, applied):
                                    "in_failed", "users", "users_ok", "events_lost", "events_duplicated")} == {
         "lines": 28, "invalid_lines": 1, "events": 26, "duplicates_in_file": 1, "skipped_no_product": 1,
         "in_failed": 1, "users": 3, "users_ok": 3, "events_lost": 0, "events_duplicated": 0}
-    table = run_cli("verify", "--events", str(path), env=env.subprocess_env())
+    piped = {k: v for k, v in env.subprocess_env().items() if k != "COLUMNS"}  # a pipe, no terminal width given
+    table = run_cli("verify", "--events", str(path), env=piped)
     assert table.returncode == 0 and "verification: OK" in table.stdout
+    assert "lost (users/events)" in table.stdout and "…" not in table.stdout  # whole columns, nothing cut
 
 
 def test_verify_reports_lost_duplicated_and_diverging_users(env, applied):
