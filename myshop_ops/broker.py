@@ -73,6 +73,7 @@ class Topology:
     retry_delays_ms: tuple[int, ...] = (5000, 10000, 20000, 40000, 60000)
     delivery_limit: int = DELIVERY_LIMIT
     binding_keys: tuple[str, ...] = (SHOP_ROUTING_KEY,)  # what producers publish with (besides the queue's name)
+    failed_retention_days: int = 0  # > 0: failed copies expire after this many days (a policy on the failed queue)
 
     @classmethod
     def from_settings(cls, s: Settings, queue: str | None = None) -> Topology:
@@ -82,6 +83,7 @@ class Topology:
             queue_type=s.rabbitmq_queue_type,
             retry_delays_ms=tuple(s.retry_delays_ms),
             binding_keys=tuple(s.rabbitmq_binding_keys),
+            failed_retention_days=s.failed_retention_days,
         )
 
     @property
@@ -121,6 +123,9 @@ class Topology:
             Policy(f"myshop.{self.queue}.exchange", self.exchange, "exchanges",
                    {"alternate-exchange": self.unrouted}),
         ]
+        if self.failed_retention_days:  # failed messages hold bodies (search phrases): not kept forever
+            policies.append(Policy(f"myshop.{self.failed_queue}", self.failed_queue, "queues",
+                                   {"message-ttl": self.failed_retention_days * 86_400_000}))
         for attempt, delay in enumerate(self.retry_delays_ms, start=1):
             policies.append(Policy(f"myshop.{self.retry_queue(attempt)}", self.retry_queue(attempt), "queues",
                                    {"message-ttl": delay, "dead-letter-exchange": self.exchange,

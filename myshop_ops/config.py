@@ -87,6 +87,7 @@ class Settings:
     mongodb_db: str = "myshop"
     redis_url: str = DEV_DEFAULTS["REDIS_URL"]
     redis_prefix: str = "myshop:"  # every Redis key of this deployment starts with it
+    failed_retention_days: int = 30  # failed messages (queue and records) are kept this long; 0: until removed
     embedding_provider: str = "openai"
     openai_api_key: str | None = None
     openai_embedding_model: str = "text-embedding-3-small"
@@ -297,6 +298,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
         mongodb_db=db,
         redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix"), prod),
         redis_prefix=_redis_prefix(e),
+        failed_retention_days=_int(e, "FAILED_RETENTION_DAYS", 30, 0, 3650),
         embedding_provider=provider,
         openai_api_key=api_key,
         openai_embedding_model=(e.get("OPENAI_EMBEDDING_MODEL") or "text-embedding-3-small").strip(),

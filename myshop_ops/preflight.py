@@ -136,7 +136,7 @@ def _mongodb(s: Settings) -> Iterator[Check]:
     where = mask_url(s.mongodb_url)
     store = None
     try:
-        store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)  # an unescaped @, an unresolvable SRV name
+        store = Store.from_settings(s, timeout_ms=3000)  # an unescaped @, an unresolvable SRV name
         _, ms = _timed(store.ping)
         yield Check("mongodb", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
         missing = store.missing_indexes()
@@ -164,7 +164,7 @@ def _shop_data(s: Settings) -> Iterator[Check]:
     """What the shop's own code left in the store: profiles per layout, untagged products, indexes not named by
     myshop (CHECKLIST.md, "Cutover from the shop's PHP workers")."""
     try:
-        store = Store(s.mongodb_url, s.mongodb_db, timeout_ms=3000)
+        store = Store.from_settings(s, timeout_ms=3000)
     except PyMongoError:
         return  # _mongodb reported the store
     try:

@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -17,6 +17,7 @@ from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
+from myshop_ops.config import Settings
 from myshop_ops.layout import (
     ForeignVector,
     UnreadableProfile,
@@ -59,6 +60,8 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
         ("message_id", [("message_id", ASCENDING)], {}),
         ("last_failure_at", [("last_failure_at", DESCENDING)], {}),
         ("error_class", [("error_class", ASCENDING)], {}),
+        # FAILED_RETENTION_DAYS: a record goes at its expires_at (set when written; none: kept until removed)
+        ("expires_at_ttl", [("expires_at", ASCENDING)], {"expireAfterSeconds": 0}),
     ],
 }
 
@@ -212,7 +215,7 @@ def _after(w: ProfileWrite, token: bytes) -> StoredProfile:
 
 
 class Store:
-    def __init__(self, url: str, db: str, *, timeout_ms: int = 5000):
+    def __init__(self, url: str, db: str, *, timeout_ms: int = 5000, failed_retention_days: int = 0):
         self.client: MongoClient = MongoClient(
             url,
             tz_aware=True,
@@ -225,6 +228,11 @@ class Store:
         self.users = self.db[USERS]
         self.products = self.db[PRODUCTS]
         self.failed = self.db[FAILED]
+        self.failed_retention = timedelta(days=failed_retention_days) if failed_retention_days else None
+
+    @classmethod
+    def from_settings(cls, s: Settings, **kw) -> Store:
+        return cls(s.mongodb_url, s.mongodb_db, failed_retention_days=s.failed_retention_days, **kw)
 
     def ping(self) -> None:
         """Raises pymongo's ConnectionFailure when MongoDB cannot be reached."""
@@ -464,14 +472,16 @@ class Store:
 
     def record_failures(self, records: Sequence[dict]) -> None:
         """Upsert failed-message records by failure_id, or by message_id for a record without one (the first
-        failure time is kept)."""
+        failure time is kept; with a retention, the record expires that long after its last failure)."""
         if not records:
             return
+        keep = self.failed_retention
         ops = [
             UpdateOne(
                 {"failure_id": r["failure_id"]} if r.get("failure_id") else
                 {"message_id": r["message_id"], "failure_id": {"$exists": False}},
-                {"$set": {k: v for k, v in r.items() if k != "first_failure_at"},
+                {"$set": {**{k: v for k, v in r.items() if k != "first_failure_at"},
+                          **({"expires_at": r["last_failure_at"] + keep} if keep else {})},
                  "$setOnInsert": {"first_failure_at": r["first_failure_at"]}},
                 upsert=True,
             )

@@ -101,7 +101,7 @@ class Worker:
         self.topology = Topology.from_settings(settings, queue)
         self.prefetch = prefetch
         self.limits = limits or Limits()
-        self.store = store or Store(settings.mongodb_url, settings.mongodb_db)
+        self.store = store or Store.from_settings(settings)
         self.redis = redis or RedisState.from_settings(settings)
         self.observer = observer or Observer()
         self.phrases = phrases or PhraseEmbedder(self.observer.instrument(make_provider(settings)), self.redis,

@@ -32,7 +32,7 @@ from myshop_ops.store import Store
 def _box() -> Iterator[FailedBox]:
     s = settings()
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-failed")
         try:
             yield FailedBox(conn, store, Topology.from_settings(s))

@@ -117,7 +117,7 @@ def generate_test_events(
     topo = Topology.from_settings(s)
     out = err_console if as_json else console
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         try:
             if wait:
                 store.ping()  # --wait reads the profiles: fail before the prompt, not after publishing

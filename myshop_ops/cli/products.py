@@ -46,7 +46,7 @@ def import_products(
     s = settings()
     with operator_errors(s):
         provider = make_provider(s)
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         try:
             result = _run(path, store, provider, batch_size, as_json, s.store_layout)
         except EmbeddingError as exc:

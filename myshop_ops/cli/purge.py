@@ -31,7 +31,7 @@ def purge(
     is_failed = queue == topo.failed_queue
     with operator_errors(s):
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-purge")
-        store = Store(s.mongodb_url, s.mongodb_db) if is_failed else None
+        store = Store.from_settings(s) if is_failed else None
         try:
             depth = broker.queue_depth(conn, queue)
             if depth is None:

@@ -21,7 +21,7 @@ def recommend(
     """Recommend products for a user: cosine similarity of product vectors with the user's profile vector."""
     s = settings()
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         try:
             recs = Recommender(s, store).recommend(user_id, limit=limit, exclude_purchased=exclude_purchased,
                                                    fallback=fallback)

@@ -81,7 +81,7 @@ def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the 
     """Create the MongoDB indexes (user_embeddings, product_embeddings, failed_messages); idempotent."""
     s = settings()
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         rows = store.setup_indexes()
         store.close()
     if as_json:

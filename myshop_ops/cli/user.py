@@ -29,7 +29,7 @@ def show_user(
     """Show a user's profile (version, event counts, last event, magnitude, vector space) and top 5 products."""
     s = settings()
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         try:
             recommender = Recommender(s, store)
             doc = recommender.profile(user_id)
@@ -81,7 +81,7 @@ def delete_user(
         fail(f"refusing to erase user {user_id} without a terminal: add --force", EXIT_CONFIG)
     s = settings()
     with operator_errors(s):
-        store = Store(s.mongodb_url, s.mongodb_db)
+        store = Store.from_settings(s)
         redis_state = RedisState.from_settings(s)
         try:
             found = store.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})

@@ -47,7 +47,7 @@ def run_verify(
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-verify")
         try:
             in_flight = wait_settled(conn, topo, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), wait)
-            store = Store(s.mongodb_url, s.mongodb_db)
+            store = Store.from_settings(s)
             redis = RedisState.from_settings(s)
             report = verify(s, handle, store, PhraseEmbedder(make_provider(s), redis, ttl=s.cache_ttl))
             store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import pika
 import pytest
@@ -13,6 +14,7 @@ from myshop_ops.broker import Publisher
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.failures import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
 from myshop_ops.limits import Limits
+from myshop_ops.management import for_dsn
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli
@@ -157,3 +159,27 @@ def test_walking_the_failed_queue_keeps_every_message_once(env, topology):
     conn = pika.BlockingConnection(pika.URLParameters(env["RABBITMQ_DSN"]))
     assert conn.channel().queue_declare(topology.failed_queue, passive=True).method.message_count == 29
     conn.close()
+
+
+def test_failed_messages_are_kept_for_the_retention_only(env, topology):
+    """FAILED_RETENTION_DAYS: a record expires that long after its last failure (TTL index), and the failed queue
+    drops its copies after as long (policy), so search phrases in failed bodies are not kept forever."""
+    s = env.settings(FAILED_RETENTION_DAYS="30")
+    store = Store.from_settings(s)
+    assert store.setup_indexes() and not store.missing_indexes()
+    now = datetime.now(UTC)
+    old, fresh = ({"failure_id": f"f-{n}", "message_id": n, "last_failure_at": when, "first_failure_at": when,
+                   "error_class": "InvalidMessage", "body": "search phrase"}
+                  for n, when in (("old", now - timedelta(days=31)), ("fresh", now - timedelta(days=29))))
+    store.record_failures([old, fresh])
+    # the Mongo-wire server hides an expired document at once; real MongoDB removes it within ~60 s
+    assert [d["message_id"] for d in store.failed.find({}, {"message_id": 1})] == ["fresh"]
+    expires = store.failed.find_one({"message_id": "fresh"})["expires_at"]
+    assert abs(expires - (fresh["last_failure_at"] + timedelta(days=30))) < timedelta(milliseconds=1)  # BSON: ms
+    keep = Store.from_settings(env.settings(FAILED_RETENTION_DAYS="0"))
+    keep.record_failures([{**old, "failure_id": "f-kept"}])
+    assert keep.failed.count_documents({"failure_id": "f-kept"}) == 1  # 0: kept until removed
+    api = for_dsn(None, s.rabbitmq_dsn)
+    assert api.policy(f"myshop.{topology.failed_queue}")["definition"] == {"message-ttl": 30 * 86_400_000}
+    store.close()
+    keep.close()

@@ -70,3 +70,9 @@ def test_the_management_api_defaults_to_the_brokers_host_with_its_credentials():
         "http://u:p%40ss@rabbit-1:15672"
     assert management_url(None, "amqps://rabbit/%2f") == "https://guest:guest@rabbit:15671"
     assert management_url("http://m:15672", "amqp://x") == "http://m:15672"
+
+
+def test_failed_messages_expire_by_policy_when_a_retention_is_set():
+    assert not [p for p in Topology().policies() if p.target == "failed"]  # 0: kept until removed
+    [policy] = [p for p in Topology(failed_retention_days=30).policies() if p.target == "failed"]
+    assert policy.definition == {"message-ttl": 30 * 86_400_000} and policy.apply_to == "queues"
