@@ -7,8 +7,15 @@ unconfirmed reached 10-12k/s on the project's 2-core box (``notes/performance-an
 Every message is published persistent (``delivery_mode=2``), ``content_type=application/json``, with
 its AMQP ``message_id`` and the ``x-published-at`` header (epoch ms, as every publisher of the project sets it:
 the worker's queue-wait metric), and *mandatory*: a message no queue takes comes back as Basic.Return (before
-its Basic.Ack) and is counted as failed, as is every Basic.Nack (``multiple`` honoured for both acks
-and nacks). A message is *published* only once the broker confirmed it and did not return it.
+its Basic.Ack) and is counted as failed (``multiple`` honoured for both acks and nacks). A message is *published*
+only once the broker confirmed it and did not return it.
+
+A Basic.Nack is answered on a fresh channel: the nacked channel gets no new publishes (its confirms still settle
+what it carries, then it is closed), the nacked messages go again first on the new one, each at most
+NACK_ATTEMPTS times before it counts as nacked (RabbitMQ 3.10 nacks every publish of a channel opened during a
+quorum leader election until the old leader returns; a fresh channel ends it: notes/rabbitmq-cluster.md). A
+connection RabbitMQ blocks (memory or disk alarm anywhere in the cluster) is reported through ``on_blocked`` and
+waited out for ``broker.BLOCKED_TIMEOUT_S`` at most, then the run stops with that reason.
 
 ``sent_at[i]`` is the wall-clock time (``time.time()``) at which message ``i`` was handed to pika's
 ``basic_publish`` (the frames leave on the next turn of the I/O loop): the publish time the
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,11 +39,20 @@ import pika
 import pika.exceptions as pex
 from pika.spec import Basic
 
-from myshop_ops.broker import H_PUBLISHED_AT, PERSISTENT, BrokerError, connection_parameters, dsn_urls
+from myshop_ops.broker import (
+    BLOCKED_TIMEOUT_S,
+    H_PUBLISHED_AT,
+    NACK_PAUSES_S,
+    PERSISTENT,
+    BrokerError,
+    connection_parameters,
+    dsn_urls,
+)
 from myshop_ops.config import mask_url
 
 DEFAULT_WINDOW = 1000
 CHUNK = 256  # messages published per turn of the I/O loop, so confirms are read in between
+NACK_ATTEMPTS = len(NACK_PAUSES_S) + 1  # publishes of one message, each on a fresh channel, before it counts as nacked
 
 PENDING, OK, NACKED, RETURNED, LOST, UNSENT = range(6)
 STATUS_NAMES = {PENDING: "pending", OK: "ok", NACKED: "nacked", RETURNED: "returned", LOST: "lost", UNSENT: "unsent"}
@@ -83,6 +100,9 @@ class PublishResult:
     sent_at: array = field(default_factory=lambda: array("d"))
     error: str | None = None  # why the run stopped early, one line
     broker: str = ""  # the masked URL the run was published through
+    republished: int = 0  # nacked publishes sent again on a fresh channel
+    channels: int = 0  # channels opened (1 + one per nack stall)
+    blocked_s: float = 0.0  # time the connection was blocked by a resource alarm
 
     @property
     def rate(self) -> float | None:
@@ -100,7 +120,8 @@ class WindowedPublisher:
     ``delay_s`` > 0 spaces the publishes that far apart (rate limiting, on an absolute schedule so the
     spacing does not drift). ``on_settled(index, ok)`` is called for every message in publish order once
     it and all before it are settled (``--record`` writes there); ``on_progress(settled)`` at most every
-    ``progress_every`` seconds and at the end.
+    ``progress_every`` seconds and at the end; ``on_blocked(blocked, reason)`` when RabbitMQ blocks the connection
+    (a resource alarm) and when it unblocks it.
     """
 
     def __init__(
@@ -115,6 +136,7 @@ class WindowedPublisher:
         on_settled: Callable[[int, bool], None] | None = None,
         on_progress: Callable[[int], None] | None = None,
         progress_every: float = 0.1,
+        on_blocked: Callable[[bool, str], None] | None = None,
     ):
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -127,6 +149,7 @@ class WindowedPublisher:
         self.on_settled = on_settled
         self.on_progress = on_progress
         self.progress_every = progress_every
+        self.on_blocked = on_blocked
 
     # ---- the run --------------------------------------------------------------------------------
 
@@ -135,8 +158,14 @@ class WindowedPublisher:
         self._messages = messages
         self._total = n = len(messages)
         self._result = PublishResult(total=n, status=bytearray(n), sent_at=array("d", bytes(8 * n)))
-        self._next = 0  # next index to publish; its delivery tag is index + 1 (one channel per run)
+        self._next = 0  # next new index to publish
         self._settled = 0
+        self._redo: deque[int] = deque()  # nacked indices to publish again, on the current channel
+        self._attempts = bytearray(n)  # publishes of each index so far
+        self._pending: dict = {}  # channel -> {delivery tag: index} not confirmed yet (tags ascending)
+        self._tag: dict = {}  # channel -> last delivery tag used on it
+        self._ready = False  # the current channel is in confirm mode
+        self._blocked_since: float | None = None
         self._frontier = 0  # lowest index not settled yet; everything below was released in order
         self._returned: set[str] = set()
         self._scheduled = False
@@ -161,6 +190,8 @@ class WindowedPublisher:
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_closed,
             )
+            self._connection.add_on_connection_blocked_callback(self._on_blocked)
+            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
             try:
                 self._connection.ioloop.start()
             finally:
@@ -177,21 +208,46 @@ class WindowedPublisher:
 
     def _on_open(self, connection) -> None:
         self._result.broker = mask_url(self._url)
-        connection.channel(on_open_callback=self._on_channel)
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        if self._finished:
+            return
+        self._ready = False
+        self._result.channels += 1
+        self._connection.channel(on_open_callback=self._on_channel)
 
     def _on_channel(self, channel) -> None:
         self._channel = channel
+        self._pending[channel] = {}
+        self._tag[channel] = 0
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(self._on_confirm, callback=self._on_confirm_mode)
+        channel.confirm_delivery(lambda frame, ch=channel: self._on_confirm(ch, frame),
+                                 callback=self._on_confirm_mode)
 
     def _on_confirm_mode(self, _frame) -> None:
-        self._t0 = time.monotonic()
-        self._result.started_at = time.time()
+        self._ready = True
+        if not self._t0:
+            self._t0 = time.monotonic()
+            self._result.started_at = time.time()
         if self._total == 0:
             self._finish()
         else:
             self._pump()
+
+    def _on_blocked(self, _connection, frame) -> None:
+        if self._blocked_since is None:
+            self._blocked_since = time.monotonic()
+            if self.on_blocked is not None:
+                self.on_blocked(True, str(getattr(frame.method, "reason", "") or "resource alarm"))
+
+    def _on_unblocked(self, _connection, _frame) -> None:
+        if self._blocked_since is not None:
+            self._result.blocked_s += time.monotonic() - self._blocked_since
+            self._blocked_since = None
+            if self.on_blocked is not None:
+                self.on_blocked(False, "")
 
     # ---- publishing -----------------------------------------------------------------------------
 
@@ -200,15 +256,40 @@ class WindowedPublisher:
             self._scheduled = True
             self._connection.ioloop.call_later(delay, self._pump)
 
+    def _send(self, i: int) -> bool:
+        """Publish index ``i`` on the current channel; False when the channel or connection is gone (aborted)."""
+        ch = self._channel
+        body, mid = self._messages[i]
+        try:
+            ch.basic_publish(self.exchange, self.routing_key, body, self._props(mid, self._result.sent_at[i]),
+                             mandatory=True)
+        except (pex.AMQPError, OSError) as exc:  # channel or connection closed under us
+            self._abort(f"publishing failed: {type(exc).__name__} {exc}".strip())
+            return False
+        self._tag[ch] += 1
+        self._pending[ch][self._tag[ch]] = i
+        self._attempts[i] += 1
+        self._result.status[i] = PENDING
+        return True
+
     def _pump(self) -> None:
         self._scheduled = False
-        if self._finished:
+        if self._finished or not self._ready:
             return
-        res, msgs, ch = self._result, self._messages, self._channel
-        status, sent_at = res.status, res.sent_at
-        exchange, key, window, props = self.exchange, self.routing_key, self.window, self._props
+        res = self._result
+        sent_at = res.sent_at
+        window = self.window
         budget = CHUNK
         now = time.time
+        while self._redo:  # nacked ones first, on this fresh channel (their first publish time is kept)
+            if budget == 0:
+                self._kick()
+                return
+            i = self._redo.popleft()
+            if not self._send(i):
+                return
+            res.republished += 1
+            budget -= 1
         while self._next < self._total and self._next - self._settled < window:
             if budget == 0:
                 self._kick()
@@ -219,14 +300,9 @@ class WindowedPublisher:
                 if wait > 0:
                     self._kick(wait)
                     return
-            body, mid = msgs[i]
-            sent_at[i] = sent = now()
-            try:
-                ch.basic_publish(exchange, key, body, props(mid, sent), mandatory=True)
-            except (pex.AMQPError, OSError) as exc:  # channel or connection closed under us
-                self._abort(f"publishing failed: {type(exc).__name__} {exc}".strip())
+            sent_at[i] = now()
+            if not self._send(i):
                 return
-            status[i] = PENDING
             self._next = i + 1
             budget -= 1
 
@@ -236,21 +312,47 @@ class WindowedPublisher:
         # Basic.Return of a mandatory message precedes its Basic.Ack; its ack settles it as RETURNED.
         self._returned.add(properties.message_id or "")
 
-    def _on_confirm(self, frame) -> None:
+    def _on_confirm(self, channel, frame) -> None:
         method = frame.method
         ok = isinstance(method, Basic.Ack)
-        last = method.delivery_tag - 1  # index of the confirmed tag
+        pending = self._pending.get(channel, {})
         if method.multiple:
-            for i in range(self._frontier, last + 1):
-                self._settle(i, ok)
+            indices = []
+            while pending and next(iter(pending)) <= method.delivery_tag:
+                indices.append(pending.pop(next(iter(pending))))
         else:
-            self._settle(last, ok)
+            indices = [i for i in (pending.pop(method.delivery_tag, None),) if i is not None]
+        if ok:
+            for i in indices:
+                self._settle(i, True)
+        else:
+            self._nacked(channel, indices)
+        if channel is not self._channel and not pending:
+            self._retire(channel)
         self._release()
         if self._settled == self._total:
             self._finish()
         else:
             self._maybe_progress()
             self._kick()
+
+    def _nacked(self, channel, indices: list[int]) -> None:
+        """Nacked: again on a fresh channel, unless a message has had all its attempts."""
+        for i in indices:
+            if self._attempts[i] >= NACK_ATTEMPTS:
+                self._settle(i, False)
+            else:
+                self._redo.append(i)
+        if indices and channel is self._channel and self._ready:  # the first nack of this channel: replace it
+            self._ready = False  # nothing more on it; the fresh one opens after the pause of the attempt reached
+            worst = max(self._attempts[i] for i in indices)
+            self._connection.ioloop.call_later(NACK_PAUSES_S[min(worst, len(NACK_PAUSES_S)) - 1], self._open_channel)
+
+    def _retire(self, channel) -> None:
+        self._pending.pop(channel, None)
+        self._tag.pop(channel, None)
+        if channel.is_open:
+            channel.close()
 
     def _settle(self, i: int, ok: bool) -> None:
         res = self._result
@@ -319,9 +421,16 @@ class WindowedPublisher:
         self._release()
         self._finish()
 
-    def _on_channel_closed(self, _channel, reason: BaseException) -> None:
-        if not self._finished:
-            self._abort(f"RabbitMQ closed the channel: {_reason_text(reason)}")
+    def _on_channel_closed(self, channel, reason: BaseException) -> None:
+        if self._finished:
+            return
+        if channel is not self._channel:  # a nacked channel: what it still carried goes again on the current one
+            left = self._pending.pop(channel, {})
+            self._tag.pop(channel, None)
+            self._redo.extend(left.values())
+            self._kick()
+            return
+        self._abort(f"RabbitMQ closed the channel: {_reason_text(reason)}")
 
     def _on_closed(self, connection, reason: BaseException) -> None:
         if not self._finished:
@@ -330,6 +439,9 @@ class WindowedPublisher:
 
 
 def _reason_text(reason: BaseException) -> str:
+    if isinstance(reason, pex.ConnectionBlockedTimeout):
+        return (f"blocked by a RabbitMQ resource alarm (memory or disk) for {BLOCKED_TIMEOUT_S}s "
+                "(rabbitmq-diagnostics alarms)")
     if isinstance(reason, pex.ChannelClosedByBroker | pex.ConnectionClosedByBroker):
         return f"{reason.reply_code} {reason.reply_text}"
     return f"{type(reason).__name__} {reason}".strip()

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from myshop_ops import broker
-from myshop_ops.broker import Topology
+from myshop_ops.broker import BLOCKED_TIMEOUT_S, Topology
 from myshop_ops.cli.common import (
     EXIT_CONFIG,
     EXIT_FAIL,
@@ -59,7 +59,10 @@ product ids stored in product_embeddings for the configured model and dimensions
 events per run.
 
 Then a results table: published, failed (nacked, returned as unroutable, or lost with the connection),
-duration (first publish to last confirm), events/s, ms/event. Exit 1 if any event failed.
+duration (first publish to last confirm), events/s, ms/event. Exit 1 if any event failed. A nacked event is
+published again on a fresh channel (up to 8 times: a RabbitMQ cluster's leader election can leave a channel
+nacking); a connection blocked by a memory or disk alarm is said on stderr and given up after
+{BLOCKED_TIMEOUT_S} s.
 
 --record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only).
 
@@ -244,12 +247,20 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
         if ok and recorder is not None:
             recorder.write(messages[i][0])
 
+    def blocked(on: bool, reason: str) -> None:  # a resource alarm anywhere in the cluster: say so, do not freeze
+        if on:
+            err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({reason}: a memory or disk alarm, "
+                              f"see rabbitmq-diagnostics alarms); waiting up to {BLOCKED_TIMEOUT_S}s",
+                              highlight=False, soft_wrap=True, markup=True)
+        else:
+            err_console.print("unblocked: publishing again", highlight=False)
+
     try:
         with _progress(as_json, "publishing", len(messages)) as update:
             publisher = WindowedPublisher(
                 s.rabbitmq_dsn, topo.exchange, topo.queue, window=window, delay_s=run.plan.delay_ms / 1000,
                 name="myshop-generate", on_settled=settled, on_progress=update,
-                progress_every=0.1 if console.is_terminal else 0.5,
+                progress_every=0.1 if console.is_terminal else 0.5, on_blocked=blocked,
             )
             result = publisher.run(messages)
     finally:
@@ -268,6 +279,10 @@ def _print_results(plan: Plan, run: Run, res: PublishResult, record: Path | None
                  if n]
         failed = f"[red]{failed}[/] ({', '.join(parts)})"
     table.add_row("failed", failed)
+    if res.republished:
+        table.add_row("nacked, sent again", f"{res.republished:,} (on {res.channels - 1} fresh channel(s))")
+    if res.blocked_s:
+        table.add_row("blocked by an alarm", f"{res.blocked_s:.1f} s")
     table.add_row("duration", f"{res.duration_s:.3f} s")
     table.add_row("events/s", f"{res.rate:,.0f}" if res.rate else "-")
     table.add_row("ms/event", f"{res.ms_per_event:.3f}" if res.ms_per_event is not None else "-")

@@ -24,7 +24,7 @@ from myshop_ops.broker import BrokerError, Topology, published_at
 from myshop_ops.contract import EVENT_TYPES, parse
 from myshop_ops.generate import SEARCH_PHRASES
 from myshop_ops.management import for_dsn
-from myshop_ops.publisher import NACKED, OK, WindowedPublisher
+from myshop_ops.publisher import NACK_ATTEMPTS, NACKED, OK, WindowedPublisher
 from myshop_ops.store import Store
 from tests.conftest import RABBIT, run_cli
 from tests.support.events import seed_products
@@ -300,12 +300,15 @@ def capped_queue():
 
 
 def test_publisher_counts_nacks_and_keeps_order(capped_queue):
+    """A nacked message goes again on a fresh channel (the cluster's nack stall, tests/cluster), NACK_ATTEMPTS
+    times in all, then counts as nacked: never dropped silently."""
     name, ch = capped_queue
     messages = [(f'{{"n":{i}}}'.encode(), f"{i:064x}") for i in range(20)]
     settled: list[tuple[int, bool]] = []
-    result = WindowedPublisher(RABBIT, name, name, window=3, on_settled=lambda i, ok: settled.append((i, ok))
+    result = WindowedPublisher(RABBIT, name, name, window=20, on_settled=lambda i, ok: settled.append((i, ok))
                                ).run(messages)
     assert result.published == 5 and result.nacked == 15 and result.failed == 15 and result.error is None
+    assert result.republished == 15 * (NACK_ATTEMPTS - 1) and result.channels == NACK_ATTEMPTS
     assert list(result.status[:5]) == [OK] * 5 and set(result.status[5:]) == {NACKED}
     assert settled == [(i, i < 5) for i in range(20)]  # released in publish order
     assert all(result.sent_at[i] > 0 for i in range(20))
