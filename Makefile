@@ -43,10 +43,12 @@ test: venv debian-tools
 	@tools/services.sh >/dev/null
 	$(BIN)/pytest -q -n 2 --dist loadfile  # two processes, whole files each: see tests/support/services.py redis_url
 
-# the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies); figures in .run/reliability-soak.jsonl
+# the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies) and every cluster scenario (tests/cluster:
+# a private 3-node RabbitMQ cluster, tools/cluster.sh; `make test` runs only its leader kill); figures in
+# .run/reliability-soak.jsonl
 soak: venv
 	@tools/services.sh >/dev/null
-	SOAK=1 RELIABILITY_REPORT=.run/reliability-soak.jsonl $(BIN)/pytest -q -m reliability -p no:cacheprovider
+	SOAK=1 RELIABILITY_REPORT=.run/reliability-soak.jsonl $(BIN)/pytest -q -m "reliability or cluster" -p no:cacheprovider
 
 # every benchmark with its baseline and ratio (docs/PERFORMANCE.md)
 bench: venv

@@ -188,7 +188,7 @@ class Worker:
 
     def _consume(self) -> None:
         self._connection = conn = broker.connect(self.settings.rabbitmq_dsn, name="myshop-consume")
-        self._publisher = Publisher(conn)
+        self._publisher = Publisher(conn, on_blocked=self._on_blocked, tick=self._alive)
         channel = conn.channel()
         channel.basic_qos(prefetch_count=self.prefetch)
         try:
@@ -215,6 +215,11 @@ class Worker:
                 conn.process_data_events(time_limit=0)  # what is already on the socket joins this batch
                 self._run_batch(channel)
         channel.close()  # unprocessed deliveries go back to the queue
+
+    def _on_blocked(self, blocked: bool, reason: str) -> None:
+        """RabbitMQ blocks this connection (a memory or disk alarm anywhere in the cluster): copies to the retry and
+        failed queues wait, so does the batch's ack (BLOCKED_TIMEOUT_S at most, then a reconnect)."""
+        self.notifier.status(f"RabbitMQ blocks publishing ({reason}): waiting" if blocked else "publishing again")
 
     def _idle_wait(self) -> float:
         due = self.window.next_due(time.monotonic()) if self.window is not None else None
@@ -260,13 +265,20 @@ class Worker:
         started = time.perf_counter()
         batch = self._take_batch()
         head = batch[0]
-        if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
-            error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
-            result = BatchResult(items=[Item(body=head.body, status="failed", error=error)])
-        else:
-            result = self._process(batch)
-        self._settle(channel, batch, result)
-        self.redis.attempts_done([d.key for d in batch if d.redelivered])
+        redelivered = [d.key for d in batch if d.redelivered]
+        try:
+            if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
+                error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
+                result = BatchResult(items=[Item(body=head.body, status="failed", error=error)])
+            else:
+                result = self._process(batch)
+            self._settle(channel, batch, result)
+        except broker.CONNECTION_ERRORS:
+            # the broker cut the batch (a lost node, a connection closed, an alarm outlasting BLOCKED_TIMEOUT_S), not
+            # its messages: their redeliveries are not attempts that died (the poison journal counts worker deaths)
+            self.redis.attempts_done(redelivered)
+            raise
+        self.redis.attempts_done(redelivered)
         self._observe(batch, result, time.perf_counter() - started)
         self._alive()
         if time.monotonic() - self._last_status > 1.0:

@@ -10,8 +10,10 @@ import pika
 import pytest
 
 from tests.cluster.conftest import NODES, node_name
+from tests.reliability.harness import SOAK
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300),
+              pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]
 
 
 def default_node_pid() -> str:

@@ -172,9 +172,10 @@ class Feeder(threading.Thread):
     """Publishes a plan with publisher confirms, at ``rate`` bodies/s (None: as fast as confirms allow).
 
     Valid bodies are written to ``events_path`` (one line each, exactly the bytes published); malformed ones
-    to ``bad_path`` as JSON records (base64 body, message id, content type). A lost connection (e.g. the
-    broker closing it) is reopened and the unconfirmed body published again — written again as well, since it
-    may now be in the queue twice.
+    to ``bad_path`` as JSON records (base64 body, message id, content type). It publishes through the project's
+    ``broker.Publisher`` (a nack: again on a fresh channel). A lost connection (e.g. the broker closing it, a
+    cluster node dying) is reopened on the first reachable URL of the DSN and the unconfirmed body published
+    again — written again as well, since it may now be in the queue twice.
     """
 
     def __init__(self, dsn: str, topo: Topology, plan: Plan, events_path: Path, bad_path: Path | None = None,
@@ -188,6 +189,9 @@ class Feeder(threading.Thread):
         self.rate = rate
         self.published = 0  # publishes confirmed (re-sends included)
         self.resent = 0
+        self.nacks = 0  # nacks answered on a fresh channel by the publisher
+        self.reconnects = 0
+        self.longest_publish_s = 0.0  # the longest wait for one body's confirm, reconnects included
         self.error: BaseException | None = None
         self.done = threading.Event()
 
@@ -199,21 +203,18 @@ class Feeder(threading.Thread):
         finally:
             self.done.set()
 
-    def _connect(self) -> pika.adapters.blocking_connection.BlockingChannel:
+    def _connect(self) -> broker.Publisher:
         deadline = time.monotonic() + 60
         while True:
             try:
-                conn = broker.connect(self.dsn, name="reliability-feeder")
-                ch = conn.channel()
-                ch.confirm_delivery()
-                return ch
+                return broker.Publisher(broker.connect(self.dsn, name="reliability-feeder"))
             except broker.CONNECTION_ERRORS:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
     def _run(self) -> None:
-        ch = self._connect()
+        pub = self._connect()
         started = time.monotonic()
         with open(self.events_path, "ab") as good, open(self.bad_path or os.devnull, "ab") as bad:
             for n, b in enumerate(self.plan.bodies):
@@ -224,25 +225,30 @@ class Feeder(threading.Thread):
                 props = pika.BasicProperties(content_type=b.content_type, delivery_mode=2, message_id=b.message_id,
                                              headers={"x-published-at": int(time.time() * 1000)})
                 attempt = 0
+                began = time.monotonic()
                 while True:
                     try:
-                        ch.basic_publish(self.topo.exchange, self.topo.queue, b.body, props, mandatory=True)
+                        pub.send(self.topo.exchange, self.topo.queue, b.body, props, what=f"body {n}")
                         break
                     except broker.CONNECTION_ERRORS:
                         attempt += 1
                         if attempt > 20:
                             raise
+                        self.nacks += pub.nacks
                         with contextlib.suppress(Exception):
-                            ch.connection.close()
-                        ch = self._connect()
+                            pub.connection.close()
+                        pub = self._connect()
+                        self.reconnects += 1
                         if attempt == 1:
                             self.resent += 1
                         # the body may or may not have reached the queue: record it as published either way
                         self._record(b, good, bad)
+                self.longest_publish_s = max(self.longest_publish_s, time.monotonic() - began)
                 self._record(b, good, bad)
                 self.published += 1
+        self.nacks += pub.nacks
         with contextlib.suppress(Exception):
-            ch.connection.close()
+            pub.connection.close()
 
     @staticmethod
     def _record(b: Body, good, bad) -> None:
@@ -458,10 +464,11 @@ def private_vhost(base_dsn: str) -> Iterator[tuple[str, str]]:
 class Probe:
     """Live state: ready counts by passive declare, profile event counts in MongoDB, unacked via rabbitmqctl."""
 
-    def __init__(self, settings: Settings, topo: Topology, vhost: str):
+    def __init__(self, settings: Settings, topo: Topology, vhost: str, ctl: Callable[..., str] = rabbitmqctl):
         self.settings = settings
         self.topo = topo
         self.vhost = vhost
+        self.ctl = ctl  # rabbitmqctl of the broker the settings name (tests/cluster: a node of the cluster that is up)
         self._conn = None
         self._store = Store(settings.mongodb_url, settings.mongodb_db, timeout_ms=2000)
 
@@ -504,8 +511,8 @@ class Probe:
 
     def unacked(self) -> dict[str, tuple[int, int]]:
         """(ready, unacked) of the main and retry queues, straight from the broker (management stats lag 5 s)."""
-        out = rabbitmqctl("-q", "list_queues", "-p", self.vhost, "name", "messages_ready",
-                          "messages_unacknowledged", "--formatter", "json")
+        out = self.ctl("-q", "list_queues", "-p", self.vhost, "name", "messages_ready",
+                       "messages_unacknowledged", "--formatter", "json")
         mine = set(self.topo.queues()) - {self.topo.failed_queue}
         return {q["name"]: (int(q["messages_ready"] or 0), int(q["messages_unacknowledged"] or 0))
                 for q in json.loads(out or "[]") if q["name"] in mine}
@@ -560,7 +567,8 @@ def failed_queue_messages(settings: Settings, topo: Topology, timeout: float = 1
 class Scenario:
     """Owns the run of one scenario: topology, plan, feeder, supervisor, drain, stop, oracle, report."""
 
-    def __init__(self, name: str, env, workers: Workers, tmp: Path, *, vhost: str = "/", seed: int = 0):
+    def __init__(self, name: str, env, workers: Workers, tmp: Path, *, vhost: str = "/", seed: int = 0,
+                 ctl: Callable[..., str] = rabbitmqctl):
         self.name = name
         self.env = env
         self.workers = workers
@@ -578,7 +586,7 @@ class Scenario:
         self.plan: Plan | None = None
         self.feeders: list[Feeder] = []
         self.supervisor: Supervisor | None = None
-        self.probe = Probe(self.settings, self.topo, vhost)
+        self.probe = Probe(self.settings, self.topo, vhost, ctl)
         self._ids: list[str] | None = None
         self.failed_headers: dict[str, dict] = {}
         self.phases: dict[str, float] = {}
@@ -746,6 +754,8 @@ class Scenario:
             "seconds": round(time.monotonic() - self.started, 1),
             "workers_started": len(sup.all),
             "resent": sum(f.resent for f in self.feeders),
+            "publish_nacks": sum(f.nacks for f in self.feeders),
+            "longest_publish_s": round(max(f.longest_publish_s for f in self.feeders), 2),
             **{f"worker_{k}": v for k, v in sup.totals().items()},
             "phases": self.phases,
             **self.extra,
