@@ -35,6 +35,9 @@ class QueueInfo:
     acked_total: int | None  # acks since the queue's statistics began (a broker restart resets them)
     type: str = "classic"
     policy: str | None = None  # the policy applied to the queue (None: none)
+    leader: str | None = None  # quorum queues: the node of the leader (None: none now, or not a quorum queue)
+    members: tuple[str, ...] = ()  # quorum queues: the nodes holding a replica
+    online: tuple[str, ...] = ()  # the members running now
 
 
 class Management:
@@ -92,6 +95,12 @@ class Management:
                         "peer_host": conn.get("peer_host", "?"), "user": conn.get("user", "?")})
         return out
 
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes: name, running, and the memory and disk alarms each raises."""
+        return [{"name": n.get("name", "?"), "running": bool(n.get("running")),
+                 "mem_alarm": bool(n.get("mem_alarm")), "disk_free_alarm": bool(n.get("disk_free_alarm"))}
+                for n in self._get("/nodes?columns=name,running,mem_alarm,disk_free_alarm") or ()]
+
     def exchange(self, name: str) -> dict | None:
         return self._get(f"/exchanges/{self._vhost}/{quote(name, safe='')}")
 
@@ -132,6 +141,9 @@ def _queue_info(raw: dict) -> QueueInfo:
         acked_total=stats.get("ack"),
         type=str(raw.get("type") or "classic"),
         policy=raw.get("policy") or None,
+        leader=raw.get("leader") or None,
+        members=tuple(raw.get("members") or ()),
+        online=tuple(raw.get("online") or ()),
     )
 
 

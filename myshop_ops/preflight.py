@@ -33,7 +33,7 @@ from myshop_ops.config import (
 )
 from myshop_ops.embeddings import EmbeddingError, make_provider
 from myshop_ops.management import ManagementError, for_dsn
-from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH
+from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Members
 from myshop_ops.store import Store
 from myshop_ops.transports import Transports
 
@@ -75,6 +75,7 @@ def run(env: Mapping[str, str] | None = None, env_file: object = DISCOVER, offli
     checks += _shop_data(s)
     checks += _rabbitmq(s)
     checks += _other_consumers(s)
+    checks += _cluster(s)
     checks += _redis(s)
     checks.append(_provider(s) if not offline else Check("provider", "one embedding", "SKIP", "--offline"))
     checks += _security(s, env_file)
@@ -214,6 +215,43 @@ def _other_consumers(s: Settings) -> Iterator[Check]:
                     "stop the shop's PHP workers (messenger:consume) before the cutover: CHECKLIST.md")
     else:
         yield Check("rabbitmq", "other consumers", "PASS", f"every consumer of {queue} is a myshop worker")
+
+
+def _cluster(s: Settings) -> Iterator[Check]:
+    """The broker as a cluster (management API): resource alarms (they block every publisher of the cluster), the
+    main queue's members (down ones, a lost quorum, fewer than 3 in prod) and a RABBITMQ_DSN that names one node
+    of several (nothing to fail over to)."""
+    api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
+    queue = Topology.from_settings(s).queue
+    try:
+        nodes, info = api.nodes(), api.queue(queue)
+    except ManagementError as exc:
+        yield Check("rabbitmq", "cluster", "SKIP", str(exc))
+        return
+    prod = s.app_env == "prod"
+    alarms = [f"{n['name']} ({kind})" for n in nodes for kind, key in (("memory", "mem_alarm"),
+                                                                        ("disk", "disk_free_alarm")) if n[key]]
+    if alarms:
+        yield Check("rabbitmq", "alarms", "FAIL", "resource alarm on " + ", ".join(alarms) + ": every publisher of "
+                    "the cluster is blocked (retry and failed copies included)",
+                    "rabbitmq-diagnostics alarms; free memory or disk on that node")
+    members = Members.of(info)
+    if members is not None:
+        level = ("FAIL" if len(members.online) < members.majority else "WARN" if members.down
+                 or (prod and len(members.members) < 3) else "PASS")
+        few = f"; fewer than 3 members: losing one node stops {queue}" if prod and len(members.members) < 3 else ""
+        yield Check("rabbitmq", "members", level, f"{queue}: {members.describe()}{few}",
+                    None if level == "PASS" else "start the nodes that are down (rabbitmq-diagnostics "
+                    "cluster_status); add members: rabbitmq-queues grow NODE all")
+    urls = len(broker.dsn_urls(s.rabbitmq_dsn))
+    running = [n["name"] for n in nodes if n["running"]]
+    if len(nodes) > 1 and urls == 1:
+        yield Check("rabbitmq", "failover", "WARN" if prod else "PASS",
+                    f"RABBITMQ_DSN names 1 of the cluster's {len(nodes)} nodes: workers cannot fail over when it "
+                    "stops", "list every node in RABBITMQ_DSN, comma-separated")
+    elif nodes:
+        yield Check("rabbitmq", "failover", "PASS", f"{len(running)} of {len(nodes)} node(s) running; RABBITMQ_DSN "
+                    f"lists {urls} URL(s)")
 
 
 def _rabbitmq(s: Settings) -> Iterator[Check]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.management import Management, ManagementError
+from myshop_ops.management import Management, ManagementError, QueueInfo
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class QueueRow:
     acked_total: int | None = None
     level: str = "ok"
     notes: list[str] = field(default_factory=list)
+    members: dict | None = None  # quorum queues, with the management API: Members.as_json()
 
     def flag(self, level: str, note: str) -> None:
         self.notes.append(note)
@@ -52,6 +53,59 @@ class Report:
     def as_json(self) -> dict:
         return {"level": self.level, "management": self.management, "failed_records": self.failed_records,
                 "queues": [asdict(q) for q in self.queues]}
+
+
+@dataclass(frozen=True)
+class Members:
+    """Where a quorum queue's replicas are: which are down, and which node is quorum-critical (stopping it now
+    would leave fewer than a majority of the members online: the queue would stop taking and delivering)."""
+
+    members: tuple[str, ...]
+    online: tuple[str, ...]
+    leader: str | None
+
+    @classmethod
+    def of(cls, info: QueueInfo | None) -> Members | None:
+        if info is None or info.type != "quorum" or not info.members:
+            return None
+        return cls(info.members, tuple(n for n in info.online if n in info.members), info.leader)
+
+    @property
+    def majority(self) -> int:
+        return len(self.members) // 2 + 1
+
+    @property
+    def down(self) -> list[str]:
+        return [n for n in self.members if n not in self.online]
+
+    @property
+    def critical(self) -> list[str]:
+        """Online members none of which may be stopped now (all of them, or none)."""
+        return list(self.online) if len(self.online) - 1 < self.majority else []
+
+    def as_json(self) -> dict:
+        return {"members": list(self.members), "online": list(self.online), "leader": self.leader,
+                "down": self.down, "quorum_critical": self.critical, "majority": self.majority}
+
+    def describe(self) -> str:
+        """One line: members, leader, down, and whether a node may be restarted."""
+        safe = ("quorum lost" if len(self.online) < self.majority else
+                f"quorum-critical: {', '.join(self.critical)} (restart none)" if self.critical else
+                "no node quorum-critical (one may be restarted)")
+        down = f"; down: {', '.join(self.down)}" if self.down else ""
+        return (f"{len(self.online)}/{len(self.members)} members online ({', '.join(self.members)}); "
+                f"leader {self.leader or 'none'}{down}; {safe}")
+
+
+def judge_members(row: QueueRow, m: Members) -> None:
+    """Flag a quorum queue by its members: a majority lost is critical, a member down a warning."""
+    row.members = m.as_json()
+    if len(m.online) < m.majority:
+        row.flag("critical", m.describe())
+    elif m.down:
+        row.flag("warn", m.describe())
+    elif len(m.members) > 1:  # a single node's queue: nothing to say
+        row.notes.append(m.describe())
 
 
 class UnknownQueue(Exception):
@@ -89,6 +143,8 @@ def collect(connection, topo: Topology, names: list[str] | None = None,
         if info is not None:
             row.unacked, row.publish_rate, row.deliver_rate = info.unacked, info.publish_rate, info.deliver_rate
             row.acked_total = info.acked_total
+            if (members := Members.of(info)) is not None:
+                judge_members(row, members)
         rows.append(row)
     _judge(rows)
     return Report(rows, management is not None)
