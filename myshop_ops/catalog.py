@@ -6,6 +6,11 @@ cleaned name, category and description, cut at a word boundary to a byte budget 
 provider's 8191-token input limit. Its sha256 (``text_hash``) is stored with the vector, so a re-run
 embeds only products whose text, model or dimensions changed; other field changes (stock, price) are
 written without a provider call.
+
+A catalog is a file someone hands the operator: every step is linear in its input and bounded per line. A line over
+MAX_LINE_BYTES is refused by number without being held (lines.bounded_lines); markup is stripped by one forward scan
+(no html.parser: it raised AssertionError on ``<![<`` and was quadratic on ``<a<a<a...``); text fields have control
+characters replaced by spaces and product ids with any are refused, by the contract's rule (contract.CONTROL).
 """
 
 from __future__ import annotations
@@ -18,16 +23,20 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 from pymongo import UpdateOne
 
-from myshop_ops.contract import MAX_ID_CHARS, json_kind
+from myshop_ops.contract import CONTROL, MAX_ID_CHARS, json_kind
 from myshop_ops.embeddings import Provider
+from myshop_ops.lines import bounded_lines
 from myshop_ops.store import SCAN_BATCH, Store
 
+# A product line is a few KB (name <= 1000 and category <= 200 characters, and a description of which only the first
+# 6000 bytes of text are embedded); a shop editor's HTML with inline styles can reach tens of KB. 1 MiB leaves room
+# for any real product and bounds a line's memory (JSON and text: a few MB at most).
+MAX_LINE_BYTES = 1024 * 1024
 MAX_TEXT_BYTES = 6000  # tokens <= UTF-8 bytes, so <= 6000 tokens: well under the 8191-token input limit
 MAX_REPORTED_BAD = 1000  # bad lines kept for the report (all are counted)
 MAX_CHARS = {"name": 1000, "category": 200}  # stored as given: bounded (the description is only embedded)
@@ -37,43 +46,112 @@ _BLOCK_TAGS = frozenset({"p", "div", "br", "li", "ul", "ol", "tr", "td", "th", "
                          "section", "article", "table", "dt", "dd", "blockquote", "pre", "hr"})
 _SKIP_TAGS = frozenset({"script", "style", "template", "noscript"})
 _WORD = re.compile(r"\w", re.UNICODE)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_OPENER = re.compile(r"<[A-Za-z!?]|</[A-Za-z]")  # what starts a tag, comment or declaration ("a < b" is text)
+_PLAIN_TAG = re.compile(r"</?([A-Za-z][A-Za-z0-9]*)[^<>\"']*>")  # no quotes: the common case, one match
+# one character reference, bounded: html.unescape of "&#" + 5000 digits raises ValueError (int digit limit)
+_ENTITY = re.compile(r"&(?:#[0-9]{1,10};?|#[xX][0-9a-fA-F]{1,8};?|[A-Za-z][A-Za-z0-9]{0,31};?)")
+_SPACE = " \t\n\r\f"
 _META_FIELDS = ("name", "category", "stock", "price")
 
 
-class _TextExtractor(HTMLParser):
-    """Visible text of an HTML fragment: tags dropped (block tags become spaces), entities decoded."""
+class _Next:
+    """The next position of a string (or pattern) at or after ``start``, for starts that never go back: a position
+    found is reused until passed and a miss holds for every later start, so each part of the text is searched once."""
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._skipping = 0
+    __slots__ = ("_at", "_find")
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP_TAGS:
-            self._skipping += 1
-        elif tag in _BLOCK_TAGS:
-            self.parts.append(" ")
+    def __init__(self, find: Callable[[int], int]) -> None:
+        self._find = find
+        self._at = -2  # not searched yet
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP_TAGS:
-            self._skipping = max(0, self._skipping - 1)
-        elif tag in _BLOCK_TAGS:
-            self.parts.append(" ")
+    def __call__(self, start: int) -> int:
+        if self._at == -1 or self._at >= start:
+            return self._at
+        self._at = self._find(start)
+        return self._at
 
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.parts.append(data)
+
+def _pattern_finder(text: str, pattern: re.Pattern[str]) -> Callable[[int], int]:
+    def find(start: int) -> int:
+        m = pattern.search(text, start)
+        return -1 if m is None else m.start()
+    return find
+
+
+def _decode_entities(text: str) -> str:
+    return _ENTITY.sub(lambda m: html.unescape(m.group()), text) if "&" in text else text
+
+
+def strip_markup(text: str) -> str:
+    """The visible text of an HTML fragment in one forward scan (linear in its length): tags and comments dropped
+    (block tags become spaces), script/style/template/noscript content dropped, character references decoded.
+    A ``<`` that opens no tag stays text, and so does everything after a tag or comment that is never closed."""
+    gt, opener = _Next(lambda i: text.find(">", i)), _Next(_pattern_finder(text, _OPENER))
+    quotes = {q: _Next(lambda i, q=q: text.find(q, i)) for q in "\"'"}
+    comment_end = _Next(lambda i: text.find("-->", i))
+    skip_ends: dict[str, _Next] = {}
+    parts: list[str] = []
+    data = at = 0  # data: start of the text not emitted yet; at: where to look for the next opener
+
+    def tag_end(pos: int) -> int:
+        """The index after the tag opening at ``pos`` (quoted attribute values may hold ">"), -1 if never closed."""
+        i = pos + 2
+        while (g := gt(i)) != -1:
+            q = min((p for p in (quotes['"'](i), quotes["'"](i)) if p != -1), default=-1)
+            if q == -1 or q > g:
+                return g + 1
+            k = q - 1
+            while k > i and text[k] in _SPACE:
+                k -= 1
+            if text[k] != "=":  # not a value: a stray quote
+                i = q + 1
+                continue
+            close = quotes[text[q]](q + 1)
+            if close == -1:  # never closed: the tag ends at the first ">"
+                return g + 1
+            i = close + 1
+        return -1
+
+    while (pos := opener(at)) != -1:
+        nxt = text[pos + 1]
+        closing = nxt == "/"
+        name_at = pos + 2 if closing else pos + 1
+        opens_tag = nxt not in "!?"
+        if opens_tag and (plain := _PLAIN_TAG.match(text, pos)) is not None:
+            end = plain.end()
+        elif opens_tag:
+            end = tag_end(pos)
+        elif text.startswith("<!--", pos):
+            k = comment_end(pos + 4)
+            end = -1 if k == -1 else k + 3
+        else:  # <!...> or <?...>: a declaration or processing instruction, up to the first ">"
+            k = gt(pos + 2)
+            end = -1 if k == -1 else k + 1
+        if end == -1:  # never closed: the rest is text
+            break
+        parts.append(_decode_entities(text[data:pos]))
+        data = at = end
+        if not opens_tag:
+            continue
+        name = text[name_at:_TAG_NAME.match(text, name_at).end()].lower() if plain is None else plain[1].lower()
+        if name in _BLOCK_TAGS:
+            parts.append(" ")
+        elif name in _SKIP_TAGS and not closing and text[end - 2] != "/":
+            if name not in skip_ends:
+                skip_ends[name] = _Next(_pattern_finder(text, re.compile(f"</{name}", re.IGNORECASE)))
+            k = skip_ends[name](end)
+            data = at = len(text) if k == -1 else k  # a script never closed runs to the end
+    parts.append(_decode_entities(text[data:]))
+    return "".join(parts)
 
 
 def clean_text(text: str) -> str:
-    """Plain text of a possibly-HTML string: tags stripped, entities decoded, whitespace collapsed."""
+    """Plain text of a possibly-HTML string: markup stripped, character references decoded, control characters
+    (contract.CONTROL: C0, DEL, C1, line separators, bidi controls) made spaces, whitespace collapsed."""
     if "<" in text or "&" in text:
-        parser = _TextExtractor()
-        parser.feed(text)
-        parser.close()
-        text = html.unescape("".join(parser.parts))  # entities left in an unterminated tail
-    return " ".join(_CONTROL.sub(" ", text).split())
+        text = strip_markup(text)
+    return " ".join(CONTROL.sub(" ", text).split())
 
 
 def truncate_words(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
@@ -155,6 +233,8 @@ def parse_line(line: str) -> Product:
         errors.append(f"product_id: must be 1..{MAX_ID_CHARS} characters without surrounding spaces")
     elif not _encodable(pid):
         errors.append("product_id: not valid Unicode (lone surrogate)")
+    elif (bad := CONTROL.search(pid)) is not None:  # an id is a key: cleaning it would match another product
+        errors.append(f"product_id: must not contain control characters (U+{ord(bad.group()):04X} at {bad.start()})")
 
     texts: dict[str, str] = {}
     for key, required in (("name", True), ("description", False), ("category", False)):
@@ -202,12 +282,16 @@ class BadLine:
 
 
 def read_catalog(path: Path) -> Iterator[tuple[int, Product | BadLine]]:
-    """(line number, product or bad line) for every non-blank line; a repeated product_id is a bad line."""
+    """(line number, product or bad line) for every non-blank line; a repeated product_id is a bad line, and so is
+    a line over MAX_LINE_BYTES (never read whole: memory stays bounded by the limit)."""
     first_seen: dict[str, int] = {}
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
+        for number, raw, size in bounded_lines(fh, MAX_LINE_BYTES):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, size = raw[3:], size - 3
+            if size > MAX_LINE_BYTES:
+                yield number, BadLine(number, f"line too long: {size} bytes, at most {MAX_LINE_BYTES} (MAX_LINE_BYTES)")
+                continue
             if not raw.strip():
                 continue
             try:

@@ -67,12 +67,25 @@ class Verification:
         return sum(max(0, u.stored_events - u.expected_events) for u in self.users)
 
     @property
+    def nothing_checked(self) -> str | None:
+        """Why no profile could be compared, or None. A run that checked nothing is not OK: an empty file, or one
+        of invalid lines only, proves nothing about the stored profiles."""
+        if self.users:
+            return None
+        if not self.events:
+            return (f"nothing to verify: none of its {self.lines} line(s) is a valid event" if self.lines
+                    else "nothing to verify: the file holds no events")
+        return (f"nothing to verify: each of its {self.events} event(s) is in failed_messages ({self.in_failed}) "
+                f"or names a product without a vector ({self.skipped_no_product})")
+
+    @property
     def ok(self) -> bool:
-        return not self.in_flight and all(u.status == "ok" for u in self.users)
+        return not self.in_flight and bool(self.users) and all(u.status == "ok" for u in self.users)
 
     def as_json(self, max_problems: int = 50) -> dict:
         problems = [asdict(u) for u in self.users if u.status != "ok"][:max_problems]
-        return {"ok": self.ok, "lines": self.lines, "invalid_lines": self.invalid_lines, "events": self.events,
+        return {"ok": self.ok, "reason": self.nothing_checked, "lines": self.lines,
+                "invalid_lines": self.invalid_lines, "events": self.events,
                 "duplicates_in_file": self.duplicates_in_file, "skipped_no_product": self.skipped_no_product,
                 "in_failed": self.in_failed, "in_flight": self.in_flight, "users": len(self.users),
                 "users_pending": self.count("pending"),

@@ -21,6 +21,7 @@ from myshop_ops.cli.common import (
     settings,
 )
 from myshop_ops.embeddings import EmbeddingError, Provider, make_provider
+from myshop_ops.lines import count_lines
 from myshop_ops.store import Store
 
 SHOWN_BAD = 20  # bad lines printed one by one; --json lists them all (up to catalog.MAX_REPORTED_BAD)
@@ -36,7 +37,8 @@ def import_products(
 
     Only new products and those whose text, model or dimensions changed are embedded.
 
-    Bad lines are reported with their line number and skipped; the exit code is then 1.
+    Bad lines are reported with their line number and skipped; the exit code is then 1. A line over 1 MiB is bad
+    (catalog.MAX_LINE_BYTES) and never read whole.
     """
     try:
         with open(path, "rb"):
@@ -82,7 +84,7 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
 
         return run(on_bad=bad, on_batch=plain)
     with open(path, "rb") as fh:
-        total = sum(1 for _ in fh)
+        total = count_lines(fh)  # in chunks: a huge line is never held
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("import", total=total)

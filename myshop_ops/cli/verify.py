@@ -10,8 +10,10 @@ from rich.table import Table
 from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
+from myshop_ops.contract import MAX_BODY_BYTES
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.lines import bounded_lines
 from myshop_ops.management import for_dsn
 from myshop_ops.stats import wait_settled
 from myshop_ops.store import Store
@@ -23,11 +25,13 @@ VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorde
 missing. Search phrases are embedded again (through the shared cache). A profile adopted from the shop's PHP
 workers is checked against the adoption rule (the sum beyond the file's events must be the prior's weight, decayed);
 one the shop's PHP workers rewrote after myshop is unverifiable, with the reason. Messages still queued or unacked
-are waited for (--wait); users short of events while some remain are pending, not lost. Exit 1 unless all is OK.
---json prints {{"ok", "lines", "invalid_lines", "events", "duplicates_in_file", "skipped_no_product", "in_failed",
-"in_flight", "users", "users_pending", "users_ok", "users_lost", "users_duplicated", "users_diverging",
-"users_unverifiable", "users_adopted", "events_lost", "events_duplicated", "problems": [{{"user_id", "status",
-"expected_events", "stored_events", "cosine", "magnitude_error", "adopted", "reason"}}]}}."""
+are waited for (--wait); users short of events while some remain are pending, not lost. Exit 1 unless all is OK,
+also when nothing could be checked (no valid event, or none with a product vector outside failed_messages).
+--json prints {{"ok", "reason" (why nothing was checked, else null), "lines", "invalid_lines", "events",
+"duplicates_in_file", "skipped_no_product", "in_failed", "in_flight", "users", "users_pending", "users_ok",
+"users_lost", "users_duplicated", "users_diverging", "users_unverifiable", "users_adopted", "events_lost",
+"events_duplicated", "problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine",
+"magnitude_error", "adopted", "reason"}}]}}."""
 
 
 def run_verify(
@@ -49,13 +53,16 @@ def run_verify(
             in_flight = wait_settled(conn, topo, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), wait)
             store = Store.from_settings(s)
             redis = RedisState.from_settings(s)
-            report = verify(s, handle, store, PhraseEmbedder(make_provider(s), redis, ttl=s.cache_ttl))
+            lines = (line for _, line, _ in bounded_lines(handle, MAX_BODY_BYTES))  # longer: invalid, never held
+            report = verify(s, lines, store, PhraseEmbedder(make_provider(s), redis, ttl=s.cache_ttl))
             store.close()
             report.unsettled(in_flight or wait_settled(conn, topo, None, 0))  # and what came in meanwhile
         finally:
             conn.close()
     if as_json:
         print_json(report.as_json(max_problems))
+    elif report.nothing_checked:
+        fail(f"--events {events}: {report.nothing_checked}", EXIT_FAIL)
     else:
         _render(report, max_problems)
     if not report.ok:

@@ -32,6 +32,7 @@ from myshop_ops.failures import (
 )
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
+from myshop_ops.verify import UserCheck, Verification
 from myshop_ops.worker import EXIT_OK, Worker
 from tests.conftest import run_cli
 from tests.support.events import T0, seed_products
@@ -594,3 +595,58 @@ def test_failed_commands_on_a_missing_failed_queue_say_so_in_one_line(env):
         done = run_cli(*args, env=sub)
         assert done.returncode == 3 and "Traceback" not in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr, (args, done.stderr)
+
+
+def test_products_import_survives_a_hostile_catalog(env, tmp_path):
+    """Catalog (issue 18): `<![<` crashed the import (AssertionError from html.parser), `"<a" * 200_000` took 73 s
+    to strip, a 50 MB line 15.7 s and 1.27 GB, an id with OSC 52 reached `recommend`. Each bad line is reported by
+    number, every other line imported, names stored without control characters."""
+    s = env.settings()
+    tag = s.mongodb_db
+    rows = [{"product_id": f"{tag}-cdata", "name": "Decl", "description": "<![<"},
+            {"product_id": f"{tag}-tags", "name": "Tags", "description": "<a" * 200_000},
+            {"product_id": "osc" + OSC52, "name": "Clip"},
+            {"product_id": f"{tag}-ctl", "name": "Mug\x9b31m\x1b[2J", "category": "cups\u202e"}]
+    path = tmp_path / "catalog.jsonl"
+    with open(path, "wb") as fh:
+        fh.writelines(json.dumps(row).encode() + b"\n" for row in rows)
+        fh.write(b'{"product_id": "big", "name": "')
+        fh.writelines(b"<a" * (512 * 1024) for _ in range(50))
+        fh.write(b'"}\n' + json.dumps({"product_id": f"{tag}-after", "name": "After"}).encode() + b"\n")
+    done = run_cli("products", "import", str(path), env=env.subprocess_env())
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    big = 50 * 1024 * 1024 + len('{"product_id": "big", "name": ""}')
+    assert done.stderr.splitlines() == ["line 3: product_id: must not contain control characters (U+001B at 3)",
+                                        f"line 5: line too long: {big} bytes, at most 1048576 (MAX_LINE_BYTES)"]
+    assert "4 imported, 0 updated (same text), 0 unchanged, 2 bad line(s) skipped" in done.stdout
+    store = Store(s.mongodb_url, s.mongodb_db)
+    got = {d["product_id"]: d for d in store.products.find({"product_id": {"$regex": f"^{tag}-"}})}
+    store.close()
+    assert sorted(got) == sorted(f"{tag}-{k}" for k in ("cdata", "tags", "ctl", "after"))
+    assert (got[f"{tag}-ctl"]["name"], got[f"{tag}-ctl"]["category"]) == ("Mug 31m [2J", "cups")
+
+
+def test_verify_of_a_file_with_nothing_to_verify_is_not_ok(env, topology, tmp_path):
+    """A file of invalid lines only (a 200 KB one among them, never held whole) or of no events: verify said OK,
+    exit 0. Now exit 1 with one line naming why nothing was checked; --json says ok false and the reason."""
+    invalid = tmp_path / "invalid.jsonl"
+    invalid.write_bytes(b'{"not": "an event"}\nnot json\n' + b"x" * 200_000 + b"\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n  \n")
+    sub = env.subprocess_env(COLUMNS="300")
+    for path, reason in ((invalid, "nothing to verify: none of its 3 line(s) is a valid event"),
+                         (empty, "nothing to verify: the file holds no events")):
+        done = run_cli("verify", "--events", str(path), "--wait", "0", env=sub)
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", f"error: --events {path}: {reason}\n")
+        done = run_cli("verify", "--events", str(path), "--wait", "0", "--json", env=sub)
+        report = json.loads(done.stdout)
+        assert (done.returncode, report["ok"], report["reason"], report["users"]) == (1, False, reason, 0)
+
+
+def test_verify_that_checked_no_user_is_not_ok():
+    """Valid events that are all in failed_messages or without a product vector: nothing compared, not OK."""
+    report = Verification(lines=3, events=3, in_failed=2, skipped_no_product=1)
+    assert not report.ok and report.nothing_checked == (
+        "nothing to verify: each of its 3 event(s) is in failed_messages (2) or names a product without a vector (1)")
+    report.users.append(UserCheck("u", "ok", 3, 3))
+    assert report.ok and report.nothing_checked is None and report.as_json()["reason"] is None

@@ -1,13 +1,17 @@
-"""myshop_ops.catalog, pure parts: line parsing, embedding text (HTML, whitespace, truncation), hashing."""
+"""myshop_ops.catalog, pure parts: line parsing, embedding text (HTML, whitespace, truncation), hashing; hostile
+catalogs (issue 18): markup that crashed or was quadratic, oversized lines, control characters."""
 
 from __future__ import annotations
 
+import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from myshop_ops.catalog import (
+    MAX_LINE_BYTES,
     MAX_TEXT_BYTES,
     BadLine,
     BadProduct,
@@ -18,6 +22,7 @@ from myshop_ops.catalog import (
     text_hash,
     truncate_words,
 )
+from myshop_ops.lines import bounded_lines, count_lines
 from tools import make_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +41,17 @@ def line(**fields) -> str:
     ("Quill & Co", "Quill & Co"),
     ("a < b and c > d", "a < b and c > d"),
     ("bell\x07 and \x00null", "bell and null"),
+    ("<![<", "<![<"),  # html.parser: AssertionError (issue 18)
+    ("a<![CDATA[x]]>b <!-- c > d --> e<?php x ?>f", "ab ef"),
+    ('<a title="x>y" data-q=\'>\'>link</a> <img alt = "a > b">', "link"),
+    ("don't <i>stop</i>", "don't stop"),
+    ("x<y and <b never closed", "x<y and <b never closed"),
+    ("1 </ 2 <3 < 4 <>", "1 </ 2 <3 < 4 <>"),
+    ("<SCRIPT>x<p>y</p></ScRiPt >z <style/>w", "z w"),
+    ("&#" + "9" * 5000, "\ufffd" + "9" * 4990),  # html.unescape: ValueError (int digit limit)
+    ("&ampfoo &copy &#65;&#x42;", "&foo © AB"),
+    ("osc\x1b]52;c;ZWNo\x07 csi\x9b31m bidi\u202eevil nel\x85end", "osc ]52;c;ZWNo csi 31m bidi evil nel end"),
+    ("&#27;]52;c;x&#7; &#x9b;", "]52;c;x \u203a"),  # decoded references are cleaned too (&#x9b; is cp1252's ›)
 ])
 def test_clean_text(raw, clean):
     assert clean_text(raw) == clean
@@ -96,6 +112,9 @@ def test_parse_line_accepts_integer_ids_and_optional_fields():
     (line(product_id="p", name="n" * 1001), "name: at most 1000 characters (got 1001)"),
     (line(product_id="p", name="x", category="c" * 201), "category: at most 200 characters (got 201)"),
     (line(product_id="p", name="x", price="9.99"), "price: must be a non-negative number (got a string)"),
+    (line(product_id="p\x1b]52;c;eA==\x07", name="x"), "product_id: must not contain control characters (U+001B at 1)"),
+    (line(product_id="p\x9b1", name="x"), "product_id: must not contain control characters (U+009B at 1)"),
+    (line(product_id="p\u202eq", name="x"), "product_id: must not contain control characters (U+202E at 1)"),
     (line(product_id="p", name="x", price=-1), "price: must be a non-negative number (got -1)"),
 ])
 def test_parse_line_rejects(raw, error):
@@ -150,3 +169,88 @@ def test_demo_catalog_is_the_generators_output():
     assert len(products) >= 200 and len({p.product_id for p in products}) == len(products)
     assert len({p.category for p in products}) == 8
     assert sum("<p>" in raw for raw in text.splitlines()) >= 40
+
+
+def test_text_fields_are_cleaned_of_control_characters_not_refused():
+    """Names, categories and descriptions come from the shop's editor (pasted tabs, newlines, stray control bytes):
+    control characters become spaces, never reach the store or the embedding; markup-like text stays literal text
+    (it is escaped when shown)."""
+    p = parse_line(line(product_id="p", name="Mug\x1b[2J\x9b31m \u202egnik", category="cups\n\x00",
+                        description="<p>a\x07b</p>[link=https://evil.example]x[/link]"))
+    assert (p.name, p.category) == ("Mug [2J 31m gnik", "cups")
+    assert p.description == "a b [link=https://evil.example]x[/link]"
+    assert not any(ch in p.text for ch in "\x1b\x9b\u202e\x07\x00\n")
+
+
+# Inputs that took html.parser quadratic time ("<a" * 200_000: 73 s) or crashed it. Each is 4 MB: linear, well under
+# a second; quadratic, hours (the timeout fails the test). No timing is asserted.
+PATHOLOGICAL = {
+    "unclosed tags": "<a" * 2_000_000,
+    "unclosed declarations": "<![<" * 1_000_000,
+    "unclosed comments": "<!--" * 1_000_000,
+    "unclosed quoted values": '<a x="' * 666_667,
+    "stray quotes": '<a "' * 1_000_000,
+    "end tags": "</" * 2_000_000,
+    "unclosed scripts": "<script>" * 500_000,
+    "references": "&#" + "9" * 4_000_000,
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("raw", PATHOLOGICAL.values(), ids=PATHOLOGICAL.keys())
+def test_clean_text_is_linear_on_pathological_markup(raw):
+    clean = clean_text(raw)
+    assert len(clean) <= len(raw)
+
+
+def catalog_with(tmp_path: Path, middle: bytes) -> Path:
+    path = tmp_path / "c.jsonl"
+    with open(path, "wb") as fh:
+        fh.write(line(product_id="a", name="A").encode() + b"\n")
+        fh.write(middle)
+        fh.write(b"\n" + line(product_id="b", name="B").encode() + b"\n")
+    return path
+
+
+def test_a_line_at_the_limit_is_read_and_one_byte_more_is_refused_by_number(tmp_path):
+    head = line(product_id="m", name="M", description="")[:-2]
+    at_limit = (head + "x" * (MAX_LINE_BYTES - len(head) - 2) + '"}').encode()
+    assert len(at_limit) == MAX_LINE_BYTES
+    got = list(read_catalog(catalog_with(tmp_path, at_limit)))
+    assert [(n, type(x).__name__) for n, x in got] == [(1, "Product"), (2, "Product"), (3, "Product")]
+    got = list(read_catalog(catalog_with(tmp_path, at_limit[:-2] + b'x"}')))
+    assert [(n, type(x).__name__) for n, x in got] == [(1, "Product"), (2, "BadLine"), (3, "Product")]
+    assert got[1][1].error == f"line too long: {MAX_LINE_BYTES + 1} bytes, at most {MAX_LINE_BYTES} (MAX_LINE_BYTES)"
+
+
+def test_a_50_mb_line_is_refused_by_number_without_being_held(tmp_path):
+    """The issue's 50 MB line (15.7 s, 1.27 GB): reported by number, the next line imported, and the reader's
+    peak memory a small multiple of MAX_LINE_BYTES, not the line."""
+    path = tmp_path / "c.jsonl"
+    with open(path, "wb") as fh:
+        fh.write(line(product_id="a", name="A").encode() + b"\n" + b'{"product_id": "big", "name": "<b>')
+        for _ in range(50):
+            fh.write(b"<a" * (512 * 1024))
+        fh.write(b'"}\r\n' + line(product_id="b", name="B").encode() + b"\n")
+    tracemalloc.start()
+    try:
+        got = list(read_catalog(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = 50 * 1024 * 1024 + len('{"product_id": "big", "name": "<b>"}')
+    assert [(n, type(x).__name__) for n, x in got] == [(1, "Product"), (2, "BadLine"), (3, "Product")]
+    assert got[1][1].error == f"line too long: {size} bytes, at most {MAX_LINE_BYTES} (MAX_LINE_BYTES)"
+    assert peak < 4 * MAX_LINE_BYTES, peak
+    with open(path, "rb") as fh:
+        assert count_lines(fh, chunk=MAX_LINE_BYTES) == 3
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"a", b"a\n", b"a\r\nbb\n\nccc", b"x" * 9 + b"\r\ny", b"x" * 5 + b"\r\n"])
+def test_bounded_lines_sizes_and_count(data):
+    got = list(bounded_lines(io.BytesIO(data), 4))
+    expected = data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n") if data else []
+    expected = [x.removesuffix(b"\r") for x in expected]
+    assert [(n, size) for n, _, size in got] == [(i, len(x)) for i, x in enumerate(expected, start=1)]
+    assert [content for _, content, _ in got] == [x[:5] for x in expected]
+    assert count_lines(io.BytesIO(data), chunk=3) == len(got)
