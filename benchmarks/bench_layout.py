@@ -29,7 +29,7 @@ from benchmarks.bench_worker import one
 from benchmarks.common import DIMS, Row, bench_env, log, median, report, retry_store
 from myshop_ops.layout import LAYOUTS
 from myshop_ops.profile import Profile
-from myshop_ops.store import ProfileWrite, Store, _after
+from myshop_ops.store import ProfileWrite, Store, written
 
 NAME = "layout"
 SCENARIOS = ((100, 50), (500, 4))  # (users, events per user)
@@ -51,7 +51,7 @@ def writes_for(store: Store, layout: str, model: str) -> tuple[float, float]:
                 writes.append(ProfileWrite(user_id, p, base, [rng.bytes(32).hex()], {"search": 1}, "search", "x" * 64))
             t = time.perf_counter()
             for w in writes:
-                bson.encode(Store._op(w, _after(w, b"12345678"), datetime.now(UTC), layout)._doc)
+                bson.encode(Store._op(w, written(w, b"12345678"), datetime.now(UTC), layout)._doc)
             built = time.perf_counter() - t
             t = time.perf_counter()
             result = store.write_profiles(writes, layout)

@@ -14,16 +14,17 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
 import numpy as np
 from pymongo.errors import PyMongoError
 
 from myshop_ops.config import Settings
 from myshop_ops.contract import Event, InvalidMessage, parse
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.embeddings import EmbeddingError
+from myshop_ops.ports import EventState, Phrases, ProfileStore
 from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
-from myshop_ops.store import ProfileWrite, Recent, Store, StoredProfile
+from myshop_ops.store import ProfileWrite, Recent, StoredProfile
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,17 @@ WRITE_BUDGET_S = 10.0
 CONFLICT_PAUSE_S = (0.005, 0.25)  # first pause at most 5 ms, doubling, at most 250 ms
 PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d)
 PRODUCT_CACHE, PRODUCT_TTL = 2000, 60.0  # product vectors kept (~6 KB each at 1,536 d), for at most 60 s
+
+
+class Status(StrEnum):
+    """A delivery's outcome in the batch (equal to its name as text: metrics labels, log fields, counts)."""
+
+    PENDING = "pending"  # not decided yet (only inside ``Pipeline.process``)
+    APPLIED = "applied"  # its effect is in the profile: ack
+    DUPLICATE = "duplicate"  # its effect was already there: ack
+    SKIPPED = "skipped"  # nothing to apply (its product has no vector): ack
+    RETRY = "retry"  # transient: a copy to the next delay queue, then ack
+    FAILED = "failed"  # can never succeed: a copy to the failed queue and a failed_messages record, then ack
 
 
 class ProductMissing(Exception):
@@ -55,7 +67,7 @@ class Item:
     body: bytes
     event: Event | None = None
     vector: np.ndarray | None = None
-    status: str = "pending"  # applied | duplicate | skipped | retry | failed
+    status: Status = Status.PENDING
     error: Exception | None = None
     second_copy: bool = False  # a duplicate of another delivery of this batch: its fate is that delivery's
 
@@ -67,14 +79,14 @@ class BatchResult:
     writes: int = 0
     conflicts: int = 0
 
-    def by_status(self, status: str) -> list[Item]:
+    def by_status(self, status: Status) -> list[Item]:
         return [i for i in self.items if i.status == status]
 
 
 class Pipeline:
     """Composes the store, Redis and the phrase embedder; ``process`` never raises for a batch."""
 
-    def __init__(self, settings: Settings, store: Store, redis: RedisState, phrases: PhraseEmbedder):
+    def __init__(self, settings: Settings, store: ProfileStore, redis: EventState, phrases: Phrases):
         self.settings = settings
         self.store = store
         self.redis = redis
@@ -94,11 +106,11 @@ class Pipeline:
         live = self._parse(items)
         live = self._drop_known(live)
         self._attach_vectors(live)
-        self._apply(result, [i for i in live if i.status == "pending"])
+        self._apply(result, [i for i in live if i.status == Status.PENDING])
         # Mark only ids whose effect is known to be stored: a second copy in this batch is acked as a duplicate,
         # but if its first copy goes to a retry queue the id must stay unmarked or the retry would be dropped.
         done = [i.event.key for i in items
-                if i.event and (i.status == "applied" or (i.status == "duplicate" and not i.second_copy))]
+                if i.event and (i.status == Status.APPLIED or (i.status == Status.DUPLICATE and not i.second_copy))]
         self.redis.mark(done)
         result.counts.update(i.status for i in items)
         return result
@@ -110,10 +122,10 @@ class Pipeline:
             try:
                 item.event = parse(item.body, now=now)
             except InvalidMessage as exc:
-                item.status, item.error = "failed", exc
+                item.status, item.error = Status.FAILED, exc
                 continue
             if item.event.key in seen:  # the same id for another user is another event
-                item.status, item.second_copy = "duplicate", True
+                item.status, item.second_copy = Status.DUPLICATE, True
                 continue
             seen.add(item.event.key)
             live.append(item)
@@ -123,8 +135,8 @@ class Pipeline:
         known = self.redis.seen([i.event.key for i in live])
         for item in live:
             if item.event.key in known:
-                item.status = "duplicate"
-        return [i for i in live if i.status == "pending"]
+                item.status = Status.DUPLICATE
+        return [i for i in live if i.status == Status.PENDING]
 
     def _attach_vectors(self, live: list[Item]) -> None:
         products = [i for i in live if i.event.product_id is not None]
@@ -134,7 +146,7 @@ class Pipeline:
             try:
                 found, foreign = self.store.product_vectors(unknown, self.model, self.dimensions)
             except PyMongoError as exc:
-                self._mark(products, "retry", StoreUnavailable(f"reading product vectors: {exc}"))
+                self._mark(products, Status.RETRY, StoreUnavailable(f"reading product vectors: {exc}"))
             else:
                 self.products.put(found)
                 vectors.update(found)
@@ -143,21 +155,21 @@ class Pipeline:
                     if pid in vectors:
                         item.vector = vectors[pid]
                     elif pid in foreign:
-                        item.status, item.error = "failed", VectorSpaceMismatch(f"product {pid} has {foreign[pid]}")
+                        self._mark([item], Status.FAILED, VectorSpaceMismatch(f"product {pid} has {foreign[pid]}"))
                     else:
-                        item.status, item.error = "skipped", ProductMissing(f"product {pid} has no vector")
+                        self._mark([item], Status.SKIPPED, ProductMissing(f"product {pid} has no vector"))
                         log.warning("product not found, event skipped", extra=_fields(item.event))
         if searches:
             try:
                 found = self.phrases.embed([i.event.search_phrase for i in searches])
             except EmbeddingError as exc:
-                self._mark(searches, "retry" if exc.transient else "failed", exc)
+                self._mark(searches, Status.RETRY if exc.transient else Status.FAILED, exc)
             else:
                 for item in searches:
                     item.vector = found[item.event.search_phrase]
 
     @staticmethod
-    def _mark(items: list[Item], status: str, error: Exception) -> None:
+    def _mark(items: list[Item], status: Status, error: Exception | None) -> None:
         for item in items:
             item.status, item.error = status, error
 
@@ -177,11 +189,11 @@ class Pipeline:
             try:
                 read, unreadable = self.store.load_profiles(unknown, self.model, self.dimensions)
             except PyMongoError as exc:
-                self._mark([i for group in pending.values() for i in group], "retry", StoreUnavailable(str(exc)))
+                self._mark([i for group in pending.values() for i in group], Status.RETRY, StoreUnavailable(str(exc)))
                 return
             stored.update(read)
             for user_id, problem in unreadable.items():  # a document no fold can start from: its events fail
-                self._mark(pending.pop(user_id), "failed", problem)
+                self._mark(pending.pop(user_id), Status.FAILED, problem)
             writes: list[ProfileWrite] = []
             groups: dict[str, list[Item]] = {}
             for user_id, group in pending.items():
@@ -189,8 +201,8 @@ class Pipeline:
                 if current is not None:
                     for item in group:
                         if current.seen(item.event.message_id):
-                            item.status = "duplicate"
-                    group = [i for i in group if i.status == "pending"]
+                            item.status = Status.DUPLICATE
+                    group = [i for i in group if i.status == Status.PENDING]
                 if not group:
                     continue
                 events = [i.event for i in group]
@@ -204,7 +216,7 @@ class Pipeline:
                         model=self.model,
                     )
                 except (VectorSpaceMismatch, ValueError) as exc:
-                    self._mark(group, "failed", exc)
+                    self._mark(group, Status.FAILED, exc)
                     continue
                 newest = max(events, key=lambda e: e.occurred_at)
                 if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
@@ -226,17 +238,17 @@ class Pipeline:
                 outcome = self.store.write_profiles(writes, self.settings.store_layout)
             except PyMongoError as exc:
                 self.profiles.drop(groups)  # landed or not: read them again
-                self._mark([i for g in groups.values() for i in g], "retry", StoreUnavailable(str(exc)))
+                self._mark([i for g in groups.values() for i in g], Status.RETRY, StoreUnavailable(str(exc)))
                 return
             self.profiles.put(outcome.stored)
             self.profiles.drop(outcome.conflicted)
             result.writes += len(outcome.applied)
             result.conflicts += len(outcome.conflicted)
             for user_id in outcome.applied:
-                self._mark(groups[user_id], "applied", None)
+                self._mark(groups[user_id], Status.APPLIED, None)
             pending = {u: groups[u] for u in outcome.conflicted}
         for group in pending.values():
-            self._mark(group, "retry", VersionConflict(
+            self._mark(group, Status.RETRY, VersionConflict(
                 f"the profile kept changing under this worker for {WRITE_BUDGET_S:g} s of re-reads"))
 
     @staticmethod

@@ -200,7 +200,7 @@ class Recent(Generic[K, V]):
             self._items.pop(key, None)
 
 
-def _after(w: ProfileWrite, token: bytes) -> StoredProfile:
+def written(w: ProfileWrite, token: bytes) -> StoredProfile:
     """The profile as ``w`` leaves it: next version, both rings advanced, same document (a new one for an insert)."""
     base = w.base or StoredProfile(w.profile, 0, doc_id=ObjectId())
     new_ids = b"".join(bytes.fromhex(m) for m in w.message_ids)
@@ -347,7 +347,7 @@ class Store:
             return result
         now = datetime.now(UTC)
         tokens = [os.urandom(TOKEN_BYTES) for _ in writes]
-        after = [_after(w, t) for w, t in zip(writes, tokens, strict=True)]
+        after = [written(w, t) for w, t in zip(writes, tokens, strict=True)]
         ops = [self._op(w, a, now, layout) for w, a in zip(writes, after, strict=True)]
         failed_idx: set[int] = set()
         try:

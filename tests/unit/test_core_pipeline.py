@@ -1,0 +1,124 @@
+"""A batch end to end through Pipeline.process, against in-memory stand-ins (tests/support/stubs.py): each delivery's
+outcome, one write per user, what is marked processed in Redis, and every fault turned into retry or failed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import numpy as np
+from pymongo.errors import AutoReconnect
+
+from myshop_ops.config import Settings
+from myshop_ops.contract import InvalidMessage, make_event, serialise
+from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.layout import UnreadableProfile
+from myshop_ops.pipeline import Pipeline, ProductMissing, Status, StoreUnavailable
+from myshop_ops.profile import VectorSpaceMismatch
+from tests.support.stubs import StubProvider, StubRedis, StubStore
+
+DIMS = 16
+SETTINGS = Settings(embedding_provider="hash", embedding_dimensions=DIMS)
+T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIMS).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class Core:
+    """A pipeline wired to fresh stand-ins."""
+
+    def __init__(self, products: dict[str, np.ndarray] | None = None):
+        self.store = StubStore(products if products is not None else {"p1": unit(1), "p2": unit(2)})
+        self.redis = StubRedis()
+        self.provider = StubProvider(DIMS, SETTINGS.model)
+        self.pipeline = Pipeline(SETTINGS, self.store, self.redis, PhraseEmbedder(self.provider, None, ttl=60))
+
+    def run(self, *bodies: bytes) -> list[Status]:
+        self.result = self.pipeline.process(list(bodies))
+        return [i.status for i in self.result.items]
+
+
+def ev(user: str, kind: str, ref: str, hour: int = 0):
+    return make_event(user, kind, ref, T0.replace(hour=hour))
+
+
+def body(event) -> bytes:
+    return serialise(event)
+
+
+def test_a_mixed_batch_folds_each_user_once_and_marks_only_what_is_stored():
+    core = Core()
+    events = [ev("u1", "product_view", "p1", 1), ev("u1", "search", "red shoes", 2), ev("u2", "product_purchase", "p2"),
+              ev("u2", "product_view", "p404")]
+    statuses = core.run(*map(body, events), b"{not json")
+    assert statuses == [Status.APPLIED, Status.APPLIED, Status.APPLIED, Status.SKIPPED, Status.FAILED]
+    assert isinstance(core.result.items[3].error, ProductMissing)
+    assert isinstance(core.result.items[4].error, InvalidMessage)
+    assert core.store.writes == 1 and core.result.writes == 2  # one bulk write, one profile per user
+    assert core.store.profiles["u1"].event_count == 2 and core.store.profiles["u2"].version == 1
+    assert core.provider.calls == [["red shoes"]]  # one provider call for the batch's phrases
+    assert core.redis.processed == {events[0].key, events[1].key, events[2].key}  # skipped: not marked
+    assert core.result.counts == {"applied": 3, "skipped": 1, "failed": 1}
+
+
+def test_duplicates_in_the_batch_in_redis_and_in_the_profile_are_applied_once():
+    core = Core()
+    first, second = ev("u1", "product_view", "p1", 1), ev("u1", "product_view", "p2", 2)
+    assert core.run(body(first), body(first)) == [Status.APPLIED, Status.DUPLICATE]
+    assert core.result.items[1].second_copy
+    assert core.run(body(first)) == [Status.DUPLICATE]  # Redis knows it
+    core.redis.processed.clear()  # Redis lost it (restarted, or down): the profile's ring still knows it
+    assert core.run(body(first), body(second)) == [Status.DUPLICATE, Status.APPLIED]
+    assert core.store.profiles["u1"].event_count == 2 and core.store.profiles["u1"].version == 2
+
+
+def test_the_same_message_id_for_two_users_is_two_events():
+    core = Core()
+    a = ev("u1", "product_view", "p1")
+    b = replace(a, user_id="u2")  # the shop's %d-hashed ids collide across users
+    assert core.run(body(a), body(b)) == [Status.APPLIED, Status.APPLIED]
+
+
+def test_mongodb_down_makes_the_batch_retry_and_marks_nothing():
+    core = Core()
+    core.store.fail_reads = AutoReconnect("connection refused")
+    statuses = core.run(body(ev("u1", "product_view", "p1")), body(ev("u2", "search", "hats")))
+    assert statuses == [Status.RETRY, Status.RETRY]
+    assert all(isinstance(i.error, StoreUnavailable) for i in core.result.items)
+    assert core.redis.processed == set()
+
+
+def test_a_failed_write_retries_its_users():
+    core = Core()
+    core.store.fail_writes = AutoReconnect("primary stepped down")
+    assert core.run(body(ev("u1", "product_view", "p1"))) == [Status.RETRY]
+    core.store.fail_writes = None
+    assert core.run(body(ev("u1", "product_view", "p1", 3))) == [Status.APPLIED]
+
+
+def test_the_provider_transient_errors_retry_permanent_ones_fail():
+    core = Core()
+    core.provider.fail = EmbeddingError("429 rate limited", transient=True)
+    assert core.run(body(ev("u1", "search", "a")), body(ev("u1", "product_view", "p1"))) == [Status.RETRY,
+                                                                                             Status.APPLIED]
+    core.provider.fail = EmbeddingError("400 input too long", transient=False)
+    assert core.run(body(ev("u1", "search", "b"))) == [Status.FAILED]
+
+
+def test_unusable_stored_data_fails_only_its_own_messages():
+    core = Core()
+    core.store.foreign["p9"] = "a vector of model other-model"
+    core.store.unreadable["u2"] = UnreadableProfile("vector: not a list of numbers")
+    statuses = core.run(body(ev("u1", "product_view", "p9")), body(ev("u2", "product_view", "p1")),
+                        body(ev("u3", "product_view", "p1")))
+    assert statuses == [Status.FAILED, Status.FAILED, Status.APPLIED]
+    assert isinstance(core.result.items[0].error, VectorSpaceMismatch)
+    assert isinstance(core.result.items[1].error, UnreadableProfile)
+
+
+def test_statuses_are_their_names_as_text():
+    assert Status.APPLIED == "applied" and f"{Status.RETRY}" == "retry"
+    assert {s.value for s in Status} == {"pending", "applied", "duplicate", "skipped", "retry", "failed"}
