@@ -35,6 +35,11 @@ class BrokerError(Exception):
     """RabbitMQ could not be reached or refused an operation; ``str()`` is one line for the operator."""
 
 
+class Unroutable(BrokerError):
+    """A mandatory publish came back: no queue took it (a missing binding, or on a cluster a classic queue whose node
+    is down)."""
+
+
 class PublishBlocked(BrokerError):
     """A publish waited BLOCKED_TIMEOUT_S on a connection RabbitMQ blocked (memory or disk alarm) and gave up."""
 
@@ -338,8 +343,8 @@ class Publisher:
                 self.channel.basic_publish(exchange, routing_key, body, props, mandatory=True)
                 return
             except pex.UnroutableError:
-                raise BrokerError(
-                    f"{what} to exchange '{exchange}' was unroutable (run `myshop setup-transports`)") from None
+                raise Unroutable(f"{what} to exchange '{exchange}' was unroutable (run `myshop setup-transports`; on "
+                                 "a cluster: is the node of that queue down?)") from None
             except pex.NackError:
                 self.nacks += 1
                 if self.on_nack is not None:

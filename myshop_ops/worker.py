@@ -11,6 +11,7 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,11 +25,13 @@ from myshop_ops.broker import Publisher, Topology, published_at
 from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.failures import failure_record, message_id_of, route
+from myshop_ops.failures import message_id_of
 from myshop_ops.limits import Limits
 from myshop_ops.metrics import Observer
 from myshop_ops.notify import Notifier
-from myshop_ops.pipeline import BatchResult, Item, Pipeline, StoreUnavailable
+from myshop_ops.pipeline import BatchResult, Item, Pipeline, Status, StoreUnavailable
+from myshop_ops.ports import Channel, Connection, EventState, Phrases, ProfileStore
+from myshop_ops.settlement import Outgoing, settle
 from myshop_ops.store import Store
 from myshop_ops.window import BatchWindow, user_of
 
@@ -36,6 +39,10 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
+# a retry or failed copy no queue takes (on a cluster: the classic delay/failed queue's node is down) is tried again
+# on the same connection for this long, the batch held unacked: reconnecting would redeliver it, and each
+# redelivery counts towards the quorum delivery limit, past which the broker dead-letters it at most once
+UNROUTABLE_WAIT_S = 300.0
 SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
 
 
@@ -91,12 +98,15 @@ class Worker:
         queue: str | None = None,
         prefetch: int = 200,
         limits: Limits | None = None,
-        store: Store | None = None,
-        redis: RedisState | None = None,
-        phrases: PhraseEmbedder | None = None,
+        store: ProfileStore | None = None,
+        redis: EventState | None = None,
+        phrases: Phrases | None = None,
         notifier: Notifier | None = None,
         observer: Observer | None = None,
+        connect: Callable[[], Connection] | None = None,
     ):
+        """Each dependency left out is built from ``settings``; ``connect`` opens the consuming connection (default:
+        broker.connect to RABBITMQ_DSN; the unit tests pass tests/support/stubs.py's StubBroker.connect)."""
         self.settings = settings
         self.topology = Topology.from_settings(settings, queue)
         self.prefetch = prefetch
@@ -115,7 +125,8 @@ class Worker:
         self.window: BatchWindow[Delivery] | None = (
             BatchWindow(settings.batch_window, max_held=max(1, prefetch * 4 // 5)) if settings.batch_enabled else None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
-        self._connection = None
+        self._connect = connect or (lambda: broker.connect(settings.rabbitmq_dsn, name="myshop-consume"))
+        self._connection: Connection | None = None
         self._publisher: Publisher | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -187,7 +198,7 @@ class Worker:
                 log.debug("closing the broker connection failed", exc_info=True)
 
     def _consume(self) -> None:
-        self._connection = conn = broker.connect(self.settings.rabbitmq_dsn, name="myshop-consume")
+        self._connection = conn = self._connect()
         self._publisher = Publisher(conn, on_blocked=self._on_blocked, tick=self._alive)
         channel = conn.channel()
         channel.basic_qos(prefetch_count=self.prefetch)
@@ -269,7 +280,7 @@ class Worker:
         try:
             if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
                 error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
-                result = BatchResult(items=[Item(body=head.body, status="failed", error=error)])
+                result = BatchResult(items=[Item(body=head.body, status=Status.FAILED, error=error)])
             else:
                 result = self._process(batch)
             self._settle(channel, batch, result)
@@ -333,59 +344,80 @@ class Worker:
             log.debug("batch settled", extra={"size": len(batch), "duration_ms": round(seconds * 1000, 2),
                                               **dict(result.counts), "writes": result.writes})
 
-    def _settle(self, channel, batch: list[Delivery], result: BatchResult) -> None:
+    def _publish_copy(self, exchange: str, routing_key: str, body: bytes, **kwargs) -> None:
+        """Publish a retry or failed copy; an unroutable one is tried again for UNROUTABLE_WAIT_S while the
+        connection stays serviced and the batch unacked (no redelivery), then the error is raised."""
+        deadline = time.monotonic() + UNROUTABLE_WAIT_S
+        pause = 0.5
+        while True:
+            try:
+                self._publisher.publish(exchange, routing_key, body, **kwargs)
+                return
+            except broker.Unroutable as exc:
+                if time.monotonic() >= deadline or self.limits.check():
+                    raise
+                log.warning("copy unroutable, holding the batch and trying again", extra={
+                    "error": str(exc), "retry_in_s": pause,
+                    "gives_up_in_s": round(deadline - time.monotonic())})
+                self.notifier.status(f"copy to '{exchange or routing_key}' unroutable: retrying")
+                until = time.monotonic() + pause
+                while time.monotonic() < until and not self.limits.check():
+                    self._connection.process_data_events(time_limit=0.1)
+                    self._alive()  # waiting for a queue's node to return is healthy; a restart would not help
+                pause = min(pause * 2, 5.0)
+
+    def _settle(self, channel: Channel, batch: list[Delivery], result: BatchResult) -> None:
+        """Carry out ``settlement.settle``: publish each copy (confirmed), record the failed ones, then ack. Raises
+        before the ack when a copy cannot be published: the batch stays unacked and comes back."""
         t = self.totals
-        records = []
         failed_before = t.failed
-        for delivery, item in zip(batch, result.items, strict=True):
-            if item.status not in ("retry", "failed"):
-                continue
-            transient = item.status == "retry"
-            copy = route(self.topology, delivery.properties.headers, item.error, transient=transient)
-            message_id = delivery.properties.message_id or (item.event.message_id if item.event else None)
-            record = failure_record(copy, delivery.body, message_id) if copy.failed else None
-            self._publisher.publish(
-                copy.exchange,
-                copy.routing_key,
-                delivery.body,
-                message_id=record["message_id"] if record else message_id,
-                headers=copy.headers,
-                content_type=delivery.properties.content_type or "application/json",
+        plan = settle(self.topology, batch, result.items, ack_each=self.window is not None)
+        for out in plan.copies:
+            self._publish_copy(
+                out.copy.exchange,
+                out.copy.routing_key,
+                out.delivery.body,
+                message_id=out.message_id,
+                headers=out.copy.headers,
+                content_type=out.delivery.properties.content_type or "application/json",
             )
-            self.observer.copied(copy.error_class, copy.failed)
-            fields = {"message_id": record["message_id"] if record else message_id,
-                      "user_id": item.event.user_id if item.event else None,
-                      "event_type": item.event.event_type if item.event else None,
-                      "retry_count": copy.retry_count, "error_class": copy.error_class, "error": copy.error_message}
-            if copy.ignored:
-                fields["ignored_headers"] = "; ".join(copy.ignored)
-            if record:
-                fields["failure_id"] = record["failure_id"]
-            if copy.failed:
-                records.append(record)
+            self.observer.copied(out.copy.error_class, out.copy.failed)
+            if out.copy.failed:
                 t.failed += 1
-                log.error("message failed", extra=fields)
             else:
                 t.retried += 1
-                log.warning("message retried later", extra=fields)
+            _log_copy(out)
+        records = [out.record for out in plan.copies if out.record]
         if records:
             try:
                 self.store.record_failures(records)
             except Exception as exc:
                 log.error("could not record failed messages in MongoDB", extra={"error": str(exc)})
-        if self.window is None:
-            channel.basic_ack(delivery_tag=max(d.tag for d in batch), multiple=True)
-        else:  # held deliveries interleave with released ones: one ack each
-            for d in batch:
-                channel.basic_ack(delivery_tag=d.tag)
+        for tag, multiple in plan.acks:
+            channel.basic_ack(delivery_tag=tag, multiple=multiple)
         t.batches += 1
-        t.applied += len(result.by_status("applied"))
-        t.duplicate += len(result.by_status("duplicate"))
-        t.skipped += len(result.by_status("skipped"))
+        t.applied += len(result.by_status(Status.APPLIED))
+        t.duplicate += len(result.by_status(Status.DUPLICATE))
+        t.skipped += len(result.by_status(Status.SKIPPED))
         t.writes += result.writes
         t.conflicts += result.conflicts
         self.limits.count(len(batch), t.failed - failed_before)
 
+
+def _log_copy(out: Outgoing) -> None:
+    """One log line per copy: an error for a failed one, a warning for a retry."""
+    copy, event = out.copy, out.item.event
+    fields = {"message_id": out.message_id, "user_id": event.user_id if event else None,
+              "event_type": event.event_type if event else None,
+              "retry_count": copy.retry_count, "error_class": copy.error_class, "error": copy.error_message}
+    if copy.ignored:
+        fields["ignored_headers"] = "; ".join(copy.ignored)
+    if out.record:
+        fields["failure_id"] = out.record["failure_id"]
+    if copy.failed:
+        log.error("message failed", extra=fields)
+    else:
+        log.warning("message retried later", extra=fields)
 
 def _wake(conn) -> None:
     """End the connection thread's wait for I/O now (called from the batch thread when the batch is done)."""

@@ -134,7 +134,8 @@ def test_node_killed_under_load(cenv, cluster, workers, tmp_path, role):
 @soak_only
 def test_node_down_past_every_timeout(cenv, cluster, workers, tmp_path):
     """The leader killed and kept down 75 s: past the heartbeat (30 s), the blocked-connection bound (60 s) and the
-    publisher's nack attempts; workers and the feeder carry on with two nodes, then the node comes back."""
+    publisher's nack attempts; workers and the feeder carry on with two nodes (workers holding a batch whose failed
+    copy has nowhere to go: the failed queue is on the killed node), then the node comes back."""
     sc, plan = scenario("cluster-down-75s", cenv, cluster, workers, tmp_path, users=100, per_user=30, rate=30)
     sup = sc.start_workers(2, prefetch=50)
     sup.wait_consuming()
@@ -143,7 +144,9 @@ def test_node_down_past_every_timeout(cenv, cluster, workers, tmp_path):
     window = kill_and_return(cluster, sc, progress, cluster.leader(sc.topo.queue), down_s=75)
     sc.phase("faults")
     row = finish(sc, progress, window)
-    assert row["stall_s"] < 30, row
+    # the classic failed queue lives on the killed node: a batch holding a malformed message waits for it (RELIABILITY
+    # §3.2), without a redelivery, so no message passes the quorum delivery limit meanwhile
+    assert row["stall_s"] < 75 + 30, row
 
 
 @soak_only
@@ -183,7 +186,8 @@ def test_full_cluster_stop_and_start_with_messages_queued(cenv, cluster, workers
     cluster.run("stop-all")
     cluster.run("start-all")
     cluster.wait_online(sc.topo.queue, 3)
-    assert sc.probe.ready() == queued, (queued, sc.probe.ready())  # nothing lost or added by the restart
+    after = wait_for(sc.probe.ready, timeout=60, interval=0.5, what="the queues readable after the restart")
+    assert after == queued, (queued, after)  # nothing lost or added by the restart
     sc.faults += 1
     sc.start_workers(2, prefetch=50).wait_consuming()
     sc.phase("faults")
