@@ -1,0 +1,53 @@
+"""Settlement of a processed batch, decided without I/O: which deliveries need a copy (to the next delay queue or to
+`failed`, with its failed_messages record) and which acks end the batch. The worker carries it out in that order:
+every copy confirmed, the records written, then the acks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from myshop_ops.broker import Topology
+from myshop_ops.failures import Copy, failure_record, route
+from myshop_ops.pipeline import Item, Status
+
+if TYPE_CHECKING:
+    from myshop_ops.worker import Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One copy to publish before the batch is acked."""
+
+    delivery: Delivery
+    item: Item
+    copy: Copy
+    message_id: str | None  # what the copy is published with: the delivery's id, else the event's, else a body hash
+    record: dict | None  # the failed_messages document of a failed copy
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    copies: list[Outgoing]
+    acks: list[tuple[int, bool]]  # (delivery tag, multiple), in order
+
+
+def settle(topology: Topology, batch: Sequence[Delivery], items: Sequence[Item], *, ack_each: bool,
+           now: datetime | None = None) -> Settlement:
+    """What ``batch`` (whose outcomes are ``items``, in the same order) becomes: a copy for each retry or failed
+    item, routed by ``failures.route``; one multiple ack of the highest tag, or with ``ack_each`` (held deliveries
+    of the batching window interleave with others) one ack per delivery."""
+    copies = []
+    for delivery, item in zip(batch, items, strict=True):
+        if item.status not in (Status.RETRY, Status.FAILED):
+            continue
+        copy = route(topology, delivery.properties.headers, item.error, transient=item.status == Status.RETRY,
+                     now=now)
+        message_id = delivery.properties.message_id or (item.event.message_id if item.event else None)
+        record = failure_record(copy, delivery.body, message_id, now) if copy.failed else None
+        copies.append(Outgoing(delivery, item, copy, record["message_id"] if record else message_id, record))
+    acks = [(d.tag, False) for d in batch] if ack_each else [(max(d.tag for d in batch), True)]
+    return Settlement(copies, acks)
