@@ -33,7 +33,7 @@ from myshop_ops.config import (
 )
 from myshop_ops.embeddings import EmbeddingError, make_provider
 from myshop_ops.management import ManagementError, for_dsn
-from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Members
+from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Members, alarms
 from myshop_ops.store import Store
 from myshop_ops.transports import Transports
 
@@ -224,16 +224,15 @@ def _cluster(s: Settings) -> Iterator[Check]:
     api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
     queue = Topology.from_settings(s).queue
     try:
-        nodes, info = api.nodes(), api.queue(queue)
+        nodes, info, raised = api.nodes(), api.queue(queue), alarms(api)
     except ManagementError as exc:
         yield Check("rabbitmq", "cluster", "SKIP", str(exc))
         return
     prod = s.app_env == "prod"
-    alarms = [f"{n['name']} ({kind})" for n in nodes for kind, key in (("memory", "mem_alarm"),
-                                                                        ("disk", "disk_free_alarm")) if n[key]]
-    if alarms:
-        yield Check("rabbitmq", "alarms", "FAIL", "resource alarm on " + ", ".join(alarms) + ": every publisher of "
-                    "the cluster is blocked (retry and failed copies included)",
+    if raised:
+        yield Check("rabbitmq", "alarms", "FAIL", "resource alarm on " + ", ".join(
+                    f"{a['node']} ({a['kind']})" for a in raised) + ": every publisher of the cluster is blocked "
+                    "(retry and failed copies included)",
                     "rabbitmq-diagnostics alarms; free memory or disk on that node")
     members = Members.of(info)
     if members is not None:

@@ -45,6 +45,7 @@ class Report:
     queues: list[QueueRow]
     management: bool
     failed_records: int | None = None  # documents in failed_messages (None: MongoDB not asked)
+    alarms: list[dict] = field(default_factory=list)  # {"node", "kind": memory|disk} raised now (management API)
 
     @property
     def level(self) -> str:
@@ -52,7 +53,7 @@ class Report:
 
     def as_json(self) -> dict:
         return {"level": self.level, "management": self.management, "failed_records": self.failed_records,
-                "queues": [asdict(q) for q in self.queues]}
+                "alarms": self.alarms, "queues": [asdict(q) for q in self.queues]}
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,18 @@ def collect(connection, topo: Topology, names: list[str] | None = None,
                 judge_members(row, members)
         rows.append(row)
     _judge(rows)
-    return Report(rows, management is not None)
+    raised = alarms(management) if management else []
+    main = next((r for r in rows if r.role == "main"), None)
+    if raised and main is not None:
+        main.flag("critical", "resource alarm on " + ", ".join(f"{a['node']} ({a['kind']})" for a in raised)
+                  + ": every publisher of the cluster is blocked (rabbitmq-diagnostics alarms)")
+    return Report(rows, management is not None, alarms=raised)
+
+
+def alarms(management: Management) -> list[dict]:
+    """Memory and disk alarms raised on any node: each blocks every publisher of the cluster."""
+    return [{"node": n["name"], "kind": kind} for n in management.nodes()
+            for kind, key in (("memory", "mem_alarm"), ("disk", "disk_free_alarm")) if n[key]]
 
 
 def unsettled(connection, topo: Topology, management: Management | None = None) -> tuple[int, bool]:

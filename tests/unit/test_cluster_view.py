@@ -80,3 +80,12 @@ def test_preflight_in_prod_warns_on_two_members_and_one_url(monkeypatch):
     assert got["members"].status == "WARN" and "fewer than 3 members" in got["members"].detail
     assert got["failover"].status == "WARN" and "names 1 of the cluster's 3 nodes" in got["failover"].detail
     assert all("\n" not in c.detail for c in got.values())
+
+
+def test_alarms_of_every_node():
+    from myshop_ops.stats import alarms
+
+    api = FakeApi([node(T[0], mem=True), node(T[1], disk=True, mem=True), node(T[2])], None)
+    assert alarms(api) == [{"node": T[0], "kind": "memory"}, {"node": T[1], "kind": "memory"},
+                           {"node": T[1], "kind": "disk"}]
+    assert alarms(FakeApi([node(n) for n in T], None)) == []
