@@ -22,16 +22,13 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from pymongo import UpdateOne
 
 from myshop_ops.contract import CONTROL, MAX_ID_CHARS, json_kind
 from myshop_ops.embeddings import Provider
 from myshop_ops.lines import bounded_lines
-from myshop_ops.store import SCAN_BATCH, Store
+from myshop_ops.store import Store
 
 # A product line is a few KB (name <= 1000 and category <= 200 characters, and a description of which only the first
 # 6000 bytes of text are embedded); a shop editor's HTML with inline styles can reach tens of KB. 1 MiB leaves room
@@ -377,14 +374,7 @@ def import_catalog(
 
 
 def _import_batch(batch: list[Product], store: Store, provider: Provider, result: ImportResult, layout: str) -> None:
-    stored = {
-        d["product_id"]: d
-        for d in store.products.find(
-            {"product_id": {"$in": [p.product_id for p in batch]}},
-            {"_id": 0, "product_id": 1, "text_hash": 1, "model": 1, "dimensions": 1, **dict.fromkeys(_META_FIELDS, 1)},
-            batch_size=SCAN_BATCH,
-        )
-    }
+    stored = store.products_by_id([p.product_id for p in batch], ("text_hash", "model", "dimensions", *_META_FIELDS))
     to_embed: list[tuple[Product, str, str]] = []
     to_update: list[Product] = []
     for p in batch:
@@ -411,9 +401,5 @@ def _import_batch(batch: list[Product], store: Store, provider: Provider, result
         ], layout)
         result.imported += len(to_embed)
     if to_update:
-        now = datetime.now(UTC)
-        store.products.bulk_write(
-            [UpdateOne({"product_id": p.product_id}, {"$set": {**p.fields(), "updated_at": now}}) for p in to_update],
-            ordered=False,
-        )
+        store.update_products({p.product_id: p.fields() for p in to_update})
         result.updated += len(to_update)

@@ -32,7 +32,7 @@ from myshop_ops.failures import (
     message_id_of,
     retry_count,
 )
-from myshop_ops.store import SCAN_BATCH, Store
+from myshop_ops.store import Store
 
 _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
@@ -80,12 +80,6 @@ class QueuedMessage:
 
 def record_key(record: dict) -> str:
     return record.get("failure_id") or record["message_id"]
-
-
-def _by_key(keys: Iterable[str]) -> dict:
-    """The records of these keys (failure ids, or message ids of records without one)."""
-    keys = list(keys)
-    return {"$or": [{"failure_id": {"$in": keys}}, {"message_id": {"$in": keys}, "failure_id": {"$exists": False}}]}
 
 
 @dataclass
@@ -148,11 +142,10 @@ class FailedBox:
         messages that have none (e.g. dead-lettered by the delivery limit after crashing workers) and
         report records whose message is gone. One walk of the queue: O(queue depth) round trips."""
         queue_count = self.queue_count()
-        record_count = self.store.failed.count_documents({})
+        record_count = self.store.count_failures()
         drift = Drift(queue_count, record_count)
         seen: set[str] = set()
-        known = {record_key(r) for r in self.store.failed.find({}, {"message_id": 1, "failure_id": 1, "_id": 0},
-                                                              batch_size=SCAN_BATCH)}
+        known = {record_key(r) for r in self.store.failure_keys()}
         new_records = []
 
         def look(msg: QueuedMessage) -> bool:
@@ -169,24 +162,14 @@ class FailedBox:
         return drift
 
     def records(self, *, text: str | None = None, since: timedelta | None = None, limit: int = 50) -> list[dict]:
-        query: dict = {}
-        if text:
-            rx = {"$regex": re.escape(text), "$options": "i"}
-            query["$or"] = [{"error_message": rx}, {"error_class": rx}, {"user_id": rx}, {"message_id": rx}]
-        if since:
-            query["last_failure_at"] = {"$gte": datetime.now(UTC) - since}
-        cursor = self.store.failed.find(query, {"_id": 0}, batch_size=SCAN_BATCH).sort("last_failure_at", -1)
-        return list(cursor.limit(limit))
+        return self.store.search_failures(text=text, since=datetime.now(UTC) - since if since else None, limit=limit)
 
     def matching(self, ident: str) -> list[dict]:
         """The records a failure id or a message id names (a message id: every failed copy of it), newest first."""
-        query = {"$or": [{"failure_id": ident}, {"message_id": ident}]}
-        return list(self.store.failed.find(query, {"_id": 0}).sort("last_failure_at", -1).limit(100))
+        return self.store.failures_named(ident)
 
     def stats(self) -> list[tuple[str, int]]:
-        group = {"$group": {"_id": "$error_class", "n": {"$sum": 1}}}
-        rows = self.store.failed.aggregate([group, {"$sort": {"n": -1}}])
-        return [(r["_id"] or "?", r["n"]) for r in rows]
+        return self.store.failures_by_class()
 
     def retry(self, ids: Iterable[str] | None) -> Outcome:
         """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
@@ -227,7 +210,7 @@ class FailedBox:
 
         self.walk(drop)
         if wanted is None:
-            self.store.failed.delete_many({})
+            self.store.delete_failures()
             return Outcome(done, [])
         orphans = [record_key(r) for ident in sorted(wanted - named) for r in self.matching(ident)]
         orphans = [k for k in dict.fromkeys(orphans) if k not in done]
@@ -240,19 +223,19 @@ class FailedBox:
         collection. Returns (messages removed, records removed)."""
         exists = broker.queue_depth(self.connection, self.topo.failed_queue) is not None
         removed = self.walk(lambda msg: body_user(msg.body) == user_id) if exists else 0
-        return removed, self.store.failed.delete_many({"user_id": user_id}).deleted_count
+        return removed, self.store.delete_user_failures(user_id)
 
     def purge(self) -> tuple[int, int]:
         """Empty the failed queue, then delete the records of failures that happened before the purge began
         (a message failing meanwhile keeps both). Returns (messages purged, records deleted)."""
         started = datetime.now(UTC)
         purged = broker.purge(self.connection, self.topo.failed_queue)
-        deleted = self.store.failed.delete_many({"last_failure_at": {"$lt": started}}).deleted_count
+        deleted = self.store.delete_failures_before(started)
         return purged, deleted
 
     def _forget(self, keys: list[str]) -> None:
         if keys:
-            self.store.failed.delete_many(_by_key(keys))
+            self.store.delete_failures(keys)
 
 
 def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from myshop_ops.contract import EVENT_TYPES, make_event, serialise
-from myshop_ops.store import SCAN_BATCH, Store
+from myshop_ops.store import Store
 
 EVENT_TYPE_CHOICES: tuple[str, ...] = ("mixed", *EVENT_TYPES)
 PRODUCT_TYPES = frozenset(t for t in EVENT_TYPES if t != "search")
@@ -126,10 +126,7 @@ class Plan:
 
 def product_pool(store: Store, model: str, dimensions: int, limit: int = PRODUCT_POOL) -> list[str]:
     """Up to ``limit`` product ids stored with a vector of the configured model and dimensions (one query)."""
-    cursor = store.products.find(
-        {"model": model, "dimensions": dimensions}, {"product_id": 1, "_id": 0}, batch_size=SCAN_BATCH
-    ).limit(limit)
-    return sorted({str(d["product_id"]) for d in cursor if d.get("product_id") is not None})
+    return sorted({str(pid) for pid in store.tagged_product_ids(model, dimensions, limit)})
 
 
 @dataclass
@@ -210,11 +207,7 @@ def profile_counts(store: Store, user_ids: Sequence[str]) -> list[dict]:
     """``user_id``, ``event_count``, ``updated_at`` of the users' profiles (one ``$in`` query per 10k ids)."""
     out: list[dict] = []
     for start in range(0, len(user_ids), IN_CHUNK):
-        out.extend(store.users.find(
-            {"user_id": {"$in": list(user_ids[start:start + IN_CHUNK])}},
-            {"user_id": 1, "event_count": 1, "updated_at": 1, "_id": 0},
-            batch_size=SCAN_BATCH,
-        ))
+        out.extend(store.profile_progress(user_ids[start:start + IN_CHUNK]))
     return out
 
 

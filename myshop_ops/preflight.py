@@ -146,7 +146,7 @@ def _mongodb(s: Settings) -> Iterator[Check]:
                         "myshop setup-indexes")
         else:
             yield Check("mongodb", "indexes", "PASS", f"every required index of {s.mongodb_db} exists")
-        products = store.products.count_documents({"model": s.model, "dimensions": s.embedding_dimensions})
+        products = store.count_product_vectors(s.model, s.embedding_dimensions)
         if products:
             yield Check("mongodb", "product vectors", "PASS", f"{products} products embedded with {s.model}")
         else:

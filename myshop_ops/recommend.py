@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 from bson.binary import Binary
-from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
 from myshop_ops.config import Settings
 from myshop_ops.layout import UnreadableProfile, id_key, profile_vector
 from myshop_ops.profile import VectorSpaceMismatch
-from myshop_ops.store import PRODUCTS, SCAN_BATCH, Store, decode_vector
+from myshop_ops.store import PRODUCTS, Store, decode_vector
 
 ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
 _FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding
@@ -101,26 +100,14 @@ class ProductMatrix:
         return Recommendation(self.ids[i], self.names[i], self.categories[i], score)
 
 
-def signature(products: Collection) -> tuple[int, datetime | None]:
-    """What changes whenever a product is written or removed: the document count and the newest updated_at."""
-    newest = products.find_one({}, {"_id": 0, "updated_at": 1}, sort=[("updated_at", -1)])
-    return products.estimated_document_count(), (newest or {}).get("updated_at")
-
-
-def in_space(model: str, dimensions: int) -> dict:
-    """The filter of the products of a vector space: tagged with it, or untagged (the shop's sync tags nothing:
-    an untagged vector of the right length is taken as the configured model's)."""
-    return {"$or": [{"model": model, "dimensions": dimensions}, {"model": None}]}
-
-
 def product_key(doc: dict) -> str | None:
     """A product document's id as events carry it: ``product_id``, else the shop's ``productId``."""
     return id_key(doc.get("product_id")) or id_key(doc.get("productId"))
 
 
-def load_matrix(products: Collection, model: str, dimensions: int, sig: tuple[int, datetime | None]) -> ProductMatrix:
+def load_matrix(store: Store, model: str, dimensions: int, sig: tuple[int, datetime | None]) -> ProductMatrix:
     """Read every product vector of ``model``/``dimensions`` into one normalised float32 matrix."""
-    cursor = products.find(in_space(model, dimensions), {**_PRODUCT_FIELDS, "embedding": 1}, batch_size=SCAN_BATCH)
+    cursor = store.space_products(model, dimensions, {**_PRODUCT_FIELDS, "embedding": 1})
     matrix = np.empty((min(max(sig[0], 16), 65_536), dimensions), np.float32)  # grows by doubling
     ids: list[str] = []
     names: list[str | None] = []
@@ -156,14 +143,14 @@ class MatrixCache:
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, source: str, products: Collection, model: str, dimensions: int) -> ProductMatrix:
-        key = (source, products.full_name, model, dimensions)
-        sig = signature(products)  # read before loading: a write during the load only causes one more reload
+    def get(self, source: str, store: Store, model: str, dimensions: int) -> ProductMatrix:
+        key = (source, store.db_name, model, dimensions)
+        sig = store.products_signature()  # read before loading: a write during the load only causes one more reload
         with self._lock:
             cached = self._entries.get(key)
             if cached is not None and cached.signature == sig:
                 return cached
-            matrix = load_matrix(products, model, dimensions, sig)
+            matrix = load_matrix(store, model, dimensions, sig)
             self._entries[key] = matrix
             self.loads += 1
             return matrix
@@ -233,7 +220,7 @@ class Recommender:
 
     def profile(self, user_id: str) -> dict | None:
         """The user's profile document (without the bounded message id list)."""
-        return self.store.users.find_one({"user_id": user_id}, {"_id": 0, "recent_message_ids": 0})
+        return self.store.get_profile_doc(user_id, rings=False)
 
     def recommend(self, user_id: str, *, limit: int = 10, exclude_purchased: bool = False,
                   fallback: bool = False) -> Recommendations:
@@ -242,7 +229,7 @@ class Recommender:
         doc = self.profile(user_id)
         if doc is None:
             if not fallback:
-                raise NoProfile(f"user {user_id} has no profile in {self.store.db.name}.user_embeddings (none of "
+                raise NoProfile(f"user {user_id} has no profile in {self.store.db_name}.user_embeddings (none of "
                                 "their events applied yet, or the profile was erased; --fallback lists the newest "
                                 "products instead)")
             return self.newest(user_id, limit)
@@ -283,11 +270,7 @@ class Recommender:
 
     def newest(self, user_id: str, limit: int) -> Recommendations:
         """The fallback for a user without a profile: the most recently updated products of the vector space."""
-        docs = list(
-            self.store.products.find(in_space(self.model, self.dimensions), _PRODUCT_FIELDS, batch_size=SCAN_BATCH)
-            .sort([("updated_at", -1), ("product_id", 1)])
-            .limit(limit)
-        )
+        docs = self.store.newest_products(self.model, self.dimensions, _PRODUCT_FIELDS, limit)
         if not docs:
             raise self._no_products()
         items = [Recommendation(product_key(d) or "?", _text(d.get("name")), _text(d.get("category")), None)
@@ -295,11 +278,11 @@ class Recommender:
         return Recommendations(user_id, items, "fallback", self.model, self.dimensions)
 
     def _no_products(self) -> RecommendError:
-        return RecommendError(f"no {self.space} product vectors in {self.store.db.name}.{PRODUCTS} "
+        return RecommendError(f"no {self.space} product vectors in {self.store.db_name}.{PRODUCTS} "
                               "(import a catalog: `myshop products import FILE.jsonl`)")
 
     def _numpy(self, query: np.ndarray, limit: int, purchased: list[str]) -> list[Recommendation]:
-        matrix = self.cache.get(self.settings.mongodb_url, self.store.products, self.model, self.dimensions)
+        matrix = self.cache.get(self.settings.mongodb_url, self.store, self.model, self.dimensions)
         if not len(matrix):
             raise self._no_products()
         rows = np.fromiter((matrix.row[p] for p in purchased if p in matrix.row), np.intp)
@@ -307,18 +290,17 @@ class Recommender:
         return [matrix.item(int(i), float(s)) for i, s in zip(idx, scores, strict=True)]
 
     def _atlas(self, query: np.ndarray, limit: int, purchased: list[str]) -> list[Recommendation]:
-        where = f"Atlas $vectorSearch on {self.store.db.name}.{PRODUCTS} (index {self.settings.atlas_vector_index!r})"
+        where = f"Atlas $vectorSearch on {self.store.db_name}.{PRODUCTS} (index {self.settings.atlas_vector_index!r})"
         pipeline = atlas_pipeline(query, index=self.settings.atlas_vector_index, model=self.model,
                                   dimensions=self.dimensions, limit=limit, exclude=purchased)
         try:
-            docs = list(self.store.products.aggregate(pipeline))
+            docs = self.store.vector_search(pipeline)
         except OperationFailure as exc:
             first = str(exc.details.get("errmsg") if exc.details else exc).splitlines()[0][:200]
             raise BackendError(f"{where} failed: {first} (create the index as in docs/RECOMMENDATIONS.md, or set "
                                "RECOMMEND_BACKEND=numpy)") from None
         if not docs:
-            candidates = {"model": self.model, "dimensions": self.dimensions, "product_id": {"$nin": purchased}}
-            if self.store.products.find_one(candidates, {"_id": 1}) is not None:
+            if self.store.has_tagged_products(self.model, self.dimensions, excluding=purchased):
                 raise BackendError(f"{where} returned nothing although {self.space} products exist: is the index "
                                    "built over `embedding` with filters model, dimensions, product_id "
                                    "(docs/RECOMMENDATIONS.md)? Or set RECOMMEND_BACKEND=numpy")

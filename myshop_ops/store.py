@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
@@ -70,6 +71,12 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
 OBSOLETE: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
     FAILED: [("message_id_unique", [("message_id", ASCENDING)], {"unique": True})],
 }
+
+
+def in_space(model: str, dimensions: int) -> dict:
+    """The filter of the products of a vector space: tagged with it, or untagged (the shop's sync tags nothing:
+    an untagged vector of the right length is taken as the configured model's)."""
+    return {"$or": [{"model": model, "dimensions": dimensions}, {"model": None}]}
 
 
 def pack_ring(value: object, width: int) -> bytes:
@@ -417,8 +424,34 @@ class Store:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
         return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
 
-    def get_profile_doc(self, user_id: str) -> dict | None:
-        return self.users.find_one({"user_id": user_id}, {"_id": 0})
+    @property
+    def db_name(self) -> str:
+        return self.db.name
+
+    def get_profile_doc(self, user_id: str, *, rings: bool = True) -> dict | None:
+        """The user's profile document as stored; without ``rings``, without its id rings' message ids."""
+        return self.users.find_one({"user_id": user_id}, {"_id": 0} if rings else {"_id": 0, "recent_message_ids": 0})
+
+    def profile_docs(self, user_ids: Sequence[str]) -> dict[str, dict]:
+        """The profile documents of these users by user id (one ``$in``), without their id rings."""
+        return {d["user_id"]: d for d in self.users.find({"user_id": {"$in": list(user_ids)}},
+                                                         {"recent_message_ids": 0, "recent_writes": 0, "_id": 0},
+                                                         batch_size=SCAN_BATCH)}
+
+    def profile_progress(self, user_ids: Sequence[str]) -> list[dict]:
+        """``user_id``, ``event_count``, ``updated_at`` of these users' profiles (one ``$in``)."""
+        return list(self.users.find({"user_id": {"$in": list(user_ids)}},
+                                    {"user_id": 1, "event_count": 1, "updated_at": 1, "_id": 0}, batch_size=SCAN_BATCH))
+
+    def profile_event_count(self, user_id: str) -> int | None:
+        """The events counted in the user's profile; None without a profile."""
+        doc = self.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})
+        return None if doc is None else doc.get("event_count", 0)
+
+    def delete_profile(self, user_id: str) -> dict | None:
+        """Delete the user's profile; returns its version, event_count and recent_message_ids (None: there was none)."""
+        return self.users.find_one_and_delete({"user_id": user_id},
+                                              {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1})
 
     # ---- products -------------------------------------------------------------------------------
 
@@ -451,6 +484,52 @@ class Store:
                 except ForeignVector as exc:
                     foreign[pid] = str(exc)
         return vectors, foreign
+
+    def products_by_id(self, product_ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict]:
+        """The stored product documents of these product ids (``product_id`` and ``fields``), by product id."""
+        return {d["product_id"]: d for d in self.products.find(
+            {"product_id": {"$in": list(product_ids)}}, {"_id": 0, "product_id": 1, **dict.fromkeys(fields, 1)},
+            batch_size=SCAN_BATCH)}
+
+    def update_products(self, fields_by_id: dict[str, dict]) -> None:
+        """Set these fields (and updated_at) on the products, vectors untouched."""
+        if fields_by_id:
+            now = datetime.now(UTC)
+            self.products.bulk_write([UpdateOne({"product_id": pid}, {"$set": {**fields, "updated_at": now}})
+                                      for pid, fields in fields_by_id.items()], ordered=False)
+
+    def count_product_vectors(self, model: str, dimensions: int) -> int:
+        """Products whose vector is tagged with this model and dimensions."""
+        return self.products.count_documents({"model": model, "dimensions": dimensions})
+
+    def tagged_product_ids(self, model: str, dimensions: int, limit: int) -> list[object]:
+        """Up to ``limit`` product ids of products tagged with this model and dimensions, as stored."""
+        cursor = self.products.find({"model": model, "dimensions": dimensions}, {"product_id": 1, "_id": 0},
+                                    batch_size=SCAN_BATCH).limit(limit)
+        return [d["product_id"] for d in cursor if d.get("product_id") is not None]
+
+    def products_signature(self) -> tuple[int, datetime | None]:
+        """What changes whenever a product is written or removed: the document count and the newest updated_at."""
+        newest = self.products.find_one({}, {"_id": 0, "updated_at": 1}, sort=[("updated_at", -1)])
+        return self.products.estimated_document_count(), (newest or {}).get("updated_at")
+
+    def space_products(self, model: str, dimensions: int, fields: dict) -> Iterator[dict]:
+        """The products of a vector space (``in_space``), with ``fields``, streamed."""
+        return iter(self.products.find(in_space(model, dimensions), fields, batch_size=SCAN_BATCH))
+
+    def newest_products(self, model: str, dimensions: int, fields: dict, limit: int) -> list[dict]:
+        """The ``limit`` most recently updated products of a vector space (ties by product id)."""
+        return list(self.products.find(in_space(model, dimensions), fields, batch_size=SCAN_BATCH)
+                    .sort([("updated_at", -1), ("product_id", 1)]).limit(limit))
+
+    def vector_search(self, pipeline: list[dict]) -> list[dict]:
+        """Run an Atlas ``$vectorSearch`` aggregation on the products (raises OperationFailure)."""
+        return list(self.products.aggregate(pipeline))
+
+    def has_tagged_products(self, model: str, dimensions: int, excluding: Sequence[str] = ()) -> bool:
+        """Whether a product tagged with this model and dimensions exists, besides ``excluding``."""
+        query = {"model": model, "dimensions": dimensions, "product_id": {"$nin": list(excluding)}}
+        return self.products.find_one(query, {"_id": 1}) is not None
 
     def upsert_products(self, docs: Sequence[dict], layout: str = "shop") -> int:
         """Upsert product documents by product_id, vectors stored in ``layout`` (layout.py)."""
@@ -488,3 +567,56 @@ class Store:
             for r in records
         ]
         self.failed.bulk_write(ops, ordered=False)
+
+    def count_failures(self, user_id: str | None = None) -> int:
+        """Failed-message records (of one user)."""
+        return self.failed.count_documents({} if user_id is None else {"user_id": user_id})
+
+    def failure_keys(self) -> list[dict]:
+        """``message_id`` and ``failure_id`` of every failed-message record."""
+        return list(self.failed.find({}, {"message_id": 1, "failure_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
+
+    def failure_owners(self, message_ids: Sequence[str]) -> list[tuple[str, object]]:
+        """(message id, user id) of the records of these message ids (one ``$in``)."""
+        return [(d["message_id"], d.get("user_id")) for d in self.failed.find(
+            {"message_id": {"$in": list(message_ids)}}, {"message_id": 1, "user_id": 1, "_id": 0},
+            batch_size=SCAN_BATCH)]
+
+    def search_failures(self, *, text: str | None = None, since: datetime | None = None, limit: int = 50
+                        ) -> list[dict]:
+        """Records newest first: ``text`` in the error, class, user or message id (case-insensitive), failed last
+        at ``since`` or later."""
+        query: dict = {}
+        if text:
+            rx = {"$regex": re.escape(text), "$options": "i"}
+            query["$or"] = [{"error_message": rx}, {"error_class": rx}, {"user_id": rx}, {"message_id": rx}]
+        if since:
+            query["last_failure_at"] = {"$gte": since}
+        return list(self.failed.find(query, {"_id": 0}, batch_size=SCAN_BATCH).sort("last_failure_at", -1)
+                    .limit(limit))
+
+    def failures_named(self, ident: str) -> list[dict]:
+        """The records a failure id or a message id names (a message id: every failed copy of it), newest first."""
+        query = {"$or": [{"failure_id": ident}, {"message_id": ident}]}
+        return list(self.failed.find(query, {"_id": 0}).sort("last_failure_at", -1).limit(100))
+
+    def failures_by_class(self) -> list[tuple[str, int]]:
+        """(error class, records), most first."""
+        rows = self.failed.aggregate([{"$group": {"_id": "$error_class", "n": {"$sum": 1}}}, {"$sort": {"n": -1}}])
+        return [(r["_id"] or "?", r["n"]) for r in rows]
+
+    def delete_failures(self, keys: Iterable[str] | None = None) -> int:
+        """Delete the records of these keys (failure ids, or message ids of records without one); None: all."""
+        if keys is None:
+            return self.failed.delete_many({}).deleted_count
+        keys = list(keys)
+        return self.failed.delete_many({"$or": [{"failure_id": {"$in": keys}},
+                                                {"message_id": {"$in": keys}, "failure_id": {"$exists": False}}]}
+                                       ).deleted_count
+
+    def delete_user_failures(self, user_id: str) -> int:
+        return self.failed.delete_many({"user_id": user_id}).deleted_count
+
+    def delete_failures_before(self, at: datetime) -> int:
+        """Delete the records whose last failure is before ``at``."""
+        return self.failed.delete_many({"last_failure_at": {"$lt": at}}).deleted_count

@@ -16,7 +16,7 @@ from myshop_ops.contract import Event, InvalidMessage, event_key, parse
 from myshop_ops.embeddings import PhraseEmbedder
 from myshop_ops.layout import UnreadableProfile, read_profile, to_datetime
 from myshop_ops.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
-from myshop_ops.store import SCAN_BATCH, Store
+from myshop_ops.store import Store
 
 COSINE_MIN = 0.99999
 MAGNITUDE_RTOL = 1e-4
@@ -126,8 +126,7 @@ def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: Ph
     events = read_events(lines, report)
     failed_keys = set()
     for chunk in _chunks(sorted({e.message_id for e in events.values()})):
-        failed_keys.update(event_key(d["message_id"], str(d.get("user_id"))) for d in store.failed.find(
-            {"message_id": {"$in": chunk}}, {"message_id": 1, "user_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
+        failed_keys.update(event_key(m, str(user)) for m, user in store.failure_owners(chunk))
     live = [e for e in events.values() if e.key not in failed_keys]
     report.in_failed = len(events) - len(live)
     vectors = _vectors(settings, live, store, phrases)
@@ -167,9 +166,7 @@ def _vectors(settings: Settings, events: list[Event], store: Store, phrases: Phr
 def _stored(store: Store, user_ids: list[str]) -> dict[str, dict]:
     out = {}
     for chunk in _chunks(user_ids):
-        for doc in store.users.find({"user_id": {"$in": chunk}},
-                                    {"recent_message_ids": 0, "recent_writes": 0, "_id": 0}, batch_size=SCAN_BATCH):
-            out[doc["user_id"]] = doc
+        out.update(store.profile_docs(chunk))
     return out
 
 

@@ -39,7 +39,7 @@ def purge(
                      EXIT_CONFIG)
             ready, consumers = depth
             report = {"queue": queue, "ready": ready, "consumers": consumers,
-                      "records": store.failed.count_documents({}) if store else None, "dry_run": dry_run,
+                      "records": store.count_failures() if store else None, "dry_run": dry_run,
                       "purged": 0, "records_deleted": 0}
             plan = f"'{queue}' holds {ready} ready message(s)" + (
                 f" and failed_messages {report['records']} record(s)" if store else "")

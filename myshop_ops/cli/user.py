@@ -7,15 +7,12 @@ import sys
 import typer
 from rich.table import Table
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
 from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
-from myshop_ops.contract import EVENT_TYPES, event_key
-from myshop_ops.dedup import RedisState
-from myshop_ops.failed import FailedBox
+from myshop_ops.contract import EVENT_TYPES
+from myshop_ops.erasure import NotConfirmed, NotErased, erase_user
 from myshop_ops.recommend import Recommendations, Recommender, RecommendError
-from myshop_ops.store import USERS, Store, message_ids
+from myshop_ops.store import USERS, Store
 
 TOP = 5
 _FIELDS = ("version", "event_count", "event_counts", "last_event_type", "last_event_id", "last_updated", "magnitude",
@@ -81,43 +78,20 @@ def delete_user(
         fail(f"refusing to erase user {user_id} without a terminal: add --force", EXIT_CONFIG)
     s = settings()
     with operator_errors(s):
-        store = Store.from_settings(s)
-        redis_state = RedisState.from_settings(s)
         try:
-            found = store.users.find_one({"user_id": user_id}, {"_id": 0, "event_count": 1})
-            failed_records = store.failed.count_documents({"user_id": user_id})
-            if found is None and not failed_records:
-                fail(f"user {user_id} has no profile in {s.mongodb_db}.{USERS}: nothing to erase")
-            question = (f"Erase user {user_id}'s profile ({found.get('event_count', 0)} events) and its "
-                        "processed-message keys in Redis?" if found is not None else
-                        f"Erase user {user_id}'s {failed_records} failed message(s)?")
-            if not force and not typer.confirm(question):
-                fail(f"user {user_id} not erased (answered no)", EXIT_FAIL)
-            doc = None if found is None else store.users.find_one_and_delete(
-                {"user_id": user_id}, {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1}
-            )
-            if found is not None and doc is None:
-                fail(f"user {user_id}'s profile was erased by someone else meanwhile")
-            ids = message_ids(doc) if doc is not None else []
-            errors_before = redis_state.errors
-            redis_state.forget(event_key(m, user_id) for m in ids)
-            redis_ok = redis_state.errors == errors_before
-            conn = broker.connect(s.rabbitmq_dsn, name="myshop-user-delete")
-            try:
-                failed_messages, failed_records = FailedBox(conn, store, Topology.from_settings(s)).erase_user(user_id)
-            finally:
-                conn.close()
-        finally:
-            redis_state.close()
-            store.close()
-    if doc is not None:
-        console.print(f"erased user {shown(user_id)}: profile (version {doc.get('version')}, "
-                      f"{doc.get('event_count', 0)} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
-        if redis_ok:
-            console.print(f"forgot {len(ids)} processed-message id(s) in Redis", highlight=False)
+            done = erase_user(s, user_id, confirm=None if force else typer.confirm)
+        except NotConfirmed as exc:
+            fail(str(exc), EXIT_FAIL)
+        except NotErased as exc:
+            fail(str(exc))
+    if done.profile is not None:
+        console.print(f"erased user {shown(user_id)}: profile (version {done.profile['version']}, "
+                      f"{done.profile['event_count']} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
+        if done.redis_ok:
+            console.print(f"forgot {done.forgotten} processed-message id(s) in Redis", highlight=False)
         else:
-            console.print(f"[yellow]Redis unavailable:[/] {len(ids)} processed-message id(s) not forgotten; they "
-                          f"expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
-    if failed_messages or failed_records:
-        console.print(f"erased user {shown(user_id)}'s failed messages: {failed_messages} from the failed queue, "
-                      f"{failed_records} record(s) from failed_messages", highlight=False)
+            console.print(f"[yellow]Redis unavailable:[/] {done.forgotten} processed-message id(s) not forgotten; "
+                          f"they expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
+    if done.failed_messages or done.failed_records:
+        console.print(f"erased user {shown(user_id)}'s failed messages: {done.failed_messages} from the failed "
+                      f"queue, {done.failed_records} record(s) from failed_messages", highlight=False)

@@ -100,7 +100,7 @@ def test_exact_top_k_against_brute_force(env):
     for k in (1, 10, 301, 500):
         got = recommender.recommend("u1", limit=k)
         assert_same([(r.product_id, r.score) for r in got.items], brute_force(products, query, k))
-    assert cache.loads == 1 and len(cache.get(s.mongodb_url, store.products, s.model, DIMS)) == 301
+    assert cache.loads == 1 and len(cache.get(s.mongodb_url, store, s.model, DIMS)) == 301
     store.close()
 
     out = recommend_json(env, "u1", "--limit", "10")
@@ -123,8 +123,8 @@ def test_matrix_cache_reloads_when_product_embeddings_changes(env):
         return [r.product_id for r in recommender.recommend("u1", limit=3).items]
 
     first = top()
-    matrix = cache.get(s.mongodb_url, store.products, s.model, DIMS)
-    assert top() == first and cache.loads == 1 and cache.get(s.mongodb_url, store.products, s.model, DIMS) is matrix
+    matrix = cache.get(s.mongodb_url, store, s.model, DIMS)
+    assert top() == first and cache.loads == 1 and cache.get(s.mongodb_url, store, s.model, DIMS) is matrix
 
     upsert(s, {"new": query})  # a new product: the count changes
     assert top() == ["new", *first[:2]] and cache.loads == 2
