@@ -18,7 +18,7 @@ DEV_DEFAULTS = {
     "MONGODB_URL": "mongodb://127.0.0.1:27017/?directConnection=true",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
 }
-PROVIDER_MODELS = {"hash": "hash-v1", "local": "all-MiniLM-L6-v2-int8"}
+PROVIDER_MODELS = {"hash": "hash-v1"}
 SECRET_VARS = frozenset({"OPENAI_API_KEY"})
 APP_ENVS = ("prod", "dev", "test")
 RECOMMEND_BACKENDS = ("numpy", "atlas")
@@ -259,9 +259,10 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
 
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
     prod = app_env == "prod"
-    provider = _choice(e, "EMBEDDING_PROVIDER", "openai", ("openai", "hash", "local"))
+    provider = _choice(e, "EMBEDDING_PROVIDER", "openai", ("openai", "hash"))
     if provider == "hash" and prod:
-        raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai or local in APP_ENV=prod (hash has no semantics)")
+        raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai in APP_ENV=prod (hash has no semantics; a self-hosted "
+                          "model: openai with OPENAI_BASE_URL of an OpenAI-compatible server)")
     api_key = (e.get("OPENAI_API_KEY") or "").strip() or None
     if provider == "openai" and not api_key:
         raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")

@@ -71,7 +71,7 @@ class RedisState:
         if not keys:
             return
         try:
-            try:  # one command: ~3 µs of client CPU per id instead of ~26 for a pipelined SET (benchmarks/)
+            try:  # one command: far less client CPU per id than a pipelined SET each (docs/PERFORMANCE.md)
                 self.client.eval(_MARK_SCRIPT, len(keys), *keys, self.idempotency_ttl)
             except redis.ResponseError:  # scripting refused (ACL, disabled) or a SET failed: the same SETs, pipelined
                 pipe = self.client.pipeline(transaction=False)

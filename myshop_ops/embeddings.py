@@ -174,7 +174,7 @@ def make_provider(settings: Settings) -> Provider:
         return HashProvider(settings.embedding_dimensions, settings.model)
     if settings.embedding_provider == "openai":
         return OpenAIProvider(settings)
-    raise ConfigError("EMBEDDING_PROVIDER", "local", "openai or hash (the local model extra is not built yet)")
+    raise ConfigError("EMBEDDING_PROVIDER", settings.embedding_provider, "openai or hash")
 
 
 def normalise_phrase(phrase: str) -> str:

@@ -49,7 +49,8 @@ class ForeignVector(ValueError):
 
 
 def encode_vector(vec: np.ndarray) -> Binary:
-    """A float32 vector as BSON Binary subtype 9 (FLOAT32): what ``Binary.from_vector`` makes, at 2 µs not 8."""
+    """A float32 vector as BSON Binary subtype 9 (FLOAT32): what ``Binary.from_vector`` makes, built directly (cheaper:
+    docs/PERFORMANCE.md)."""
     return Binary(_FLOAT32_VECTOR + np.asarray(vec, dtype="<f4").tobytes(), 9)
 
 
@@ -57,7 +58,7 @@ def decode_vector(value: object) -> np.ndarray:
     """A stored vector (Binary subtype 9, raw float32 bytes, or an array of numbers) as float32."""
     if isinstance(value, Binary) and value.subtype == 9:
         # numpy view of the payload, copied: the same fresh float32 array as from the default list of Python floats,
-        # at ~4 µs instead of ~125 µs per 1,536-d vector (benchmarks: worker CPU per event)
+        # without making that list (docs/PERFORMANCE.md: worker CPU per event)
         return np.array(value.as_vector(return_numpy=True).data, dtype=np.float32)
     if isinstance(value, bytes | bytearray):
         return np.frombuffer(value, "<f4")

@@ -1,4 +1,5 @@
-"""When a worker should stop: message/time/memory/failure limits, signals and the stop-workers flag."""
+"""When a worker should stop: message/time/memory/failure limits and signals; the worker adds its own reasons (the
+stop-workers flag, a configuration error) through ``Limits.stop``."""
 
 from __future__ import annotations
 

@@ -55,7 +55,6 @@ CHUNK = 256  # messages published per turn of the I/O loop, so confirms are read
 NACK_ATTEMPTS = len(NACK_PAUSES_S) + 1  # publishes of one message, each on a fresh channel, before it counts as nacked
 
 PENDING, OK, NACKED, RETURNED, LOST, UNSENT = range(6)
-STATUS_NAMES = {PENDING: "pending", OK: "ok", NACKED: "nacked", RETURNED: "returned", LOST: "lost", UNSENT: "unsent"}
 
 
 def _cause(exc: BaseException) -> BaseException | None:

@@ -1,4 +1,5 @@
-"""Queue health for `myshop stats` (and, later, its metrics exporter): depths, consumers, rates, thresholds."""
+"""Queue health for `myshop stats` and its metrics exporter (--serve-metrics): depths, consumers, rates, thresholds,
+the main queue's cluster members."""
 
 from __future__ import annotations
 

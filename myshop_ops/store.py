@@ -83,7 +83,7 @@ def pack_ring(value: object, width: int) -> bytes:
     """A stored ring of ids as packed bytes, oldest first.
 
     Rings are stored as one BSON Binary of fixed-width items and rewritten whole by the version-filtered update:
-    256 array elements made a profile write ~4x and a read ~6x slower on the Mongo-wire server (docs/PERFORMANCE.md).
+    256 array elements made profile writes and reads several times slower (docs/PERFORMANCE.md).
     Arrays of hex strings (what $push stored before) are read too."""
     if isinstance(value, bytes):
         ring = bytes(value)  # plain bytes, also from a Binary

@@ -37,7 +37,7 @@ from myshop_ops.window import BatchWindow, user_of
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2  # Worker.run's exit codes (the CLI's are cli/common.py's, the same numbers)
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
 # a retry or failed copy no queue takes (on a cluster: the classic delay/failed queue's node is down) is tried again
 # on the same connection for this long, the batch held unacked: reconnecting would redeliver it, and each

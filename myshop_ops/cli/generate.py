@@ -204,7 +204,7 @@ def _check_topology(s: Settings, topo: Topology) -> None:
 
 
 def _build(plan: Plan, products: list[str], as_json: bool) -> Run:
-    """Synthesise the run (about 45 us per event, before publishing: not part of the publish duration)."""
+    """Synthesise the run (before publishing: not part of the publish duration)."""
     if as_json or plan.total < 20_000:
         return synthesize(plan, products)
     if console.is_terminal:

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from myshop_ops.config import load_settings
+from myshop_ops.config import ConfigError, load_settings
 from myshop_ops.embeddings import (
     MAX_BYTES_PER_INPUT,
     MAX_BYTES_PER_REQUEST,
@@ -31,6 +31,7 @@ from myshop_ops.embeddings import (
     HashProvider,
     OpenAIProvider,
     PhraseEmbedder,
+    make_provider,
     request_batches,
     truncate_utf8,
 )
@@ -506,3 +507,13 @@ def test_fake_server_runs_as_a_module_and_prints_ready() -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0
+
+
+def test_only_openai_and_hash_are_providers_a_self_hosted_model_is_openai_with_a_base_url():
+    with pytest.raises(ConfigError, match="EMBEDDING_PROVIDER='local' is invalid"):
+        load_settings({"EMBEDDING_PROVIDER": "local"}, None)
+    with pytest.raises(ConfigError, match="a self-hosted model: openai with OPENAI_BASE_URL"):
+        load_settings({"APP_ENV": "prod", "EMBEDDING_PROVIDER": "hash"}, None)
+    s = load_settings({"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
+                       "OPENAI_EMBEDDING_MODEL": "bge-small-en-v1.5", "EMBEDDING_DIMENSIONS": "384"}, None)
+    assert s.model == "bge-small-en-v1.5" and make_provider(s).dimensions == 384
