@@ -251,10 +251,11 @@ def merged_env(env: Mapping[str, str] | None = None, env_file: str | Path | _Dis
     return merged
 
 
-def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _Discover | None = DISCOVER
-                  ) -> Settings:
+def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _Discover | None = DISCOVER, *,
+                  embeds: bool = True) -> Settings:
     """Settings from ``env`` (default: the process environment) over the values of ``env_file`` (default: the
-    file settings_file() names, if any)."""
+    file settings_file() names, if any). ``embeds=False``: the caller never calls the embeddings provider, so its
+    API key is not required (every value given is still validated)."""
     e = merged_env(env, env_file)
 
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
@@ -264,7 +265,7 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
         raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai in APP_ENV=prod (hash has no semantics; a self-hosted "
                           "model: openai with OPENAI_BASE_URL of an OpenAI-compatible server)")
     api_key = (e.get("OPENAI_API_KEY") or "").strip() or None
-    if provider == "openai" and not api_key:
+    if provider == "openai" and not api_key and embeds:
         raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")
     weights = dict(DEFAULT_WEIGHTS)
     for event_type in EVENT_TYPES:

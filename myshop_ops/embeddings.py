@@ -173,6 +173,8 @@ def make_provider(settings: Settings) -> Provider:
     if settings.embedding_provider == "hash":
         return HashProvider(settings.embedding_dimensions, settings.model)
     if settings.embedding_provider == "openai":
+        if not settings.openai_api_key:  # settings loaded for a command that does not embed (load_settings)
+            raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")
         return OpenAIProvider(settings)
     raise ConfigError("EMBEDDING_PROVIDER", settings.embedding_provider, "openai or hash")
 

@@ -50,10 +50,11 @@ def shown(value: object) -> str:
     return escape(printable(value))
 
 
-def settings() -> Settings:
-    """Load and validate settings, or stop with exit code 2 and one line naming the variable."""
+def settings(*, embeds: bool = False) -> Settings:
+    """Load and validate settings, or stop with exit code 2 and one line naming the variable. ``embeds``: the
+    command calls the embeddings provider (only then is OPENAI_API_KEY required)."""
     try:
-        s = load_settings()
+        s = load_settings(embeds=embeds)
     except ConfigError as exc:
         fail(f"configuration: {exc}", EXIT_CONFIG)
     logs.setup(s.log_format, level=s.log_level.upper())

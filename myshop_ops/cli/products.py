@@ -45,7 +45,7 @@ def import_products(
             pass
     except OSError as exc:
         fail(f"catalog {path}: {exc.strerror or exc} (give a JSONL file, one product per line)", EXIT_CONFIG)
-    s = settings()
+    s = settings(embeds=True)
     with operator_errors(s):
         provider = make_provider(s)
         store = Store.from_settings(s)

@@ -41,7 +41,7 @@ def run_verify(
                                "settle first (messages still queued or unacked are not losses)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
 ) -> None:
-    s = settings()
+    s = settings(embeds=True)
     try:
         handle = events.open("rb")
     except OSError as exc:

@@ -37,7 +37,7 @@ def consume(
     if os.geteuid() == 0 and not allow_root:
         fail("refusing to consume as root: run as a service user (the systemd unit uses User=myshop) "
              "or pass --allow-root (MYSHOP_ALLOW_ROOT=1)", EXIT_CONFIG)
-    s = settings()
+    s = settings(embeds=True)
     try:
         memory = parse_size(memory_limit) if memory_limit else None
     except ValueError as exc:
