@@ -11,7 +11,7 @@ from myshop_ops.broker import Topology
 from myshop_ops.config import Settings
 from myshop_ops.contract import event_key
 from myshop_ops.dedup import RedisState
-from myshop_ops.failed import FailedBox
+from myshop_ops.failed_queue import FailedBox
 from myshop_ops.store import USERS, Store, message_ids
 
 

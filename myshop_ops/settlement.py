@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from myshop_ops.broker import Topology
-from myshop_ops.failures import Copy, failure_record, route
 from myshop_ops.pipeline import Item, Status
+from myshop_ops.retry_routing import Copy, failure_record, route
 
 if TYPE_CHECKING:
     from myshop_ops.worker import Delivery
@@ -38,7 +38,7 @@ class Settlement:
 def settle(topology: Topology, batch: Sequence[Delivery], items: Sequence[Item], *, ack_each: bool,
            now: datetime | None = None) -> Settlement:
     """What ``batch`` (whose outcomes are ``items``, in the same order) becomes: a copy for each retry or failed
-    item, routed by ``failures.route``; one multiple ack of the highest tag, or with ``ack_each`` (held deliveries
+    item, routed by ``retry_routing.route``; one multiple ack of the highest tag, or with ``ack_each`` (held deliveries
     of the batching window interleave with others) one ack per delivery."""
     copies = []
     for delivery, item in zip(batch, items, strict=True):

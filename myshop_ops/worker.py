@@ -25,12 +25,12 @@ from myshop_ops.broker import Publisher, Topology, published_at
 from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.failures import message_id_of
 from myshop_ops.limits import Limits
 from myshop_ops.metrics import Observer
 from myshop_ops.notify import Notifier
 from myshop_ops.pipeline import BatchResult, Item, Pipeline, Status, StoreUnavailable
 from myshop_ops.ports import Channel, Connection, EventState, Phrases, ProfileStore
+from myshop_ops.retry_routing import message_id_of
 from myshop_ops.settlement import Outgoing, settle
 from myshop_ops.store import Store
 from myshop_ops.window import BatchWindow, user_of

@@ -23,7 +23,7 @@ from myshop_ops.cli.common import (
     settings,
     shown,
 )
-from myshop_ops.failed import Drift, FailedBox, Outcome, parse_duration
+from myshop_ops.failed_queue import Drift, FailedBox, Outcome, parse_duration
 from myshop_ops.printable import printable
 from myshop_ops.store import Store
 

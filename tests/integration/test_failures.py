@@ -12,9 +12,9 @@ import pytest
 from myshop_ops import broker
 from myshop_ops.broker import Publisher
 from myshop_ops.contract import make_event, serialise
-from myshop_ops.failures import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
 from myshop_ops.limits import Limits
 from myshop_ops.management import for_dsn
+from myshop_ops.retry_routing import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli

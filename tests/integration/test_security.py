@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from myshop_ops.contract import make_event
-from myshop_ops.failures import H_ERROR_MESSAGE
+from myshop_ops.retry_routing import H_ERROR_MESSAGE
 from tests.conftest import RABBIT, run_cli
 from tests.support.events import T0, publish
 from tests.support.workers import prepare, private_vhost, rabbitmqctl, wait_queue

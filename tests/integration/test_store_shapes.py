@@ -12,9 +12,9 @@ from bson.binary import Binary
 
 from myshop_ops import preflight
 from myshop_ops.contract import make_event
-from myshop_ops.failures import H_ERROR_CLASS
 from myshop_ops.layout import read_profile
 from myshop_ops.limits import Limits
+from myshop_ops.retry_routing import H_ERROR_CLASS
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.conftest import DIMS

@@ -17,10 +17,10 @@ from myshop_ops import broker
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import HashProvider, PhraseEmbedder
-from myshop_ops.failures import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.limits import Limits
 from myshop_ops.management import for_dsn
 from myshop_ops.pipeline import Pipeline
+from myshop_ops.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
 from tests.conftest import run_cli

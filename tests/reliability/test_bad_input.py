@@ -105,7 +105,7 @@ def test_property_rejected_bodies_go_to_failed_and_the_worker_keeps_going(renv, 
     sc.finish(expect_restarts=0)
 
 
-# Bugs this scenario found, fixed in myshop_ops/failures.py; kept as regression tests.
+# Bugs this scenario found, fixed in myshop_ops/retry_routing.py; kept as regression tests.
 FOUND_BUGS = {
     "nested body": "failure_record_fields() json.loads'd a body nested 10k levels deep outside its except: "
                    "RecursionError crashed the worker at every delivery",

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
-from myshop_ops.failures import (
+from myshop_ops.limits import Limits
+from myshop_ops.retry_routing import (
     H_FAILURE_ID,
     H_FIRST_FAILURE,
     H_HISTORY,
@@ -30,7 +31,6 @@ from myshop_ops.failures import (
     failure_record,
     route,
 )
-from myshop_ops.limits import Limits
 from myshop_ops.store import Store
 from myshop_ops.verify import UserCheck, Verification
 from myshop_ops.worker import EXIT_OK, Worker

@@ -18,9 +18,9 @@ from myshop_ops.broker import Publisher, Topology
 from myshop_ops.config import Settings
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
-from myshop_ops.failures import H_ERROR_CLASS, H_FAILURE_ID, H_RETRY_COUNT
 from myshop_ops.limits import Limits
 from myshop_ops.pipeline import BatchResult, Item, Status
+from myshop_ops.retry_routing import H_ERROR_CLASS, H_FAILURE_ID, H_RETRY_COUNT
 from myshop_ops.settlement import settle
 from myshop_ops.worker import SOLO_ATTEMPTS, Delivery, Worker
 from tests.support.stubs import StubBroker, StubNotifier, StubProvider, StubRedis, StubStore

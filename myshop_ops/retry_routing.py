@@ -1,4 +1,4 @@
-"""Where a message goes when it cannot be applied now: a delay queue, or `failed` with its story in headers."""
+"""Retry routing: where a message goes when it cannot be applied now, a delay queue or `failed` with its story."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops import broker
 from myshop_ops.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
-from myshop_ops.failures import (
+from myshop_ops.retry_routing import (
     H_ERROR_CLASS,
     H_ERROR_MESSAGE,
     H_FAILURE_ID,
