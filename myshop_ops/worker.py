@@ -25,6 +25,7 @@ from myshop_ops.broker import Publisher, Topology, published_at
 from myshop_ops.config import ConfigError, Settings
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
 from myshop_ops.limits import Limits
 from myshop_ops.metrics import Observer
 from myshop_ops.notify import Notifier
@@ -37,7 +38,6 @@ from myshop_ops.window import BatchWindow, user_of
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_CRASH, EXIT_CONFIG = 0, 1, 2  # Worker.run's exit codes (the CLI's are cli/common.py's, the same numbers)
 IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the stop conditions
 # a retry or failed copy no queue takes (on a cluster: the classic delay/failed queue's node is down) is tried again
 # on the same connection for this long, the batch held unacked: reconnecting would redeliver it, and each
@@ -174,7 +174,7 @@ class Worker:
             code = EXIT_CONFIG
         except Exception:
             log.exception("worker crashed")
-            code = EXIT_CRASH
+            code = EXIT_FAIL
         finally:
             self.observer.attached(False)
             self.notifier.stopping(f"stopping: {self.limits.reason or 'crash'}")

@@ -19,10 +19,10 @@ from rich.text import Text
 from myshop_ops import logs
 from myshop_ops.broker import BrokerError
 from myshop_ops.config import ConfigError, Settings, load_settings, mask_text, mask_url
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.management import ManagementError
 from myshop_ops.printable import printable
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 def _console(stderr: bool = False) -> Console:
     """A console; into a pipe or a file (no terminal, no COLUMNS) 200 columns wide, so that tables keep their

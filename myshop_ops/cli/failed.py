@@ -13,16 +13,8 @@ from rich.table import Table
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAIL,
-    console,
-    fail,
-    operator_errors,
-    print_json,
-    settings,
-    shown,
-)
+from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.failed_queue import Drift, FailedBox, Outcome, parse_duration
 from myshop_ops.printable import printable
 from myshop_ops.store import Store

@@ -19,17 +19,9 @@ from rich.table import Table
 
 from myshop_ops import broker
 from myshop_ops.broker import BLOCKED_TIMEOUT_S, Topology
-from myshop_ops.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAIL,
-    console,
-    err_console,
-    fail,
-    operator_errors,
-    print_json,
-    settings,
-)
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
 from myshop_ops.config import Settings, mask_url
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.generate import (
     DEFAULT_POLL_S,
     MAX_EVENTS,

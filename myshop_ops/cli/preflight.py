@@ -7,7 +7,8 @@ from collections import Counter
 import typer
 
 from myshop_ops import logs, preflight
-from myshop_ops.cli.common import EXIT_FAIL, console, print_json
+from myshop_ops.cli.common import console, print_json
+from myshop_ops.exit_codes import EXIT_FAIL
 
 PREFLIGHT_HELP = """Pre-deployment checks: configuration (placeholders, guest/guest in prod), package versions,
 MongoDB (reachable, indexes, product vectors), RabbitMQ (reachable, topology exactly as configured, bindings,

@@ -9,18 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from myshop_ops.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
-from myshop_ops.cli.common import (
-    EXIT_CONFIG,
-    EXIT_FAIL,
-    EXIT_UNAVAILABLE,
-    console,
-    err_console,
-    fail,
-    operator_errors,
-    print_json,
-    settings,
-)
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
 from myshop_ops.embeddings import EmbeddingError, Provider, make_provider
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.lines import count_lines
 from myshop_ops.store import Store
 

@@ -8,7 +8,8 @@ import typer
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.failed_queue import FailedBox
 from myshop_ops.store import Store
 

@@ -17,7 +17,8 @@ from rich.text import Text
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, err_console, fail, operator_errors, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, settings
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.management import Management, ManagementError, vhost_of
 from myshop_ops.metrics import DEFAULT_HOST, QueueExporter, serve
 from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export

@@ -7,10 +7,11 @@ import sys
 import typer
 from rich.table import Table
 
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
+from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
 from myshop_ops.contract import EVENT_TYPES
 from myshop_ops.erasure import NotConfirmed, NotErased, erase_user
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.recommend import Recommendations, Recommender, RecommendError
 from myshop_ops.store import USERS, Store
 

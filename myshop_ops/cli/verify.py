@@ -9,10 +9,11 @@ from rich.table import Table
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_FAIL, console, fail, operator_errors, print_json, settings, shown
+from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.contract import MAX_BODY_BYTES
 from myshop_ops.dedup import RedisState
 from myshop_ops.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.lines import bounded_lines
 from myshop_ops.management import for_dsn
 from myshop_ops.stats import wait_settled

@@ -6,9 +6,10 @@ import os
 
 import typer
 
-from myshop_ops.cli.common import EXIT_CONFIG, EXIT_UNAVAILABLE, console, fail, operator_errors, settings
+from myshop_ops.cli.common import console, fail, operator_errors, settings
 from myshop_ops.config import mask_url
 from myshop_ops.dedup import RedisState
+from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_UNAVAILABLE
 from myshop_ops.limits import Limits, parse_size
 from myshop_ops.metrics import DEFAULT_HOST, Metrics, serve
 from myshop_ops.worker import Worker

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from myshop_ops import broker
 from myshop_ops.broker import Topology
 from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
+from myshop_ops.exit_codes import EXIT_OK
 from myshop_ops.limits import Limits
 from myshop_ops.retry_routing import (
     H_FAILURE_ID,
@@ -33,7 +34,7 @@ from myshop_ops.retry_routing import (
 )
 from myshop_ops.store import Store
 from myshop_ops.verify import UserCheck, Verification
-from myshop_ops.worker import EXIT_OK, Worker
+from myshop_ops.worker import Worker
 from tests.conftest import run_cli
 from tests.support.events import T0, seed_products
 
