@@ -142,8 +142,16 @@ def _unicode_ok(text: str) -> bool:
     return True
 
 
+def loose_field(doc: object, snake: str, camel: str) -> Any:
+    """What a body not (yet) parsed holds under a field, for a look without validation (the batching window's
+    user, a failed message's record): the snake_case key's value when that key is present (even null), else its
+    camelCase alias's; None when neither is, or ``doc`` is no JSON object. :func:`parse` decides what is valid."""
+    return doc.get(snake, doc.get(camel)) if isinstance(doc, dict) else None
+
+
 def _get(data: dict[str, Any], snake: str, camel: str, errors: list[str]) -> Any:
-    """The value under the snake_case key or its camelCase alias; conflicting values are an error."""
+    """The value under the snake_case key or its camelCase alias; conflicting values are an error (the strict
+    reading :func:`parse` makes; :func:`loose_field` is the lenient one)."""
     value = data.get(snake, _MISSING)
     alias = data.get(camel, _MISSING)
     if alias is _MISSING:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from myshop_ops.amqp_fields import encodable
 from myshop_ops.broker import H_PUBLISHED_AT, Topology, publish_time
+from myshop_ops.contract import loose_field
 
 H_RETRY_COUNT = "x-retry-count"
 H_FIRST_FAILURE = "x-first-failure-at"
@@ -165,7 +166,7 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
     when readable, and the headers made BSON-safe."""
     text = body.decode("utf-8", errors="replace")
     doc = _loads(text)
-    event_type = doc.get("event_type", doc.get("eventType")) if isinstance(doc, dict) else None
+    event_type = loose_field(doc, "event_type", "eventType")
     history = _history(headers)
     return _bson_safe({
         **fields,
@@ -193,7 +194,7 @@ def body_user(body: bytes) -> str | None:
 
 
 def _user_of(doc: object) -> str | None:
-    user_id = doc.get("user_id", doc.get("userId")) if isinstance(doc, dict) else None
+    user_id = loose_field(doc, "user_id", "userId")
     return None if user_id is None else _bson_safe(str(user_id)[:128])
 
 

@@ -14,6 +14,7 @@ from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops import broker
 from myshop_ops.broker import Topology, published_at
+from myshop_ops.contract import loose_field
 
 PREVIEW_CHARS = 200
 
@@ -55,10 +56,9 @@ def _describe(routing_key: str, props, body: bytes) -> UnroutedMessage:
         doc = json.loads(text)
     except (ValueError, RecursionError):
         doc = None
-    doc = doc if isinstance(doc, dict) else {}
 
     def field(snake: str, camel: str) -> str | None:
-        value = doc.get(snake, doc.get(camel))
+        value = loose_field(doc, snake, camel)
         return None if value is None or isinstance(value, dict | list) else str(value)[:128]
 
     return UnroutedMessage(routing_key, field("message_id", "messageId") or props.message_id,

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from myshop_ops.contract import loose_field
+
 T = TypeVar("T")
 CAP_FACTOR = 4  # a user that never goes quiet is still written every CAP_FACTOR * window seconds
 
@@ -80,7 +82,5 @@ def user_of(body: bytes) -> str | None:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict):
-        return None
-    user = doc.get("user_id", doc.get("userId"))
+    user = loose_field(doc, "user_id", "userId")
     return str(user) if isinstance(user, str | int) and not isinstance(user, bool) else None

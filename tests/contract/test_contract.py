@@ -20,6 +20,7 @@ from myshop_ops.contract import (
     Event,
     InvalidMessage,
     event_key,
+    loose_field,
     make_event,
     message_id,
     parse,
@@ -577,3 +578,13 @@ def test_the_dedup_key_is_the_message_id_scoped_to_the_user() -> None:
     b = parse(enc(body(user_id="669a3f12-bbbb", message_id="a" * 64)), now=NOW)
     assert a.message_id == b.message_id and a.key != b.key
     assert a.key == event_key("a" * 64, "669a3f12-aaaa")
+
+
+def test_loose_field_reads_snake_then_camel_without_validating():
+    """The one lenient snake/camel lookup (window, failed records, unrouted): snake_case wins when present, even
+    as null; anything but a JSON object holds nothing."""
+    assert loose_field({"user_id": "u1", "userId": "u2"}, "user_id", "userId") == "u1"
+    assert loose_field({"userId": 42}, "user_id", "userId") == 42
+    assert loose_field({"user_id": None, "userId": "u2"}, "user_id", "userId") is None
+    assert loose_field({}, "user_id", "userId") is None
+    assert loose_field(["user_id"], "user_id", "userId") is None and loose_field(None, "user_id", "userId") is None
