@@ -8,13 +8,13 @@ import itertools
 import re
 import unicodedata
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from myshop_ops.config import ConfigError, Settings
+from myshop_ops.lru import Recent
 
 MAX_INPUTS_PER_REQUEST = 2048
 MAX_BYTES_PER_REQUEST = 300_000  # the API's token cap; tokens <= UTF-8 bytes
@@ -197,8 +197,7 @@ class PhraseEmbedder:
         self.provider = provider
         self.shared = shared
         self.ttl = ttl
-        self.lru_size = lru_size
-        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lru: Recent[str, np.ndarray] = Recent(lru_size)
         self.provider_calls = 0
         self.provider_texts = 0
 
@@ -210,12 +209,7 @@ class PhraseEmbedder:
         """Vectors by phrase for every distinct phrase given (raises EmbeddingError)."""
         keys = {p: self.key(p) for p in phrases}
         by_key = {k: p for p, k in keys.items()}
-        found: dict[str, np.ndarray] = {}
-        for k in by_key:
-            if (vec := self._lru.get(k)) is not None:
-                self._lru.move_to_end(k)
-                found[k] = vec
-        missing = [k for k in by_key if k not in found]
+        found, missing = self._lru.take(by_key)
         if missing and self.shared is not None:
             for k, raw in zip(missing, self.shared.get_vectors(missing), strict=True):
                 if raw is not None and len(raw) == 4 * self.provider.dimensions:
@@ -229,9 +223,5 @@ class PhraseEmbedder:
                 found[k] = vec
             if self.shared is not None:
                 self.shared.set_vectors({k: found[k].astype("<f4").tobytes() for k in fresh}, self.ttl)
-        for k, vec in found.items():
-            self._lru[k] = vec
-            self._lru.move_to_end(k)
-        while len(self._lru) > self.lru_size:
-            self._lru.popitem(last=False)
+        self._lru.put(found)
         return {p: found[k] for p, k in keys.items()}

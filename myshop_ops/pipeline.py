@@ -22,9 +22,10 @@ from pymongo.errors import PyMongoError
 from myshop_ops.config import Settings
 from myshop_ops.contract import Event, InvalidMessage, parse
 from myshop_ops.embeddings import EmbeddingError
+from myshop_ops.lru import Recent
 from myshop_ops.ports import EventState, Phrases, ProfileStore
 from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
-from myshop_ops.store import ProfileWrite, Recent, StoredProfile
+from myshop_ops.store import ProfileWrite, StoredProfile
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
 
 import numpy as np
 from bson.binary import Binary
@@ -43,8 +39,6 @@ RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from 
 ID_BYTES = 32  # a message id (sha256 hex) is kept as its 32 raw bytes
 TOKEN_BYTES = 8
 SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
-K = TypeVar("K")
-V = TypeVar("V")
 
 INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
     USERS: [
@@ -171,40 +165,6 @@ class WriteResult:
     applied: list[str] = field(default_factory=list)
     conflicted: list[str] = field(default_factory=list)
     stored: dict[str, StoredProfile] = field(default_factory=dict)  # each applied profile, as it now is
-
-
-class Recent(Generic[K, V]):
-    """A bounded LRU of values by key; with ``ttl``, a value put more than ``ttl`` seconds ago is a miss."""
-
-    def __init__(self, size: int, ttl: float | None = None, clock: Callable[[], float] = time.monotonic):
-        self.size, self.ttl, self.clock = size, ttl, clock
-        self._items: OrderedDict[K, tuple[V, float]] = OrderedDict()
-
-    def take(self, keys: Iterable[K]) -> tuple[dict[K, V], list[K]]:
-        """(the values held, the keys to look up elsewhere)."""
-        hits: dict[K, V] = {}
-        misses: list[K] = []
-        oldest = -math.inf if self.ttl is None else self.clock() - self.ttl
-        for key in keys:
-            found = self._items.get(key)
-            if found is None or found[1] < oldest:
-                misses.append(key)
-            else:
-                self._items.move_to_end(key)
-                hits[key] = found[0]
-        return hits, misses
-
-    def put(self, items: dict[K, V]) -> None:
-        now = self.clock()
-        for key, value in items.items():
-            self._items[key] = (value, now)
-            self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def drop(self, keys: Iterable[K]) -> None:
-        for key in keys:
-            self._items.pop(key, None)
 
 
 def written(w: ProfileWrite, token: bytes) -> StoredProfile:

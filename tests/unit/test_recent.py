@@ -1,8 +1,8 @@
-"""store.Recent: the bounded LRU (with an optional time to live) behind the worker's profile and product caches."""
+"""lru.Recent: the bounded LRU (optionally with a time to live) behind the profile, product and phrase caches."""
 
 from __future__ import annotations
 
-from myshop_ops.store import Recent
+from myshop_ops.lru import Recent
 
 
 class Clock:
