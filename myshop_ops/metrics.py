@@ -50,6 +50,8 @@ class Observer:
 
     def copied(self, error_class: str, failed: bool) -> None: ...
 
+    def publish_blocked(self, blocked: bool) -> None: ...
+
     def instrument(self, provider: Provider) -> Provider:
         """The provider the worker should call (this one, or a wrapper that measures it)."""
         return provider
@@ -77,10 +79,14 @@ class Metrics(Observer):
         self.provider_seconds = Histogram("myshop_provider_request_seconds", "Embedding provider call duration",
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("myshop_batch_size", "Messages per batch", buckets=BATCH_BUCKETS, registry=r)
-        self.ready = Gauge("myshop_worker_ready", "1 while the consumer is attached and MongoDB answers", registry=r)
+        self.ready = Gauge("myshop_worker_ready", "1 while the consumer is attached, MongoDB answers and RabbitMQ "
+                           "does not block publishing", registry=r)
+        self.blocked = Gauge("myshop_publish_blocked", "1 while RabbitMQ blocks this worker's publishing (a memory or "
+                             "disk alarm anywhere in the cluster): retry and failed copies wait", registry=r)
         self.last_turn = time.monotonic()
         self.is_attached = False
         self.store_ok = True
+        self.publish_ok = True
 
     def turned(self) -> None:
         self.last_turn = time.monotonic()
@@ -93,16 +99,22 @@ class Metrics(Observer):
         self.store_ok = available
         self.ready.set(int(self.is_ready))
 
+    def publish_blocked(self, blocked: bool) -> None:
+        self.publish_ok = not blocked
+        self.blocked.set(int(blocked))
+        self.ready.set(int(self.is_ready))
+
     @property
     def is_ready(self) -> bool:
-        return self.is_attached and self.store_ok
+        return self.is_attached and self.store_ok and self.publish_ok
 
     def health(self) -> tuple[bool, dict]:
         age = time.monotonic() - self.last_turn
         return age < LIVENESS_S, {"loop_age_s": round(age, 3)}
 
     def readiness(self) -> tuple[bool, dict]:
-        return self.is_ready, {"consumer_attached": self.is_attached, "mongodb": self.store_ok}
+        return self.is_ready, {"consumer_attached": self.is_attached, "mongodb": self.store_ok,
+                               "publishing": self.publish_ok}
 
     def batch(self, statuses, seconds, waits, conflicts) -> None:
         for status, event_type in statuses:
@@ -228,6 +240,11 @@ class QueueExporter:
         self.consumers = Gauge("myshop_queue_consumers", "Consumers attached to the queue", labels, registry=r)
         self.failed = Gauge("myshop_failed_queue_messages", "Messages in the failed queue", registry=r)
         self.level = Gauge("myshop_queue_level", "Worst queue level: 0 ok, 1 warn, 2 critical", registry=r)
+        self.members = Gauge("myshop_queue_members", "Replicas of a quorum queue (management API)", labels, registry=r)
+        self.members_online = Gauge("myshop_queue_members_online", "Replicas of a quorum queue online", labels,
+                                    registry=r)
+        self.alarm = Gauge("myshop_rabbitmq_alarm", "1 while the node raises the alarm (memory or disk): every "
+                           "publisher of the cluster is blocked", ["node", "kind"], registry=r)
         self.last_attempt = time.monotonic()
         self.error: str | None = "no collection yet"
 
@@ -240,6 +257,12 @@ class QueueExporter:
                 self.unacked.labels(q.name, q.role).set(q.unacked)
             if q.role == "failed":
                 self.failed.set(q.ready)
+            if q.members is not None:
+                self.members.labels(q.name, q.role).set(len(q.members["members"]))
+                self.members_online.labels(q.name, q.role).set(len(q.members["online"]))
+        self.alarm.clear()  # a cleared alarm leaves no series behind
+        for a in report.alarms:
+            self.alarm.labels(a["node"], a["kind"]).set(1)
         self.level.set(("ok", "warn", "critical").index(report.level))
         self.last_attempt, self.error = time.monotonic(), None
 

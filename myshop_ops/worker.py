@@ -230,6 +230,7 @@ class Worker:
     def _on_blocked(self, blocked: bool, reason: str) -> None:
         """RabbitMQ blocks this connection (a memory or disk alarm anywhere in the cluster): copies to the retry and
         failed queues wait, so does the batch's ack (BLOCKED_TIMEOUT_S at most, then a reconnect)."""
+        self.observer.publish_blocked(blocked)  # /readyz says not ready: this worker cannot settle now
         self.notifier.status(f"RabbitMQ blocks publishing ({reason}): waiting" if blocked else "publishing again")
 
     def _idle_wait(self) -> float:

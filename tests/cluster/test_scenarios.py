@@ -18,8 +18,9 @@ import pytest
 
 from myshop_ops.store import Store
 from tests.cluster.conftest import NODES, node_index, node_name
+from tests.integration.test_metrics import get
 from tests.reliability.badinput import bad_bodies
-from tests.reliability.harness import SOAK, Plan, Scenario, interleave, plan_events, sized
+from tests.reliability.harness import SOAK, Plan, Scenario, free_port, interleave, plan_events, sized
 from tests.support.services import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(sized(420, 1800))]
@@ -200,7 +201,8 @@ def test_full_cluster_stop_and_start_with_messages_queued(cenv, cluster, workers
 def test_alarm_while_workers_publish_retry_copies(cenv, cluster, workers, tmp_path, fake_openai, kind, node):
     """A memory alarm on node 1 (disk alarm on node 2) blocks every publisher of the cluster. Workers start on a
     queue full of events while the provider fails (so they have retry copies to publish): each is blocked, says so
-    in its log, waits (no crash, no restart), and goes on when the alarm clears ~8 s later."""
+    in its log and its metrics (myshop_publish_blocked 1, /readyz 503 "publishing": false: it cannot settle), waits
+    (no crash, no restart), and goes on when the alarm clears ~8 s later."""
     fake_openai.clear()
     cenv.update(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
                 EMBEDDING_DIMENSIONS="1536")
@@ -211,10 +213,15 @@ def test_alarm_while_workers_publish_retry_copies(cenv, cluster, workers, tmp_pa
         cluster.alarm(kind, node, True)
         on = time.monotonic()
         try:
-            sup = sc.start_workers(2, prefetch=50)
+            ports = [free_port(), free_port()]
+            sup = sc.start_workers(2, prefetch=50, metrics_ports=ports)
             progress = Progress(sc)
             wait_for(lambda: any("RabbitMQ blocked publishing" in w.stderr for w in sup.slots), timeout=60,
                      interval=0.2, what=f"a worker blocked by the {kind} alarm\n{sup.describe()}")
+            blocked = wait_for(lambda: [p for p in ports if _probe(p)[0] == 503 and "myshop_publish_blocked 1.0"
+                                        in _probe(p, "/metrics")[1]], timeout=10, interval=0.2,
+                               what="a worker not ready, its myshop_publish_blocked 1")
+            assert '"publishing": false' in _probe(blocked[0])[1]
             time.sleep(max(0.0, on + 8 - time.monotonic()))  # the alarm's length itself
         finally:
             cluster.alarm(kind, node, False)
@@ -226,3 +233,8 @@ def test_alarm_while_workers_publish_retry_copies(cenv, cluster, workers, tmp_pa
         fake_openai.clear()
     assert row["worker_retried"] > 0, row
     assert any("RabbitMQ unblocked publishing" in w.stderr for w in sup.all), sup.describe()
+
+
+def _probe(port: int, path: str = "/readyz") -> tuple[int, str]:
+    """(status, body) of a worker's metrics endpoint; (0, "") while it does not answer."""
+    return get(port, path)

@@ -23,8 +23,9 @@ COUNTERS = ("messenger_processed_messages_total", "myshop_retries_total", "mysho
             "myshop_provider_errors_total")
 HISTOGRAMS = ("messenger_processing_time_seconds", "myshop_queue_wait_seconds", "myshop_provider_request_seconds",
               "myshop_batch_size")
-GAUGES = ("myshop_worker_ready", "process_start_time_seconds",
-          "messenger_queue_depth", "myshop_queue_unacked", "myshop_queue_consumers", "myshop_failed_queue_messages")
+GAUGES = ("myshop_worker_ready", "myshop_publish_blocked", "process_start_time_seconds",
+          "messenger_queue_depth", "myshop_queue_unacked", "myshop_queue_consumers", "myshop_failed_queue_messages",
+          "myshop_queue_members", "myshop_queue_members_online", "myshop_rabbitmq_alarm")
 ALLOWED_METRICS = frozenset(
     [*COUNTERS, *GAUGES, *(h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")), "up"])
 

@@ -36,6 +36,8 @@ REQUIRED_ALERTS = {
     "MyshopWorkerNotReady": ("warning", ["myshop_worker_ready", "== 0"]),
     "MyshopWorkerDown": ("warning", ["up{", "== 0"]),
     "MyshopExporterDown": ("critical", ["up{", "== 0"]),
+    "MyshopQueueMembersDown": ("warning", ["myshop_queue_members_online", "< myshop_queue_members"]),
+    "MyshopPublishersBlocked": ("critical", ["myshop_rabbitmq_alarm == 1", "myshop_publish_blocked"]),
 }
 COMMAND = re.compile(r"`myshop ([^`]+)`")
 
@@ -205,6 +207,8 @@ def test_dashboard_has_the_operator_panels(dashboard):
         "Restarts in the last hour": "process_start_time_seconds",
         "Provider latency": "myshop_provider_request_seconds_bucket",
         "Provider requests and errors": "myshop_provider_errors_total",
+        "Main queue members online": "myshop_queue_members_online",
+        "Publishers blocked by an alarm": "myshop_rabbitmq_alarm",
     }
     for title, fragment in required.items():
         assert title in by_title, f"no panel {title!r}"

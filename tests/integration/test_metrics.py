@@ -97,7 +97,8 @@ def test_readyz_flips_while_the_broker_refuses_the_worker(env, workers):
         rabbitmqctl("close_all_connections", "-p", vhost, "test: broker gone")
         wait_for(lambda: get(port, "/readyz")[0] == 503, timeout=10, interval=0.1, what="not ready")
         _, body = get(port, "/readyz")
-        assert json.loads(body) == {"ok": False, "consumer_attached": False, "mongodb": True}
+        assert json.loads(body) == {"ok": False, "consumer_attached": False, "mongodb": True,
+                                    "publishing": True}
         assert get(port, "/healthz")[0] == 200  # alive: the loop keeps turning while it waits to reconnect
         assert w.alive()
         rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")

@@ -282,10 +282,12 @@ def halt_all() -> None:
 class Supervisor:
     """K ``myshop consume`` processes, each restarted as soon as it dies (systemd ``Restart=always``)."""
 
-    def __init__(self, workers: Workers, env: dict[str, str], args: Sequence[str], k: int):
+    def __init__(self, workers: Workers, env: dict[str, str], args: Sequence[str], k: int,
+                 metrics_ports: Sequence[int] = ()):
         self.workers = workers
         self.env = env
         self.args = tuple(args)
+        self.metrics_ports = tuple(metrics_ports)  # slot i serves /metrics and /readyz on metrics_ports[i]
         self.slots: list[WorkerProcess] = []
         self.generation = [0] * k
         self.all: list[WorkerProcess] = []
@@ -310,7 +312,8 @@ class Supervisor:
 
     def _spawn(self, slot: int) -> WorkerProcess:
         self.generation[slot] += 1
-        w = self.workers.start(self.env, *self.args, name=f"w{slot}-{self.generation[slot]}")
+        port = ("--metrics-port", str(self.metrics_ports[slot])) if slot < len(self.metrics_ports) else ()
+        w = self.workers.start(self.env, *self.args, *port, name=f"w{slot}-{self.generation[slot]}")
         self.all.append(w)
         return w
 
@@ -630,9 +633,10 @@ class Scenario:
             assert f.done.wait(timeout), f"publishing not finished after {timeout}s"
             assert f.error is None, f"feeder failed: {f.error!r}"
 
-    def start_workers(self, k: int, prefetch: int = 100, **env_overrides: str) -> Supervisor:
+    def start_workers(self, k: int, prefetch: int = 100, metrics_ports: Sequence[int] = (),
+                      **env_overrides: str) -> Supervisor:
         args = ("--prefetch", str(prefetch), "--time-limit", str(sized(900, 7200)))
-        self.supervisor = Supervisor(self.workers, self.env.subprocess_env(**env_overrides), args, k)
+        self.supervisor = Supervisor(self.workers, self.env.subprocess_env(**env_overrides), args, k, metrics_ports)
         return self.supervisor
 
     # -- faults --

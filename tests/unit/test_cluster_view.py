@@ -89,3 +89,33 @@ def test_alarms_of_every_node():
     assert alarms(api) == [{"node": T[0], "kind": "memory"}, {"node": T[1], "kind": "memory"},
                            {"node": T[1], "kind": "disk"}]
     assert alarms(FakeApi([node(n) for n in T], None)) == []
+
+
+def test_worker_metrics_blocked_means_not_ready():
+    from myshop_ops.metrics import Metrics
+
+    m = Metrics()
+    m.attached(True)
+    assert m.readiness() == (True, {"consumer_attached": True, "mongodb": True, "publishing": True})
+    m.publish_blocked(True)
+    assert m.readiness()[0] is False and m.readiness()[1]["publishing"] is False
+    assert m.registry.get_sample_value("myshop_publish_blocked") == 1
+    assert m.registry.get_sample_value("myshop_worker_ready") == 0
+    m.publish_blocked(False)
+    assert m.readiness()[0] is True and m.registry.get_sample_value("myshop_publish_blocked") == 0
+
+
+def test_exporter_members_and_alarms():
+    from myshop_ops.metrics import QueueExporter
+    from myshop_ops.stats import Report
+
+    row = QueueRow("q", "main", 0, 1)
+    judge_members(row, Members.of(info(online=T[:2])))
+    exporter = QueueExporter(interval=15)
+    exporter.update(Report([row], True, alarms=[{"node": T[1], "kind": "disk"}]))
+    get = exporter.registry.get_sample_value
+    assert get("myshop_queue_members", {"queue": "q", "role": "main"}) == 3
+    assert get("myshop_queue_members_online", {"queue": "q", "role": "main"}) == 2
+    assert get("myshop_rabbitmq_alarm", {"node": T[1], "kind": "disk"}) == 1
+    exporter.update(Report([row], True))
+    assert get("myshop_rabbitmq_alarm", {"node": T[1], "kind": "disk"}) is None  # cleared, no series left
