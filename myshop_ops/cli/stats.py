@@ -27,10 +27,13 @@ STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
 
 Levels: warn above {WARN_DEPTH} ready, critical above {CRITICAL_DEPTH}; warn when messages wait with no consumer;
 warn when the failed queue holds more than 1% of the messages processed (needs RABBITMQ_MANAGEMENT_URL, which
-also adds unacked counts and publish/deliver rates). Exit code 1 when any queue is critical (for cron and
-monitoring). --json prints {{"level", "management", "failed_records", "queues": [{{"name", "role", "ready",
-"consumers", "unacked", "publish_rate", "deliver_rate", "acked_total", "level", "notes"}}]}} (one object per
-refresh with --watch); null means unknown."""
+also adds unacked counts and publish/deliver rates). On a RabbitMQ cluster (with the management API) the main
+quorum queue's members: warn with a member down, critical when its quorum is lost, the quorum-critical nodes
+(none may be restarted now) named; critical while a memory or disk alarm blocks every publisher. Exit code 1
+when any queue is critical (for cron and monitoring). --json prints {{"level", "management", "failed_records",
+"alarms": [{{"node", "kind"}}], "queues": [{{"name", "role", "ready", "consumers", "unacked", "publish_rate",
+"deliver_rate", "acked_total", "level", "notes", "members": null | {{"members", "online", "leader", "down",
+"quorum_critical", "majority"}}}}]}} (one object per refresh with --watch); null means unknown."""
 
 _COLOURS = {"ok": "green", "warn": "yellow", "critical": "bold red"}
 
