@@ -43,7 +43,6 @@ from benchmarks.common import (
     bench_env,
     consume_args,
     fraction_at_most,
-    free_port,
     histogram,
     histogram_quantile,
     log,
@@ -53,9 +52,9 @@ from benchmarks.common import (
     scrape,
     settled,
     visibility_latencies_ms,
-    wait_until,
 )
 from myshop_ops.publisher import OK
+from tests.support.services import free_port, wait_for
 
 NAME = "latency"
 USERS = 100
@@ -75,7 +74,7 @@ def ours(rate: float, seconds: float, prefetch: int, users: int = USERS) -> dict
             poller = ProfilePoller(env, sample).start()
             res = env.publish(run.messages, stamp=True, delay_s=1 / rate)
             publish_s = res.duration_s
-            wait_until(lambda: settled(scrape(port)) >= n, timeout=300, interval=0.2, what="the worker to settle all")
+            wait_for(lambda: settled(scrape(port)) >= n, timeout=300, interval=0.2, what="the worker to settle all")
             text = scrape(port)
             max_depth = depth.stop()
             time.sleep(0.4)  # one more poll sees the last writes

@@ -26,7 +26,6 @@ from benchmarks.common import (
     Row,
     bench_env,
     consume_args,
-    free_port,
     log,
     median,
     metric_sum,
@@ -35,6 +34,7 @@ from benchmarks.common import (
     scrape,
     settled,
 )
+from tests.support.services import free_port
 
 NAME = "scale"
 

@@ -30,7 +30,6 @@ from benchmarks.common import (
     Row,
     bench_env,
     consume_args,
-    free_port,
     histogram,
     histogram_quantile,
     log,
@@ -40,10 +39,10 @@ from benchmarks.common import (
     scrape,
     settled,
     visibility_latencies_ms,
-    wait_until,
 )
 from myshop_ops.broker import H_PUBLISHED_AT, PERSISTENT
 from myshop_ops.publisher import OK, PublishResult
+from tests.support.services import free_port, wait_for
 
 NAME = "window"
 STAGGER_S = 0.3
@@ -88,7 +87,7 @@ def one(windowed: bool, users: int, burst: int) -> dict:
         try:
             poller = ProfilePoller(env, run.plan.user_ids).start()
             res = publish_schedule(env, run, users, burst)
-            wait_until(lambda: settled(scrape(port)) >= n, timeout=120, interval=0.2, what="all events settled")
+            wait_for(lambda: settled(scrape(port)) >= n, timeout=120, interval=0.2, what="all events settled")
             text = scrape(port)
             time.sleep(0.4)
             snaps = poller.stop()

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -327,12 +326,6 @@ class StampedPublisher(WindowedPublisher):
 # ---- worker subprocesses -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_cpu(pid: int) -> float | None:
     """utime + stime of a live process, seconds (None once it is gone)."""
     try:
@@ -577,14 +570,6 @@ def fraction_at_most(limit: float, buckets: list[tuple[float, float]]) -> float 
         if le == limit:
             return count / buckets[-1][1] if buckets[-1][1] else None
     return None
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Sampler:

@@ -1,11 +1,11 @@
-"""Fixtures on real services: RabbitMQ and Redis on 127.0.0.1, the Mongo-wire server, a fake OpenAI."""
+"""Fixtures on real services: RabbitMQ and Redis on 127.0.0.1, the Mongo-wire server, a fake OpenAI. Fixtures
+only: the helpers tests import are in tests/support (run_cli is imported here for tests/cluster/test_harness.py
+until it imports it from tests.support.services)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -15,12 +15,18 @@ import redis as redis_lib
 from myshop_ops.broker import Topology
 from myshop_ops.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.services import ROOT, MongoWire, forget_keys, redis_url
+from tests.support.services import (
+    DIMS,
+    RABBIT,
+    ROOT,
+    MongoWire,
+    forget_keys,
+    redis_url,
+    run_cli,  # noqa: F401 - tests/cluster/test_harness.py imports it from here
+)
 from tests.support.workers import Workers, prepare, remove_topology
 
-RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 REDIS = redis_url()
-DIMS = 64  # small vectors keep the Mongo-wire server fast; the math is dimension-independent
 
 
 @pytest.fixture(scope="session")
@@ -103,11 +109,3 @@ def redis_client() -> Iterator[redis_lib.Redis]:
     client = redis_lib.Redis.from_url(REDIS)
     yield client
     client.close()
-
-
-def run_cli(*args: str, env: dict[str, str], timeout: float = 120, input: str | None = None):
-    """Run `myshop ...` as a real subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "myshop_ops", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, input=input, cwd=ROOT,
-    )

@@ -17,8 +17,8 @@ from myshop_ops.management import for_dsn
 from myshop_ops.retry_routing import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import T0, publish
+from tests.support.services import run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,8 @@ from myshop_ops.generate import SEARCH_PHRASES
 from myshop_ops.management import for_dsn
 from myshop_ops.publisher import NACK_ATTEMPTS, NACKED, OK, WindowedPublisher
 from myshop_ops.store import Store
-from tests.conftest import RABBIT, run_cli
 from tests.support.events import seed_products
-from tests.support.services import GENERATE, ROOT, redis_url
+from tests.support.services import GENERATE, RABBIT, ROOT, redis_url, run_cli
 from tests.support.workers import event_counts, one_line, queue_state, wait_queue
 
 pytestmark = pytest.mark.integration

@@ -26,9 +26,8 @@ import redis as redis_lib
 
 from myshop_ops.contract import Event, make_event
 from myshop_ops.store import Store
-from tests.conftest import RABBIT, run_cli
 from tests.support.events import T0, expected_profiles, publish
-from tests.support.services import LIFECYCLE, redis_url, wait_for
+from tests.support.services import LIFECYCLE, RABBIT, redis_url, run_cli, wait_for
 from tests.support.workers import (
     check_profiles,
     event_counts,

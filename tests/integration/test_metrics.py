@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -14,18 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from myshop_ops.contract import make_event, serialise
-from tests.conftest import RABBIT
 from tests.support.events import T0, mixed_events, publish, seed_products
-from tests.support.services import ROOT, wait_for
+from tests.support.services import RABBIT, ROOT, free_port, wait_for
 from tests.support.workers import event_total, prepare, private_vhost, rabbitmqctl
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -16,10 +16,9 @@ import pytest
 
 from myshop_ops import broker
 from myshop_ops.store import Store
-from tests.conftest import RABBIT, run_cli
 from tests.support.events import seed_products
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.services import ROOT, wait_for
+from tests.support.services import RABBIT, ROOT, run_cli, wait_for
 from tests.support.terminal import run_in_terminal
 from tests.support.workers import prepare, queue_state, wait_queue
 

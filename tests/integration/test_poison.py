@@ -19,9 +19,8 @@ import pytest
 
 from myshop_ops.contract import make_event
 from myshop_ops.store import Store
-from tests.conftest import run_cli
 from tests.support.events import T0, publish
-from tests.support.services import ROOT
+from tests.support.services import ROOT, run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from myshop_ops.catalog import import_catalog, text_hash
 from myshop_ops.embeddings import HashProvider, make_provider
 from myshop_ops.store import Store
-from tests.conftest import DIMS, run_cli
+from tests.support.services import DIMS, run_cli
 from tests.support.terminal import run_in_terminal
 from tests.support.workers import one_line
 

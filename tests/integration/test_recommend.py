@@ -14,9 +14,8 @@ from myshop_ops.limits import Limits
 from myshop_ops.recommend import MatrixCache, Recommender, RecommendError
 from myshop_ops.store import Store, encode_vector
 from myshop_ops.worker import Worker
-from tests.conftest import DIMS, run_cli
 from tests.support.events import T0, publish
-from tests.support.services import ROOT
+from tests.support.services import DIMS, ROOT, run_cli
 from tests.support.terminal import run_in_terminal
 from tests.support.workers import one_line
 

@@ -17,10 +17,9 @@ from myshop_ops.limits import Limits
 from myshop_ops.retry_routing import H_ERROR_CLASS
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
-from tests.conftest import DIMS
 from tests.integration.test_worker import failed_messages
 from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
-from tests.support.services import wait_for
+from tests.support.services import DIMS, wait_for
 
 pytestmark = pytest.mark.integration
 

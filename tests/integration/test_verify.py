@@ -12,8 +12,8 @@ from myshop_ops.layout import vector_value
 from myshop_ops.limits import Limits
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import T0, mixed_events, publish, seed_products
+from tests.support.services import run_cli
 from tests.support.workers import wait_queue
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,8 @@ from myshop_ops.pipeline import Pipeline
 from myshop_ops.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products, stored_profile
-from tests.support.services import ROOT, wait_for
+from tests.support.services import ROOT, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import RABBIT
 from tests.reliability.harness import SOAK, PrivateRedis, Scenario, free_port, plan_events, private_vhost, sized
-from tests.support.services import MongoWire, wait_for
+from tests.support.services import RABBIT, MongoWire, wait_for
 from tests.support.workers import rabbitmqctl
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(sized(300, 3600))]

@@ -35,8 +35,8 @@ from myshop_ops.retry_routing import (
 from myshop_ops.store import Store
 from myshop_ops.verify import UserCheck, Verification
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import T0, seed_products
+from tests.support.services import run_cli
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
 

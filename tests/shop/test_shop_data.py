@@ -18,9 +18,8 @@ from myshop_ops.limits import Limits
 from myshop_ops.profile import Profile, fold, to_days
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import T0, publish, stored_profile
-from tests.support.services import ROOT
+from tests.support.services import ROOT, run_cli
 from tests.support.workers import prepare
 
 pytestmark = [

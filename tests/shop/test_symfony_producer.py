@@ -21,9 +21,8 @@ from myshop_ops.limits import Limits
 from myshop_ops.management import for_dsn
 from myshop_ops.store import Store
 from myshop_ops.worker import Worker
-from tests.conftest import run_cli
 from tests.support.events import seed_products
-from tests.support.services import wait_for
+from tests.support.services import run_cli, wait_for
 from tests.support.workers import private_vhost, queue_state
 
 pytestmark = pytest.mark.integration

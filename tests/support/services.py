@@ -1,11 +1,14 @@
-"""Real services for tests: the Mongo-wire server as a child process, per-test names, condition waits."""
+"""Real services for tests and benchmarks: their addresses, the Mongo-wire server as a child process, per-test
+names, free ports, condition waits, `myshop` as a subprocess."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,9 @@ from pymongo import MongoClient
 ROOT = Path(__file__).resolve().parents[2]
 MONGO_PYTHON = Path(os.environ.get("MONGO_WIRE_PYTHON", ROOT / ".venv-mongo" / "bin" / "python"))
 MONGO_SCRIPT = ROOT / "tools" / "mongo_wire_server.py"
+RABBIT = os.environ.get("TEST_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 REDIS_SERVER = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
+DIMS = 64  # small vectors keep the Mongo-wire server fast; the math is dimension-independent
 DEFAULT, GENERATE, RELIABILITY, LIFECYCLE = range(4)  # what a test's Redis database is for
 _PROCESS = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 
@@ -62,6 +67,21 @@ def wait_for(
                 return value
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a metrics endpoint, a server of the test's own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 120, input: str | None = None):
+    """Run `myshop ...` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "myshop_ops", *args],
+        env=env, capture_output=True, text=True, timeout=timeout, input=input, cwd=ROOT,
+    )
 
 
 class MongoWire:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -314,13 +313,3 @@ class StubNotifier:
 
     def stopping(self, status: str) -> None:
         self.sent.append(f"STOPPING {status}")
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll ``condition`` every millisecond until it holds; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.001)
-
