@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -105,6 +106,13 @@ def cluster() -> Iterator[Cluster]:
         yield c
     finally:
         halt_all()  # workers first: they would only reconnect to the dying nodes
+        status = c.run("status")
+        if "down" in status:  # a node died on its own (not stopped by a test): keep its logs for the post-mortem
+            keep = ROOT / ".run" / "cluster-logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            for i in NODES:
+                shutil.copytree(BASE / f"t{i}" / "log", keep / f"t{i}", dirs_exist_ok=True)
+            print(f"\ncluster teardown: {status.strip()}; node logs kept in {keep}")
         c.run("down")
 
 

@@ -85,7 +85,7 @@ def finish(sc: Scenario, progress: Progress, window: tuple[float, float], **extr
     sc.extra.update(extra)
     sc.wait_drained(timeout=sized(300, 900))
     progress.close()
-    return sc.finish(expect_restarts=0)
+    return sc.finish(expect_restarts=0, failed_at_least_once=True)
 
 
 def progress_after(progress: Progress, at_least: int, timeout: float = 90) -> None:

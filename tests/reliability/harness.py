@@ -724,8 +724,13 @@ class Scenario:
         report["exit_code"] = done.returncode
         return report
 
-    def finish(self, *, expect_restarts: int | None = None, verify_env: dict[str, str] | None = None) -> dict:
-        """Stop the workers (SIGTERM, exit 0 each), run the oracle, check the failed queue, write the report."""
+    def finish(self, *, expect_restarts: int | None = None, verify_env: dict[str, str] | None = None,
+               failed_at_least_once: bool = False) -> dict:
+        """Stop the workers (SIGTERM, exit 0 each), run the oracle, check the failed queue, write the report.
+
+        ``failed_at_least_once``: a failed copy may be in `failed` twice (each with its record), as when a broker node
+        stops between a copy's confirm and the original's ack (docs/RELIABILITY.md §1.1: a duplicate copy, never a
+        loss); every expected message must still be there, and nothing else."""
         assert self.plan is not None and self.supervisor is not None and self.feeders
         sup = self.supervisor
         codes = sup.stop()
@@ -758,6 +763,7 @@ class Scenario:
             "seconds": round(time.monotonic() - self.started, 1),
             "workers_started": len(sup.all),
             "resent": sum(f.resent for f in self.feeders),
+            "failed_duplicates": len(failed_ids) - len(set(failed_ids)),
             "publish_nacks": sum(f.nacks for f in self.feeders),
             "longest_publish_s": round(max(f.longest_publish_s for f in self.feeders), 2),
             **{f"worker_{k}": v for k, v in sup.totals().items()},
@@ -769,12 +775,12 @@ class Scenario:
         assert report["events_lost"] == 0 and report["events_duplicated"] == 0, report
         assert report["events"] == self.plan.distinct, report
         assert applied == self.expected_applied(), (applied, self.expected_applied(), report)
-        assert len(failed_ids) == len(set(failed_ids)), "a message is in `failed` twice"
+        assert failed_at_least_once or len(failed_ids) == len(set(failed_ids)), "a message is in `failed` twice"
         unexpected, missing = set(failed_ids) - self.plan.bad_ids, self.plan.bad_ids - set(failed_ids)
         assert not unexpected and not missing, (
             f"failed queue: {len(failed_ids)} messages, expected {len(self.plan.bad_ids)}; unexpected "
             f"{sorted(unexpected)[:10]}, missing {sorted(missing)[:10]}")
-        assert failed_records == len(self.plan.bad_ids), f"{failed_records} failed_messages records"
+        assert failed_records == len(failed_ids), f"{failed_records} failed_messages records, {len(failed_ids)} failed"
         self.failed_headers = dict(failed)
         return row
 
