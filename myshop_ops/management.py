@@ -85,13 +85,15 @@ class Management:
 
     def consumers(self, queue: str) -> list[dict]:
         """Who consumes ``queue``: for each consumer, its connection's client-given name (``connection_name``,
-        "" when unnamed), peer host and user. Empty when the queue does not exist."""
+        "" when unnamed, None while the connection is not in the management statistics yet), peer host and user.
+        Empty when the queue does not exist."""
         raw = self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}") or {}
         out = []
         for consumer in raw.get("consumer_details") or ():
             name = (consumer.get("channel_details") or {}).get("connection_name")
             conn = (self._get(f"/connections/{quote(name, safe='')}") if name else None) or {}
-            out.append({"connection_name": str((conn.get("client_properties") or {}).get("connection_name") or ""),
+            given = (conn.get("client_properties") or {}).get("connection_name") or "" if conn else None
+            out.append({"connection_name": None if given is None else str(given),
                         "peer_host": conn.get("peer_host", "?"), "user": conn.get("user", "?")})
         return out
 

@@ -205,7 +205,8 @@ def _other_consumers(s: Settings) -> Iterator[Check]:
     queue = Topology.from_settings(s).queue
     try:
         others = sorted({f"{c['connection_name'] or 'unnamed'} from {c['peer_host']} ({c['user']})"
-                         for c in api.consumers(queue) if not c["connection_name"].startswith("myshop")})
+                         for c in api.consumers(queue)
+                         if c["connection_name"] is not None and not c["connection_name"].startswith("myshop")})
     except ManagementError as exc:
         yield Check("rabbitmq", "other consumers", "SKIP", str(exc))
         return
