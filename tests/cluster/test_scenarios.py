@@ -20,8 +20,8 @@ from myshop_ops.store import Store
 from tests.cluster.conftest import NODES, node_index, node_name
 from tests.integration.test_metrics import get
 from tests.reliability.badinput import bad_bodies
-from tests.reliability.harness import SOAK, Plan, Scenario, free_port, interleave, plan_events, sized
-from tests.support.services import wait_for
+from tests.reliability.harness import SOAK, Plan, Scenario, interleave, plan_events, sized
+from tests.support.services import free_port, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(sized(420, 1800))]
 soak_only = pytest.mark.skipif(not SOAK, reason="soak only (SOAK=1 / make soak): make test runs the leader kill")

@@ -33,10 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,12 +47,11 @@ from myshop_ops.config import Settings
 from myshop_ops.contract import make_event, serialise
 from myshop_ops.store import Store
 from tests.support.events import T0, seed_products
-from tests.support.services import ROOT, wait_for
+from tests.support.services import ROOT, free_port, wait_for
 from tests.support.workers import WorkerProcess, Workers, parse_summary, prepare, rabbitmqctl
 
 SOAK = os.environ.get("SOAK", "") == "1"
 RUN = f"{socket.gethostname()}-{os.getpid()}"  # tells report lines of concurrent runs apart
-MANAGEMENT = os.environ.get("TEST_RABBITMQ_MANAGEMENT", "http://guest:guest@127.0.0.1:15672")
 EVENT_TYPES = ("search", "product_view", "product_click", "product_purchase")
 
 
@@ -66,12 +62,6 @@ def sized(regular, soak):
 
 def report_path() -> Path:
     return Path(os.environ.get("RELIABILITY_REPORT") or ROOT / ".run" / "reliability.jsonl")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the planned stream ---------------------------------------------------------------------------
@@ -432,33 +422,6 @@ class PrivateRedis:
             self.proc.send_signal(sig)
             self.proc.wait(15)
         self.proc = None
-
-
-def management(method: str, path: str, body: dict | None = None) -> None:
-    """One call to the RabbitMQ management API (vhosts are created and deleted there: rabbitmqctl takes ~2 s)."""
-    url = urllib.parse.urlsplit(MANAGEMENT)
-    req = urllib.request.Request(
-        f"{url.scheme}://{url.hostname}:{url.port}{path}", method=method,
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"content-type": "application/json",
-                 "authorization": "Basic " + base64.b64encode(
-                     f"{url.username}:{url.password}".encode()).decode()})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        resp.read()
-
-
-@contextlib.contextmanager
-def private_vhost(base_dsn: str) -> Iterator[tuple[str, str]]:
-    """A throw-away vhost (yields name and DSN) so connections can be closed without touching other suites."""
-    vhost = "rel-" + uuid.uuid4().hex[:10]
-    quoted = urllib.parse.quote(vhost, safe="")
-    management("PUT", f"/api/vhosts/{quoted}", {})
-    try:
-        management("PUT", f"/api/permissions/{quoted}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
-        yield vhost, f"{base_dsn.rsplit('/', 1)[0]}/{quoted}"
-    finally:
-        with contextlib.suppress(Exception):
-            management("DELETE", f"/api/vhosts/{quoted}")
 
 
 # ---- probes ---------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.reliability.harness import SOAK, PrivateRedis, Scenario, free_port, plan_events, private_vhost, sized
-from tests.support.services import RABBIT, MongoWire, wait_for
-from tests.support.workers import rabbitmqctl
+from tests.reliability.harness import SOAK, PrivateRedis, Scenario, plan_events, sized
+from tests.support.services import RABBIT, MongoWire, free_port, wait_for
+from tests.support.workers import private_vhost, rabbitmqctl
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(sized(300, 3600))]
 
