@@ -31,8 +31,9 @@ from myshop_ops.broker import published_at
 from myshop_ops.config import load_settings
 from myshop_ops.contract import InvalidMessage, parse
 from myshop_ops.embeddings import HashProvider, normalise_phrase
+from myshop_ops.layout import decode_vector, encode_vector
 from myshop_ops.profile import Profile, apply_event, from_days, to_days
-from myshop_ops.store import PRODUCTS, USERS, decode_vector, encode_vector
+from myshop_ops.store import PRODUCTS, USERS
 
 
 def main() -> int:

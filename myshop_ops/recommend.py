@@ -23,9 +23,9 @@ from bson.binary import Binary
 from pymongo.errors import OperationFailure
 
 from myshop_ops.config import Settings
-from myshop_ops.layout import UnreadableProfile, id_key, profile_vector
+from myshop_ops.layout import UnreadableProfile, decode_vector, id_key, profile_vector
 from myshop_ops.profile import VectorSpaceMismatch
-from myshop_ops.store import PRODUCTS, Store, decode_vector
+from myshop_ops.store import PRODUCTS, Store
 
 ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
 _FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding

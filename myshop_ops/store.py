@@ -18,8 +18,6 @@ from myshop_ops.config import Settings
 from myshop_ops.layout import (
     ForeignVector,
     UnreadableProfile,
-    decode_vector,
-    encode_vector,
     id_forms,
     id_key,
     product_fields,
@@ -28,8 +26,6 @@ from myshop_ops.layout import (
     read_profile,
 )
 from myshop_ops.profile import Profile, VectorSpaceMismatch, from_days
-
-__all__ = ["decode_vector", "encode_vector"]  # the vector codecs live in layout.py; imported from here too
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"

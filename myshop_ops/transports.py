@@ -210,7 +210,7 @@ class Transports:
                                    "(myshop stop-workers, or systemctl stop 'myshop-worker@*'), then run again")
         legacy = info is not None and (info.type != t.queue_type or self._overriding(t.queue, info.arguments))
         if legacy or resuming:
-            if self._exists("exchange", t.unrouted) is False:
+            if not self._exists("exchange", t.unrouted):
                 raise MigrationRefused(f"exchange '{t.unrouted}' is missing: run `myshop setup-transports` first")
             before = broker.queue_depth(self.connection, t.unrouted)
             skip = 0 if resuming or before is None else before[0]  # what was unrouted before stays for an operator

@@ -6,12 +6,11 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from myshop_ops import broker, unrouted
 from myshop_ops.broker import Topology
-from myshop_ops.cli.common import console, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, operator_errors, print_json, settings, shown
 
 
 def show(
@@ -33,7 +32,7 @@ def show(
     table = Table("routing key", "published", "message id", "user", "event", title=f"{total} in {topo.unrouted}")
     for m in messages:
         when = datetime.fromtimestamp(m.published_at, UTC).isoformat(timespec="seconds") if m.published_at else "?"
-        table.add_row(*(escape(_printable(v or "-")) for v in (m.routing_key, when, m.message_id, m.user_id,
+        table.add_row(*(shown(v or "-") for v in (m.routing_key, when, m.message_id, m.user_id,
                                                                   m.event_type)))
     console.print(table)
     if total:
@@ -53,7 +52,3 @@ def republish() -> None:
             conn.close()
     console.print(f"moved {moved} message(s) from {topo.unrouted} to {topo.queue}", highlight=False, markup=False)
 
-
-def _printable(text: str) -> str:
-    """Control characters shown as escapes, never sent to the terminal raw."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -10,9 +10,10 @@ import pytest
 
 from myshop_ops.contract import make_event
 from myshop_ops.dedup import RedisState
+from myshop_ops.layout import encode_vector
 from myshop_ops.limits import Limits
 from myshop_ops.recommend import MatrixCache, Recommender, RecommendError
-from myshop_ops.store import Store, encode_vector
+from myshop_ops.store import Store
 from myshop_ops.worker import Worker
 from tests.support.events import T0, publish
 from tests.support.services import DIMS, ROOT, run_cli
