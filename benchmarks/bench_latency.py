@@ -53,7 +53,7 @@ from benchmarks.common import (
     settled,
     visibility_latencies_ms,
 )
-from myshop_ops.publisher import OK
+from myshop_ops.adapters.publisher import OK
 from tests.support.services import free_port, wait_for
 
 NAME = "latency"

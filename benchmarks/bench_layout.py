@@ -1,4 +1,4 @@
-"""Benchmark 7 — the profile layouts (STORE_LAYOUT, myshop_ops/layout.py): `shop` (the default: the unit profile as
+"""Benchmark 7 — the profile layouts (STORE_LAYOUT, myshop_ops/base/layout.py): `shop` (the default: the unit profile as
 an array of 1,536 doubles the shop's PHP reader takes) against `compact` (one BSON float32 vector).
 
 Per layout, at 1,536 dimensions:
@@ -27,9 +27,9 @@ import numpy as np
 
 from benchmarks.bench_worker import one
 from benchmarks.common import DIMS, Row, bench_env, log, median, report, retry_store
-from myshop_ops.layout import LAYOUTS
-from myshop_ops.profile import Profile
-from myshop_ops.store import ProfileWrite, Store, written
+from myshop_ops.adapters.store import ProfileWrite, Store, written
+from myshop_ops.base.layout import LAYOUTS
+from myshop_ops.base.profile import Profile
 
 NAME = "layout"
 SCENARIOS = ((100, 50), (500, 4))  # (users, events per user)

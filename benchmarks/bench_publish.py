@@ -1,6 +1,6 @@
 """Benchmark 1 — publishing: the `generate-test-events` path (WindowedPublisher, window 1000, 50k events) vs a naive
 publish-and-wait-per-message loop (pika BlockingConnection + confirm_delivery, a few thousand events, rate
-extrapolated). Both publish the same synthetic bodies (myshop_ops.generate.synthesize) persistent and mandatory
+extrapolated). Both publish the same synthetic bodies (myshop_ops.tools.generate.synthesize) persistent and mandatory
 to the main exchange of a fresh quorum queue, which is purged between runs.
 
 Targets: >= 10k events/s and >= 10x the naive loop.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pika
 
 from benchmarks.common import RABBIT, Row, bench_env, log, median, report
-from myshop_ops.broker import PERSISTENT
+from myshop_ops.adapters.broker import PERSISTENT
 
 NAME = "publish"
 

@@ -40,8 +40,8 @@ from benchmarks.common import (
     settled,
     visibility_latencies_ms,
 )
-from myshop_ops.broker import H_PUBLISHED_AT, PERSISTENT
-from myshop_ops.publisher import OK, PublishResult
+from myshop_ops.adapters.broker import H_PUBLISHED_AT, PERSISTENT
+from myshop_ops.adapters.publisher import OK, PublishResult
 from tests.support.services import free_port, wait_for
 
 NAME = "window"

@@ -2,7 +2,7 @@
 subprocess) vs the naive per-message worker (benchmarks/naive_worker.py, prefetch 1; same broker, store,
 Redis and hash provider).
 
-Scenarios (mixed events from myshop_ops.generate.synthesize, round-robin over the users):
+Scenarios (mixed events from myshop_ops.tools.generate.synthesize, round-robin over the users):
   few-users   100 users x 50 events = 5,000 events (~4 events per user in a batch of 500)
   many-users  2,000 users x 5 events = 10,000 events: one profile write per event, as with 10k users x 5 — a
               fifth of it because the Mongo-wire test server does ~300-600 profile writes/s on this box (50k

@@ -34,15 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from myshop_ops import broker  # noqa: E402
-from myshop_ops.broker import H_PUBLISHED_AT, Topology  # noqa: E402
-from myshop_ops.config import Settings, load_settings  # noqa: E402
-from myshop_ops.embeddings import HashProvider  # noqa: E402
-from myshop_ops.generate import Plan, Run, synthesize  # noqa: E402
-from myshop_ops.management import for_dsn  # noqa: E402
-from myshop_ops.publisher import PublishResult, WindowedPublisher  # noqa: E402
-from myshop_ops.store import Store  # noqa: E402
-from myshop_ops.transports import Transports  # noqa: E402
+from myshop_ops.adapters import broker  # noqa: E402
+from myshop_ops.adapters.broker import H_PUBLISHED_AT, Topology  # noqa: E402
+from myshop_ops.adapters.config import Settings, load_settings  # noqa: E402
+from myshop_ops.adapters.embeddings import HashProvider  # noqa: E402
+from myshop_ops.adapters.management import for_dsn  # noqa: E402
+from myshop_ops.adapters.publisher import PublishResult, WindowedPublisher  # noqa: E402
+from myshop_ops.adapters.store import Store  # noqa: E402
+from myshop_ops.tools.generate import Plan, Run, synthesize  # noqa: E402
+from myshop_ops.tools.transports import Transports  # noqa: E402
 from tests.support.services import forget_keys  # noqa: E402
 from tests.support.workers import remove_topology  # noqa: E402
 
@@ -630,7 +630,7 @@ def machine() -> dict:
 
 class ProfilePoller(Sampler):
     """Snapshots of the users' (event_count, updated_at) every ``interval`` s, for a publish-to-profile cross-check
-    replayed later through myshop_ops.generate.VisibilityTracker (the `generate-test-events --wait` logic)."""
+    replayed later through myshop_ops.tools.generate.VisibilityTracker (the `generate-test-events --wait` logic)."""
 
     def __init__(self, env: BenchEnv, user_ids: Sequence[str], interval: float = 0.15):
         super().__init__(interval)
@@ -639,7 +639,7 @@ class ProfilePoller(Sampler):
         self.snapshots: list[tuple[float, list[dict]]] = []
 
     def _run(self) -> None:
-        from myshop_ops.generate import profile_counts
+        from myshop_ops.tools.generate import profile_counts
 
         store = self.env.store()
         try:
@@ -662,8 +662,8 @@ def visibility_latencies_ms(run: Run, result: PublishResult, snapshots, users: S
                             ) -> list[float]:
     """Publish-to-profile latencies (sorted, ms) of every event (of ``users``, default all) seen in the profiles'
     updated_at."""
-    from myshop_ops.generate import VisibilityTracker, expected_sent_times
-    from myshop_ops.publisher import OK
+    from myshop_ops.adapters.publisher import OK
+    from myshop_ops.tools.generate import VisibilityTracker, expected_sent_times
 
     expected, _ = expected_sent_times(run, lambda i: result.status[i] == OK, result.sent_at)
     if users is not None:
@@ -675,7 +675,7 @@ def visibility_latencies_ms(run: Run, result: PublishResult, snapshots, users: S
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    from myshop_ops.generate import percentile as pct
+    from myshop_ops.tools.generate import percentile as pct
 
     return pct(sorted_values, p)
 

@@ -27,13 +27,13 @@ import pika
 import redis
 from pymongo import MongoClient
 
-from myshop_ops.broker import published_at
-from myshop_ops.config import load_settings
-from myshop_ops.contract import InvalidMessage, parse
-from myshop_ops.embeddings import HashProvider, normalise_phrase
-from myshop_ops.layout import decode_vector, encode_vector
-from myshop_ops.profile import Profile, apply_event, from_days, to_days
-from myshop_ops.store import PRODUCTS, USERS
+from myshop_ops.adapters.broker import published_at
+from myshop_ops.adapters.config import load_settings
+from myshop_ops.adapters.embeddings import HashProvider, normalise_phrase
+from myshop_ops.adapters.store import PRODUCTS, USERS
+from myshop_ops.base.contract import InvalidMessage, parse
+from myshop_ops.base.layout import decode_vector, encode_vector
+from myshop_ops.base.profile import Profile, apply_event, from_days, to_days
 
 
 def main() -> int:

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
-from myshop_ops.broker import Topology
-from myshop_ops.config import Settings, load_settings
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import (
     DIMS,

@@ -22,13 +22,13 @@ os.environ.setdefault("RABBITMQ_QUEUE", "user_embedding_updates")
 from rich.console import Console
 from rich.table import Table
 
-from myshop_ops import broker
-from myshop_ops.broker import Publisher, Topology
-from myshop_ops.catalog import Product, import_catalog, read_catalog
-from myshop_ops.config import load_settings
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.embeddings import make_provider
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Publisher, Topology
+from myshop_ops.adapters.config import load_settings
+from myshop_ops.adapters.embeddings import make_provider
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.tools.catalog import Product, import_catalog, read_catalog
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.jsonl"
 SEARCHES = ["wireless headphones", "running shoes", "espresso machine", "kids toys", "bluetooth speaker",

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from myshop_ops.config import ENV_FILE_VAR
+from myshop_ops.adapters.config import ENV_FILE_VAR
 
 # command -> (module in myshop_ops.cli, function, the module's help text constant or None for the docstring)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {

@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from myshop_ops import logs
-from myshop_ops.broker import BrokerError
-from myshop_ops.config import ConfigError, Settings, load_settings, mask_text, mask_url
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
-from myshop_ops.management import ManagementError
-from myshop_ops.printable import printable
+from myshop_ops.adapters import logs
+from myshop_ops.adapters.broker import BrokerError
+from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_text, mask_url
+from myshop_ops.adapters.management import ManagementError
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
+from myshop_ops.base.printable import printable
 
 
 def _console(stderr: bool = False) -> Console:

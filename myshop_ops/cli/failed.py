@@ -11,13 +11,13 @@ from datetime import datetime
 import typer
 from rich.table import Table
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
+from myshop_ops.base.printable import printable
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.failed_queue import Drift, FailedBox, Outcome, parse_duration
-from myshop_ops.printable import printable
-from myshop_ops.store import Store
+from myshop_ops.tools.failed_queue import Drift, FailedBox, Outcome, parse_duration
 
 
 @contextlib.contextmanager

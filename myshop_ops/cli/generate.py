@@ -1,5 +1,5 @@
 """`myshop generate-test-events`: publish synthetic shop events (windowed confirms), optionally wait for the
-profiles to reflect them. Event synthesis, recording and latencies live in ``myshop_ops/generate.py``."""
+profiles to reflect them. Event synthesis, recording and latencies live in ``myshop_ops/tools/generate.py``."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from myshop_ops import broker
-from myshop_ops.broker import BLOCKED_TIMEOUT_S, Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import BLOCKED_TIMEOUT_S, Topology
+from myshop_ops.adapters.config import Settings, mask_url
+from myshop_ops.adapters.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
-from myshop_ops.config import Settings, mask_url
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.generate import (
+from myshop_ops.tools.generate import (
     DEFAULT_POLL_S,
     MAX_EVENTS,
     MAX_EVENTS_PER_USER,
@@ -38,8 +40,6 @@ from myshop_ops.generate import (
     synthesize,
     wait_visible,
 )
-from myshop_ops.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
-from myshop_ops.store import Store
 
 GENERATE_HELP = f"""Publish synthetic shop events (contract v1) to the main exchange, with windowed publisher confirms.
 

@@ -6,9 +6,10 @@ from collections import Counter
 
 import typer
 
-from myshop_ops import logs, preflight
+from myshop_ops.adapters import logs
+from myshop_ops.base.exit_codes import EXIT_FAIL
 from myshop_ops.cli.common import console, print_json
-from myshop_ops.exit_codes import EXIT_FAIL
+from myshop_ops.tools import preflight
 
 PREFLIGHT_HELP = """Pre-deployment checks: configuration (placeholders, guest/guest in prod), package versions,
 MongoDB (reachable, indexes, product vectors), RabbitMQ (reachable, topology exactly as configured, bindings,

@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from myshop_ops.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
+from myshop_ops.adapters.embeddings import EmbeddingError, Provider, make_provider
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
-from myshop_ops.embeddings import EmbeddingError, Provider, make_provider
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
-from myshop_ops.lines import count_lines
-from myshop_ops.store import Store
+from myshop_ops.tools.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
+from myshop_ops.tools.lines import count_lines
 
 SHOWN_BAD = 20  # bad lines printed one by one; --json lists them all (up to catalog.MAX_REPORTED_BAD)
 

@@ -6,12 +6,12 @@ import sys
 
 import typer
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.failed_queue import FailedBox
-from myshop_ops.store import Store
+from myshop_ops.tools.failed_queue import FailedBox
 
 PURGE_HELP = """Purge a queue's ready messages (unacked ones stay with their consumers).
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
-from myshop_ops.exit_codes import EXIT_CONFIG
-from myshop_ops.recommend import BackendError, Recommendations, Recommender, RecommendError
-from myshop_ops.store import Store
+from myshop_ops.tools.recommend import BackendError, Recommendations, Recommender, RecommendError
 
 
 def recommend(

@@ -11,14 +11,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from myshop_ops import broker, transports
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import Settings, mask_url
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
-from myshop_ops.config import Settings, mask_url
-from myshop_ops.exit_codes import EXIT_FAIL
-from myshop_ops.management import for_dsn
-from myshop_ops.store import Store
-from myshop_ops.transports import MigrationRefused
+from myshop_ops.tools import transports
+from myshop_ops.tools.transports import MigrationRefused
 
 
 def setup_transports(

@@ -15,13 +15,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.management import Management, ManagementError, vhost_of
+from myshop_ops.adapters.metrics import DEFAULT_HOST, QueueExporter, serve
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, settings
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.management import Management, ManagementError, vhost_of
-from myshop_ops.metrics import DEFAULT_HOST, QueueExporter, serve
-from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export
+from myshop_ops.tools.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export
 
 STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
 

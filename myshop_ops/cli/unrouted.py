@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import typer
 from rich.table import Table
 
-from myshop_ops import broker, unrouted
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
 from myshop_ops.cli.common import console, operator_errors, print_json, settings, shown
+from myshop_ops.tools import unrouted
 
 
 def show(

@@ -7,13 +7,13 @@ import sys
 import typer
 from rich.table import Table
 
+from myshop_ops.adapters.store import USERS, Store
+from myshop_ops.base.contract import EVENT_TYPES
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
-from myshop_ops.contract import EVENT_TYPES
-from myshop_ops.erasure import NotConfirmed, NotErased, erase_user
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.recommend import Recommendations, Recommender, RecommendError
-from myshop_ops.store import USERS, Store
+from myshop_ops.tools.erasure import NotConfirmed, NotErased, erase_user
+from myshop_ops.tools.recommend import Recommendations, Recommender, RecommendError
 
 TOP = 5
 _FIELDS = ("version", "event_count", "event_counts", "last_event_type", "last_event_id", "last_updated", "magnitude",

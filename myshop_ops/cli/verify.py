@@ -7,18 +7,18 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import MAX_BODY_BYTES
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
-from myshop_ops.contract import MAX_BODY_BYTES
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.lines import bounded_lines
-from myshop_ops.management import for_dsn
-from myshop_ops.stats import wait_settled
-from myshop_ops.store import Store
-from myshop_ops.verify import COSINE_MIN, verify
+from myshop_ops.tools.lines import bounded_lines
+from myshop_ops.tools.stats import wait_settled
+from myshop_ops.tools.verify import COSINE_MIN, verify
 
 VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorded events (the file written by
 `generate-test-events --record`, or any JSON-lines export of the stream): lost, duplicated and diverging users

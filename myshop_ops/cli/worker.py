@@ -6,13 +6,13 @@ import os
 
 import typer
 
+from myshop_ops.adapters.config import mask_url
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.metrics import DEFAULT_HOST, Metrics, serve
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_UNAVAILABLE
 from myshop_ops.cli.common import console, fail, operator_errors, settings
-from myshop_ops.config import mask_url
-from myshop_ops.dedup import RedisState
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_UNAVAILABLE
-from myshop_ops.limits import Limits, parse_size
-from myshop_ops.metrics import DEFAULT_HOST, Metrics, serve
-from myshop_ops.worker import Worker
+from myshop_ops.core.limits import Limits, parse_size
+from myshop_ops.core.worker import Worker
 
 CONSUME_HELP = """Consume shop events and fold them into user profiles.
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.management import Management
-from myshop_ops.stats import alarms
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.management import Management
+from myshop_ops.tools.stats import alarms
 from tests.reliability.harness import SOAK
 from tests.support.services import ROOT, wait_for
 from tests.support.workers import prepare

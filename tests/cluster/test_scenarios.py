@@ -16,7 +16,7 @@ from itertools import pairwise
 
 import pytest
 
-from myshop_ops.store import Store
+from myshop_ops.adapters.store import Store
 from tests.cluster.conftest import NODES, node_index, node_name
 from tests.integration.test_metrics import get
 from tests.reliability.badinput import bad_bodies

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from myshop_ops.contract import (
+from myshop_ops.base.contract import (
     CONTRACT_VERSION,
     DEFAULT_WEIGHTS,
     EVENT_TYPES,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from myshop_ops import config
+from myshop_ops.adapters import config
 from myshop_ops.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -150,7 +150,7 @@ def management(path: str) -> dict:
 
 
 def consumers(queue: str) -> int:
-    from myshop_ops import broker
+    from myshop_ops.adapters import broker
 
     conn = broker.connect("amqp://guest:guest@127.0.0.1:5672/%2f", name="test-checklist")
     try:

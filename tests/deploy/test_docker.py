@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from myshop_ops.config import load_settings
+from myshop_ops.adapters.config import load_settings
 from tests.deploy.common import ROOT, assert_cli_accepts, run, settings_variables, which
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -105,7 +105,7 @@ def test_healthcheck_probes_healthz_on_the_port_cmd_serves():
 @pytest.mark.parametrize("healthy, expected", [(True, 0), (False, 1)])
 def test_healthcheck_command_against_the_real_endpoint(healthy, expected):
     """The HEALTHCHECK command exits 0 on /healthz 200 and non-zero on 503, against myshop's own server."""
-    from myshop_ops.metrics import serve
+    from myshop_ops.adapters.metrics import serve
 
     class Target:
         registry = CollectorRegistry()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from myshop_ops.metrics import Metrics, QueueExporter
+from myshop_ops.adapters.metrics import Metrics, QueueExporter
 from tests.deploy.common import ALLOWED_METRICS, ROOT, assert_cli_accepts, metric_names, run, which
 
 MONITORING = ROOT / "monitoring"

@@ -9,14 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pika
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.broker import Publisher
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.limits import Limits
-from myshop_ops.management import for_dsn
-from myshop_ops.retry_routing import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Publisher
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.retry_routing import H_ERROR_CLASS, H_ERROR_MESSAGE, H_RETRY_COUNT
+from myshop_ops.core.worker import Worker
 from tests.support.events import T0, publish
 from tests.support.services import run_cli
 

@@ -19,13 +19,13 @@ from datetime import datetime
 import pika
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.broker import BrokerError, Topology, published_at
-from myshop_ops.contract import EVENT_TYPES, parse
-from myshop_ops.generate import SEARCH_PHRASES
-from myshop_ops.management import for_dsn
-from myshop_ops.publisher import NACK_ATTEMPTS, NACKED, OK, WindowedPublisher
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import BrokerError, Topology, published_at
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.publisher import NACK_ATTEMPTS, NACKED, OK, WindowedPublisher
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import EVENT_TYPES, parse
+from myshop_ops.tools.generate import SEARCH_PHRASES
 from tests.support.events import seed_products
 from tests.support.services import GENERATE, RABBIT, ROOT, redis_url, run_cli
 from tests.support.workers import event_counts, one_line, queue_state, wait_queue

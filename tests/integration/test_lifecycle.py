@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from myshop_ops.contract import Event, make_event
-from myshop_ops.store import Store
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import Event, make_event
 from tests.support.events import T0, expected_profiles, publish
 from tests.support.services import LIFECYCLE, RABBIT, redis_url, run_cli, wait_for
 from tests.support.workers import (
@@ -444,7 +444,7 @@ def test_unexpected_error_exits_1_and_leaves_the_message_queued(lenv, workers, t
     topo = prepare(s)
     user = f"{lenv['MONGODB_DB']}-crash"
     (tmp_path / "sitecustomize.py").write_text(
-        "import myshop_ops.pipeline as pipeline\n\n\n"
+        "import myshop_ops.core.pipeline as pipeline\n\n\n"
         "def fold(*args, **kwargs):\n    raise RuntimeError('injected bug')\n\n\n"
         "pipeline.fold = fold\n")
     publish(s, topo, [make_event(user, "search", f"{user} phrase", T0)])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from myshop_ops.contract import make_event
+from myshop_ops.base.contract import make_event
 from tests.support.events import T0, publish
 from tests.support.workers import Workers
 

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from myshop_ops.contract import make_event, serialise
+from myshop_ops.base.contract import make_event, serialise
 from tests.support.events import T0, mixed_events, publish, seed_products
 from tests.support.services import RABBIT, ROOT, free_port, wait_for
 from tests.support.workers import event_total, prepare, private_vhost, rabbitmqctl

@@ -14,8 +14,8 @@ import sys
 import pika
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.store import Store
 from tests.support.events import seed_products
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import RABBIT, ROOT, run_cli, wait_for
@@ -192,8 +192,8 @@ def test_purge_asks_for_the_queue_name_on_a_terminal(env, topology):
 
 
 def test_purging_the_failed_queue_clears_its_records(env, topology):
-    from myshop_ops.limits import Limits
-    from myshop_ops.worker import Worker
+    from myshop_ops.core.limits import Limits
+    from myshop_ops.core.worker import Worker
     from tests.support.events import publish
 
     publish(env.settings(), topology, [b"not json", b"{}", b"[1]"], message_ids=False)
@@ -307,7 +307,7 @@ def test_preflight_provider_check_uses_the_real_sdk(menv, topology, fake_openai:
     (0o602, "FAIL", "chmod g-w,o-rwx"),
 ])
 def test_settings_file_modes_and_fixes_that_keep_the_group_reading(tmp_path, mode, status, fix):
-    from myshop_ops.preflight import _settings_file_mode
+    from myshop_ops.tools.preflight import _settings_file_mode
 
     path = tmp_path / "myshop.env"
     path.write_text("APP_ENV=test\n")

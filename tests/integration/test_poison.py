@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from myshop_ops.contract import make_event
-from myshop_ops.store import Store
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event
 from tests.support.events import T0, publish
 from tests.support.services import ROOT, run_cli
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from myshop_ops.catalog import import_catalog, text_hash
-from myshop_ops.embeddings import HashProvider, make_provider
-from myshop_ops.store import Store
+from myshop_ops.adapters.embeddings import HashProvider, make_provider
+from myshop_ops.adapters.store import Store
+from myshop_ops.tools.catalog import import_catalog, text_hash
 from tests.support.services import DIMS, run_cli
 from tests.support.terminal import run_in_terminal
 from tests.support.workers import one_line

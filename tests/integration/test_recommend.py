@@ -1,4 +1,4 @@
-"""`myshop recommend`, `myshop user show|delete` and myshop_ops.recommend on the real services."""
+"""`myshop recommend`, `myshop user show|delete` and myshop_ops.tools.recommend on the real services."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from myshop_ops.contract import make_event
-from myshop_ops.dedup import RedisState
-from myshop_ops.layout import encode_vector
-from myshop_ops.limits import Limits
-from myshop_ops.recommend import MatrixCache, Recommender, RecommendError
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event
+from myshop_ops.base.layout import encode_vector
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.worker import Worker
+from myshop_ops.tools.recommend import MatrixCache, Recommender, RecommendError
 from tests.support.events import T0, publish
 from tests.support.services import DIMS, ROOT, run_cli
 from tests.support.terminal import run_in_terminal

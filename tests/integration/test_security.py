@@ -10,8 +10,8 @@ import uuid
 import pika
 import pytest
 
-from myshop_ops.contract import make_event
-from myshop_ops.retry_routing import H_ERROR_MESSAGE
+from myshop_ops.base.contract import make_event
+from myshop_ops.core.retry_routing import H_ERROR_MESSAGE
 from tests.support.events import T0, publish
 from tests.support.services import RABBIT, run_cli
 from tests.support.workers import prepare, private_vhost, rabbitmqctl, wait_queue

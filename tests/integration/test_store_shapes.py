@@ -10,13 +10,13 @@ import pika
 import pytest
 from bson.binary import Binary
 
-from myshop_ops import preflight
-from myshop_ops.contract import make_event
-from myshop_ops.layout import read_profile
-from myshop_ops.limits import Limits
-from myshop_ops.retry_routing import H_ERROR_CLASS
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event
+from myshop_ops.base.layout import read_profile
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.retry_routing import H_ERROR_CLASS
+from myshop_ops.core.worker import Worker
+from myshop_ops.tools import preflight
 from tests.integration.test_worker import failed_messages
 from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
 from tests.support.services import DIMS, wait_for

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.layout import vector_value
-from myshop_ops.limits import Limits
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.base.layout import vector_value
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.worker import Worker
 from tests.support.events import T0, mixed_events, publish, seed_products
 from tests.support.services import run_cli
 from tests.support.workers import wait_queue

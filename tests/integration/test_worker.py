@@ -13,16 +13,16 @@ import numpy as np
 import pika
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import HashProvider, PhraseEmbedder
-from myshop_ops.limits import Limits
-from myshop_ops.management import for_dsn
-from myshop_ops.pipeline import Pipeline
-from myshop_ops.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
-from myshop_ops.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
-from myshop_ops.worker import Worker
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import HashProvider, PhraseEmbedder
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import RECENT_IDS, TOKEN_BYTES, Store, message_ids
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.pipeline import Pipeline
+from myshop_ops.core.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
+from myshop_ops.core.worker import Worker
 from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products, stored_profile
 from tests.support.services import ROOT, run_cli, wait_for
 

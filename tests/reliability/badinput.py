@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from hypothesis import strategies as st
 
-from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
+from myshop_ops.base.contract import InvalidMessage, make_event, parse, serialise
 from tests.reliability.harness import Body
 from tests.support.events import T0
 

@@ -41,11 +41,11 @@ from pathlib import Path
 import pika
 import redis as redis_lib
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
-from myshop_ops.config import Settings
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
 from tests.support.events import T0, seed_products
 from tests.support.services import ROOT, free_port, wait_for
 from tests.support.workers import WorkerProcess, Workers, parse_summary, prepare, rabbitmqctl

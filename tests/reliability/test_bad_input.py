@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from myshop_ops import broker
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
 from tests.reliability.badinput import bad_bodies, malformed, unusual_valid
 from tests.reliability.harness import Body, Plan, Scenario, interleave, plan_events, sized
 from tests.support.events import T0
@@ -105,7 +105,7 @@ def test_property_rejected_bodies_go_to_failed_and_the_worker_keeps_going(renv, 
     sc.finish(expect_restarts=0)
 
 
-# Bugs this scenario found, fixed in myshop_ops/retry_routing.py; kept as regression tests.
+# Bugs this scenario found, fixed in myshop_ops/core/retry_routing.py; kept as regression tests.
 FOUND_BUGS = {
     "nested body": "failure_record_fields() json.loads'd a body nested 10k levels deep outside its except: "
                    "RecursionError crashed the worker at every delivery",

@@ -18,12 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
-from myshop_ops.contract import InvalidMessage, make_event, parse, serialise
-from myshop_ops.exit_codes import EXIT_OK
-from myshop_ops.limits import Limits
-from myshop_ops.retry_routing import (
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import InvalidMessage, make_event, parse, serialise
+from myshop_ops.base.exit_codes import EXIT_OK
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.retry_routing import (
     H_FAILURE_ID,
     H_FIRST_FAILURE,
     H_HISTORY,
@@ -32,9 +33,8 @@ from myshop_ops.retry_routing import (
     failure_record,
     route,
 )
-from myshop_ops.store import Store
-from myshop_ops.verify import UserCheck, Verification
-from myshop_ops.worker import Worker
+from myshop_ops.core.worker import Worker
+from myshop_ops.tools.verify import UserCheck, Verification
 from tests.support.events import T0, seed_products
 from tests.support.services import run_cli
 
@@ -357,7 +357,7 @@ def test_console_log_lines_cannot_be_forged_and_json_lines_carry_no_raw_c1():
     """LOG_FORMAT=console: a field or message holding a newline stays on its line; json: C1 characters escaped."""
     import logging
 
-    from myshop_ops.logs import ConsoleFormatter, JsonFormatter
+    from myshop_ops.adapters.logs import ConsoleFormatter, JsonFormatter
 
     record = logging.makeLogRecord({"msg": "message failed %s", "args": ("a\x1b[2Jb",), "levelname": "ERROR",
                                     "user_id": "u\n12:00:00 ERROR   forged line", "error": "x\x9by\u2028z"})
@@ -409,8 +409,8 @@ def test_the_metrics_port_binds_localhost_and_bounds_idle_connections(monkeypatc
     import socket
     import urllib.request
 
-    from myshop_ops import metrics
-    from myshop_ops.metrics import Metrics, serve
+    from myshop_ops.adapters import metrics
+    from myshop_ops.adapters.metrics import Metrics, serve
     from tests.support.services import wait_for
 
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 1.0)
@@ -527,9 +527,9 @@ def test_property_any_headers_route_to_an_encodable_copy(headers, transient):
 def test_property_any_text_is_shown_without_control_characters_and_never_as_markup(text):
     from rich.console import Console
 
+    from myshop_ops.base.contract import CONTROL
+    from myshop_ops.base.printable import printable
     from myshop_ops.cli.common import shown
-    from myshop_ops.contract import CONTROL
-    from myshop_ops.printable import printable
 
     assert CONTROL.search(printable(text)) is None
     console = Console(record=True, width=10_000, color_system=None)

@@ -13,11 +13,11 @@ from datetime import timedelta
 import pytest
 from bson.binary import Binary
 
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import HashProvider, PhraseEmbedder
-from myshop_ops.pipeline import Pipeline
-from myshop_ops.store import ID_BYTES, RECENT_IDS, RECENT_WRITES, TOKEN_BYTES, Store, pack_ring
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import HashProvider, PhraseEmbedder
+from myshop_ops.adapters.store import ID_BYTES, RECENT_IDS, RECENT_WRITES, TOKEN_BYTES, Store, pack_ring
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.core.pipeline import Pipeline
 from tests.support.events import T0
 
 pytestmark = pytest.mark.reliability

@@ -11,13 +11,13 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.embeddings import HashProvider, normalise_phrase
-from myshop_ops.layout import read_profile
-from myshop_ops.limits import Limits
-from myshop_ops.profile import Profile, fold, to_days
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters.embeddings import HashProvider, normalise_phrase
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.base.layout import read_profile
+from myshop_ops.base.profile import Profile, fold, to_days
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.worker import Worker
 from tests.support.events import T0, publish, stored_profile
 from tests.support.services import ROOT, run_cli
 from tests.support.workers import prepare

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from myshop_ops.limits import Limits
-from myshop_ops.management import for_dsn
-from myshop_ops.store import Store
-from myshop_ops.worker import Worker
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.worker import Worker
 from tests.support.events import seed_products
 from tests.support.services import run_cli, wait_for
 from tests.support.workers import private_vhost, queue_state

@@ -8,13 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from myshop_ops import broker, profile
-from myshop_ops.broker import Publisher, Topology
-from myshop_ops.config import Settings
-from myshop_ops.contract import Event, make_event, serialise
-from myshop_ops.embeddings import HashProvider, normalise_phrase
-from myshop_ops.layout import read_profile
-from myshop_ops.store import Store
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Publisher, Topology
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import HashProvider, normalise_phrase
+from myshop_ops.adapters.store import Store
+from myshop_ops.base import profile
+from myshop_ops.base.contract import Event, make_event, serialise
+from myshop_ops.base.layout import read_profile
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from myshop_ops.embeddings import EmbeddingError, HashProvider
+from myshop_ops.adapters.embeddings import EmbeddingError, HashProvider
 
 MAX_INPUTS = 2048
 MAX_TOKENS_PER_INPUT = 8192

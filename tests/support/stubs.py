@@ -1,5 +1,5 @@
-"""In-memory stand-ins for what the worker core talks to (myshop_ops/ports.py): a broker with queues, connections and
-channels that record publishes and acks, the MongoDB store, the Redis state and an embeddings provider.
+"""In-memory stand-ins for what the worker core talks to (myshop_ops/core/ports.py): a broker with queues,
+connections and channels that record publishes and acks, the MongoDB store, the Redis state and an embeddings provider.
 
 Small and literal on purpose: each keeps what a test asserts on (``published``, ``acks``, ``records``, ...) and has
 one switch per fault a test injects (``fail_*``). The real-service suites (tests/integration, tests/reliability)
@@ -18,8 +18,8 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 
-from myshop_ops.embeddings import EmbeddingError, HashProvider
-from myshop_ops.store import TOKEN_BYTES, ProfileWrite, StoredProfile, WriteResult, written
+from myshop_ops.adapters.embeddings import EmbeddingError, HashProvider
+from myshop_ops.adapters.store import TOKEN_BYTES, ProfileWrite, StoredProfile, WriteResult, written
 
 # ---- the broker ---------------------------------------------------------------------------------------------------
 

@@ -24,12 +24,12 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
-from myshop_ops.config import Settings
-from myshop_ops.management import for_dsn
-from myshop_ops.store import Store
-from myshop_ops.transports import Transports
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.tools.transports import Transports
 from tests.support.events import stored_profile
 from tests.support.services import ROOT, wait_for
 

@@ -1,4 +1,4 @@
-"""myshop_ops.catalog, pure parts: line parsing, embedding text (HTML, whitespace, truncation), hashing; hostile
+"""myshop_ops.tools.catalog, pure parts: line parsing, embedding text (HTML, whitespace, truncation), hashing; hostile
 catalogs (issue 18): markup that crashed or was quadratic, oversized lines, control characters."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from myshop_ops.catalog import (
+from myshop_ops.tools.catalog import (
     MAX_LINE_BYTES,
     MAX_TEXT_BYTES,
     BadLine,
@@ -22,7 +22,7 @@ from myshop_ops.catalog import (
     text_hash,
     truncate_words,
 )
-from myshop_ops.lines import bounded_lines, count_lines
+from myshop_ops.tools.lines import bounded_lines, count_lines
 from tools import make_catalog
 
 ROOT = Path(__file__).resolve().parents[2]

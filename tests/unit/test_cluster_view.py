@@ -4,10 +4,10 @@ management API's answers. Against a real cluster: tests/cluster/test_harness.py.
 
 from __future__ import annotations
 
-from myshop_ops import preflight
-from myshop_ops.config import load_settings
-from myshop_ops.management import QueueInfo
-from myshop_ops.stats import Members, QueueRow, judge_members
+from myshop_ops.adapters.config import load_settings
+from myshop_ops.adapters.management import QueueInfo
+from myshop_ops.tools import preflight
+from myshop_ops.tools.stats import Members, QueueRow, judge_members
 
 T = [f"rabbit@n{i}" for i in (1, 2, 3)]
 
@@ -83,7 +83,7 @@ def test_preflight_in_prod_warns_on_two_members_and_one_url(monkeypatch):
 
 
 def test_alarms_of_every_node():
-    from myshop_ops.stats import alarms
+    from myshop_ops.tools.stats import alarms
 
     api = FakeApi([node(T[0], mem=True), node(T[1], disk=True, mem=True), node(T[2])], None)
     assert alarms(api) == [{"node": T[0], "kind": "memory"}, {"node": T[1], "kind": "memory"},
@@ -92,7 +92,7 @@ def test_alarms_of_every_node():
 
 
 def test_worker_metrics_blocked_means_not_ready():
-    from myshop_ops.metrics import Metrics
+    from myshop_ops.adapters.metrics import Metrics
 
     m = Metrics()
     m.attached(True)
@@ -106,8 +106,8 @@ def test_worker_metrics_blocked_means_not_ready():
 
 
 def test_exporter_members_and_alarms():
-    from myshop_ops.metrics import QueueExporter
-    from myshop_ops.stats import Report
+    from myshop_ops.adapters.metrics import QueueExporter
+    from myshop_ops.tools.stats import Report
 
     row = QueueRow("q", "main", 0, 1)
     judge_members(row, Members.of(info(online=T[:2])))

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import numpy as np
 from pymongo.errors import AutoReconnect
 
-from myshop_ops.config import Settings
-from myshop_ops.contract import InvalidMessage, make_event, serialise
-from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
-from myshop_ops.layout import UnreadableProfile
-from myshop_ops.pipeline import Pipeline, ProductMissing, Status, StoreUnavailable
-from myshop_ops.profile import VectorSpaceMismatch
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.base.contract import InvalidMessage, make_event, serialise
+from myshop_ops.base.layout import UnreadableProfile
+from myshop_ops.base.profile import VectorSpaceMismatch
+from myshop_ops.core.pipeline import Pipeline, ProductMissing, Status, StoreUnavailable
 from tests.support.stubs import StubProvider, StubRedis, StubStore
 
 DIMS = 16

@@ -13,16 +13,16 @@ import pika
 import pytest
 from pymongo.errors import AutoReconnect
 
-from myshop_ops import broker
-from myshop_ops.broker import Publisher, Topology
-from myshop_ops.config import Settings
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.embeddings import EmbeddingError, PhraseEmbedder
-from myshop_ops.limits import Limits
-from myshop_ops.pipeline import BatchResult, Item, Status
-from myshop_ops.retry_routing import H_ERROR_CLASS, H_FAILURE_ID, H_RETRY_COUNT
-from myshop_ops.settlement import settle
-from myshop_ops.worker import SOLO_ATTEMPTS, Delivery, Worker
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Publisher, Topology
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.pipeline import BatchResult, Item, Status
+from myshop_ops.core.retry_routing import H_ERROR_CLASS, H_FAILURE_ID, H_RETRY_COUNT
+from myshop_ops.core.settlement import settle
+from myshop_ops.core.worker import SOLO_ATTEMPTS, Delivery, Worker
 from tests.support.stubs import StubBroker, StubNotifier, StubProvider, StubRedis, StubStore
 
 DIMS = 16

@@ -1,4 +1,4 @@
-"""myshop_ops.embeddings: the real openai SDK over real HTTP against tests.support.fake_openai.
+"""myshop_ops.adapters.embeddings: the real openai SDK over real HTTP against tests.support.fake_openai.
 
 Nothing here mocks httpx/httpx2 or the SDK transport: the SDK talks to a stdlib HTTP server on 127.0.0.1
 whose vectors are HashProvider's, so results can be compared bit for bit. Injected faults carry
@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from myshop_ops.config import ConfigError, load_settings
-from myshop_ops.embeddings import (
+from myshop_ops.adapters.config import ConfigError, load_settings
+from myshop_ops.adapters.embeddings import (
     MAX_BYTES_PER_INPUT,
     MAX_BYTES_PER_REQUEST,
     MAX_INPUTS_PER_REQUEST,
@@ -293,7 +293,7 @@ def test_truncate_utf8_default_limit() -> None:
 
 _HASH_SNIPPET = """
 import hashlib, sys
-from myshop_ops.embeddings import HashProvider
+from myshop_ops.adapters.embeddings import HashProvider
 v = HashProvider(1536).embed_one(sys.argv[1])
 print(hashlib.sha256(v.tobytes()).hexdigest(), v.dtype, v.shape)
 """

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from myshop_ops.config import mask_url
-from myshop_ops.contract import EVENT_TYPES, message_id, parse, serialise
-from myshop_ops.generate import (
+from myshop_ops.adapters.config import mask_url
+from myshop_ops.base.contract import EVENT_TYPES, message_id, parse, serialise
+from myshop_ops.tools.generate import (
     MAX_EVENTS,
     SEARCH_PHRASES,
     SPAN_S,

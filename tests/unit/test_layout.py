@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from myshop_ops.layout import (
+from myshop_ops.adapters.store import satisfying_index
+from myshop_ops.base.layout import (
     UnreadableProfile,
     encode_vector,
     id_forms,
@@ -16,8 +17,7 @@ from myshop_ops.layout import (
     profile_fields,
     read_profile,
 )
-from myshop_ops.profile import Profile, VectorSpaceMismatch, to_days
-from myshop_ops.store import satisfying_index
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
 
 T = datetime(2026, 11, 1, 12, 0, 7, tzinfo=UTC)
 V = np.array([3.0, 4.0, 0.0, 0.0])

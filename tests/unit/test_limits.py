@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from myshop_ops.limits import Limits, parse_size
+from myshop_ops.core.limits import Limits, parse_size
 
 
 def test_no_limit_never_stops():

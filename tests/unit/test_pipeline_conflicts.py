@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from myshop_ops import pipeline
-from myshop_ops.config import Settings
-from myshop_ops.contract import make_event, serialise
-from myshop_ops.embeddings import HashProvider
-from myshop_ops.pipeline import Pipeline, VersionConflict
-from myshop_ops.store import WriteResult
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import HashProvider
+from myshop_ops.adapters.store import WriteResult
+from myshop_ops.base.contract import make_event, serialise
+from myshop_ops.core import pipeline
+from myshop_ops.core.pipeline import Pipeline, VersionConflict
 
 DIMS = 16
 SETTINGS = Settings(embedding_provider="hash", embedding_dimensions=DIMS)

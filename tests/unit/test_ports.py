@@ -8,10 +8,10 @@ import inspect
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from myshop_ops import ports
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import PhraseEmbedder
-from myshop_ops.store import Store
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import PhraseEmbedder
+from myshop_ops.adapters.store import Store
+from myshop_ops.core import ports
 from tests.support import stubs
 
 PAIRS = [

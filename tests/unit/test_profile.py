@@ -1,4 +1,4 @@
-"""Unit tests for the profile math (SPEC section 4, "Math"): myshop_ops.profile."""
+"""Unit tests for the profile math (SPEC section 4, "Math"): myshop_ops.base.profile."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from myshop_ops.profile import (
+from myshop_ops.base.profile import (
     DEFAULT_LAMBDA,
     SECONDS_PER_DAY,
     Profile,

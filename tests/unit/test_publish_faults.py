@@ -8,8 +8,8 @@ import pika
 import pika.exceptions as pex
 import pytest
 
-from myshop_ops import broker
-from myshop_ops.broker import NACK_PAUSES_S, BrokerError, PublishBlocked, Publisher
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import NACK_PAUSES_S, BrokerError, PublishBlocked, Publisher
 
 
 class FakeIOLoop:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from myshop_ops.lru import Recent
+from myshop_ops.base.lru import Recent
 
 
 class Clock:

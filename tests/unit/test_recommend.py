@@ -1,12 +1,12 @@
-"""myshop_ops.recommend, pure parts: exact top-k against a brute-force sort, the Atlas $vectorSearch pipeline."""
+"""myshop_ops.tools.recommend, pure parts: exact top-k against a brute-force sort, the Atlas $vectorSearch pipeline."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from myshop_ops.config import ConfigError, load_settings
-from myshop_ops.recommend import ATLAS_MAX_CANDIDATES, atlas_pipeline, top_k
+from myshop_ops.adapters.config import ConfigError, load_settings
+from myshop_ops.tools.recommend import ATLAS_MAX_CANDIDATES, atlas_pipeline, top_k
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

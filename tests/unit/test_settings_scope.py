@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from myshop_ops.config import ConfigError, load_settings
-from myshop_ops.embeddings import make_provider
+from myshop_ops.adapters.config import ConfigError, load_settings
+from myshop_ops.adapters.embeddings import make_provider
 from tests.support.services import ROOT
 
 NO_KEY = {"APP_ENV": "dev", "EMBEDDING_PROVIDER": "openai"}

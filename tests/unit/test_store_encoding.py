@@ -6,7 +6,7 @@ import hashlib
 
 from bson.binary import Binary
 
-from myshop_ops.store import ID_BYTES, TOKEN_BYTES, message_ids, pack_ring, ring_has
+from myshop_ops.adapters.store import ID_BYTES, TOKEN_BYTES, message_ids, pack_ring, ring_has
 
 
 def ids(n: int) -> list[str]:
@@ -45,7 +45,7 @@ def test_encode_vector_is_bson_float32_vector():
     import numpy as np
     from bson.binary import BinaryVectorDtype
 
-    from myshop_ops.layout import decode_vector, encode_vector
+    from myshop_ops.base.layout import decode_vector, encode_vector
 
     rng = np.random.default_rng(7)
     for vec in (rng.standard_normal(1536).astype(np.float32), rng.standard_normal(64), rng.standard_normal(8)[::2],

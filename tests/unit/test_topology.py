@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import yaml
 
-from myshop_ops.broker import SHOP_ROUTING_KEY, Topology
-from myshop_ops.management import management_url
-from myshop_ops.transports import SHOP_MESSAGE_CLASS, _effective, messenger_config
+from myshop_ops.adapters.broker import SHOP_ROUTING_KEY, Topology
+from myshop_ops.adapters.management import management_url
+from myshop_ops.tools.transports import SHOP_MESSAGE_CLASS, _effective, messenger_config
 
 
 def test_queues_are_declared_with_their_type_only_and_the_rest_is_policy():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from myshop_ops.window import BatchWindow, user_of
+from myshop_ops.core.window import BatchWindow, user_of
 
 
 def test_a_user_is_released_after_a_quiet_window_sliding_with_each_event():

@@ -20,21 +20,21 @@ from pika.spec import Basic, BasicProperties
 from pymongo.errors import PyMongoError
 from redis import RedisError
 
-from myshop_ops import broker
-from myshop_ops.broker import Publisher, Topology, published_at
-from myshop_ops.config import ConfigError, Settings
-from myshop_ops.dedup import RedisState
-from myshop_ops.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
-from myshop_ops.limits import Limits
-from myshop_ops.metrics import Observer
-from myshop_ops.notify import Notifier
-from myshop_ops.pipeline import BatchResult, Item, Pipeline, Status, StoreUnavailable
-from myshop_ops.ports import Channel, Connection, EventState, Phrases, ProfileStore
-from myshop_ops.retry_routing import message_id_of
-from myshop_ops.settlement import Outgoing, settle
-from myshop_ops.store import Store
-from myshop_ops.window import BatchWindow, user_of
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Publisher, Topology, published_at
+from myshop_ops.adapters.config import ConfigError, Settings
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
+from myshop_ops.adapters.metrics import Observer
+from myshop_ops.adapters.notify import Notifier
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
+from myshop_ops.core.limits import Limits
+from myshop_ops.core.pipeline import BatchResult, Item, Pipeline, Status, StoreUnavailable
+from myshop_ops.core.ports import Channel, Connection, EventState, Phrases, ProfileStore
+from myshop_ops.core.retry_routing import message_id_of
+from myshop_ops.core.settlement import Outgoing, settle
+from myshop_ops.core.window import BatchWindow, user_of
 
 log = logging.getLogger(__name__)
 

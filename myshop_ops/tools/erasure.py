@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
-from myshop_ops.config import Settings
-from myshop_ops.contract import event_key
-from myshop_ops.dedup import RedisState
-from myshop_ops.failed_queue import FailedBox
-from myshop_ops.store import USERS, Store, message_ids
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.store import USERS, Store, message_ids
+from myshop_ops.base.contract import event_key
+from myshop_ops.tools.failed_queue import FailedBox
 
 
 class NotErased(Exception):

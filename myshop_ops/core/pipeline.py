@@ -19,13 +19,13 @@ from enum import StrEnum
 import numpy as np
 from pymongo.errors import PyMongoError
 
-from myshop_ops.config import Settings
-from myshop_ops.contract import Event, InvalidMessage, parse
-from myshop_ops.embeddings import EmbeddingError
-from myshop_ops.lru import Recent
-from myshop_ops.ports import EventState, Phrases, ProfileStore
-from myshop_ops.profile import VectorSpaceMismatch, fold, to_days
-from myshop_ops.store import ProfileWrite, StoredProfile
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import EmbeddingError
+from myshop_ops.adapters.store import ProfileWrite, StoredProfile
+from myshop_ops.base.contract import Event, InvalidMessage, parse
+from myshop_ops.base.lru import Recent
+from myshop_ops.base.profile import VectorSpaceMismatch, fold, to_days
+from myshop_ops.core.ports import EventState, Phrases, ProfileStore
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ waited out for ``broker.BLOCKED_TIMEOUT_S`` at most, then the run stops with tha
 ``--wait`` latencies of ``generate-test-events`` are measured from.
 
 The connection goes to the first reachable URL of ``RABBITMQ_DSN`` (comma-separated for failover,
-tried in turn like :func:`myshop_ops.broker.connect`). A connection or channel lost in the middle of
+tried in turn like :func:`myshop_ops.adapters.broker.connect`). A connection or channel lost in the middle of
 a run is not retried: the unconfirmed and unsent messages are counted as failed and the reason is
 given in ``PublishResult.error`` (re-running publishes new events; consumers deduplicate by id anyway).
 """
@@ -39,7 +39,7 @@ import pika
 import pika.exceptions as pex
 from pika.spec import Basic
 
-from myshop_ops.broker import (
+from myshop_ops.adapters.broker import (
     BLOCKED_TIMEOUT_S,
     H_PUBLISHED_AT,
     NACK_PAUSES_S,
@@ -48,7 +48,7 @@ from myshop_ops.broker import (
     connection_parameters,
     dsn_urls,
 )
-from myshop_ops.config import mask_url
+from myshop_ops.adapters.config import mask_url
 
 DEFAULT_WINDOW = 1000
 CHUNK = 256  # messages published per turn of the I/O loop, so confirms are read in between

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from myshop_ops.contract import CONTROL as UNSAFE  # C0, DEL, C1, line separators, bidirectional controls
+from myshop_ops.base.contract import CONTROL as UNSAFE  # C0, DEL, C1, line separators, bidirectional controls
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
 
-from myshop_ops import broker
-from myshop_ops.broker import POLICY_PRIORITY, BrokerError, Topology
-from myshop_ops.management import Management
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import POLICY_PRIORITY, BrokerError, Topology
+from myshop_ops.adapters.management import Management
 
 # a queue argument set at declaration -> the policy key it overrides
 _POLICY_KEYS = {"x-dead-letter-exchange": "dead-letter-exchange", "x-delivery-limit": "delivery-limit",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
-    from myshop_ops.store import ProfileWrite, StoredProfile, WriteResult
+    from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
 
 class ProfileStore(Protocol):

@@ -15,8 +15,8 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
 
-from myshop_ops import amqp_fields  # noqa: F401  (hostile header values decoded without raising, for every reader)
-from myshop_ops.config import ConfigError, Settings, mask_url
+from myshop_ops.adapters import amqp_fields  # noqa: F401  hostile header values decoded without raising, for every reader
+from myshop_ops.adapters.config import ConfigError, Settings, mask_url
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
-from myshop_ops.printable import printable
+from myshop_ops.base.printable import printable
 
 _C1 = re.compile("[\x7f-\x9f\u2028\u2029]")  # raw in JSON text; a terminal (journalctl) would act on C1
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}

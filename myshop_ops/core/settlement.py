@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from myshop_ops.broker import Topology
-from myshop_ops.pipeline import Item, Status
-from myshop_ops.retry_routing import Copy, failure_record, route
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.core.pipeline import Item, Status
+from myshop_ops.core.retry_routing import Copy, failure_record, route
 
 if TYPE_CHECKING:
-    from myshop_ops.worker import Delivery
+    from myshop_ops.core.worker import Delivery
 
 
 @dataclass(frozen=True, slots=True)

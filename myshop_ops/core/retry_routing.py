@@ -9,9 +9,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from myshop_ops.amqp_fields import encodable
-from myshop_ops.broker import H_PUBLISHED_AT, Topology, publish_time
-from myshop_ops.contract import loose_field
+from myshop_ops.adapters.amqp_fields import encodable
+from myshop_ops.adapters.broker import H_PUBLISHED_AT, Topology, publish_time
+from myshop_ops.base.contract import loose_field
 
 H_RETRY_COUNT = "x-retry-count"
 H_FIRST_FAILURE = "x-first-failure-at"

@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from myshop_ops.contract import EVENT_TYPES, make_event, serialise
-from myshop_ops.store import Store
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import EVENT_TYPES, make_event, serialise
 
 EVENT_TYPE_CHOICES: tuple[str, ...] = ("mixed", *EVENT_TYPES)
 PRODUCT_TYPES = frozenset(t for t in EVENT_TYPES if t != "search")

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from myshop_ops.contract import CONTROL, MAX_ID_CHARS, json_kind
-from myshop_ops.embeddings import Provider
-from myshop_ops.lines import bounded_lines
-from myshop_ops.store import Store
+from myshop_ops.adapters.embeddings import Provider
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import CONTROL, MAX_ID_CHARS, json_kind
+from myshop_ops.tools.lines import bounded_lines
 
 # A product line is a few KB (name <= 1000 and category <= 200 characters, and a description of which only the first
 # 6000 bytes of text are embedded); a shop editor's HTML with inline styles can reach tens of KB. 1 MiB leaves room

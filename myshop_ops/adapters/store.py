@@ -14,8 +14,8 @@ from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
-from myshop_ops.config import Settings
-from myshop_ops.layout import (
+from myshop_ops.adapters.config import Settings
+from myshop_ops.base.layout import (
     ForeignVector,
     UnreadableProfile,
     id_forms,
@@ -25,7 +25,7 @@ from myshop_ops.layout import (
     profile_fields,
     read_profile,
 )
-from myshop_ops.profile import Profile, VectorSpaceMismatch, from_days
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"

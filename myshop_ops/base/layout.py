@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from bson.binary import Binary, BinaryVectorDtype
 
-from myshop_ops.profile import Profile, VectorSpaceMismatch, to_days
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
 
 LAYOUTS = ("shop", "compact")
 SHOP_VECTOR, COMPACT_VECTOR = "vector", "embedding"

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from myshop_ops.config import ConfigError, Settings
-from myshop_ops.lru import Recent
+from myshop_ops.adapters.config import ConfigError, Settings
+from myshop_ops.base.lru import Recent
 
 MAX_INPUTS_PER_REQUEST = 2048
 MAX_BYTES_PER_REQUEST = 300_000  # the API's token cap; tokens <= UTF-8 bytes

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from myshop_ops.config import Settings
-from myshop_ops.contract import Event, InvalidMessage, event_key, parse
-from myshop_ops.embeddings import PhraseEmbedder
-from myshop_ops.layout import UnreadableProfile, read_profile, to_datetime
-from myshop_ops.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
-from myshop_ops.store import Store
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.embeddings import PhraseEmbedder
+from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import Event, InvalidMessage, event_key, parse
+from myshop_ops.base.layout import UnreadableProfile, read_profile, to_datetime
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
 
 COSINE_MIN = 0.99999
 MAGNITUDE_RTOL = 1e-4

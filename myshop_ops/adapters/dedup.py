@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from myshop_ops.config import Settings, mask_url
+from myshop_ops.adapters.config import Settings, mask_url
 
 log = logging.getLogger(__name__)
 

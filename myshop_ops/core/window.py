@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from myshop_ops.contract import loose_field
+from myshop_ops.base.contract import loose_field
 
 T = TypeVar("T")
 CAP_FACTOR = 4  # a user that never goes quiet is still written every CAP_FACTOR * window seconds

@@ -15,9 +15,10 @@ from datetime import UTC, datetime, timedelta
 
 from pika.adapters.blocking_connection import BlockingConnection
 
-from myshop_ops import broker
-from myshop_ops.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
-from myshop_ops.retry_routing import (
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
+from myshop_ops.adapters.store import Store
+from myshop_ops.core.retry_routing import (
     H_ERROR_CLASS,
     H_ERROR_MESSAGE,
     H_FAILURE_ID,
@@ -32,7 +33,6 @@ from myshop_ops.retry_routing import (
     message_id_of,
     retry_count,
 )
-from myshop_ops.store import Store
 
 _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import redis
 from pymongo.errors import PyMongoError
 
-from myshop_ops import broker
-from myshop_ops.broker import BrokerError, Topology
-from myshop_ops.config import (
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import BrokerError, Topology
+from myshop_ops.adapters.config import (
     DISCOVER,
     ConfigError,
     Settings,
@@ -31,11 +31,11 @@ from myshop_ops.config import (
     merged_env,
     settings_file,
 )
-from myshop_ops.embeddings import EmbeddingError, make_provider
-from myshop_ops.management import ManagementError, for_dsn
-from myshop_ops.stats import CRITICAL_DEPTH, WARN_DEPTH, Members, alarms
-from myshop_ops.store import Store
-from myshop_ops.transports import Transports
+from myshop_ops.adapters.embeddings import EmbeddingError, make_provider
+from myshop_ops.adapters.management import ManagementError, for_dsn
+from myshop_ops.adapters.store import Store
+from myshop_ops.tools.stats import CRITICAL_DEPTH, WARN_DEPTH, Members, alarms
+from myshop_ops.tools.transports import Transports
 
 PACKAGES = ("myshop-ops", "pika", "pymongo", "redis", "openai", "numpy", "typer", "rich", "prometheus-client")
 _PLACEHOLDER = re.compile(r"^(sk-\.{3}|sk-x+|<[^>]*>|changeme|change-me|your[-_].*|xxx+|todo|replace[-_ ]?me)$",

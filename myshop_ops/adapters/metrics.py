@@ -27,7 +27,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from myshop_ops.embeddings import EmbeddingError, Provider
+from myshop_ops.adapters.embeddings import EmbeddingError, Provider
 
 # fine around 1 s (a P95 < 1 s objective)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 5, 10, 30, 60, 120, 300)

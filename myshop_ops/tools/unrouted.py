@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from pika.adapters.blocking_connection import BlockingConnection
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology, published_at
-from myshop_ops.contract import loose_field
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology, published_at
+from myshop_ops.base.contract import loose_field
 
 PREVIEW_CHARS = 200
 

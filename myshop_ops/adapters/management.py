@@ -14,8 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from myshop_ops.broker import dsn_urls
-from myshop_ops.config import mask_url
+from myshop_ops.adapters.broker import dsn_urls
+from myshop_ops.adapters.config import mask_url
 
 
 class ManagementError(Exception):

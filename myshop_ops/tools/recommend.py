@@ -22,10 +22,10 @@ import numpy as np
 from bson.binary import Binary
 from pymongo.errors import OperationFailure
 
-from myshop_ops.config import Settings
-from myshop_ops.layout import UnreadableProfile, decode_vector, id_key, profile_vector
-from myshop_ops.profile import VectorSpaceMismatch
-from myshop_ops.store import PRODUCTS, Store
+from myshop_ops.adapters.config import Settings
+from myshop_ops.adapters.store import PRODUCTS, Store
+from myshop_ops.base.layout import UnreadableProfile, decode_vector, id_key, profile_vector
+from myshop_ops.base.profile import VectorSpaceMismatch
 
 ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
 _FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from myshop_ops import broker
-from myshop_ops.broker import Topology
-from myshop_ops.management import Management, ManagementError, QueueInfo
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.management import Management, ManagementError, QueueInfo
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from myshop_ops.contract import DEFAULT_WEIGHTS, EVENT_TYPES
+from myshop_ops.base.contract import DEFAULT_WEIGHTS, EVENT_TYPES
 
 DEV_DEFAULTS = {
     "RABBITMQ_DSN": "amqp://guest:guest@127.0.0.1:5672/%2f",
