@@ -143,31 +143,39 @@ class Pipeline:
         products = [i for i in live if i.event.product_id is not None]
         searches = [i for i in live if i.event.search_phrase is not None]
         if products:
-            vectors, unknown = self.products.take({i.event.product_id for i in products})
-            try:
-                found, foreign = self.store.product_vectors(unknown, self.model, self.dimensions)
-            except PyMongoError as exc:
-                self._mark(products, Status.RETRY, StoreUnavailable(f"reading product vectors: {exc}"))
-            else:
-                self.products.put(found)
-                vectors.update(found)
-                for item in products:
-                    pid = item.event.product_id
-                    if pid in vectors:
-                        item.vector = vectors[pid]
-                    elif pid in foreign:
-                        self._mark([item], Status.FAILED, VectorSpaceMismatch(f"product {pid} has {foreign[pid]}"))
-                    else:
-                        self._mark([item], Status.SKIPPED, ProductMissing(f"product {pid} has no vector"))
-                        log.warning("product not found, event skipped", extra=_fields(item.event))
+            self._attach_product_vectors(products)
         if searches:
-            try:
-                found = self.phrases.embed([i.event.search_phrase for i in searches])
-            except EmbeddingError as exc:
-                self._mark(searches, Status.RETRY if exc.transient else Status.FAILED, exc)
+            self._attach_phrase_vectors(searches)
+
+    def _attach_product_vectors(self, items: list[Item]) -> None:
+        """Product events get their product's vector (cached, else read); unknown products skip, foreign ones fail."""
+        vectors, unknown = self.products.take({i.event.product_id for i in items})
+        try:
+            found, foreign = self.store.product_vectors(unknown, self.model, self.dimensions)
+        except PyMongoError as exc:
+            self._mark(items, Status.RETRY, StoreUnavailable(f"reading product vectors: {exc}"))
+            return
+        self.products.put(found)
+        vectors.update(found)
+        for item in items:
+            pid = item.event.product_id
+            if pid in vectors:
+                item.vector = vectors[pid]
+            elif pid in foreign:
+                self._mark([item], Status.FAILED, VectorSpaceMismatch(f"product {pid} has {foreign[pid]}"))
             else:
-                for item in searches:
-                    item.vector = found[item.event.search_phrase]
+                self._mark([item], Status.SKIPPED, ProductMissing(f"product {pid} has no vector"))
+                log.warning("product not found, event skipped", extra=_fields(item.event))
+
+    def _attach_phrase_vectors(self, items: list[Item]) -> None:
+        """Search events get their phrase's embedding; a provider error is transient or final as it says."""
+        try:
+            found = self.phrases.embed([i.event.search_phrase for i in items])
+        except EmbeddingError as exc:
+            self._mark(items, Status.RETRY if exc.transient else Status.FAILED, exc)
+            return
+        for item in items:
+            item.vector = found[item.event.search_phrase]
 
     @staticmethod
     def _mark(items: list[Item], status: Status, error: Exception | None) -> None:
@@ -175,82 +183,95 @@ class Pipeline:
             item.status, item.error = status, error
 
     def _apply(self, result: BatchResult, items: list[Item]) -> None:
+        """Fold and write each user's events; conflicted users are re-read and written again within the budget."""
         pending: dict[str, list[Item]] = defaultdict(list)
         for item in items:
             pending[item.event.user_id].append(item)
-        weights = self.settings.weights
-        lam = self.settings.decay_lambda
         deadline = time.monotonic() + WRITE_BUDGET_S
         for attempt in itertools.count():
             if not pending:
                 return
             if attempt and not self._pause_after_conflict(attempt, deadline):
                 break
-            stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
-            try:
-                read, unreadable = self.store.load_profiles(unknown, self.model, self.dimensions)
-            except PyMongoError as exc:
-                self._mark([i for group in pending.values() for i in group], Status.RETRY, StoreUnavailable(str(exc)))
-                return
-            stored.update(read)
-            for user_id, problem in unreadable.items():  # a document no fold can start from: its events fail
-                self._mark(pending.pop(user_id), Status.FAILED, problem)
-            writes: list[ProfileWrite] = []
-            groups: dict[str, list[Item]] = {}
-            for user_id, group in pending.items():
-                current = stored.get(user_id)
-                if current is not None:
-                    for item in group:
-                        if current.seen(item.event.message_id):
-                            item.status = Status.DUPLICATE
-                    group = [i for i in group if i.status == Status.PENDING]
-                if not group:
-                    continue
-                events = [i.event for i in group]
-                try:
-                    profile = fold(
-                        current.profile if current else None,
-                        np.array([to_days(e.occurred_at) for e in events]),
-                        np.array([weights[e.event_type] for e in events]),
-                        np.stack([i.vector for i in group]),
-                        lam=lam,
-                        model=self.model,
-                    )
-                except (VectorSpaceMismatch, ValueError) as exc:
-                    self._mark(group, Status.FAILED, exc)
-                    continue
-                newest = max(events, key=lambda e: e.occurred_at)
-                if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
-                    newest = None  # only late events: the profile's last event stays
-                writes.append(
-                    ProfileWrite(
-                        user_id=user_id,
-                        profile=profile,
-                        base=current,
-                        message_ids=[e.message_id for e in events],
-                        counts=dict(Counter(e.event_type for e in events)),
-                        last_event_type=newest and newest.event_type,
-                        last_event_id=newest and newest.message_id,
-                        purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
-                    )
-                )
-                groups[user_id] = group
-            try:
-                outcome = self.store.write_profiles(writes, self.settings.store_layout)
-            except PyMongoError as exc:
-                self.profiles.drop(groups)  # landed or not: read them again
-                self._mark([i for g in groups.values() for i in g], Status.RETRY, StoreUnavailable(str(exc)))
-                return
-            self.profiles.put(outcome.stored)
-            self.profiles.drop(outcome.conflicted)
-            result.writes += len(outcome.applied)
-            result.conflicts += len(outcome.conflicted)
-            for user_id in outcome.applied:
-                self._mark(groups[user_id], Status.APPLIED, None)
-            pending = {u: groups[u] for u in outcome.conflicted}
+            pending = self._write_round(result, pending)
         for group in pending.values():
             self._mark(group, Status.RETRY, VersionConflict(
                 f"the profile kept changing under this worker for {WRITE_BUDGET_S:g} s of re-reads"))
+
+    def _write_round(self, result: BatchResult, pending: dict[str, list[Item]]) -> dict[str, list[Item]]:
+        """One read-fold-write round; returns the users whose write met a newer version (to re-read)."""
+        stored = self._current_profiles(pending)
+        if stored is None:
+            return {}
+        writes: list[ProfileWrite] = []
+        groups: dict[str, list[Item]] = {}
+        for user_id, group in pending.items():
+            current = stored.get(user_id)
+            if current is not None:
+                for item in group:
+                    if current.seen(item.event.message_id):
+                        item.status = Status.DUPLICATE
+                group = [i for i in group if i.status == Status.PENDING]
+            write = self._fold(user_id, group, current) if group else None
+            if write is not None:
+                writes.append(write)
+                groups[user_id] = group
+        try:
+            outcome = self.store.write_profiles(writes, self.settings.store_layout)
+        except PyMongoError as exc:
+            self.profiles.drop(groups)  # landed or not: read them again
+            self._mark([i for g in groups.values() for i in g], Status.RETRY, StoreUnavailable(str(exc)))
+            return {}
+        self.profiles.put(outcome.stored)
+        self.profiles.drop(outcome.conflicted)
+        result.writes += len(outcome.applied)
+        result.conflicts += len(outcome.conflicted)
+        for user_id in outcome.applied:
+            self._mark(groups[user_id], Status.APPLIED, None)
+        return {u: groups[u] for u in outcome.conflicted}
+
+    def _current_profiles(self, pending: dict[str, list[Item]]) -> dict[str, StoredProfile] | None:
+        """The pending users' stored profiles (cached as last written, else read); an unreadable one fails its
+        events and leaves ``pending``; None (every event marked for retry) when MongoDB fails."""
+        stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
+        try:
+            read, unreadable = self.store.load_profiles(unknown, self.model, self.dimensions)
+        except PyMongoError as exc:
+            self._mark([i for group in pending.values() for i in group], Status.RETRY, StoreUnavailable(str(exc)))
+            return None
+        stored.update(read)
+        for user_id, problem in unreadable.items():  # a document no fold can start from: its events fail
+            self._mark(pending.pop(user_id), Status.FAILED, problem)
+        return stored
+
+    def _fold(self, user_id: str, group: list[Item], current: StoredProfile | None) -> ProfileWrite | None:
+        """The write that folds ``group`` into ``current``; None (the group failed) when they cannot be folded."""
+        events = [i.event for i in group]
+        try:
+            profile = fold(
+                current.profile if current else None,
+                np.array([to_days(e.occurred_at) for e in events]),
+                np.array([self.settings.weights[e.event_type] for e in events]),
+                np.stack([i.vector for i in group]),
+                lam=self.settings.decay_lambda,
+                model=self.model,
+            )
+        except (VectorSpaceMismatch, ValueError) as exc:
+            self._mark(group, Status.FAILED, exc)
+            return None
+        newest = max(events, key=lambda e: e.occurred_at)
+        if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
+            newest = None  # only late events: the profile's last event stays
+        return ProfileWrite(
+            user_id=user_id,
+            profile=profile,
+            base=current,
+            message_ids=[e.message_id for e in events],
+            counts=dict(Counter(e.event_type for e in events)),
+            last_event_type=newest and newest.event_type,
+            last_event_id=newest and newest.message_id,
+            purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
+        )
 
     @staticmethod
     def _pause_after_conflict(attempt: int, deadline: float) -> bool:
