@@ -17,9 +17,9 @@ from myshop_ops.core.limits import Limits
 from myshop_ops.core.retry_routing import H_ERROR_CLASS
 from myshop_ops.core.worker import Worker
 from myshop_ops.tools import preflight
-from tests.integration.test_worker import failed_messages
 from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
 from tests.support.services import DIMS, wait_for
+from tests.support.workers import failed_messages
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ import numpy as np
 import pika
 import pytest
 
-from myshop_ops.adapters import broker
 from myshop_ops.adapters.dedup import RedisState
 from myshop_ops.adapters.embeddings import HashProvider, PhraseEmbedder
 from myshop_ops.adapters.management import for_dsn
@@ -23,8 +22,9 @@ from myshop_ops.core.limits import Limits
 from myshop_ops.core.pipeline import Pipeline
 from myshop_ops.core.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.core.worker import Worker
-from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products, stored_profile
+from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products
 from tests.support.services import ROOT, run_cli, wait_for
+from tests.support.workers import check_profiles, failed_messages
 
 pytestmark = pytest.mark.integration
 
@@ -38,33 +38,11 @@ def consume(settings, n: int, prefetch: int = 200, **kw) -> Worker:
 
 
 def assert_profiles(settings, expected: dict, counts: dict | None = None) -> None:
-    store = Store(settings.mongodb_url, settings.mongodb_db)
-    docs = {d["user_id"]: d for d in store.users.find({}, {"_id": 0})}
-    store.close()
-    assert set(docs) == set(expected)
-    for user, exp in expected.items():
-        doc = docs[user]
-        got = stored_profile(settings, doc)
-        assert np.max(np.abs(got.embedding - exp.embedding)) < 1e-5, user
-        assert doc["magnitude"] == pytest.approx(exp.magnitude, rel=1e-5)
+    """The stored profiles are the expected ones (tests.support.workers.check_profiles), each in the settings'
+    vector space with a UTC last_updated."""
+    for doc in check_profiles(settings, expected, counts).values():
         assert doc["dimensions"] == settings.embedding_dimensions and doc["model"] == settings.model
         assert doc["last_updated"].utcoffset().total_seconds() == 0
-        if counts is not None:
-            assert doc["event_count"] == counts[user]
-            assert sum(doc["event_counts"].values()) == counts[user]
-
-
-def failed_messages(settings, topo) -> list[tuple[dict, bytes]]:
-    conn = broker.connect(settings.rabbitmq_dsn)
-    ch = conn.channel()
-    out = []
-    while True:
-        method, props, body = ch.basic_get(topo.failed_queue, auto_ack=True)
-        if method is None:
-            break
-        out.append((props, body))
-    conn.close()
-    return out
 
 
 def test_profiles_match_the_spec_math(env, topology):
