@@ -1,6 +1,5 @@
 """Fixtures on real services: RabbitMQ and Redis on 127.0.0.1, the Mongo-wire server, a fake OpenAI. Fixtures
-only: the helpers tests import are in tests/support (run_cli is imported here for tests/cluster/test_harness.py
-until it imports it from tests.support.services)."""
+only: the helpers tests import are in tests/support."""
 
 from __future__ import annotations
 
@@ -15,15 +14,7 @@ import redis as redis_lib
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.config import Settings, load_settings
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.services import (
-    DIMS,
-    RABBIT,
-    ROOT,
-    MongoWire,
-    forget_keys,
-    redis_url,
-    run_cli,  # noqa: F401 - tests/cluster/test_harness.py imports it from here
-)
+from tests.support.services import DIMS, RABBIT, ROOT, MongoWire, forget_keys, redis_url
 from tests.support.workers import Workers, prepare, remove_topology
 
 REDIS = redis_url()

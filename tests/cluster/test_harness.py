@@ -46,7 +46,7 @@ def test_three_nodes_a_follower_killed_and_back(cluster, tmp_path):
 def test_stats_and_preflight_show_members_down_and_quorum_critical(cluster, env):
     """With a follower of the main queue down: `myshop stats` warns and names it, every node still up is
     quorum-critical; preflight's members check warns; once it is back, no node is critical."""
-    from tests.conftest import run_cli
+    from tests.support.services import run_cli
     from tests.support.workers import prepare
 
     env.update(RABBITMQ_DSN=cluster.dsn, RABBITMQ_MANAGEMENT_URL=cluster.management_url(1))
