@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from myshop_ops.base.contract import DEFAULT_WEIGHTS, EVENT_TYPES
+from myshop_ops.base.contract import DEFAULT_WEIGHTS
 
 DEV_DEFAULTS = {
     "RABBITMQ_DSN": "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -257,45 +257,24 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
     file settings_file() names, if any). ``embeds=False``: the caller never calls the embeddings provider, so its
     API key is not required (every value given is still validated)."""
     e = merged_env(env, env_file)
-
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
     prod = app_env == "prod"
-    provider = _choice(e, "EMBEDDING_PROVIDER", "openai", ("openai", "hash"))
-    if provider == "hash" and prod:
-        raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai in APP_ENV=prod (hash has no semantics; a self-hosted "
-                          "model: openai with OPENAI_BASE_URL of an OpenAI-compatible server)")
-    api_key = (e.get("OPENAI_API_KEY") or "").strip() or None
-    if provider == "openai" and not api_key and embeds:
-        raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")
-    weights = dict(DEFAULT_WEIGHTS)
-    for event_type in EVENT_TYPES:
-        var = f"EVENT_WEIGHT_{event_type.upper()}"
-        weights[event_type] = _float(e, var, weights[event_type], 0.0, 100.0)
-    names = {}
-    for var, default in (("RABBITMQ_QUEUE", "user_embedding_updates"), ("RABBITMQ_FAILED_QUEUE", "failed")):
-        names[var] = (e.get(var) or default).strip()
-        if not _NAME.match(names[var]):
-            raise ConfigError(var, names[var], "letters, digits and _ . : - (1..200 characters)")
-    raw_keys = e.get("RABBITMQ_BINDING_KEYS") or "user.embedding.update"
-    keys = tuple(dict.fromkeys(k.strip() for k in raw_keys.split(",")))
-    if not all(_ROUTING_KEY.match(k) for k in keys):
-        raise ConfigError("RABBITMQ_BINDING_KEYS", raw_keys,
-                          "comma-separated routing keys of letters, digits and _ . : -, e.g. user.embedding.update")
-    index = (e.get("ATLAS_VECTOR_INDEX") or "product_embedding_index").strip()
-    if not _NAME.match(index) or "." in index or ":" in index:
-        raise ConfigError("ATLAS_VECTOR_INDEX", index, "an Atlas search index name of letters, digits, _ and -")
-    db = (e.get("MONGODB_DB") or "myshop").strip()
-    if not _NAME.match(db) or "." in db:
-        raise ConfigError("MONGODB_DB", db, "a database name of letters, digits, _ and - (no dots)")
+    provider, api_key = _provider(e, prod, embeds)
+    queue, failed_queue = (_name(e, var, default, "letters, digits and _ . : - (1..200 characters)")
+                           for var, default in (("RABBITMQ_QUEUE", "user_embedding_updates"),
+                                                ("RABBITMQ_FAILED_QUEUE", "failed")))
+    index = _name(e, "ATLAS_VECTOR_INDEX", "product_embedding_index",
+                  "an Atlas search index name of letters, digits, _ and -", forbid=".:")
+    db = _name(e, "MONGODB_DB", "myshop", "a database name of letters, digits, _ and - (no dots)", forbid=".")
 
     return Settings(
         app_env=app_env,
         rabbitmq_dsn=_url(e, "RABBITMQ_DSN", ("amqp", "amqps"), prod),
         rabbitmq_queue_type=_choice(e, "RABBITMQ_QUEUE_TYPE", "quorum", ("quorum", "classic")),
         rabbitmq_management_url=_url(e, "RABBITMQ_MANAGEMENT_URL", ("http", "https"), prod, required=False),
-        queue=names["RABBITMQ_QUEUE"],
-        failed_queue=names["RABBITMQ_FAILED_QUEUE"],
-        rabbitmq_binding_keys=keys,
+        queue=queue,
+        failed_queue=failed_queue,
+        rabbitmq_binding_keys=_binding_keys(e),
         mongodb_url=_url(e, "MONGODB_URL", ("mongodb", "mongodb+srv"), prod),
         mongodb_db=db,
         redis_url=_url(e, "REDIS_URL", ("redis", "rediss", "unix"), prod),
@@ -317,6 +296,35 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
         log_level=_choice(e, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         recommend_backend=_choice(e, "RECOMMEND_BACKEND", "numpy", RECOMMEND_BACKENDS),
         atlas_vector_index=index,
-        weights=weights,
+        weights={t: _float(e, f"EVENT_WEIGHT_{t.upper()}", w, 0.0, 100.0) for t, w in DEFAULT_WEIGHTS.items()},
         store_layout=_choice(e, "STORE_LAYOUT", "shop", STORE_LAYOUTS),
     )
+
+
+def _provider(e: Mapping[str, str], prod: bool, embeds: bool) -> tuple[str, str | None]:
+    """EMBEDDING_PROVIDER and its API key (required only when the caller embeds)."""
+    provider = _choice(e, "EMBEDDING_PROVIDER", "openai", ("openai", "hash"))
+    if provider == "hash" and prod:
+        raise ConfigError("EMBEDDING_PROVIDER", "hash", "openai in APP_ENV=prod (hash has no semantics; a self-hosted "
+                          "model: openai with OPENAI_BASE_URL of an OpenAI-compatible server)")
+    api_key = (e.get("OPENAI_API_KEY") or "").strip() or None
+    if provider == "openai" and not api_key and embeds:
+        raise ConfigError("OPENAI_API_KEY", None, "required when EMBEDDING_PROVIDER=openai")
+    return provider, api_key
+
+
+def _name(e: Mapping[str, str], var: str, default: str, expected: str, forbid: str = "") -> str:
+    """A queue, database or index name: letters, digits and _ . : -, without the characters in ``forbid``."""
+    value = (e.get(var) or default).strip()
+    if not _NAME.match(value) or any(c in value for c in forbid):
+        raise ConfigError(var, value, expected)
+    return value
+
+
+def _binding_keys(e: Mapping[str, str]) -> tuple[str, ...]:
+    raw = e.get("RABBITMQ_BINDING_KEYS") or "user.embedding.update"
+    keys = tuple(dict.fromkeys(k.strip() for k in raw.split(",")))
+    if not all(_ROUTING_KEY.match(k) for k in keys):
+        raise ConfigError("RABBITMQ_BINDING_KEYS", raw,
+                          "comma-separated routing keys of letters, digits and _ . : -, e.g. user.embedding.update")
+    return keys

@@ -154,6 +154,31 @@ class WindowedPublisher:
 
     def run(self, messages: Sequence[tuple[bytes, str]]) -> PublishResult:
         """Publish every message and wait for every confirm. Raises BrokerError if no URL can be reached."""
+        self._reset(messages)
+        if not self.urls:
+            raise BrokerError("RabbitMQ unreachable: RABBITMQ_DSN holds no URL")
+        for url in self.urls:  # failover: the first URL that opens carries the whole run
+            self._url = url
+            self._connection = pika.SelectConnection(
+                connection_parameters(url, name=self.name),
+                on_open_callback=self._on_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_closed,
+            )
+            self._connection.add_on_connection_blocked_callback(self._on_blocked)
+            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+            try:
+                self._connection.ioloop.start()
+            finally:
+                self._connection.ioloop.close()
+            if self._result.broker:
+                return self._result
+        raise BrokerError(
+            "RabbitMQ unreachable: " + "; ".join(self._open_errors) + " (is RabbitMQ running? check RABBITMQ_DSN)"
+        )
+
+    def _reset(self, messages: Sequence[tuple[bytes, str]]) -> None:
+        """The state of one run."""
         self._messages = messages
         self._total = n = len(messages)
         self._result = PublishResult(total=n, status=bytearray(n), sent_at=array("d", bytes(8 * n)))
@@ -178,27 +203,6 @@ class WindowedPublisher:
         self._props = lambda mid, sent: pika.BasicProperties(
             content_type="application/json", delivery_mode=PERSISTENT, message_id=mid,
             headers={H_PUBLISHED_AT: int(sent * 1000)},
-        )
-        if not self.urls:
-            raise BrokerError("RabbitMQ unreachable: RABBITMQ_DSN holds no URL")
-        for url in self.urls:  # failover: the first URL that opens carries the whole run
-            self._url = url
-            self._connection = pika.SelectConnection(
-                connection_parameters(url, name=self.name),
-                on_open_callback=self._on_open,
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_closed,
-            )
-            self._connection.add_on_connection_blocked_callback(self._on_blocked)
-            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
-            try:
-                self._connection.ioloop.start()
-            finally:
-                self._connection.ioloop.close()
-            if self._result.broker:
-                return self._result
-        raise BrokerError(
-            "RabbitMQ unreachable: " + "; ".join(self._open_errors) + " (is RabbitMQ running? check RABBITMQ_DSN)"
         )
 
     def _on_open_error(self, connection, exc: BaseException) -> None:

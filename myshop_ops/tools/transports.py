@@ -215,31 +215,43 @@ class Transports:
             before = broker.queue_depth(self.connection, t.unrouted)
             skip = 0 if resuming or before is None else before[0]  # what was unrouted before stays for an operator
             if info is not None:
-                for b in self.api.bindings(t.queue):
-                    if b["source"] == t.exchange:
-                        self._channel_call(lambda ch, k=b["routing_key"]: ch.queue_unbind(t.queue, t.exchange, k))
-                progress(f"unbound {t.queue}: new messages wait in {t.unrouted}")
-                self._channel_call(lambda ch: ch.queue_declare(holding, durable=True, arguments={}))
-                moved = broker.move(self.connection, t.queue, holding)
-                progress(f"moved {moved} message(s) from {t.queue} to {holding}")
-                try:
-                    self._channel_call(lambda ch: ch.queue_delete(t.queue, if_unused=True, if_empty=True))
-                except pex.ChannelClosedByBroker as exc:
-                    raise MigrationRefused(f"'{t.queue}' could not be deleted ({exc.reply_text}); its messages are "
-                                           f"safe in '{holding}': run --migrate again") from None
-            self._channel_call(lambda ch: ch.queue_declare(t.queue, durable=True, arguments=t.main_arguments()))
-            for key in t.routing_keys:
-                self._channel_call(lambda ch, k=key: ch.queue_bind(t.queue, t.exchange, routing_key=k))
-            progress(f"declared {t.queue} ({t.queue_type}) and bound it again")
-            held = broker.move(self.connection, holding, t.queue)
-            self._channel_call(lambda ch: ch.queue_delete(holding, if_empty=True))
-            late = broker.move(self.connection, t.unrouted, t.queue, skip=skip)
-            progress(f"moved {held} held and {late} unrouted message(s) into {t.queue}")
-            steps.append(Step("queue", t.queue, "recreated",
-                              f"{t.queue_type}; {held} message(s) moved back, {late} published meanwhile"))
+                self._hold_main(holding, progress)
+            steps.append(self._redeclare_main(holding, skip, progress))
         for attempt in range(1, len(t.retry_delays_ms) + 1):
             steps.append(self._recreate_if_empty(t.retry_queue(attempt)))
         return steps
+
+    def _hold_main(self, holding: str, progress: Callable[[str], None]) -> None:
+        """Unbind the main queue (producers' messages wait in the unrouted queue), move its messages to
+        ``holding`` and delete it."""
+        t = self.topo
+        for b in self.api.bindings(t.queue):
+            if b["source"] == t.exchange:
+                self._channel_call(lambda ch, k=b["routing_key"]: ch.queue_unbind(t.queue, t.exchange, k))
+        progress(f"unbound {t.queue}: new messages wait in {t.unrouted}")
+        self._channel_call(lambda ch: ch.queue_declare(holding, durable=True, arguments={}))
+        moved = broker.move(self.connection, t.queue, holding)
+        progress(f"moved {moved} message(s) from {t.queue} to {holding}")
+        try:
+            self._channel_call(lambda ch: ch.queue_delete(t.queue, if_unused=True, if_empty=True))
+        except pex.ChannelClosedByBroker as exc:
+            raise MigrationRefused(f"'{t.queue}' could not be deleted ({exc.reply_text}); its messages are "
+                                   f"safe in '{holding}': run --migrate again") from None
+
+    def _redeclare_main(self, holding: str, skip: int, progress: Callable[[str], None]) -> Step:
+        """Declare and bind the main queue again, then move the held messages and those published meanwhile (the
+        unrouted queue past its first ``skip``) into it."""
+        t = self.topo
+        self._channel_call(lambda ch: ch.queue_declare(t.queue, durable=True, arguments=t.main_arguments()))
+        for key in t.routing_keys:
+            self._channel_call(lambda ch, k=key: ch.queue_bind(t.queue, t.exchange, routing_key=k))
+        progress(f"declared {t.queue} ({t.queue_type}) and bound it again")
+        held = broker.move(self.connection, holding, t.queue)
+        self._channel_call(lambda ch: ch.queue_delete(holding, if_empty=True))
+        late = broker.move(self.connection, t.unrouted, t.queue, skip=skip)
+        progress(f"moved {held} held and {late} unrouted message(s) into {t.queue}")
+        return Step("queue", t.queue, "recreated", f"{t.queue_type}; {held} message(s) moved back, {late} published "
+                    "meanwhile")
 
     def _recreate_if_empty(self, name: str) -> Step:
         info = self.api.queue(name)
