@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 import redis
+from redis import RedisError  # the one Redis error type callers catch (re-exported)
 
 from myshop_ops.adapters.config import Settings, mask_url
 
@@ -51,8 +52,15 @@ class RedisState:
             )
 
     def ping(self) -> None:
-        """Raises redis.RedisError when Redis cannot be reached (used at start-up and by preflight)."""
+        """Raises RedisError when Redis cannot be reached (used at start-up and by preflight)."""
         self.client.ping()
+
+    def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy; None when CONFIG GET is disabled. Raises RedisError when unreachable."""
+        try:
+            return self.client.config_get("maxmemory-policy").get("maxmemory-policy", "?")
+        except redis.ResponseError:
+            return None
 
     def seen(self, keys: Sequence[str]) -> set[str]:
         """The event keys (``Event.key``) already recorded as processed (empty when Redis is down)."""
@@ -60,7 +68,7 @@ class RedisState:
             return set()
         try:
             values = self.client.mget([self.processed + k for k in keys])
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("seen", exc)
             return set()
         return {k for k, v in zip(keys, values, strict=True) if v is not None}
@@ -78,7 +86,7 @@ class RedisState:
                 for key in keys:
                     pipe.set(key, b"1", nx=True, ex=self.idempotency_ttl)
                 pipe.execute()
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("mark", exc)
 
     def forget(self, event_keys: Iterable[str]) -> None:
@@ -87,14 +95,14 @@ class RedisState:
         if keys:
             try:
                 self.client.delete(*keys)
-            except redis.RedisError as exc:
+            except RedisError as exc:
                 self._degraded("forget", exc)
 
     def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
         """Attempts recorded at each message by ``count_attempts`` (0 when none); None when Redis is down."""
         try:
             values = self.client.mget([self.attempts_key + m for m in message_ids])
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("attempts", exc)
             return None
         return [int(v or 0) for v in values]
@@ -108,21 +116,21 @@ class RedisState:
             pipe.expire(self.attempts_key + m, ttl)
         try:
             pipe.execute()
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("count_attempts", exc)
 
     def attempts_done(self, message_ids: Sequence[str]) -> None:
         if message_ids:
             try:
                 self.client.delete(*(self.attempts_key + m for m in message_ids))
-            except redis.RedisError as exc:
+            except RedisError as exc:
                 self._degraded("attempts_done", exc)
 
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
         """Cached vectors by cache key (the embedder's, without the prefix)."""
         try:
             return self.client.mget([self.prefix + VECTORS + k for k in keys])
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("get_vectors", exc)
             return [None] * len(keys)
 
@@ -132,7 +140,7 @@ class RedisState:
             pipe.set(self.prefix + VECTORS + k, v, ex=ttl)
         try:
             pipe.execute()
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("set_vectors", exc)
 
     def request_stop(self, at: float | None = None) -> float:
@@ -145,7 +153,7 @@ class RedisState:
         """True when stop-workers was run after a worker that started at ``started_at``."""
         try:
             raw = self.client.get(self.stop_flag)
-        except redis.RedisError as exc:
+        except RedisError as exc:
             self._degraded("stop_requested", exc)
             return False
         return raw is not None and float(raw) >= started_at

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-import redis
 import typer
 from pymongo.errors import PyMongoError
 from rich.console import Console
@@ -19,6 +18,7 @@ from rich.text import Text
 from myshop_ops.adapters import logs
 from myshop_ops.adapters.broker import BrokerError
 from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_text, mask_url
+from myshop_ops.adapters.dedup import RedisError
 from myshop_ops.adapters.management import ManagementError
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.base.printable import printable
@@ -77,7 +77,7 @@ def operator_errors(s: Settings) -> Iterator[None]:
             "(is it running? check MONGODB_URL)",
             EXIT_UNAVAILABLE,
         )
-    except redis.RedisError as exc:
+    except RedisError as exc:
         fail(f"Redis at {mask_url(s.redis_url)} failed: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
 
 

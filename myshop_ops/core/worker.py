@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import pika.exceptions as pex
 from pika.spec import Basic, BasicProperties
 from pymongo.errors import PyMongoError
-from redis import RedisError
 
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Publisher, Topology, published_at
 from myshop_ops.adapters.config import ConfigError, Settings
-from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.dedup import RedisError, RedisState
 from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.adapters.metrics import Observer
 from myshop_ops.adapters.notify import Notifier

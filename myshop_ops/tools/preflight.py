@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import redis
 from pymongo.errors import PyMongoError
 
 from myshop_ops.adapters import broker
@@ -31,6 +30,7 @@ from myshop_ops.adapters.config import (
     merged_env,
     settings_file,
 )
+from myshop_ops.adapters.dedup import RedisError, RedisState
 from myshop_ops.adapters.embeddings import EmbeddingError, make_provider
 from myshop_ops.adapters.management import ManagementError, for_dsn
 from myshop_ops.adapters.store import Store
@@ -315,13 +315,12 @@ def _topology(s: Settings, conn, topo: Topology) -> Iterator[Check]:
 
 def _redis(s: Settings) -> Iterator[Check]:
     where = mask_url(s.redis_url)
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=3, socket_connect_timeout=3)
+    state = RedisState(s.redis_url, timeout=3)
     try:
-        _, ms = _timed(client.ping)
+        _, ms = _timed(state.ping)
         yield Check("redis", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
-        try:
-            policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "?")
-        except redis.ResponseError:
+        policy = state.eviction_policy()
+        if policy is None:
             yield Check("redis", "eviction", "WARN", "CONFIG GET is disabled: eviction policy unknown",
                         "ask for maxmemory-policy noeviction or volatile-ttl")
             return
@@ -332,11 +331,11 @@ def _redis(s: Settings) -> Iterator[Check]:
                         "redis-cli CONFIG SET maxmemory-policy volatile-ttl")
         else:
             yield Check("redis", "eviction", "PASS", f"maxmemory-policy {policy}")
-    except redis.RedisError as exc:
+    except RedisError as exc:
         yield Check("redis", "reachable", "FAIL", f"{where}: {exc}",
                     "check REDIS_URL and that redis-server is running (workers degrade without it)")
     finally:
-        client.close()
+        state.close()
 
 
 def _provider(s: Settings) -> Check:

@@ -17,3 +17,14 @@ def test_only_the_store_touches_mongodb_collections():
                  for path in sorted(PACKAGE.rglob("*.py")) if path.name != "store.py"
                  for n, line in enumerate(path.read_text().splitlines(), 1) if RAW.search(line)]
     assert offenders == []
+
+
+REDIS = re.compile(r"^\s*(import redis\b|from redis\b)")
+
+
+def test_only_dedup_talks_to_redis():
+    """Redis keys are named and touched in adapters/dedup.py alone (other modules catch its RedisError)."""
+    offenders = [f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+                 for path in sorted(PACKAGE.rglob("*.py")) if path.name != "dedup.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if REDIS.search(line)]
+    assert offenders == []
