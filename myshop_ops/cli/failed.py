@@ -61,26 +61,34 @@ def show(
     with _box() as box:
         drift = box.check()
         if message_id:
-            recs = box.matching(message_id)
-            if not recs:
-                fail(f"no failed message with id {message_id} (list them with `myshop failed show`)")
-            if as_json:
-                print_json(recs[0] if len(recs) == 1 else recs)
-                return
-            for rec in recs:
-                _print_one(rec)
-            return
-        if stats:
-            rows = box.stats()
-            if as_json:
-                print_json({"queue_count": drift.queue_count, "by_error_class": dict(rows)})
-                return
-            table = Table("error class", "messages", title=f"failed messages: {sum(n for _, n in rows)}")
-            for cls, n in rows:
-                table.add_row(shown(cls), str(n))
-            console.print(table)
-            return
-        records = box.records(text=text, since=window, limit=max_rows)
+            _show_one(box.matching(message_id), message_id, as_json)
+        elif stats:
+            _show_stats(box.stats(), drift, as_json)
+        else:
+            _show_list(box.records(text=text, since=window, limit=max_rows), drift, as_json)
+
+
+def _show_one(recs: list[dict], message_id: str, as_json: bool) -> None:
+    if not recs:
+        fail(f"no failed message with id {message_id} (list them with `myshop failed show`)")
+    if as_json:
+        print_json(recs[0] if len(recs) == 1 else recs)
+        return
+    for rec in recs:
+        _print_one(rec)
+
+
+def _show_stats(rows: list[tuple[str, int]], drift: Drift, as_json: bool) -> None:
+    if as_json:
+        print_json({"queue_count": drift.queue_count, "by_error_class": dict(rows)})
+        return
+    table = Table("error class", "messages", title=f"failed messages: {sum(n for _, n in rows)}")
+    for cls, n in rows:
+        table.add_row(shown(cls), str(n))
+    console.print(table)
+
+
+def _show_list(records: list[dict], drift: Drift, as_json: bool) -> None:
     if as_json:
         print_json({"queue_count": drift.queue_count, "record_count": drift.record_count,
                     "drift": {"recorded_from_queue": drift.recorded_from_queue,

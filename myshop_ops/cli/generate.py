@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pika.exceptions as pex
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -118,11 +119,8 @@ def generate_test_events(
                 store.ping()  # --wait reads the profiles: fail before the prompt, not after publishing
             products = _products(s, store, plan)
             _check_topology(s, topo)
-            out.print(plan.describe(exchange=topo.exchange, queue=topo.queue, broker=mask_url(s.rabbitmq_dsn)),
-                      highlight=False, soft_wrap=True)
-            if not yes and sys.stdin.isatty() and not typer.confirm("Publish?", err=as_json):
-                out.print("aborted: nothing published", highlight=False)
-                raise typer.Exit(EXIT_FAIL)
+            _confirm(out, plan.describe(exchange=topo.exchange, queue=topo.queue, broker=mask_url(s.rabbitmq_dsn)),
+                     ask=not yes and sys.stdin.isatty(), as_json=as_json)
             baseline = {d["user_id"]: int(d.get("event_count") or 0)
                         for d in profile_counts(store, plan.user_ids)} if wait else {}
             run = _build(plan, products, as_json)
@@ -149,6 +147,14 @@ generate_test_events.__doc__ = GENERATE_HELP
 
 
 # ---- checks -------------------------------------------------------------------------------------
+
+
+def _confirm(out: Console, description: str, *, ask: bool, as_json: bool) -> None:
+    """Show what will be published; when ``ask``, publish only on a yes (exit 1 otherwise)."""
+    out.print(description, highlight=False, soft_wrap=True)
+    if ask and not typer.confirm("Publish?", err=as_json):
+        out.print("aborted: nothing published", highlight=False)
+        raise typer.Exit(EXIT_FAIL)
 
 
 def _check_writable(path: Path) -> None:

@@ -49,6 +49,15 @@ def show_user(
         top = as_dict(recs)["recommendations"] if recs is not None else None
         print_json({"user_id": user_id, **profile, "recommendations": top, "recommendations_error": problem})
         return
+    console.print(_profile_table(user_id, profile))
+    if recs is not None:
+        render(recs, title=f"top {len(recs.items)} recommendations ({recs.backend})")
+    else:
+        console.print(f"[yellow]recommendations unavailable:[/] {shown(problem)}", highlight=False)
+
+
+def _profile_table(user_id: str, profile: dict) -> Table:
+    """The profile's fields, one per row, with the event counts by type under the event count."""
     table = Table(title=f"user {shown(user_id)}", show_header=False)
     table.add_column("field", no_wrap=True)
     table.add_column("value", overflow="fold")  # ids are copied from here: never cut them
@@ -62,11 +71,7 @@ def show_user(
         if key == "event_count":
             for event_type in EVENT_TYPES:
                 table.add_row(f"  {event_type}", str(counts.get(event_type, 0)))
-    console.print(table)
-    if recs is not None:
-        render(recs, title=f"top {len(recs.items)} recommendations ({recs.backend})")
-    else:
-        console.print(f"[yellow]recommendations unavailable:[/] {shown(problem)}", highlight=False)
+    return table
 
 
 def delete_user(
