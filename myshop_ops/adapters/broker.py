@@ -219,6 +219,25 @@ def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] |
     return ok.method.message_count, ok.method.consumer_count
 
 
+def exchange_exists(connection: BlockingConnection, exchange: str) -> bool:
+    """Whether ``exchange`` exists (a passive declare on its own channel)."""
+    ch = connection.channel()
+    try:
+        ch.exchange_declare(exchange, passive=True)
+    except pex.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return False
+        raise
+    ch.close()
+    return True
+
+
+def missing_objects(connection: BlockingConnection, topo: Topology) -> list[str]:
+    """What producers need and does not exist: the main queue and the main exchange, named (empty: all there)."""
+    missing = [] if queue_depth(connection, topo.queue) is not None else [f"queue '{topo.queue}'"]
+    return missing + ([] if exchange_exists(connection, topo.exchange) else [f"exchange '{topo.exchange}'"])
+
+
 def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0) -> int:
     """Move the messages of ``source`` (all but its first ``skip``) to ``exchange`` with ``routing_key``, properties
     and headers kept: each is republished with a confirm (a nack: again, on a fresh channel), then acked, so none is

@@ -181,24 +181,14 @@ def _products(s: Settings, store: Store, plan: Plan) -> list[str]:
 def _check_topology(s: Settings, topo: Topology) -> None:
     conn = broker.connect(s.rabbitmq_dsn, name="myshop-generate")
     try:
-        if broker.queue_depth(conn, topo.queue) is None:
-            fail(f"queue '{topo.queue}' does not exist on {mask_url(s.rabbitmq_dsn)}: "
-                 "run `myshop setup-transports`", EXIT_CONFIG)
-        ch = conn.channel()
-        try:
-            ch.exchange_declare(topo.exchange, passive=True)
-            ch.close()
-        except pex.ChannelClosedByBroker as exc:
-            if exc.reply_code != 404:
-                raise
-            fail(f"exchange '{topo.exchange}' does not exist on {mask_url(s.rabbitmq_dsn)}: "
-                 "run `myshop setup-transports`", EXIT_CONFIG)
+        missing = broker.missing_objects(conn, topo)
     finally:
         with contextlib.suppress(pex.AMQPError, OSError):
             conn.close()
-
-
-# ---- publishing ---------------------------------------------------------------------------------
+    if missing:
+        verb = "does" if len(missing) == 1 else "do"
+        fail(f"{' and '.join(missing)} {verb} not exist on {mask_url(s.rabbitmq_dsn)}: run `myshop setup-transports`",
+             EXIT_CONFIG)
 
 
 def _build(plan: Plan, products: list[str], as_json: bool) -> Run:

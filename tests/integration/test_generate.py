@@ -142,6 +142,20 @@ def test_json_output_follows_the_documented_schema_and_reruns_make_new_events(en
     wait_queue(env.settings(), topology.queue, messages=40)
 
 
+def test_refuses_to_publish_without_the_topology_and_names_what_is_missing(env):
+    """Nothing declared (a fresh queue name): exit 2, one line naming the queue and the exchange and the fix."""
+    topo = Topology.from_settings(env.settings())
+    conn = broker.connect(RABBIT)
+    try:
+        assert broker.missing_objects(conn, topo) == [f"queue '{topo.queue}'", f"exchange '{topo.exchange}'"]
+    finally:
+        conn.close()
+    done = generate(env, *PLAN, "--event-type", "search", "--yes")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert one_line(done.stderr) == (f"error: queue '{topo.queue}' and exchange '{topo.exchange}' do not exist on "
+                                     "amqp://guest:***@127.0.0.1:5672/%2f: run `myshop setup-transports`")
+
+
 def test_unroutable_events_are_kept_by_the_alternate_exchange_or_counted_as_failed(env, topology):
     conn = broker.connect(RABBIT)
     conn.channel().queue_unbind(topology.queue, topology.exchange, routing_key=topology.queue)
