@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.harness import halt_all
+from tests.reliability.harness.supervisor import halt_all
 from tests.support.services import RELIABILITY, ROOT, redis_url
 from tests.support.workers import Workers
 

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from tests.cluster.conftest import NODES, node_name
-from tests.reliability.harness import SOAK
+from tests.reliability.harness.plan import SOAK
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300),
               pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]

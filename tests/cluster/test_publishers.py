@@ -15,7 +15,7 @@ import pytest
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.management import Management
 from myshop_ops.tools.stats import alarms
-from tests.reliability.harness import SOAK
+from tests.reliability.harness.plan import SOAK
 from tests.support.services import ROOT, wait_for
 from tests.support.workers import prepare
 

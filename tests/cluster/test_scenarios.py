@@ -20,7 +20,8 @@ from myshop_ops.adapters.store import Store
 from tests.cluster.conftest import NODES, node_index, node_name
 from tests.integration.test_metrics import get
 from tests.reliability.badinput import bad_bodies
-from tests.reliability.harness import SOAK, Plan, Scenario, interleave, plan_events, sized
+from tests.reliability.harness.plan import SOAK, Plan, interleave, plan_events, sized
+from tests.reliability.harness.scenario import Scenario
 from tests.support.services import free_port, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(sized(420, 1800))]

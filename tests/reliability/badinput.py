@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import strategies as st
 
 from myshop_ops.base.contract import InvalidMessage, make_event, parse, serialise
-from tests.reliability.harness import Body
+from tests.reliability.harness.plan import Body
 from tests.support.events import T0
 
 FIELDS = ("message_id", "version", "user_id", "event_type", "search_phrase", "product_id", "occurred_at", "metadata")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.harness import halt_all
+from tests.reliability.harness.supervisor import halt_all
 from tests.support.services import RELIABILITY, redis_url
 from tests.support.workers import Workers
 

@@ -15,7 +15,8 @@ from myshop_ops.adapters import broker
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event, serialise
 from tests.reliability.badinput import bad_bodies, malformed, unusual_valid
-from tests.reliability.harness import Body, Plan, Scenario, interleave, plan_events, sized
+from tests.reliability.harness.plan import Body, Plan, interleave, plan_events, sized
+from tests.reliability.harness.scenario import Scenario
 from tests.support.events import T0
 from tests.support.services import wait_for
 from tests.support.workers import queue_state

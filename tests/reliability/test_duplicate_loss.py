@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 from myshop_ops.base.contract import make_event, serialise
-from tests.reliability.harness import Body, Plan, Scenario
+from tests.reliability.harness.plan import Body, Plan
+from tests.reliability.harness.scenario import Scenario
 from tests.support.events import T0
 from tests.support.services import wait_for
 

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from tests.reliability.harness import SOAK, PrivateRedis, Scenario, plan_events, sized
+from tests.reliability.harness.plan import SOAK, plan_events, sized
+from tests.reliability.harness.private_redis import PrivateRedis
+from tests.reliability.harness.scenario import Scenario
 from tests.support.services import RABBIT, MongoWire, free_port, wait_for
 from tests.support.workers import private_vhost, rabbitmqctl
 
