@@ -181,6 +181,7 @@ class StubStore:
         self.foreign: dict[str, str] = {}  # product id -> what its unusable vector is
         self.unreadable: dict[str, ValueError] = {}  # user id -> why its document cannot be folded into
         self.records: list[dict] = []
+        self.last_writes: dict[str, ProfileWrite] = {}  # user id -> the last write applied (its event fields)
         self.reads = self.writes = 0
         self.fail_reads: Exception | None = None  # raised by load_profiles and product_vectors while set
         self.fail_writes: Exception | None = None  # raised by write_profiles while set
@@ -213,6 +214,7 @@ class StubStore:
                 result.conflicted.append(w.user_id)
                 continue
             self.profiles[w.user_id] = result.stored[w.user_id] = written(w, os.urandom(TOKEN_BYTES))
+            self.last_writes[w.user_id] = w
             result.applied.append(w.user_id)
         return result
 

@@ -70,9 +70,38 @@ def test_duplicates_in_the_batch_in_redis_and_in_the_profile_are_applied_once():
     assert core.run(body(first), body(first)) == [Status.APPLIED, Status.DUPLICATE]
     assert core.result.items[1].second_copy
     assert core.run(body(first)) == [Status.DUPLICATE]  # Redis knows it
+    core.pipeline = Pipeline(SETTINGS, core.store, core.redis, PhraseEmbedder(core.provider, None, ttl=60))
+    reads = core.store.reads  # a restarted worker, nothing cached: Redis's answer costs no read
+    assert core.run(body(first)) == [Status.DUPLICATE] and core.store.reads == reads
     core.redis.processed.clear()  # Redis lost it (restarted, or down): the profile's ring still knows it
     assert core.run(body(first), body(second)) == [Status.DUPLICATE, Status.APPLIED]
     assert core.store.profiles["u1"].event_count == 2 and core.store.profiles["u1"].version == 2
+
+
+def test_an_id_is_marked_processed_only_once_its_effect_is_stored():
+    """A second copy in the batch is acked as a duplicate, but while its first copy goes to a retry queue the id must
+    stay unmarked (or the retry would be dropped as a duplicate); a duplicate the profile's ring caught is marked
+    again in Redis."""
+    core = Core()
+    core.provider.fail = EmbeddingError("429 rate limited", transient=True)
+    search = ev("u1", "search", "hats")
+    assert core.run(body(search), body(search)) == [Status.RETRY, Status.DUPLICATE]
+    assert core.redis.processed == set()
+    core.provider.fail = None
+    assert core.run(body(search)) == [Status.APPLIED]  # the retry copy
+    core.redis.processed.clear()
+    assert core.run(body(search)) == [Status.DUPLICATE]  # the ring knows it
+    assert core.redis.processed == {search.key}
+
+
+def test_late_events_fold_in_but_leave_the_profiles_last_event():
+    core = Core()
+    newest, late = ev("u1", "product_view", "p1", 5), ev("u1", "product_click", "p2", 1)
+    assert core.run(body(newest)) == [Status.APPLIED]
+    assert core.store.last_writes["u1"].last_event_id == newest.message_id
+    assert core.run(body(late)) == [Status.APPLIED]
+    write = core.store.last_writes["u1"]
+    assert write.last_event_id is None and write.last_event_type is None and write.counts == {"product_click": 1}
 
 
 def test_the_same_message_id_for_two_users_is_two_events():
