@@ -1,3 +1,4 @@
+
 """A batch end to end through Pipeline.process, against in-memory stand-ins (tests/support/stubs.py): each delivery's
 outcome, one write per user, what is marked processed in Redis, and every fault turned into retry or failed."""
 
@@ -7,6 +8,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 from pymongo.errors import AutoReconnect
 
 from myshop_ops.adapters.config import Settings
@@ -16,6 +18,9 @@ from myshop_ops.base.layout import UnreadableProfile
 from myshop_ops.base.profile import VectorSpaceMismatch
 from myshop_ops.core.pipeline import Pipeline, ProductMissing, Status, StoreUnavailable
 from tests.support.stubs import StubProvider, StubRedis, StubStore
+
+# the core's stand-in suite runs in seconds: a change that makes the loop hang fails here in 30 s, not 300
+pytestmark = pytest.mark.timeout(30)
 
 DIMS = 16
 SETTINGS = Settings(embedding_provider="hash", embedding_dimensions=DIMS)

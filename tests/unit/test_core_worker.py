@@ -25,6 +25,10 @@ from myshop_ops.core.settlement import settle
 from myshop_ops.core.worker import SOLO_ATTEMPTS, Delivery, Worker
 from tests.support.stubs import StubBroker, StubNotifier, StubProvider, StubRedis, StubStore
 
+# the core's stand-in suite runs in seconds: a change that makes the loop hang fails here in 30 s, not 300
+pytestmark = pytest.mark.timeout(30)
+
+
 DIMS = 16
 SETTINGS = Settings(embedding_provider="hash", embedding_dimensions=DIMS, max_retries=2)
 TOPO = Topology.from_settings(SETTINGS)

@@ -6,6 +6,9 @@ import pytest
 
 from myshop_ops.core.limits import Limits, parse_size
 
+# the core's stand-in suite runs in seconds: a change that makes the loop hang fails here in 30 s, not 300
+pytestmark = pytest.mark.timeout(30)
+
 
 def test_no_limit_never_stops():
     limits = Limits()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import HashProvider
 from myshop_ops.adapters.store import WriteResult
 from myshop_ops.base.contract import make_event, serialise
 from myshop_ops.core import pipeline
 from myshop_ops.core.pipeline import Pipeline, VersionConflict
+
+# the core's stand-in suite runs in seconds: a change that makes the loop hang fails here in 30 s, not 300
+pytestmark = pytest.mark.timeout(30)
 
 DIMS = 16
 SETTINGS = Settings(embedding_provider="hash", embedding_dimensions=DIMS)
