@@ -4,7 +4,7 @@ PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv services demo test soak bench lint stop-services clean debian-tools
+.PHONY: venv services demo test soak bench lint mutations stop-services clean debian-tools
 
 $(BIN)/myshop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ soak: venv
 bench: venv
 	@tools/services.sh >/dev/null
 	MYSHOP_ALLOW_ROOT=1 $(BIN)/python benchmarks/run.py
+
+# break the worker core one decision at a time (a copy in a temp dir); its stand-in tests must fail for each
+mutations: venv
+	$(BIN)/python tools/core_mutations.py
 
 lint: venv
 	$(BIN)/ruff check .
