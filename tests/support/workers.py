@@ -1,7 +1,9 @@
-"""Worker processes and broker/store probes for lifecycle tests: real subprocesses, real services.
+"""Worker processes and broker/store probes for lifecycle tests and the benchmarks: real subprocesses, real services.
 
 ``WorkerProcess`` runs ``python -m myshop_ops consume ...`` with its stdout/stderr in files, so tests can
-read its logs while it runs (no pipe to drain, no deadlock) and wait on conditions in them.
+read its logs while it runs (no pipe to drain, no deadlock) and wait on conditions in them. The benchmarks
+(benchmarks/common.py) start theirs with it too and measure them with ``wait_ready`` and ``reap`` (CPU from
+os.wait4 rusage and /proc, resident memory); ``parse_summary`` reads the closing line for both.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -33,6 +36,9 @@ from myshop_ops.adapters.store import Store
 from myshop_ops.tools.transports import Transports
 from tests.support.events import stored_profile
 from tests.support.services import ROOT, wait_for
+
+CONSUME = (sys.executable, "-m", "myshop_ops", "consume")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SUMMARY = re.compile(
     r"stopped \((?P<reason>.*)\): (?P<processed>\d+) messages, (?P<applied>\d+) applied, "
@@ -68,20 +74,81 @@ def parse_summary(stdout: str) -> Summary | None:
     return Summary(reason=d.pop("reason"), **{k: int(v) for k, v in d.items()})
 
 
-class WorkerProcess:
-    """``myshop consume ARGS`` as a child process, output captured in files under ``log_dir``."""
+def proc_cpu(pid: int) -> float | None:
+    """utime + stime of a live process, seconds (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...], log_dir: Path, name: str):
+
+def proc_rss_mb(pid: int) -> float | None:
+    """Resident memory of a live process, MB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+@dataclass
+class Reaped:
+    """A worker process reaped by ``WorkerProcess.reap``: its exit, its CPU and memory, its output."""
+
+    code: int
+    wall_s: float  # ready (the ready marker seen) -> stop marker seen (-> exit when the marker was missed)
+    cpu_total_s: float  # user + sys from os.wait4 (whole process life)
+    cpu_start_s: float  # user + sys when the ready marker was seen (imports, connections, checks)
+    cpu_stop_s: float | None  # user + sys when the stop marker was seen (exit and teardown follow)
+    user_s: float
+    sys_s: float
+    maxrss_mb: float
+    stdout: str
+    stderr: str
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since ready, MB), with sample_rss
+
+    @property
+    def cpu_steady_s(self) -> float:
+        """CPU from ready to exit: the work, plus the shutdown."""
+        return self.cpu_total_s - self.cpu_start_s
+
+    @property
+    def cpu_work_s(self) -> float | None:
+        """CPU from ready to the stop marker: the work alone (no start-up, no interpreter teardown)."""
+        return None if self.cpu_stop_s is None else self.cpu_stop_s - self.cpu_start_s
+
+
+class WorkerProcess:
+    """``myshop consume ARGS`` as a child process, output captured in files under ``log_dir``.
+
+    ``program`` replaces ``myshop consume`` as what runs before ``args`` (the benchmarks' naive baseline worker).
+    To measure a process, ``wait_ready`` then ``reap`` it, signalling it with ``send`` in between: ``signal``,
+    ``alive``, ``returncode``, ``wait`` and ``kill`` may reap it, and os.wait4 then has no rusage left to read.
+    ``sample_rss``: from ``wait_ready`` on, its resident memory is sampled every second (``Reaped.rss``).
+    """
+
+    def __init__(self, env: dict[str, str], args: Sequence[str], log_dir: Path, name: str, *,
+                 program: Sequence[str] = CONSUME, sample_rss: bool = False):
         self.args = args
         self.name = name
         self.out_path = log_dir / f"{name}.stdout"
         self.err_path = log_dir / f"{name}.stderr"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "myshop_ops", "consume", *args],
+                [*program, *args],
                 env=env, cwd=ROOT, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
             )
         self.started = time.monotonic()
+        self.t_ready: float | None = None  # monotonic time and CPU when wait_ready saw the ready marker
+        self.cpu_ready: float | None = None
+        self.t_stop: float | None = None  # ... and when reap saw the stop marker
+        self.cpu_stop: float | None = None
+        self._sample = sample_rss
+        self._rss: list[tuple[float, float]] = []
+        self._sampler: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -131,6 +198,82 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    # ---- measuring: CPU and memory (the benchmarks) -------------------------------------------------
+
+    def send(self, sig: int) -> None:
+        """Signal the process without reaping it (``signal`` polls first, which reaps a process that has exited)."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def wait_ready(self, marker: str = "consuming", timeout: float = 60.0) -> WorkerProcess:
+        """Wait until ``marker`` is in its output (polled every 5 ms), noting the time and its CPU then; fails
+        (killing it, unreaped) if it exits first or is not ready after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.stderr + self.stdout
+            if marker in text:
+                self.cpu_ready = proc_cpu(self.pid) or 0.0
+                self.t_ready = time.monotonic()
+                break
+            if self.proc.returncode is not None or os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                raise AssertionError(f"{self.name} exited before it was ready:\n{self.describe()}")
+            if time.monotonic() > deadline:
+                self.send(signal.SIGKILL)
+                raise AssertionError(f"{self.name} not ready after {timeout}s:\n{self.describe()}")
+            time.sleep(0.005)
+        if self._sample:
+            self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample_rss(self) -> None:
+        assert self.t_ready is not None
+        while True:
+            mb = proc_rss_mb(self.pid)
+            if mb is None or self.proc.returncode is not None:
+                return
+            self._rss.append((time.monotonic() - self.t_ready, mb))
+            time.sleep(1.0)
+
+    def reap(self, timeout: float = 600.0, stop_marker: str = "worker stopped") -> Reaped:
+        """Wait for the process to exit and reap it with os.wait4 (its rusage is the CPU of this process alone);
+        its CPU is also read from /proc when ``stop_marker`` appears on stderr. Killed after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        marker, text = stop_marker.encode(), b""
+        with open(self.err_path, "rb") as err:
+            while True:
+                if self.cpu_stop is None:  # CPU at the stop marker, read from /proc before the process is gone
+                    text = text[-len(marker):] + err.read()
+                    if marker in text:
+                        self.cpu_stop = proc_cpu(self.pid)
+                        self.t_stop = time.monotonic()
+                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    self.send(signal.SIGKILL)
+                    pid, status, ru = os.wait4(self.pid, 0)
+                    break
+                time.sleep(0.005)
+        t_end = time.monotonic()
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        if self._sampler is not None:
+            self._sampler.join(timeout=2)
+        return Reaped(
+            code=self.proc.returncode,
+            wall_s=(self.t_stop or t_end) - (self.t_ready or t_end),
+            cpu_total_s=ru.ru_utime + ru.ru_stime,
+            cpu_start_s=self.cpu_ready or 0.0,
+            cpu_stop_s=self.cpu_stop,
+            user_s=ru.ru_utime,
+            sys_s=ru.ru_stime,
+            maxrss_mb=ru.ru_maxrss / 1024,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            rss=list(self._rss),
+        )
 
 
 class Workers:
