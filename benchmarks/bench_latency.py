@@ -81,7 +81,7 @@ def ours(rate: float, seconds: float, prefetch: int, users: int = USERS) -> dict
             snaps = poller.stop()
         finally:
             worker.terminate()
-            wrun = worker.wait(timeout=60)
+            wrun = worker.finish(timeout=60)
         buckets, count = histogram(text, "myshop_queue_wait_seconds")
         vis = visibility_latencies_ms(run, res, snaps, sample)
         return {
@@ -108,7 +108,7 @@ def naive(rate: float, seconds: float) -> dict:
         finally:
             stopped_at = time.time()
             worker.terminate()
-            wrun = worker.wait(timeout=60)
+            wrun = worker.finish(timeout=60)
         waits = list(wrun.summary.get("waits_ms") or [])
         done = len(waits)
         # unprocessed events: their latency is at least (stop time - publish time); the oldest were processed first

@@ -34,7 +34,7 @@ def run(events: int = 100_000, users: int = 10) -> list[Row]:
         del msgs
         log(f"memory: {n:,} events prefilled in {time.monotonic() - t:.0f} s")
         proc = Proc(env, consume_args(limit=n, prefetch=500), name="mem-worker", sample_rss=True).wait_ready()
-        wrun = proc.wait(timeout=1200)
+        wrun = proc.finish(timeout=1200)
         check_run(wrun, n, "memory worker")
     rss = wrun.rss
     if not rss:

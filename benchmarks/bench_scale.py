@@ -29,12 +29,12 @@ from benchmarks.common import (
     log,
     median,
     metric_sum,
-    proc_cpu,
     report,
     scrape,
     settled,
 )
 from tests.support.services import free_port
+from tests.support.workers import proc_cpu
 
 NAME = "scale"
 
@@ -67,7 +67,7 @@ def one(env, k: int, users: int, events: int) -> dict:
     finally:
         for p in procs:
             p.terminate()
-        runs = [p.wait(timeout=60) for p in procs]
+        runs = [p.finish(timeout=60) for p in procs]
     span = t1 - t0
     per = [(d1 - d0) for d0, d1 in zip(done0, done1, strict=True)]
     cpu = [(c1 - c0) for c0, c1 in zip(cpu0, cpu1, strict=True)]

@@ -93,7 +93,7 @@ def one(windowed: bool, users: int, burst: int) -> dict:
             snaps = poller.stop()
         finally:
             worker.terminate()
-            wrun = worker.wait(timeout=60)
+            wrun = worker.finish(timeout=60)
         vis = visibility_latencies_ms(run, res, snaps)
         buckets, _ = histogram(text, "myshop_queue_wait_seconds")
         return {"writes_per_event": wrun.writes / n, "writes": wrun.writes, "events": n,

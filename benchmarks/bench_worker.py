@@ -54,7 +54,7 @@ REDO = 3  # attempts at one repetition
 
 def drain(env: BenchEnv, args: list[str], n: int, name: str) -> ProcRun:
     proc = Proc(env, args, name=name).wait_ready()
-    run = proc.wait(timeout=900)
+    run = proc.finish(timeout=900)
     check_run(run, n, name)
     return run
 

@@ -1,5 +1,6 @@
 """Shared plumbing of the benchmarks: an isolated environment per run, prefilling, worker subprocesses with their
-CPU (os.wait4 rusage), metrics scraping, medians, rows of the result table.
+CPU (os.wait4 rusage; the process wrapper and the summary parser are tests/support/workers.py's, shared with the
+tests), metrics scraping, medians, rows of the result table.
 
 Every run gets its own queue names (``bench-<hex>.events`` / ``.failed``), its own database (``bench<hex>``) and
 Redis database ``BENCH_REDIS_DB`` (11: the test suites use 0-7, so a ``stop-workers`` flag set by a
@@ -14,7 +15,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,7 +22,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,7 +44,7 @@ from myshop_ops.adapters.store import Store  # noqa: E402
 from myshop_ops.tools.generate import Plan, Run, synthesize  # noqa: E402
 from myshop_ops.tools.transports import Transports  # noqa: E402
 from tests.support.services import forget_keys  # noqa: E402
-from tests.support.workers import remove_topology  # noqa: E402
+from tests.support.workers import Reaped, WorkerProcess, parse_summary, remove_topology  # noqa: E402
 
 RABBIT = os.environ.get("BENCH_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 MONGO = os.environ.get("BENCH_MONGODB_URL", "mongodb://127.0.0.1:27017/?directConnection=true")
@@ -52,7 +52,6 @@ BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "11"))
 REDIS = os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}")
 DIMS = int(os.environ.get("BENCH_DIMENSIONS", "1536"))
 PRODUCTS = 300  # product vectors seeded per run
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 60.0
 T = TypeVar("T")
 
@@ -326,48 +325,11 @@ class StampedPublisher(WindowedPublisher):
 # ---- worker subprocesses -------------------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> float | None:
-    """utime + stime of a live process, seconds (None once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-_SUMMARY = re.compile(
-    r"stopped \((?P<reason>.*?)\): (?P<processed>\d+) messages, (?P<applied>\d+) applied, (?P<duplicate>\d+) "
-    r"duplicates, (?P<skipped>\d+) skipped, (?P<retried>\d+) retried, (?P<failed>\d+) failed, (?P<writes>\d+) "
-    r"profile writes"
-)
-
-
 @dataclass
-class ProcRun:
-    """A finished worker process: its closing figures and its CPU."""
+class ProcRun(Reaped):
+    """A finished worker process (tests.support.workers.Reaped: exit, CPU, memory, output) and its closing figures."""
 
-    code: int
-    wall_s: float  # ready (consumer attached) -> "worker stopped" (-> exit when the marker was missed)
-    cpu_total_s: float  # user + sys from os.wait4 (whole process life)
-    cpu_start_s: float  # user + sys when it logged "consuming" (imports, connections, checks)
-    cpu_stop_s: float | None  # user + sys when it logged "worker stopped" (connection closed; exit and teardown follow)
-    user_s: float
-    sys_s: float
-    maxrss_mb: float
-    stdout: str
-    stderr: str
     summary: dict = field(default_factory=dict)
-    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since ready, MB)
 
     @property
     def processed(self) -> int:
@@ -377,123 +339,37 @@ class ProcRun:
     def writes(self) -> int:
         return int(self.summary.get("writes", 0))
 
-    @property
-    def cpu_steady_s(self) -> float:
-        """CPU from "consuming" to exit: the work, plus the shutdown."""
-        return self.cpu_total_s - self.cpu_start_s
 
-    @property
-    def cpu_work_s(self) -> float | None:
-        """CPU from "consuming" to "worker stopped": the work alone (no start-up, no interpreter teardown)."""
-        return None if self.cpu_stop_s is None else self.cpu_stop_s - self.cpu_start_s
-
-
-class Proc:
-    """A worker subprocess (``myshop consume`` or the naive baseline) with its output in files."""
+class Proc(WorkerProcess):
+    """A worker subprocess (``myshop consume`` or the naive baseline): the tests' WorkerProcess given a whole command
+    line, the run's environment and its temp folder for the output files."""
 
     def __init__(self, env: BenchEnv, args: list[str], *, name: str, extra_env: dict | None = None,
                  ready_marker: str = "consuming", stop_marker: str = "worker stopped", sample_rss: bool = False):
-        self.name = name
-        self.out_path = env.tmp / f"{name}.out"
-        self.err_path = env.tmp / f"{name}.err"
+        super().__init__(env.subprocess_env(**(extra_env or {})), args[1:], env.tmp, name, program=args[:1],
+                         sample_rss=sample_rss)
         self.ready_marker = ready_marker
         self.stop_marker = stop_marker
-        self.cpu_stop: float | None = None
-        self.t_stop: float | None = None
-        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in wait()
-        self._err = open(self.err_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=self._out, stderr=self._err, cwd=ROOT,
-                                     env=env.subprocess_env(**(extra_env or {})))
-        self.pid = self.proc.pid
-        self.t_ready: float | None = None
-        self.cpu_ready: float | None = None
-        self._rss: list[tuple[float, float]] = []
-        self._sample = sample_rss
-        self._sampler: threading.Thread | None = None
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> Proc:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.err_path.read_text(errors="replace") + self.out_path.read_text(errors="replace")
-            if self.ready_marker in text:
-                self.cpu_ready = proc_cpu(self.pid) or 0.0
-                self.t_ready = time.monotonic()
-                break
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) before it was ready:\n{text[-3000:]}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"{self.name} not ready after {timeout}s:\n{text[-3000:]}")
-            time.sleep(0.005)
-        if self._sample:
-            self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
-            self._sampler.start()
+    def wait_ready(self, marker: str | None = None, timeout: float = START_TIMEOUT) -> Proc:
+        super().wait_ready(marker or self.ready_marker, timeout)
         return self
 
-    def _sample_rss(self) -> None:
-        while True:
-            mb = proc_rss_mb(self.pid)
-            if mb is None or self.proc.returncode is not None:
-                return
-            self._rss.append((time.monotonic() - self.t_ready, mb))
-            time.sleep(1.0)
-
     def terminate(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+        self.send(signal.SIGTERM)
 
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self, timeout: float = 600.0) -> ProcRun:
-        """Reap the process with os.wait4 (its rusage is the CPU of this process alone)."""
-        deadline = time.monotonic() + timeout
-        marker, text = self.stop_marker.encode(), b""
-        with open(self.err_path, "rb") as err:
-            while True:
-                if self.cpu_stop is None:  # CPU at the stop marker, read from /proc before the process is gone
-                    text = text[-len(marker):] + err.read()
-                    if marker in text:
-                        self.cpu_stop = proc_cpu(self.pid)
-                        self.t_stop = time.monotonic()
-                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() > deadline:
-                    self.kill()
-                    pid, status, ru = os.wait4(self.pid, 0)
-                    break
-                time.sleep(0.005)
-        t_end = time.monotonic()
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
-        if self._sampler is not None:
-            self._sampler.join(timeout=2)
-        self._out.close()
-        self._err.close()
-        stdout = self.out_path.read_text(errors="replace")
-        stderr = self.err_path.read_text(errors="replace")
-        m = _SUMMARY.search(" ".join(stdout.split()))
-        summary = m.groupdict() if m else {}
-        if not m:  # the naive baseline prints one JSON line
-            for line in reversed(stdout.splitlines()):
+    def finish(self, timeout: float = 600.0) -> ProcRun:
+        """Reap the process with os.wait4 (WorkerProcess.reap) and read its closing line: ``myshop consume``'s
+        summary (tests.support.workers.parse_summary) or the naive baseline's JSON line."""
+        reaped = self.reap(timeout, self.stop_marker)
+        parsed = parse_summary(reaped.stdout)
+        summary = asdict(parsed) if parsed else {}
+        if parsed is None:  # the naive baseline prints one JSON line
+            for line in reversed(reaped.stdout.splitlines()):
                 if line.startswith("{"):
                     summary = json.loads(line)
                     break
-        return ProcRun(
-            code=self.proc.returncode,
-            wall_s=(self.t_stop or t_end) - (self.t_ready or t_end),
-            cpu_total_s=ru.ru_utime + ru.ru_stime,
-            cpu_start_s=self.cpu_ready or 0.0,
-            cpu_stop_s=self.cpu_stop,
-            user_s=ru.ru_utime,
-            sys_s=ru.ru_stime,
-            maxrss_mb=ru.ru_maxrss / 1024,
-            stdout=stdout,
-            stderr=stderr,
-            summary=summary,
-            rss=list(self._rss),
-        )
+        return ProcRun(**vars(reaped), summary=summary)
 
 
 def consume_args(*, limit: int | None = None, prefetch: int = 500, metrics_port: int | None = None) -> list[str]:
