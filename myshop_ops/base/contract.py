@@ -267,65 +267,86 @@ def _metadata(value: Any, errors: list[str]) -> dict | None:
     return value
 
 
+def _shown(value: Any) -> str:
+    """A wrong value for an error message: a string bounded and quoted, anything else its JSON kind."""
+    return _short(value) if isinstance(value, str) else json_kind(value)
+
+
+def _event_type(value: Any, errors: list[str]) -> str | None:
+    """One of EVENT_TYPES."""
+    if value is _CONFLICT:
+        return None
+    if value is _MISSING or value is None:
+        errors.append(f"event_type: required, one of {_TYPES_TEXT}")
+        return None
+    if isinstance(value, str) and value in EVENT_TYPES:
+        return value
+    errors.append(f"event_type: must be one of {_TYPES_TEXT} (got {_shown(value)})")
+    return None
+
+
+def _search_phrase(value: Any, event_type: str | None, errors: list[str]) -> str | None:
+    """The search phrase: required for ``search``, null or absent for the other types."""
+    if value is _CONFLICT:
+        return None
+    if value is _MISSING or value is None:
+        if event_type == "search":
+            errors.append(f"search_phrase: required for search, 1..{MAX_PHRASE_CHARS} characters")
+        return None
+    if event_type is not None and event_type != "search":
+        errors.append(f"search_phrase: must be null or absent for {event_type}")
+        return None
+    return _phrase(value, errors)
+
+
+def _product_id(value: Any, event_type: str | None, errors: list[str]) -> str | None:
+    """The product id: required for the product types, null or absent for ``search``."""
+    if value is _CONFLICT:
+        return None
+    if value is _MISSING or value is None:
+        if event_type is not None and event_type != "search":
+            _ident("product_id", None, errors)  # reports "required"
+        return None
+    if event_type == "search":
+        errors.append("product_id: must be null or absent for search")
+        return None
+    return _ident("product_id", value, errors)
+
+
+def _message_id(value: Any, errors: list[str]) -> str | None:
+    """64 lowercase hex characters."""
+    if value is _CONFLICT:
+        return None
+    if value is _MISSING or value is None:
+        errors.append("message_id: required, 64 lowercase hex characters")
+        return None
+    if isinstance(value, str) and _HEX64.fullmatch(value):
+        return value
+    got = f"{len(value)} characters" if isinstance(value, str) else json_kind(value)
+    errors.append(f"message_id: must be 64 lowercase hex characters (got {got})")
+    return None
+
+
+def _version(value: Any, errors: list[str]) -> str | None:
+    """``1.x``; absent or null is CONTRACT_VERSION."""
+    if value is None:
+        return CONTRACT_VERSION
+    if isinstance(value, str) and _VERSION_1X.fullmatch(value):
+        return value
+    errors.append(f'version: must be "1.x" such as "1.0" (got {_shown(value)})')
+    return None
+
+
 def _validate(data: dict[str, Any], now: datetime | None, errors: list[str], *, with_id: bool = True) -> Any:
     """Check every field rule, appending to ``errors``; returns the field values (meaningful if no errors)."""
     user_id = _ident("user_id", _get(data, "user_id", "userId", errors), errors)
-
-    event_type = _get(data, "event_type", "eventType", errors)
-    if event_type is _CONFLICT:
-        event_type = None
-    elif event_type is _MISSING or event_type is None:
-        errors.append(f"event_type: required, one of {_TYPES_TEXT}")
-        event_type = None
-    elif not isinstance(event_type, str) or event_type not in EVENT_TYPES:
-        got = _short(event_type) if isinstance(event_type, str) else json_kind(event_type)
-        errors.append(f"event_type: must be one of {_TYPES_TEXT} (got {got})")
-        event_type = None
-
-    phrase: str | None = None
-    raw = _get(data, "search_phrase", "searchPhrase", errors)
-    if raw is not _CONFLICT:
-        if raw is _MISSING or raw is None:
-            if event_type == "search":
-                errors.append(f"search_phrase: required for search, 1..{MAX_PHRASE_CHARS} characters")
-        elif event_type is not None and event_type != "search":
-            errors.append(f"search_phrase: must be null or absent for {event_type}")
-        else:
-            phrase = _phrase(raw, errors)
-
-    product_id: str | None = None
-    raw = _get(data, "product_id", "productId", errors)
-    if raw is not _CONFLICT:
-        if raw is _MISSING or raw is None:
-            if event_type is not None and event_type != "search":
-                product_id = _ident("product_id", None, errors)  # reports "required"
-        elif event_type == "search":
-            errors.append("product_id: must be null or absent for search")
-        else:
-            product_id = _ident("product_id", raw, errors)
-
+    event_type = _event_type(_get(data, "event_type", "eventType", errors), errors)
+    phrase = _search_phrase(_get(data, "search_phrase", "searchPhrase", errors), event_type, errors)
+    product_id = _product_id(_get(data, "product_id", "productId", errors), event_type, errors)
     occurred_at = _occurred_at(_get(data, "occurred_at", "occurredAt", errors), now, errors)
     metadata = _metadata(data.get("metadata"), errors)
-
-    mid: str | None = None
-    if with_id:
-        raw = _get(data, "message_id", "messageId", errors)
-        if raw is _MISSING or raw is None:
-            errors.append("message_id: required, 64 lowercase hex characters")
-        elif raw is not _CONFLICT:
-            if isinstance(raw, str) and _HEX64.fullmatch(raw):
-                mid = raw
-            else:
-                got = f"{len(raw)} characters" if isinstance(raw, str) else json_kind(raw)
-                errors.append(f"message_id: must be 64 lowercase hex characters (got {got})")
-
-    version = data.get("version")
-    if version is None:
-        version = CONTRACT_VERSION
-    elif not isinstance(version, str) or not _VERSION_1X.fullmatch(version):
-        got = _short(version) if isinstance(version, str) else json_kind(version)
-        errors.append(f'version: must be "1.x" such as "1.0" (got {got})')
-
+    mid = _message_id(_get(data, "message_id", "messageId", errors), errors) if with_id else None
+    version = _version(data.get("version"), errors)
     return user_id, event_type, phrase, product_id, occurred_at, mid, metadata, version
 
 
@@ -339,30 +360,37 @@ def _reject_constant(name: str) -> Any:
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)  # made once: json.loads(..., hook) builds one per call
 
 
+def _str_text(body: str) -> str:
+    """A str body checked: at most MAX_BODY_BYTES once UTF-8 encoded, no lone surrogate."""
+    if len(body) > MAX_BODY_BYTES:  # every character is at least one byte
+        raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes")
+    if not body.isascii():
+        try:
+            size = len(body.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidMessage("body: not valid UTF-8 (lone surrogate)") from None
+        if size > MAX_BODY_BYTES:
+            raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {size})")
+    return body
+
+
+def _bytes_text(body: Any) -> str:
+    """The text of a bytes-like body of at most MAX_BODY_BYTES bytes, strictly UTF-8 decoded."""
+    if isinstance(body, bytearray | memoryview):
+        body = bytes(body)
+    elif not isinstance(body, bytes):
+        raise InvalidMessage(f"body: must be bytes or str (got {type(body).__name__})")
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {len(body)})")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"body: not valid UTF-8 (at byte {exc.start})") from None
+
+
 def _decode(body: Any) -> dict[str, Any]:
     """Size check, strict UTF-8 and JSON decoding of a body into its top-level object."""
-    if isinstance(body, str):
-        if len(body) > MAX_BODY_BYTES:  # every character is at least one byte
-            raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes")
-        if not body.isascii():
-            try:
-                size = len(body.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise InvalidMessage("body: not valid UTF-8 (lone surrogate)") from None
-            if size > MAX_BODY_BYTES:
-                raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {size})")
-        text = body
-    else:
-        if isinstance(body, bytearray | memoryview):
-            body = bytes(body)
-        elif not isinstance(body, bytes):
-            raise InvalidMessage(f"body: must be bytes or str (got {type(body).__name__})")
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {len(body)})")
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidMessage(f"body: not valid UTF-8 (at byte {exc.start})") from None
+    text = _str_text(body) if isinstance(body, str) else _bytes_text(body)
     try:
         data = _JSON.decode(text)
     except RecursionError:
