@@ -80,22 +80,41 @@ def _decode_entities(text: str) -> str:
     return _ENTITY.sub(lambda m: html.unescape(m.group()), text) if "&" in text else text
 
 
-def strip_markup(text: str) -> str:
-    """The visible text of an HTML fragment in one forward scan (linear in its length): tags and comments dropped
-    (block tags become spaces), script/style/template/noscript content dropped, character references decoded.
-    A ``<`` that opens no tag stays text, and so does everything after a tag or comment that is never closed."""
-    gt, opener = _Next(lambda i: text.find(">", i)), _Next(_pattern_finder(text, _OPENER))
-    quotes = {q: _Next(lambda i, q=q: text.find(q, i)) for q in "\"'"}
-    comment_end = _Next(lambda i: text.find("-->", i))
-    skip_ends: dict[str, _Next] = {}
-    parts: list[str] = []
-    data = at = 0  # data: start of the text not emitted yet; at: where to look for the next opener
+class _MarkupScan:
+    """The forward-only finders of one :func:`strip_markup` scan, and where each construct it meets ends."""
 
-    def tag_end(pos: int) -> int:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.gt = _Next(lambda i: text.find(">", i))
+        self.opener = _Next(_pattern_finder(text, _OPENER))
+        self.quotes = {q: _Next(lambda i, q=q: text.find(q, i)) for q in "\"'"}
+        self.comment_end = _Next(lambda i: text.find("-->", i))
+        self.skip_ends: dict[str, _Next] = {}
+
+    def construct(self, pos: int) -> tuple[int, str | None]:
+        """The index after the tag, comment or declaration opening at ``pos`` (-1 if never closed), and the tag's
+        lowercase name (None for a comment or declaration)."""
+        text = self.text
+        if text[pos + 1] in "!?":
+            return self.declaration_end(pos), None
+        if (plain := _PLAIN_TAG.match(text, pos)) is not None:
+            return plain.end(), plain[1].lower()
+        name_at = pos + 2 if text[pos + 1] == "/" else pos + 1
+        return self.tag_end(pos), text[name_at:_TAG_NAME.match(text, name_at).end()].lower()
+
+    def declaration_end(self, pos: int) -> int:
+        """The index after the comment, or the ``<!...>`` / ``<?...>`` up to its first ">", at ``pos``; -1 if none."""
+        if self.text.startswith("<!--", pos):
+            k = self.comment_end(pos + 4)
+            return -1 if k == -1 else k + 3
+        k = self.gt(pos + 2)
+        return -1 if k == -1 else k + 1
+
+    def tag_end(self, pos: int) -> int:
         """The index after the tag opening at ``pos`` (quoted attribute values may hold ">"), -1 if never closed."""
-        i = pos + 2
-        while (g := gt(i)) != -1:
-            q = min((p for p in (quotes['"'](i), quotes["'"](i)) if p != -1), default=-1)
+        text, i = self.text, pos + 2
+        while (g := self.gt(i)) != -1:
+            q = min((p for p in (self.quotes['"'](i), self.quotes["'"](i)) if p != -1), default=-1)
             if q == -1 or q > g:
                 return g + 1
             k = q - 1
@@ -104,41 +123,38 @@ def strip_markup(text: str) -> str:
             if text[k] != "=":  # not a value: a stray quote
                 i = q + 1
                 continue
-            close = quotes[text[q]](q + 1)
+            close = self.quotes[text[q]](q + 1)
             if close == -1:  # never closed: the tag ends at the first ">"
                 return g + 1
             i = close + 1
         return -1
 
-    while (pos := opener(at)) != -1:
-        nxt = text[pos + 1]
-        closing = nxt == "/"
-        name_at = pos + 2 if closing else pos + 1
-        opens_tag = nxt not in "!?"
-        if opens_tag and (plain := _PLAIN_TAG.match(text, pos)) is not None:
-            end = plain.end()
-        elif opens_tag:
-            end = tag_end(pos)
-        elif text.startswith("<!--", pos):
-            k = comment_end(pos + 4)
-            end = -1 if k == -1 else k + 3
-        else:  # <!...> or <?...>: a declaration or processing instruction, up to the first ">"
-            k = gt(pos + 2)
-            end = -1 if k == -1 else k + 1
+    def skipped_end(self, name: str, start: int) -> int:
+        """Where the content of a ``name`` element (script, style...) from ``start`` ends: its closing tag, else the
+        end of the text."""
+        if name not in self.skip_ends:
+            self.skip_ends[name] = _Next(_pattern_finder(self.text, re.compile(f"</{name}", re.IGNORECASE)))
+        k = self.skip_ends[name](start)
+        return len(self.text) if k == -1 else k
+
+
+def strip_markup(text: str) -> str:
+    """The visible text of an HTML fragment in one forward scan (linear in its length): tags and comments dropped
+    (block tags become spaces), script/style/template/noscript content dropped, character references decoded.
+    A ``<`` that opens no tag stays text, and so does everything after a tag or comment that is never closed."""
+    scan = _MarkupScan(text)
+    parts: list[str] = []
+    data = at = 0  # data: start of the text not emitted yet; at: where to look for the next opener
+    while (pos := scan.opener(at)) != -1:
+        end, name = scan.construct(pos)
         if end == -1:  # never closed: the rest is text
             break
         parts.append(_decode_entities(text[data:pos]))
         data = at = end
-        if not opens_tag:
-            continue
-        name = text[name_at:_TAG_NAME.match(text, name_at).end()].lower() if plain is None else plain[1].lower()
         if name in _BLOCK_TAGS:
             parts.append(" ")
-        elif name in _SKIP_TAGS and not closing and text[end - 2] != "/":
-            if name not in skip_ends:
-                skip_ends[name] = _Next(_pattern_finder(text, re.compile(f"</{name}", re.IGNORECASE)))
-            k = skip_ends[name](end)
-            data = at = len(text) if k == -1 else k  # a script never closed runs to the end
+        elif name in _SKIP_TAGS and text[pos + 1] != "/" and text[end - 2] != "/":
+            data = at = scan.skipped_end(name, end)  # a script never closed runs to the end
     parts.append(_decode_entities(text[data:]))
     return "".join(parts)
 
@@ -207,6 +223,78 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _product_id(value: Any, errors: list[str]) -> str | None:
+    """1..MAX_ID_CHARS characters, no surrounding spaces, no control characters; an integer is its decimal string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if value is None:
+        errors.append("product_id: required")
+    elif not isinstance(value, str):
+        errors.append(f"product_id: must be a string or an integer (got {json_kind(value)})")
+    elif not 1 <= len(value) <= MAX_ID_CHARS or value != value.strip():
+        errors.append(f"product_id: must be 1..{MAX_ID_CHARS} characters without surrounding spaces")
+    elif not _encodable(value):
+        errors.append("product_id: not valid Unicode (lone surrogate)")
+    elif (bad := CONTROL.search(value)) is not None:  # an id is a key: cleaning it would match another product
+        errors.append(f"product_id: must not contain control characters (U+{ord(bad.group()):04X} at {bad.start()})")
+    else:
+        return value
+    return None
+
+
+def _text_field(key: str, value: Any, required: bool, errors: list[str]) -> str | None:
+    """The cleaned text of a string field (also when it is over its MAX_CHARS bound, which is reported)."""
+    if value is None:
+        if required:
+            errors.append(f"{key}: required")
+        return None
+    if not isinstance(value, str):
+        errors.append(f"{key}: must be a string (got {json_kind(value)})")
+        return None
+    if not _encodable(value):
+        errors.append(f"{key}: not valid Unicode (lone surrogate)")
+        return None
+    text = clean_text(value)
+    if len(text) > MAX_CHARS.get(key, len(text)):
+        errors.append(f"{key}: at most {MAX_CHARS[key]} characters (got {len(text)})")
+    return text
+
+
+def _text_fields(data: dict[str, Any], errors: list[str]) -> dict[str, str]:
+    """The cleaned text fields given: name (required, with letters or digits), description, category."""
+    texts: dict[str, str] = {}
+    for key, required in (("name", True), ("description", False), ("category", False)):
+        if (text := _text_field(key, data.get(key), required, errors)) is not None:
+            texts[key] = text
+    if "name" in texts and not _WORD.search(texts["name"]):
+        errors.append("name: must contain letters or digits")
+    return texts
+
+
+def _stock(value: Any, errors: list[str]) -> int | None:
+    """An optional non-negative 64-bit integer."""
+    if value is None:
+        return None
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and 0 <= value <= MAX_STOCK:
+        return value
+    errors.append(f"stock: must be a non-negative 64-bit integer (got {value if is_int else json_kind(value)})")
+    return None
+
+
+def _price(value: Any, errors: list[str]) -> float | None:
+    """An optional non-negative finite number, as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errors.append(f"price: must be a non-negative number (got {json_kind(value)})")
+    elif value < 0 or not math.isfinite(value):
+        errors.append(f"price: must be a non-negative number (got {value})")
+    else:
+        return float(value)
+    return None
+
+
 def parse_line(line: str) -> Product:
     """A product from one JSONL line; raises BadProduct naming every broken field."""
     try:
@@ -218,48 +306,10 @@ def parse_line(line: str) -> Product:
     if not isinstance(data, dict):
         raise BadProduct(f"must be a JSON object (got {json_kind(data)})")
     errors: list[str] = []
-
-    pid = data.get("product_id")
-    if isinstance(pid, int) and not isinstance(pid, bool):
-        pid = str(pid)
-    if pid is None:
-        errors.append("product_id: required")
-    elif not isinstance(pid, str):
-        errors.append(f"product_id: must be a string or an integer (got {json_kind(pid)})")
-    elif not 1 <= len(pid) <= MAX_ID_CHARS or pid != pid.strip():
-        errors.append(f"product_id: must be 1..{MAX_ID_CHARS} characters without surrounding spaces")
-    elif not _encodable(pid):
-        errors.append("product_id: not valid Unicode (lone surrogate)")
-    elif (bad := CONTROL.search(pid)) is not None:  # an id is a key: cleaning it would match another product
-        errors.append(f"product_id: must not contain control characters (U+{ord(bad.group()):04X} at {bad.start()})")
-
-    texts: dict[str, str] = {}
-    for key, required in (("name", True), ("description", False), ("category", False)):
-        value = data.get(key)
-        if value is None:
-            if required:
-                errors.append(f"{key}: required")
-        elif not isinstance(value, str):
-            errors.append(f"{key}: must be a string (got {json_kind(value)})")
-        elif not _encodable(value):
-            errors.append(f"{key}: not valid Unicode (lone surrogate)")
-        else:
-            texts[key] = clean_text(value)
-            if len(texts[key]) > MAX_CHARS.get(key, len(texts[key])):
-                errors.append(f"{key}: at most {MAX_CHARS[key]} characters (got {len(texts[key])})")
-    if "name" in texts and not _WORD.search(texts["name"]):
-        errors.append("name: must contain letters or digits")
-
-    stock = data.get("stock")
-    if stock is not None and (isinstance(stock, bool) or not isinstance(stock, int) or not 0 <= stock <= MAX_STOCK):
-        got = stock if isinstance(stock, int) and not isinstance(stock, bool) else json_kind(stock)
-        errors.append(f"stock: must be a non-negative 64-bit integer (got {got})")
-    price = data.get("price")
-    if price is not None:
-        if isinstance(price, bool) or not isinstance(price, int | float):
-            errors.append(f"price: must be a non-negative number (got {json_kind(price)})")
-        elif price < 0 or not math.isfinite(price):
-            errors.append(f"price: must be a non-negative number (got {price})")
+    pid = _product_id(data.get("product_id"), errors)
+    texts = _text_fields(data, errors)
+    stock = _stock(data.get("stock"), errors)
+    price = _price(data.get("price"), errors)
     if errors:
         raise BadProduct("; ".join(errors))
     return Product(
@@ -268,7 +318,7 @@ def parse_line(line: str) -> Product:
         description=texts.get("description", ""),
         category=texts.get("category") or None,
         stock=stock,
-        price=None if price is None else float(price),
+        price=price,
     )
 
 
