@@ -288,11 +288,16 @@ def _price(value: Any, errors: list[str]) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         errors.append(f"price: must be a non-negative number (got {json_kind(value)})")
-    elif value < 0 or not math.isfinite(value):
+        return None
+    try:
+        price = float(value)
+    except OverflowError:  # an integer beyond any float: never a price
+        errors.append("price: must be a non-negative number (got an integer too large for a float)")
+        return None
+    if price < 0 or not math.isfinite(price):
         errors.append(f"price: must be a non-negative number (got {value})")
-    else:
-        return float(value)
-    return None
+        return None
+    return price
 
 
 def parse_line(line: str) -> Product:

@@ -116,6 +116,10 @@ def test_parse_line_accepts_integer_ids_and_optional_fields():
     (line(product_id="p\x9b1", name="x"), "product_id: must not contain control characters (U+009B at 1)"),
     (line(product_id="p\u202eq", name="x"), "product_id: must not contain control characters (U+202E at 1)"),
     (line(product_id="p", name="x", price=-1), "price: must be a non-negative number (got -1)"),
+    # an integer no float holds raised OverflowError, which stopped the whole import
+    (line(product_id="p", name="x", price=10**400), "price: must be a non-negative number (got an integer too large"),
+    (line(product_id="p", name="x", price=-(10**400)), "price: must be a non-negative number (got an integer too"),
+    ('{"product_id": "p", "name": "x", "price": 1' + "0" * 5000 + "}", "invalid JSON (Exceeds the limit"),
 ])
 def test_parse_line_rejects(raw, error):
     with pytest.raises(BadProduct) as exc:
