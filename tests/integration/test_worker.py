@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -23,7 +21,7 @@ from myshop_ops.core.pipeline import Pipeline
 from myshop_ops.core.retry_routing import H_ERROR_CLASS, H_ORIGINAL_QUEUE, H_RETRY_COUNT, H_WORKER_HOST
 from myshop_ops.core.worker import Worker
 from tests.support.events import T0, expected_profiles, mixed_events, publish, seed_products
-from tests.support.services import ROOT, run_cli, wait_for
+from tests.support.services import run_cli, wait_for
 from tests.support.workers import check_profiles, failed_messages
 
 pytestmark = pytest.mark.integration
@@ -179,18 +177,16 @@ def test_corrupt_product_vector_fails_the_message_not_the_worker(env, topology, 
     assert_profiles(s, expected_profiles(s, events[1:], good), {"c-user": 1})
 
 
-def test_concurrent_workers_lose_no_update(env, topology):
-    """Three worker processes on the same few users: every event applied exactly once."""
+def test_concurrent_workers_lose_no_update(env, topology, workers):
+    """Three worker processes, all consuming, on the same few users: every event applied exactly once."""
     s = env.settings()
     users = ["hot-1", "hot-2"]
     products = seed_products(s, [f"p{i}" for i in range(5)])
     events = mixed_events(users, list(products), per_user=60)
+    procs = [workers.start(env.subprocess_env(), "--prefetch", "5", "--time-limit", "120") for _ in range(3)]
+    for p in procs:  # all three compete (two could drain it alone while the third starts, and then die of SIGTERM
+        p.wait_ready()  # before its handler is installed: the rc -15 this test flaked on)
     publish(s, topology, events)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "myshop_ops", "consume", "--prefetch", "5", "--time-limit", "120"],
-                         env=env.subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for _ in range(3)
-    ]
     store = Store(s.mongodb_url, s.mongodb_db)
 
     def all_applied():
@@ -201,11 +197,11 @@ def test_concurrent_workers_lose_no_update(env, topology):
         applied = wait_for(all_applied, timeout=90, what="all events applied", fail=False)
     finally:
         for p in procs:
-            p.terminate()
-        outs = [p.communicate(timeout=30)[0].decode()[-3000:] for p in procs]
+            p.signal()
+        codes = [p.wait(30) for p in procs]
     state = list(store.users.find({}, {"user_id": 1, "event_count": 1, "version": 1, "_id": 0}))
-    assert applied, f"{state}\n" + "\n---\n".join(outs)
-    assert all(p.returncode == 0 for p in procs), outs
+    assert applied, f"{state}\n" + "\n---\n".join(p.describe() for p in procs)
+    assert codes == [0, 0, 0], "\n---\n".join(p.describe() for p in procs)
     assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
 
 
