@@ -464,10 +464,14 @@ class Store:
                                     batch_size=SCAN_BATCH).limit(limit)
         return [d["product_id"] for d in cursor if d.get("product_id") is not None]
 
-    def products_signature(self) -> tuple[int, datetime | None]:
-        """What changes whenever a product is written or removed: the document count and the newest updated_at."""
-        newest = self.products.find_one({}, {"_id": 0, "updated_at": 1}, sort=[("updated_at", -1)])
-        return self.products.estimated_document_count(), (newest or {}).get("updated_at")
+    def products_signature(self) -> tuple[int, datetime | None, str | None]:
+        """What changes whenever a product is written or removed: the document count and the newest updated_at of
+        each type it is written as (a date by myshop, an ISO 8601 string by the shop's sync). One sort over both
+        would miss the shop's writes: MongoDB orders every date above every string."""
+        newest = [self.products.find_one({"updated_at": {"$type": kind}}, {"_id": 0, "updated_at": 1},
+                                         sort=[("updated_at", -1)]) for kind in ("date", "string")]
+        date, text = ((doc or {}).get("updated_at") for doc in newest)
+        return self.products.estimated_document_count(), date, text
 
     def space_products(self, model: str, dimensions: int, fields: dict) -> Iterator[dict]:
         """The products of a vector space (``in_space``), with ``fields``, streamed."""

@@ -84,7 +84,7 @@ class ProductMatrix:
     """Usable product vectors of one model/dimensions: L2-normalised float32 rows and their ids."""
 
     def __init__(self, ids: list[str], names: list[str | None], categories: list[str | None], vectors: np.ndarray,
-                 signature: tuple[int, datetime | None], skipped: int = 0):
+                 signature: tuple[int, datetime | None, str | None], skipped: int = 0):
         self.ids = ids
         self.names = names
         self.categories = categories

@@ -6,7 +6,8 @@
 // One difference, for the Mongo-wire test server: findOne's 64-bit `limit` is rejected there, so reads are
 // queries without a limit (user_id is unique: the same document).
 //
-//   php shop_mongo.php URL DB write-products FILE.json   [{product_id, embedding, name, description, category}]
+//   php shop_mongo.php URL DB write-products FILE.json   [{product_id, embedding, name, description, category,
+//                                                         updated_at (optional, ISO 8601)}]
 //   php shop_mongo.php URL DB write-profiles FILE.json   [{user_id, vector, last_updated (unix s), version}]
 //   php shop_mongo.php URL DB read-profiles USER...      {user: {vector, last_updated, version} | {error}}
 //   php shop_mongo.php URL DB rank N USER...             {user: [[product_id, score], ...] | {error}}
@@ -112,7 +113,9 @@ switch ($command) {
                 'description' => $p['description'],
                 'category' => $p['category'],
                 'metadata' => ['brand' => 'shop'],
-                'updated_at' => (new DateTimeImmutable('2026-02-10T14:30:00+00:00'))->format(DateTime::ATOM),
+                // ProductEmbedding::$updatedAt (set to now by every setter), written as an ATOM string
+                'updated_at' => (new DateTimeImmutable($p['updated_at'] ?? '2026-02-10T14:30:00+00:00'))
+                    ->format(DateTime::ATOM),
             ]], ['upsert' => true]);
         }
         $result = $manager->executeBulkWrite("$db.product_embeddings", $bulk);

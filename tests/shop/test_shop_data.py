@@ -18,6 +18,7 @@ from myshop_ops.base.layout import read_profile
 from myshop_ops.base.profile import Profile, fold, to_days
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.worker import Worker
+from myshop_ops.tools.recommend import MatrixCache, Recommender
 from tests.support.events import T0, publish, stored_profile
 from tests.support.services import ROOT, run_cli
 from tests.support.workers import prepare
@@ -162,4 +163,35 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
     assert got.magnitude == pytest.approx(expected.magnitude, rel=1e-6)
     assert doc["adopted"]["version"] == before.version + 1 and doc["adopted"]["event_count"] == 5
     assert "error" not in php(s, "read-profiles", user)[user]
+    store.close()
+
+
+def test_a_product_the_shop_re_embeds_is_seen_by_a_running_recommender(env, tmp_path):
+    """The shop's sync writes updated_at as an ISO string, myshop as a date: a process that cached the product
+    matrix reloads it after the shop's write (a sort over both types put every date first: the shop's update was
+    never seen)."""
+    env["EMBEDDING_DIMENSIONS"] = SHOP_DIMS
+    s = env.settings()
+    hp = HashProvider(s.embedding_dimensions, s.model)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.upsert_products([{"product_id": f"m{i}", "embedding": hp.embed_one(f"myshop {i}"), "model": s.model,
+                            "dimensions": s.embedding_dimensions, "name": f"M{i}"} for i in range(5)])
+
+    def shop_writes(vector, at: str) -> None:
+        (tmp_path / "p.json").write_text(json.dumps([{"product_id": "s1", "embedding": [float(x) for x in vector],
+                                                      "name": "S1", "description": "", "category": "shop",
+                                                      "updated_at": at}]))
+        assert php(s, "write-products", str(tmp_path / "p.json")) == {"saved": 1}
+
+    taste = hp.embed_one("the user's taste")
+    shop_writes(-taste, "2026-02-10T14:30:00+00:00")
+    (tmp_path / "u.json").write_text(json.dumps([{"user_id": "shopper", "vector": [float(x) for x in taste],
+                                                  "last_updated": int(T0.timestamp()), "version": 1}]))
+    assert php(s, "write-profiles", str(tmp_path / "u.json")) == {"written": 1}
+    recommender = Recommender(s, store, cache=MatrixCache())
+    assert recommender.recommend("shopper", limit=6).items[-1].product_id == "s1"  # opposite: ranked last
+    shop_writes(taste, "2026-02-10T14:31:05+00:00")  # the shop re-embedded it a minute later
+    top = recommender.recommend("shopper", limit=1).items[0]
+    assert (top.product_id, round(top.score, 4)) == ("s1", 1.0)
+    assert recommender.cache.loads == 2
     store.close()
