@@ -119,6 +119,19 @@ def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opt
     return None
 
 
+def _index_refusal(collection: str, name: str, keys: list[tuple[str, int]], exc: OperationFailure) -> str:
+    """Why MongoDB refused to create an index, and what to do, in one line."""
+    fields = ", ".join(k for k, _ in keys)
+    if exc.code == 11000:
+        return (f"documents of {collection} share a value of {fields} (a missing field counts as null): make it "
+                "unique, then run setup-indexes again")
+    if exc.code in (85, 86):
+        return (f"an index with the same name or keys and other options exists: drop it "
+                f"(db.{collection}.dropIndex('{name}') or the conflicting one), then run again")
+    first = str((exc.details or {}).get("errmsg") or exc).splitlines()[0][:200]
+    return f"{first} (code {exc.code})"
+
+
 def message_ids(doc: dict) -> list[str]:
     """A profile document's recent message ids, as hex."""
     ring = pack_ring(doc.get("recent_message_ids"), ID_BYTES)
@@ -220,11 +233,15 @@ class Store:
                     existing = coll.index_information()
             for name, keys, opts in specs:
                 found = satisfying_index(existing, keys, opts, name)
-                if found is None:
-                    coll.create_index(keys, name=name, **opts)
-                    out.append((coll_name, name, "created"))
-                else:
+                if found is not None:
                     out.append((coll_name, name, "existing" if found == name else f"existing as {found}"))
+                    continue
+                try:
+                    coll.create_index(keys, name=name, **opts)
+                except OperationFailure as exc:  # the data or an index refuses it: say why, go on with the others
+                    out.append((coll_name, name, "failed: " + _index_refusal(coll_name, name, keys, exc)))
+                else:
+                    out.append((coll_name, name, "created"))
         return out
 
     def missing_indexes(self) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from myshop_ops.adapters.config import Settings, mask_url
 from myshop_ops.adapters.management import for_dsn
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_FAIL
-from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools import transports
 from myshop_ops.tools.transports import MigrationRefused
 
@@ -86,10 +86,15 @@ def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the 
         store = Store.from_settings(s)
         rows = store.setup_indexes()
         store.close()
+    failed = [f"{c}.{i}" for c, i, st in rows if st.startswith("failed")]
     if as_json:
         print_json({"indexes": [{"collection": c, "index": i, "state": st} for c, i, st in rows]})
-        return
-    table = Table("collection", "index", "state", title=f"MongoDB indexes in {s.mongodb_db}")
-    for c, i, st in rows:
-        table.add_row(c, i, f"[green]{st}[/]" if st == "created" else st)
-    console.print(table)
+    else:
+        table = Table("collection", "index", "state", title=f"MongoDB indexes in {s.mongodb_db}")
+        for c, i, st in rows:
+            style = "green" if st == "created" else "red" if st.startswith("failed") else None
+            table.add_row(c, i, shown(st), style=style)
+        console.print(table)
+    if failed:
+        fail(f"index(es) not created: {', '.join(failed)} (the state column says why); workers refuse to start "
+             "without them")

@@ -3,6 +3,7 @@ messages with a reason; both layouts are written and read; the shop's product id
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import numpy as np
@@ -18,8 +19,8 @@ from myshop_ops.core.retry_routing import H_ERROR_CLASS
 from myshop_ops.core.worker import Worker
 from myshop_ops.tools import preflight
 from tests.support.events import T0, expected_profiles, publish, seed_products, stored_profile
-from tests.support.services import DIMS, wait_for
-from tests.support.workers import failed_messages
+from tests.support.services import DIMS, run_cli, wait_for
+from tests.support.workers import failed_messages, one_line
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,26 @@ def test_preflight_reports_the_shops_data_and_consumers_that_are_not_myshop(env,
                                        "php messenger:consume from 127.0.0.1 (guest)"), check.detail
     finally:
         php.close()
+
+
+def test_setup_indexes_names_an_index_the_data_refuses_and_creates_the_others(env):
+    """Two catalog documents with one product_id (a sync run twice under other keys): the unique index cannot be
+    built. setup-indexes says which, why and what to do, creates every other index, and exits 1 (it was MongoDB's
+    duplicate-key error as 'MongoDB failed ... is it running?', exit 3, with nothing after it created)."""
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.products.insert_many([{"productId": 7, "product_id": "7", "name": "a"},
+                                {"productId": "7", "product_id": "7", "name": "b[/red]"}])
+    done = run_cli("setup-indexes", "--json", env=env.subprocess_env())
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    states = {(r["collection"], r["index"]): r["state"] for r in json.loads(done.stdout)["indexes"]}
+    assert states[("product_embeddings", "product_id_unique")] == (
+        "failed: documents of product_embeddings share a value of product_id (a missing field counts as null): make "
+        "it unique, then run setup-indexes again")
+    assert states[("failed_messages", "expires_at_ttl")] == "created"  # the ones after it too
+    assert one_line(done.stderr) == ("error: index(es) not created: product_embeddings.product_id_unique (the state "
+                                     "column says why); workers refuse to start without them")
+    assert store.missing_indexes() == [("product_embeddings", "product_id_unique")]
+    store.products.delete_many({"name": "b[/red]"})
+    assert run_cli("setup-indexes", env=env.subprocess_env()).returncode == 0 and store.missing_indexes() == []
+    store.close()
