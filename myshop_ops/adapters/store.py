@@ -119,6 +119,15 @@ def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opt
     return None
 
 
+def _epoch(value: datetime | str) -> float:
+    """A product's updated_at in seconds: a date, or an ISO 8601 string (the shop's); an unreadable string is oldest."""
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, TypeError, OverflowError):
+        return float("-inf")
+
+
 def _index_refusal(collection: str, name: str, keys: list[tuple[str, int]], exc: OperationFailure) -> str:
     """Why MongoDB refused to create an index, and what to do, in one line."""
     fields = ", ".join(k for k, _ in keys)
@@ -495,9 +504,21 @@ class Store:
         return iter(self.products.find(in_space(model, dimensions), fields, batch_size=SCAN_BATCH))
 
     def newest_products(self, model: str, dimensions: int, fields: dict, limit: int) -> list[dict]:
-        """The ``limit`` most recently updated products of a vector space (ties by product id)."""
-        return list(self.products.find(in_space(model, dimensions), fields, batch_size=SCAN_BATCH)
-                    .sort([("updated_at", -1), ("product_id", 1)]).limit(limit))
+        """The ``limit`` most recently updated products of a vector space (ties by product id), then those without
+        a time. updated_at is a date when myshop wrote it and an ISO 8601 string when the shop's sync did: each
+        kind is read newest first and the two merged by time (MongoDB orders every date above every string)."""
+        space = in_space(model, dimensions)
+
+        def newest(when: dict) -> list[dict]:
+            return list(self.products.find({**space, "updated_at": when}, {**fields, "updated_at": 1},
+                                           batch_size=SCAN_BATCH).sort([("updated_at", -1), ("product_id", 1)])
+                        .limit(limit))
+
+        timed = newest({"$type": "date"}) + newest({"$type": "string"})
+        timed.sort(key=lambda d: (-_epoch(d["updated_at"]), str(d.get("product_id"))))
+        if len(timed) < limit:
+            timed += newest({"$not": {"$type": ["date", "string"]}})
+        return [{k: v for k, v in d.items() if k in fields} for d in timed[:limit]]
 
     def vector_search(self, pipeline: list[dict]) -> list[dict]:
         """Run an Atlas ``$vectorSearch`` aggregation on the products (raises OperationFailure)."""

@@ -195,3 +195,22 @@ def test_a_product_the_shop_re_embeds_is_seen_by_a_running_recommender(env, tmp_
     assert (top.product_id, round(top.score, 4)) == ("s1", 1.0)
     assert recommender.cache.loads == 2
     store.close()
+
+
+def test_the_newest_products_fallback_orders_the_shops_and_myshops_products_by_time(env, tmp_path):
+    """A user without a profile gets the newest products: the shop's (updated_at an ISO string) and myshop's (a
+    date) in the order of their times, not every date first."""
+    env["EMBEDDING_DIMENSIONS"] = SHOP_DIMS
+    s = env.settings()
+    hp = HashProvider(s.embedding_dimensions, s.model)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.upsert_products([{"product_id": "mine", "embedding": hp.embed_one("mine"), "model": s.model,
+                            "dimensions": s.embedding_dimensions, "name": "Mine"}])  # updated_at: now, a date
+    (tmp_path / "p.json").write_text(json.dumps([
+        {"product_id": pid, "embedding": [float(x) for x in hp.embed_one(pid)], "name": pid, "description": "",
+         "category": "shop", "updated_at": at}
+        for pid, at in (("shop-new", "2099-01-01T00:00:00+00:00"), ("shop-old", "2020-01-01T00:00:00+01:00"))]))
+    assert php(s, "write-products", str(tmp_path / "p.json")) == {"saved": 2}
+    fallback = Recommender(s, store, cache=MatrixCache()).recommend("nobody", limit=3, fallback=True)
+    assert [i.product_id for i in fallback.items] == ["shop-new", "mine", "shop-old"]
+    store.close()
