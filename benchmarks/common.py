@@ -56,9 +56,6 @@ START_TIMEOUT = 60.0
 T = TypeVar("T")
 
 
-SEED_CHUNK = 25  # products per bulk write: ~1 s each on the Mongo-wire server in the shop layout
-
-
 def retry_store(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
     """``fn()`` again after a pymongo connection error: the shared Mongo-wire server sometimes stalls for more than
     pymongo's 5 s heartbeat under the box's load, and pymongo then cancels the operations in flight."""
@@ -209,9 +206,7 @@ class BenchEnv:
                 docs = [{"product_id": pid, "embedding": hp.embed_one(f"product {pid} item"),
                          "model": self.settings.model, "dimensions": DIMS, "name": f"Product {pid}",
                          "category": "bench"} for pid in ids]
-                for i in range(0, len(docs), SEED_CHUNK):  # one long write stalls the Mongo-wire server's heartbeat
-                    chunk = docs[i:i + SEED_CHUNK]
-                    retry_store(lambda c=chunk: store.upsert_products(c, self.settings.store_layout), "seeding")
+                retry_store(lambda: store.upsert_products(docs, self.settings.store_layout), "seeding products")
                 self.products = ids
         finally:
             store.close()

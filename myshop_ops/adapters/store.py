@@ -119,6 +119,11 @@ def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opt
     return None
 
 
+# Products per bulk write: 1,536 doubles each in the shop layout make a write of 256 products take ~8 s on the
+# single-threaded Mongo-wire server, past pymongo's heartbeat (it then cancels the write); a few MB per write anyway.
+PRODUCT_WRITE_BATCH = 32
+
+
 def _epoch(value: datetime | str) -> float:
     """A product's updated_at in seconds: a date, or an ISO 8601 string (the shop's); an unreadable string is oldest."""
     try:
@@ -542,8 +547,11 @@ class Store:
             )
             for d in docs
         ]
-        res = self.products.bulk_write(ops, ordered=False)
-        return res.upserted_count + res.modified_count
+        written = 0
+        for i in range(0, len(ops), PRODUCT_WRITE_BATCH):
+            res = self.products.bulk_write(ops[i:i + PRODUCT_WRITE_BATCH], ordered=False)
+            written += res.upserted_count + res.modified_count
+        return written
 
     # ---- failed messages ------------------------------------------------------------------------
 
