@@ -192,7 +192,7 @@ def test_embedding_provider_storms(renv, workers, tmp_path, fake_openai):
         # 6 failing responses: the SDK tries each request 3 times, so with two workers' requests interleaved a
         # storm of 4 can be absorbed without any batch failing; 6 make at least one fail (and stay < 10 retries)
         storms = [("429", 6), ("500", 6), ("slow", 3)] * rounds
-        sc.publish(plan, rate=plan.published / (rounds * sized(11, 18) + 3))
+        sc.publish(plan, rate=plan.published / (rounds * sized(20, 18) + 3))  # the stream outlasts the storms
         sup = sc.start_workers(2, prefetch=50)
         sup.wait_consuming()
         sc.phase("setup")
