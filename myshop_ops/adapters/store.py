@@ -1,7 +1,8 @@
-"""MongoDB: user profiles (conditional writes), product vectors, failed-message records, indexes."""
+"""MongoDB: user profiles (conditional writes), product vectors, failed-message records, erasure records, indexes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from bson.binary import Binary
 from bson.objectid import ObjectId
-from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from myshop_ops.adapters.config import Settings
@@ -24,12 +25,14 @@ from myshop_ops.base.layout import (
     product_vector,
     profile_fields,
     read_profile,
+    to_datetime,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
 FAILED = "failed_messages"
+ERASURES = "user_erasures"  # one record per erased user: a hash of the user id and the erasure time (erasure.py)
 RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate check
 RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from a conflict, one token per write
 ID_BYTES = 32  # a message id (sha256 hex) is kept as its 32 raw bytes
@@ -52,6 +55,9 @@ INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
         ("last_failure_at", [("last_failure_at", DESCENDING)], {}),
         ("error_class", [("error_class", ASCENDING)], {}),
         # FAILED_RETENTION_DAYS: a record goes at its expires_at (set when written; none: kept until removed)
+        ("expires_at_ttl", [("expires_at", ASCENDING)], {"expireAfterSeconds": 0}),
+    ],
+    ERASURES: [  # looked up by _id; a record goes at its expires_at (FAILED_RETENTION_DAYS after the erasure)
         ("expires_at_ttl", [("expires_at", ASCENDING)], {"expireAfterSeconds": 0}),
     ],
 }
@@ -146,6 +152,11 @@ def _index_refusal(collection: str, name: str, keys: list[tuple[str, int]], exc:
     return f"{first} (code {exc.code})"
 
 
+def erasure_key(user_id: str) -> str:
+    """The ``_id`` of a user's erasure record: a sha256 hex of the user id, so the record does not hold the id."""
+    return hashlib.sha256(b"myshop-erasure\x00" + user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def message_ids(doc: dict) -> list[str]:
     """A profile document's recent message ids, as hex."""
     ring = pack_ring(doc.get("recent_message_ids"), ID_BYTES)
@@ -163,6 +174,7 @@ class StoredProfile:
     doc_id: ObjectId | None = None  # the document's _id: a profile erased and created again is another document
     adopted: bool = False  # a prior myshop did not write (layout.py): its next write records the adoption
     event_count: int = 0  # events counted in the document when it was read
+    erased_at: datetime | None = None  # the user's erasure before this document was created (None: none known)
 
     def seen(self, message_id: str) -> bool:
         """Whether the message's effect is already in this profile."""
@@ -181,6 +193,7 @@ class ProfileWrite:
     last_event_type: str | None  # None: only late events, the stored last event stays
     last_event_id: str | None
     purchased: list[str] = field(default_factory=list)  # product ids bought (for recommend --exclude-purchased)
+    erased_at: datetime | None = None  # the user's last erasure, recorded in a document this write creates
 
 
 @dataclass(slots=True)
@@ -201,6 +214,7 @@ def written(w: ProfileWrite, token: bytes) -> StoredProfile:
         recent_writes=(base.recent_writes + token)[-RECENT_WRITES * TOKEN_BYTES:],
         doc_id=base.doc_id,
         event_count=base.event_count + sum(w.counts.values()),
+        erased_at=base.erased_at if w.base else w.erased_at,
     )
 
 
@@ -218,6 +232,7 @@ class Store:
         self.users = self.db[USERS]
         self.products = self.db[PRODUCTS]
         self.failed = self.db[FAILED]
+        self.erasures = self.db[ERASURES]
         self.failed_retention = timedelta(days=failed_retention_days) if failed_retention_days else None
 
     @classmethod
@@ -308,7 +323,7 @@ class Store:
             {"user_id": {"$in": ids}},
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
-             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1},
+             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
             batch_size=SCAN_BATCH,
         )
         for doc in cursor:
@@ -326,6 +341,7 @@ class Store:
                 doc_id=doc["_id"],
                 adopted=read.adopted,
                 event_count=read.event_count,
+                erased_at=to_datetime(doc.get("erased_at")),
             )
         return profiles, unreadable
 
@@ -402,6 +418,7 @@ class Store:
                     "event_counts": dict(w.counts),
                     "purchased_product_ids": sorted(set(w.purchased)),
                     "created_at": now,
+                    **({"erased_at": w.erased_at} if w.erased_at else {}),
                 }
             )
         inc = {"version": 1, "event_count": sum(w.counts.values())}
@@ -439,6 +456,44 @@ class Store:
         """Delete the user's profile; returns its version, event_count and recent_message_ids (None: there was none)."""
         return self.users.find_one_and_delete({"user_id": user_id},
                                               {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1})
+
+    def delete_profile_doc(self, user_id: str, doc_id: ObjectId) -> bool:
+        """Delete the profile document ``doc_id`` of the user, whatever its version (a document created while the
+        user was being erased); False: it is gone already."""
+        return self.users.delete_one({"user_id": user_id, "_id": doc_id}).deleted_count == 1
+
+    # ---- erasure records --------------------------------------------------------------------------
+
+    def record_erasure(self, user_id: str, at: datetime) -> datetime:
+        """Record the user's erasure at ``at`` (a later one already recorded stays), kept FAILED_RETENTION_DAYS
+        after it (none: until removed); returns the erasure time recorded. Written before the profile is deleted."""
+        later = {"erased_at": at, **({"expires_at": at + self.failed_retention} if self.failed_retention else {})}
+        update: dict = {"$max": later}
+        if not self.failed_retention:
+            update["$unset"] = {"expires_at": ""}
+        doc = self.erasures.find_one_and_update({"_id": erasure_key(user_id)}, update, {"erased_at": 1},
+                                                upsert=True, return_document=ReturnDocument.AFTER)
+        return to_datetime((doc or {}).get("erased_at")) or at
+
+    def erasure_times(self, user_ids: Iterable[str]) -> tuple[dict[str, datetime], dict[str, ValueError]]:
+        """(the erasure time of each of these users that has an erasure record, users whose record has no readable
+        time -> why), in one ``$in``."""
+        keys = {erasure_key(u): u for u in user_ids}
+        times: dict[str, datetime] = {}
+        unreadable: dict[str, ValueError] = {}
+        if not keys:
+            return times, unreadable
+        for doc in self.erasures.find({"_id": {"$in": list(keys)}}, {"erased_at": 1}, batch_size=SCAN_BATCH):
+            key = doc.get("_id")
+            user_id = keys.get(key) if isinstance(key, str) else None
+            if user_id is None:
+                continue
+            when = to_datetime(doc.get("erased_at"))
+            if when is None:
+                unreadable[user_id] = ValueError(f"the erasure record of user {user_id} has no readable erased_at")
+            else:
+                times[user_id] = when
+        return times, unreadable
 
     # ---- products -------------------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ from pymongo.errors import PyMongoError
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import EmbeddingError
-from myshop_ops.adapters.store import ProfileWrite, StoredProfile
-from myshop_ops.base.contract import Event, InvalidMessage, parse
+from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
+from myshop_ops.base.contract import FUTURE_TOLERANCE, Event, InvalidMessage, parse
 from myshop_ops.base.lru import Recent
 from myshop_ops.base.profile import VectorSpaceMismatch, fold, to_days
 from myshop_ops.core.ports import EventState, Phrases, ProfileStore
@@ -45,6 +45,7 @@ class Status(StrEnum):
     APPLIED = "applied"  # its effect is in the profile: ack
     DUPLICATE = "duplicate"  # its effect was already there: ack
     SKIPPED = "skipped"  # nothing to apply (its product has no vector): ack
+    ERASED = "erased"  # an event of an erased user from before the erasure: ack, nothing applied or marked
     RETRY = "retry"  # transient: a copy to the next delay queue, then ack
     FAILED = "failed"  # can never succeed: a copy to the failed queue and a failed_messages record, then ack
 
@@ -59,6 +60,11 @@ class StoreUnavailable(Exception):
 
 class VersionConflict(Exception):
     """The profile kept changing under this worker for WRITE_BUDGET_S of re-reads (transient)."""
+
+
+class ErasedMeanwhile(Exception):
+    """The user was erased while this batch created their profile: the new document was deleted again (transient:
+    the retry meets the erasure record)."""
 
 
 @dataclass(slots=True)
@@ -201,7 +207,8 @@ class Pipeline:
     def _write_round(self, result: BatchResult, pending: dict[str, list[Item]]) -> dict[str, list[Item]]:
         """One read-fold-write round; returns the users whose write met a newer version (to re-read)."""
         stored = self._current_profiles(pending)
-        if stored is None:
+        erased = None if stored is None else self._erasure_times(pending, stored)
+        if stored is None or erased is None:
             return {}
         writes: list[ProfileWrite] = []
         groups: dict[str, list[Item]] = {}
@@ -212,7 +219,8 @@ class Pipeline:
                     if current.seen(item.event.message_id):
                         item.status = Status.DUPLICATE
                 group = [i for i in group if i.status == Status.PENDING]
-            write = self._fold(user_id, group, current) if group else None
+            group = self._drop_erased(group, erased.get(user_id))
+            write = self._fold(user_id, group, current, erased.get(user_id)) if group else None
             if write is not None:
                 writes.append(write)
                 groups[user_id] = group
@@ -224,11 +232,65 @@ class Pipeline:
             return {}
         self.profiles.put(outcome.stored)
         self.profiles.drop(outcome.conflicted)
-        result.writes += len(outcome.applied)
+        raced = self._erased_meanwhile([u for u in outcome.applied if u not in stored], erased, outcome)
+        result.writes += len(outcome.applied) - len(raced)
         result.conflicts += len(outcome.conflicted)
         for user_id in outcome.applied:
-            self._mark(groups[user_id], Status.APPLIED, None)
+            if user_id in raced:
+                self._mark(groups[user_id], Status.RETRY, ErasedMeanwhile(
+                    "the user was erased while this batch created their profile: the new profile was deleted"))
+            else:
+                self._mark(groups[user_id], Status.APPLIED, None)
         return {u: groups[u] for u in outcome.conflicted}
+
+    def _erasure_times(self, pending: dict[str, list[Item]], stored: dict[str, StoredProfile]
+                       ) -> dict[str, datetime] | None:
+        """The erasure time of each pending user that was erased: carried by its profile (created after the erasure),
+        else read from the erasure records for the users without a profile (one ``$in``). An unreadable record fails
+        its user's events; None (every event marked for retry) when MongoDB fails."""
+        erased = {u: p.erased_at for u, p in stored.items() if p.erased_at is not None}
+        new = [u for u in pending if u not in stored]
+        if not new:
+            return erased
+        try:
+            found, unreadable = self.store.erasure_times(new)
+        except PyMongoError as exc:
+            self._mark([i for group in pending.values() for i in group], Status.RETRY, StoreUnavailable(str(exc)))
+            return None
+        for user_id, problem in unreadable.items():
+            self._mark(pending.pop(user_id), Status.FAILED, problem)
+        erased.update(found)
+        return erased
+
+    def _drop_erased(self, group: list[Item], erased_at: datetime | None) -> list[Item]:
+        """The events of ``group`` that may still apply: after the user's erasure (if any) by more than the contract's
+        future tolerance, since an event published before the erasure may carry a time up to that far ahead. The
+        others are acked without effect (status ERASED), and logged without the user's data."""
+        if erased_at is None:
+            return group
+        cutoff = erased_at + FUTURE_TOLERANCE
+        old = [i for i in group if i.event.occurred_at <= cutoff]
+        if old:
+            self._mark(old, Status.ERASED, None)
+            log.info("events from before an erasure dropped", extra={"events": len(old)})
+        return [i for i in group if i.status == Status.PENDING]
+
+    def _erased_meanwhile(self, created: list[str], erased: dict[str, datetime], outcome: WriteResult) -> set[str]:
+        """Of the users whose profile this round created, those erased since their erasure records were read
+        (``erased``): the record is written before the profile is deleted, so one written since means the erasure's
+        delete may have run before this insert. Their new document is deleted again, whatever its version."""
+        if not created:
+            return set()
+        try:
+            found, unreadable = self.store.erasure_times(created)
+            raced = {u for u, at in found.items() if at != erased.get(u)} | unreadable.keys()
+            for user_id in raced:
+                self.store.delete_profile_doc(user_id, outcome.stored[user_id].doc_id)
+        except PyMongoError as exc:  # the new profile stays; a `user delete` run meanwhile may have to run again
+            log.warning("could not check new profiles against erasures", extra={"error": str(exc)[:200]})
+            return set()
+        self.profiles.drop(raced)
+        return raced
 
     def _current_profiles(self, pending: dict[str, list[Item]]) -> dict[str, StoredProfile] | None:
         """The pending users' stored profiles (cached as last written, else read); an unreadable one fails its
@@ -244,8 +306,10 @@ class Pipeline:
             self._mark(pending.pop(user_id), Status.FAILED, problem)
         return stored
 
-    def _fold(self, user_id: str, group: list[Item], current: StoredProfile | None) -> ProfileWrite | None:
-        """The write that folds ``group`` into ``current``; None (the group failed) when they cannot be folded."""
+    def _fold(self, user_id: str, group: list[Item], current: StoredProfile | None,
+              erased_at: datetime | None = None) -> ProfileWrite | None:
+        """The write that folds ``group`` into ``current`` (``erased_at``: the user's erasure, kept in a document the
+        write creates); None (the group failed) when they cannot be folded."""
         events = [i.event for i in group]
         try:
             profile = fold(
@@ -271,6 +335,7 @@ class Pipeline:
             last_event_type=newest and newest.event_type,
             last_event_id=newest and newest.message_id,
             purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
+            erased_at=erased_at,
         )
 
     @staticmethod

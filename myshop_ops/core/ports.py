@@ -11,13 +11,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     import numpy as np
+    from bson.objectid import ObjectId
 
     from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
 
 class ProfileStore(Protocol):
-    """MongoDB as the core uses it: profiles, product vectors, failed-message records."""
+    """MongoDB as the core uses it: profiles, product vectors, failed-message records, erasure records."""
 
     def ping(self) -> None: ...
 
@@ -32,6 +35,10 @@ class ProfileStore(Protocol):
                         ) -> tuple[dict[str, np.ndarray], dict[str, str]]: ...
 
     def record_failures(self, records: Sequence[dict]) -> None: ...
+
+    def erasure_times(self, user_ids: Iterable[str]) -> tuple[dict[str, datetime], dict[str, ValueError]]: ...
+
+    def delete_profile_doc(self, user_id: str, doc_id: ObjectId) -> bool: ...
 
 
 class EventState(Protocol):

@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import pika
@@ -181,6 +182,7 @@ class StubStore:
         self.foreign: dict[str, str] = {}  # product id -> what its unusable vector is
         self.unreadable: dict[str, ValueError] = {}  # user id -> why its document cannot be folded into
         self.records: list[dict] = []
+        self.erasures: dict[str, datetime] = {}  # user id -> erasure time (the real store keys it by a hash)
         self.last_writes: dict[str, ProfileWrite] = {}  # user id -> the last write applied (its event fields)
         self.reads = self.writes = 0
         self.fail_reads: Exception | None = None  # raised by load_profiles and product_vectors while set
@@ -230,6 +232,23 @@ class StubStore:
         if self.fail_records is not None:
             raise self.fail_records
         self.records += records
+
+    def erasure_times(self, user_ids: Iterable[str]) -> tuple[dict[str, datetime], dict[str, ValueError]]:
+        if self.fail_reads is not None:
+            raise self.fail_reads
+        return {u: self.erasures[u] for u in user_ids if u in self.erasures}, {}
+
+    def delete_profile_doc(self, user_id: str, doc_id: object) -> bool:
+        current = self.profiles.get(user_id)
+        if current is None or current.doc_id != doc_id:
+            return False
+        del self.profiles[user_id]
+        return True
+
+    def erase(self, user_id: str, at: datetime) -> None:
+        """What `myshop user delete` does here: the erasure record first, then the profile goes."""
+        self.erasures[user_id] = max(at, self.erasures.get(user_id, at))
+        self.profiles.pop(user_id, None)
 
 
 # ---- Redis --------------------------------------------------------------------------------------------------------

@@ -155,4 +155,4 @@ def test_unusable_stored_data_fails_only_its_own_messages():
 
 def test_statuses_are_their_names_as_text():
     assert Status.APPLIED == "applied" and f"{Status.RETRY}" == "retry"
-    assert {s.value for s in Status} == {"pending", "applied", "duplicate", "skipped", "retry", "failed"}
+    assert {s.value for s in Status} == {"pending", "applied", "duplicate", "skipped", "erased", "retry", "failed"}

@@ -46,6 +46,9 @@ class ConflictingStore:
         self.reads += 1
         return {}, {}
 
+    def erasure_times(self, user_ids):
+        return {}, {}
+
     def write_profiles(self, writes, layout="shop"):
         self.writes += 1
         if self.writes <= self.losses:
