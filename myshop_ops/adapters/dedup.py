@@ -22,6 +22,7 @@ PROCESSED = "processed:"
 ATTEMPTS = "attempts:"
 STOP_FLAG = "stop-workers"
 VECTORS = "emb:"
+SCAN_COUNT = 1000  # keys examined per SCAN round trip (forget_user)
 # SET key 1 NX EX ttl for every key, as a pipeline of SETs would (NX: a retry after a partial run changes nothing)
 _MARK_SCRIPT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) end"
 
@@ -89,14 +90,27 @@ class RedisState:
         except RedisError as exc:
             self._degraded("mark", exc)
 
-    def forget(self, event_keys: Iterable[str]) -> None:
-        """Drop processed event keys (user erasure)."""
-        keys = [self.processed + k for k in event_keys]
-        if keys:
-            try:
-                self.client.delete(*keys)
-            except RedisError as exc:
-                self._degraded("forget", exc)
+    def forget_user(self, user_id: str) -> int | None:
+        """Drop every processed key of ``user_id`` (user erasure); returns how many, None when Redis failed.
+
+        Keys end with the user id, so they are found by SCAN: one pass over the whole keyspace, SCAN_COUNT keys a
+        round trip (about 1 s per million keys; docs/RELIABILITY.md), for a rare operation instead of an index on
+        the hot path. The pattern fixes the message id's 64 characters, so user ``b`` never matches ``a:b``."""
+        pattern = _glob_escape(self.processed) + "?" * 64 + ":" + _glob_escape(user_id)
+        removed = 0
+        try:
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=SCAN_COUNT):
+                batch.append(key)
+                if len(batch) >= SCAN_COUNT:
+                    removed += self.client.delete(*batch)
+                    batch = []
+            if batch:
+                removed += self.client.delete(*batch)
+        except RedisError as exc:
+            self._degraded("forget_user", exc)
+            return None
+        return removed
 
     def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
         """Attempts recorded at each message by ``count_attempts`` (0 when none); None when Redis is down."""
@@ -160,3 +174,8 @@ class RedisState:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)

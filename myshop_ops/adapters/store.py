@@ -453,9 +453,8 @@ class Store:
         return None if doc is None else doc.get("event_count", 0)
 
     def delete_profile(self, user_id: str) -> dict | None:
-        """Delete the user's profile; returns its version, event_count and recent_message_ids (None: there was none)."""
-        return self.users.find_one_and_delete({"user_id": user_id},
-                                              {"_id": 0, "version": 1, "event_count": 1, "recent_message_ids": 1})
+        """Delete the user's profile; returns its version and event_count (None: there was none)."""
+        return self.users.find_one_and_delete({"user_id": user_id}, {"_id": 0, "version": 1, "event_count": 1})
 
     def delete_profile_doc(self, user_id: str, doc_id: ObjectId) -> bool:
         """Delete the profile document ``doc_id`` of the user, whatever its version (a document created while the

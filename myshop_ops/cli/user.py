@@ -8,11 +8,11 @@ import typer
 from rich.table import Table
 
 from myshop_ops.adapters.store import USERS, Store
-from myshop_ops.base.contract import EVENT_TYPES
+from myshop_ops.base.contract import EVENT_TYPES, FUTURE_TOLERANCE
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
-from myshop_ops.tools.erasure import NotConfirmed, NotErased, erase_user
+from myshop_ops.tools.erasure import Erasure, NotConfirmed, erase_user
 from myshop_ops.tools.recommend import Recommendations, Recommender, RecommendError
 
 TOP = 5
@@ -78,8 +78,9 @@ def delete_user(
     user_id: str = typer.Argument(..., help="The user's id."),
     force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
 ) -> None:
-    """Erase a user: profile document, processed-message keys in Redis, failed messages (queue and records); asks
-    first unless --force."""
+    """Erase a user: records the erasure (copies of their earlier events still in flight are then dropped), deletes
+    the profile document, the processed-message keys in Redis, the failed messages (queue and records); asks first
+    unless --force. Safe to run again."""
     if not force and not sys.stdin.isatty():
         fail(f"refusing to erase user {user_id} without a terminal: add --force", EXIT_CONFIG)
     s = settings()
@@ -88,16 +89,26 @@ def delete_user(
             done = erase_user(s, user_id, confirm=None if force else typer.confirm)
         except NotConfirmed as exc:
             fail(str(exc), EXIT_FAIL)
-        except NotErased as exc:
-            fail(str(exc))
-    if done.profile is not None:
-        console.print(f"erased user {shown(user_id)}: profile (version {done.profile['version']}, "
-                      f"{done.profile['event_count']} events) deleted from {s.mongodb_db}.{USERS}", highlight=False)
-        if done.redis_ok:
-            console.print(f"forgot {done.forgotten} processed-message id(s) in Redis", highlight=False)
-        else:
-            console.print(f"[yellow]Redis unavailable:[/] {done.forgotten} processed-message id(s) not forgotten; "
-                          f"they expire within IDEMPOTENCY_TTL ({s.idempotency_ttl} s)", highlight=False)
+    for line in erasure_lines(done, s.mongodb_db, s.idempotency_ttl):
+        console.print(line, highlight=False)
+
+
+def erasure_lines(done: Erasure, db: str, idempotency_ttl: int) -> list[str]:
+    """What `user delete` did, one line per step (rich markup, outside text through ``shown``)."""
+    who = shown(done.user_id)
+    lines = [f"erased user {who}: profile (version {done.profile['version']}, {done.profile['event_count']} events) "
+             f"deleted from {db}.{USERS}" if done.profile is not None else
+             f"erased user {who}: no profile in {db}.{USERS}"]
+    if done.forgotten is None:
+        lines.append(f"[yellow]Redis unavailable:[/] processed-message keys not forgotten; they expire within "
+                     f"IDEMPOTENCY_TTL ({idempotency_ttl} s), or run `myshop user delete` again")
+    else:
+        lines.append(f"forgot {done.forgotten} processed-message key(s) in Redis")
     if done.failed_messages or done.failed_records:
-        console.print(f"erased user {shown(user_id)}'s failed messages: {done.failed_messages} from the failed "
-                      f"queue, {done.failed_records} record(s) from failed_messages", highlight=False)
+        lines.append(f"erased user {who}'s failed messages: {done.failed_messages} from the failed queue, "
+                     f"{done.failed_records} record(s) from failed_messages")
+    until = done.kept_until.isoformat(timespec="seconds") if done.kept_until else "removed"
+    lines.append(f"erasure recorded: copies of events that occurred up to "
+                 f"{(done.erased_at + FUTURE_TOLERANCE).isoformat(timespec='seconds')} are dropped; the record (a "
+                 f"hash of the user id and the erasure time) is kept until {until}")
+    return lines

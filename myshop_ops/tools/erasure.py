@@ -1,65 +1,69 @@
-"""User erasure (GDPR): the user's profile, its processed-message keys in Redis, its failed messages (the failed
-queue and failed_messages records). `myshop user delete` asks, calls ``erase_user`` and prints what it did."""
+"""User erasure (GDPR). `myshop user delete` asks, calls ``erase_user`` and prints what it did, in this order:
+
+1. an erasure record (``user_erasures``: a hash of the user id and the erasure time) is written, before anything is
+   deleted: from then on the worker acks without effect every event of the user that occurred no later than the
+   erasure plus the contract's future tolerance (a copy from a retry queue, `failed retry`, `unrouted republish`,
+   a redelivery), and a profile it created meanwhile is deleted again;
+2. the profile document;
+3. every processed-message key of the user in Redis (found by SCAN);
+4. the user's failed messages (the failed queue and their failed_messages records).
+
+Every step runs whether or not the user has a profile: copies of the events of a user without one may be in flight.
+Running it again is safe (the later erasure time is kept) and finishes what a failed run left."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.dedup import RedisState
-from myshop_ops.adapters.store import USERS, Store, message_ids
-from myshop_ops.base.contract import event_key
+from myshop_ops.adapters.store import USERS, Store
 from myshop_ops.tools.failed_queue import FailedBox
 
 
-class NotErased(Exception):
-    """Nothing was erased; ``str()`` is one line for the operator."""
-
-
-class NothingToErase(NotErased):
-    """The user has no profile and no failed message."""
-
-
-class NotConfirmed(NotErased):
-    """The operator answered no."""
+class NotConfirmed(Exception):
+    """The operator answered no: nothing was erased; ``str()`` is one line for the operator."""
 
 
 @dataclass(frozen=True, slots=True)
 class Erasure:
-    """What ``erase_user`` removed."""
+    """What ``erase_user`` did."""
 
     user_id: str
+    erased_at: datetime  # recorded: events that occurred up to this plus contract.FUTURE_TOLERANCE are dropped
+    kept_until: datetime | None  # when the erasure record expires (None: kept until removed)
     profile: dict | None  # the deleted profile's version and event_count; None: the user had none
-    forgotten: int  # processed-message keys dropped in Redis
-    redis_ok: bool  # False: Redis was down, those keys expire within IDEMPOTENCY_TTL instead
+    forgotten: int | None  # processed-message keys dropped in Redis; None: Redis failed (they expire within the TTL)
     failed_messages: int  # removed from the failed queue
     failed_records: int  # removed from failed_messages
 
 
+def question(settings: Settings, user_id: str, events: int | None, records: int) -> str:
+    """What the operator is asked before ``user_id`` is erased."""
+    failed = f", {records} failed message record(s)" if records else ""
+    if events is not None:
+        return (f"Erase user {user_id}: profile ({events} events){failed}, processed-message keys in Redis, and drop "
+                "copies of their events still in flight?")
+    return (f"User {user_id} has no profile in {settings.mongodb_db}.{USERS}{failed}. Erase anyway (processed-message "
+            "keys in Redis, failed messages, and drop copies of their events still in flight)?")
+
+
 def erase_user(settings: Settings, user_id: str, confirm: Callable[[str], bool] | None = None) -> Erasure:
-    """Erase ``user_id`` after ``confirm(question)`` says yes (None: no question). Raises NothingToErase,
-    NotConfirmed, NotErased (the profile was erased by someone else meanwhile), or a dependency's error."""
+    """Erase ``user_id`` after ``confirm(question)`` says yes (None: no question). Raises NotConfirmed or a
+    dependency's error (then run it again: each step is idempotent)."""
     store = Store.from_settings(settings)
     redis_state = RedisState.from_settings(settings)
     try:
         events = store.profile_event_count(user_id)
-        records = store.count_failures(user_id)
-        if events is None and not records:
-            raise NothingToErase(f"user {user_id} has no profile in {settings.mongodb_db}.{USERS}: nothing to erase")
-        question = (f"Erase user {user_id}'s profile ({events} events) and its processed-message keys in Redis?"
-                    if events is not None else f"Erase user {user_id}'s {records} failed message(s)?")
-        if confirm is not None and not confirm(question):
+        if confirm is not None and not confirm(question(settings, user_id, events, store.count_failures(user_id))):
             raise NotConfirmed(f"user {user_id} not erased (answered no)")
-        doc = None if events is None else store.delete_profile(user_id)
-        if events is not None and doc is None:
-            raise NotErased(f"user {user_id}'s profile was erased by someone else meanwhile")
-        ids = message_ids(doc) if doc is not None else []
-        errors_before = redis_state.errors
-        redis_state.forget(event_key(m, user_id) for m in ids)
-        redis_ok = redis_state.errors == errors_before
+        erased_at = store.record_erasure(user_id, datetime.now(UTC))  # first: the worker honours it from now on
+        doc = store.delete_profile(user_id)
+        forgotten = redis_state.forget_user(user_id)  # after the delete: a batch applied before it marked its keys
         conn = broker.connect(settings.rabbitmq_dsn, name="myshop-user-delete")
         try:
             failed_messages, failed_records = FailedBox(conn, store, Topology.from_settings(settings)).erase_user(
@@ -69,5 +73,6 @@ def erase_user(settings: Settings, user_id: str, confirm: Callable[[str], bool] 
     finally:
         redis_state.close()
         store.close()
+    kept_until = erased_at + store.failed_retention if store.failed_retention else None
     profile = None if doc is None else {"version": doc.get("version"), "event_count": doc.get("event_count", 0)}
-    return Erasure(user_id, profile, len(ids), redis_ok, failed_messages, failed_records)
+    return Erasure(user_id, erased_at, kept_until, profile, forgotten, failed_messages, failed_records)
