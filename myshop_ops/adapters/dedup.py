@@ -94,7 +94,7 @@ class RedisState:
         """Drop every processed key of ``user_id`` (user erasure); returns how many, None when Redis failed.
 
         Keys end with the user id, so they are found by SCAN: one pass over the whole keyspace, SCAN_COUNT keys a
-        round trip (about 1 s per million keys; docs/RELIABILITY.md), for a rare operation instead of an index on
+        round trip (2 s per 500,000 keys measured; docs/RELIABILITY.md), for a rare operation instead of an index on
         the hot path. The pattern fixes the message id's 64 characters, so user ``b`` never matches ``a:b``."""
         pattern = _glob_escape(self.processed) + "?" * 64 + ":" + _glob_escape(user_id)
         removed = 0
