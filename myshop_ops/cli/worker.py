@@ -61,7 +61,8 @@ def consume(
     if s.log_format == "console":  # with JSON logs the "worker stopped" line says it: no plain line among them
         console.print(
             f"stopped ({limits.reason}): {t.processed} messages, {t.applied} applied, {t.duplicate} duplicates, "
-            f"{t.skipped} skipped, {t.retried} retried, {t.failed} failed, {t.writes} profile writes",
+            f"{t.skipped} skipped, {t.erased} erased, {t.retried} retried, {t.failed} failed, "
+            f"{t.writes} profile writes",
             highlight=False,
             soft_wrap=True,
         )

@@ -77,6 +77,7 @@ class Totals:
     applied: int = 0
     duplicate: int = 0
     skipped: int = 0
+    erased: int = 0  # events of erased users from before their erasure: acked without effect
     retried: int = 0
     failed: int = 0
     writes: int = 0
@@ -84,7 +85,7 @@ class Totals:
 
     @property
     def processed(self) -> int:
-        return self.applied + self.duplicate + self.skipped + self.retried + self.failed
+        return self.applied + self.duplicate + self.skipped + self.erased + self.retried + self.failed
 
 
 class Worker:
@@ -399,6 +400,7 @@ class Worker:
         t.applied += len(result.by_status(Status.APPLIED))
         t.duplicate += len(result.by_status(Status.DUPLICATE))
         t.skipped += len(result.by_status(Status.SKIPPED))
+        t.erased += len(result.by_status(Status.ERASED))
         t.writes += result.writes
         t.conflicts += result.conflicts
         self.limits.count(len(batch), t.failed - failed_before)

@@ -37,13 +37,20 @@ def profile(settings, user: str) -> dict | None:
         store.close()
 
 
-def drain(settings, *queues: str) -> None:
-    """In-process workers (1 s each) until the main queue and ``queues`` hold nothing; each stops with exit 0."""
+def drain(settings, *queues: str) -> int:
+    """In-process workers (1 s each) until the main queue and ``queues`` hold nothing; each stops with exit 0.
+    Returns how many events they dropped as erased."""
+    erased = 0
+
     def empty() -> bool:
-        assert Worker(settings, limits=Limits(seconds=1)).run() == EXIT_OK
+        nonlocal erased
+        worker = Worker(settings, limits=Limits(seconds=1))
+        assert worker.run() == EXIT_OK
+        erased += worker.totals.erased
         return all(queue_state(settings, q)[0] == 0 for q in (Topology.from_settings(settings).queue, *queues))
 
     wait_for(empty, timeout=60, interval=0, what="the queues to drain")
+    return erased
 
 
 def erase(env, user: str) -> str:
@@ -87,7 +94,7 @@ def test_a_retry_queue_copy_coming_back_after_the_erasure_does_not_recreate_the_
     erase(env, user)
     assert queue_state(s, topo.retry_queue(1))[0] == 1  # it was waiting in the delay queue all along
     wait_queue(s, topo.queue, messages=1, timeout=30)  # back in the main queue
-    drain(s, topo.retry_queue(1))
+    assert drain(s, topo.retry_queue(1)) == 1
     assert profile(s, user) is None
 
 
@@ -102,7 +109,7 @@ def test_failed_retry_of_an_event_from_before_the_erasure_does_not_recreate_the_
     done = run_cli("failed", "retry", "--all", "--force", env=env.subprocess_env(), input="")
     assert done.returncode == 0, done.stdout + done.stderr
     assert queue_state(s, topology.queue)[0] == 1
-    drain(s, topology.failed_queue)
+    assert drain(s, topology.failed_queue) == 1
     assert profile(s, user) is None
 
 
@@ -118,7 +125,7 @@ def test_unrouted_republish_of_an_event_from_before_the_erasure_does_not_recreat
     done = run_cli("unrouted", "republish", env=env.subprocess_env(), input="")
     assert done.returncode == 0, done.stdout + done.stderr
     assert queue_state(s, topology.queue)[0] == 1
-    drain(s, topology.unrouted)
+    assert drain(s, topology.unrouted) == 1
     assert profile(s, user) is None
 
 
@@ -134,7 +141,7 @@ def test_a_redelivery_after_the_erasure_does_not_recreate_the_profile(env, topol
     assert method is not None and not method.redelivered
     erase(env, user)
     conn.close()  # the worker's death: the unacked copy goes back, marked redelivered
-    drain(s)
+    assert drain(s) == 1
     assert profile(s, user) is None
 
 

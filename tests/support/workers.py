@@ -42,7 +42,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SUMMARY = re.compile(
     r"stopped \((?P<reason>.*)\): (?P<processed>\d+) messages, (?P<applied>\d+) applied, "
-    r"(?P<duplicate>\d+) duplicates, (?P<skipped>\d+) skipped, (?P<retried>\d+) retried, "
+    r"(?P<duplicate>\d+) duplicates, (?P<skipped>\d+) skipped, (?P<erased>\d+) erased, "
+    r"(?P<retried>\d+) retried, "
     r"(?P<failed>\d+) failed, (?P<writes>\d+) profile writes"
 )
 
@@ -56,6 +57,7 @@ class Summary:
     applied: int
     duplicate: int
     skipped: int
+    erased: int
     retried: int
     failed: int
     writes: int
