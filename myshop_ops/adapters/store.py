@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from bson.binary import Binary
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -146,6 +147,11 @@ def _index_refusal(collection: str, name: str, keys: list[tuple[str, int]], exc:
     return f"{first} (code {exc.code})"
 
 
+def _codec(client: MongoClient, dates: DatetimeConversion) -> CodecOptions:
+    """The client's codec options with another conversion of BSON dates."""
+    return client.codec_options.with_options(datetime_conversion=dates)
+
+
 def message_ids(doc: dict) -> list[str]:
     """A profile document's recent message ids, as hex."""
     ring = pack_ring(doc.get("recent_message_ids"), ID_BYTES)
@@ -209,13 +215,18 @@ class Store:
         self.client: MongoClient = MongoClient(
             url,
             tz_aware=True,
+            # What no document can break a read with (pymongo raises InvalidBSON, mid-cursor, for the whole batch):
+            # a date outside years 1..9999 is read as the nearest one (profiles: as DatetimeMS, refused by the
+            # profile parser with that reason), a string that is not UTF-8 with replacement characters.
+            datetime_conversion=DatetimeConversion.DATETIME_CLAMP,
+            unicode_decode_error_handler="replace",
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=max(timeout_ms, 30_000),
             appname="myshop-ops",
         )
         self.db = self.client[db]
-        self.users = self.db[USERS]
+        self.users = self.db.get_collection(USERS, codec_options=_codec(self.client, DatetimeConversion.DATETIME_AUTO))
         self.products = self.db[PRODUCTS]
         self.failed = self.db[FAILED]
         self.failed_retention = timedelta(days=failed_retention_days) if failed_retention_days else None
