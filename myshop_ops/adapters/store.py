@@ -509,9 +509,12 @@ class Store:
     def products_signature(self) -> tuple[int, datetime | None, str | None]:
         """What changes whenever a product is written or removed: the document count and the newest updated_at of
         each type it is written as (a date by myshop, an ISO 8601 string by the shop's sync). One sort over both
-        would miss the shop's writes: MongoDB orders every date above every string."""
-        newest = [self.products.find_one({"updated_at": {"$type": kind}}, {"_id": 0, "updated_at": 1},
-                                         sort=[("updated_at", -1)]) for kind in ("date", "string")]
+        would miss the shop's writes: MongoDB orders every date above every string. A time more than a day ahead
+        (a bad document) is passed over: it would stay the newest and hide every later write."""
+        ahead = datetime.now(UTC) + timedelta(days=1)
+        newest = [self.products.find_one({"updated_at": {"$type": kind, "$lte": bound}}, {"_id": 0, "updated_at": 1},
+                                         sort=[("updated_at", -1)])
+                  for kind, bound in (("date", ahead), ("string", ahead.isoformat()))]
         date, text = ((doc or {}).get("updated_at") for doc in newest)
         return self.products.estimated_document_count(), date, text
 

@@ -317,3 +317,20 @@ def test_property_any_decoded_document_is_parsed_or_refused():
         assert "user u" in render(users)
 
     check()
+
+
+def test_a_product_dated_9999_does_not_freeze_the_recommend_cache(env):
+    """The matrix cache reloads when the newest updated_at changes: a product dated 9999 (date or ISO string) stayed
+    the newest forever, so a re-embedded product was never seen by recommendations (same document count)."""
+    s = env.settings()
+    seed_products(s, ["p1", "p2"])
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.products.insert_many([{**good_product("future-date"), "updated_at": datetime(9999, 1, 1, tzinfo=UTC)},
+                                {**good_product("future-text"), "updated_at": "9999-01-01T00:00:00+00:00"}])
+    cache = MatrixCache()
+    recommender = Recommender(s, store, cache)
+    recommender.for_profile(profile_doc("u"), limit=3)
+    store.update_products({"p1": {"name": "renamed"}})  # what a re-embedding or a catalog update does
+    names = {r.product_id: r.name for r in recommender.for_profile(profile_doc("u"), limit=10).items}
+    store.close()
+    assert cache.loads == 2 and names["p1"] == "renamed", (cache.loads, names)
