@@ -39,6 +39,7 @@ SHOP_VECTOR, COMPACT_VECTOR = "vector", "embedding"
 MAX_INT64 = 2**63 - 1
 MAX_VERSION = MAX_INT64 - 1  # a readable profile's next version (version + 1) must be readable too
 MAX_COUNT = 2**62  # a counter beyond this could overflow int64 on $inc (MongoDB refuses the whole write)
+MAX_MAGNITUDE = 1e12  # |S| is at most the sum of all event weights (each <= 100): ten billion events of one user
 FUTURE_LAST_UPDATED = timedelta(days=1)  # a profile's time is its newest event's: a little clock skew at most
 _FLOAT32_VECTOR = BinaryVectorDtype.FLOAT32.value + b"\x00"  # BSON vector header: dtype 0x27, padding 0
 _NUMBER = (int, float)
@@ -228,6 +229,8 @@ def read_profile(doc: dict, model: str, dimensions: int, now: datetime | None = 
             raise UnreadableProfile(f"its {name} is {value_kind(doc[name])}")
     magnitude = doc.get("magnitude")
     ours = _number(magnitude) and magnitude > 0 and (field == COMPACT_VECTOR or doc.get("myshop_version") == version)
+    if ours and magnitude > MAX_MAGNITUDE:  # the profile would outweigh every event folded into it: no effect
+        raise UnreadableProfile(f"its magnitude is {magnitude:.3g}, more than any sum of events reaches")
     norm = float(np.linalg.norm(vec.astype(np.float64)))
     return ProfileRead(
         profile=Profile(
