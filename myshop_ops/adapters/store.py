@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 from bson.binary import Binary
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -157,6 +158,11 @@ def erasure_key(user_id: str) -> str:
     return hashlib.sha256(b"myshop-erasure\x00" + user_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _codec(client: MongoClient, dates: DatetimeConversion) -> CodecOptions:
+    """The client's codec options with another conversion of BSON dates."""
+    return client.codec_options.with_options(datetime_conversion=dates)
+
+
 def message_ids(doc: dict) -> list[str]:
     """A profile document's recent message ids, as hex."""
     ring = pack_ring(doc.get("recent_message_ids"), ID_BYTES)
@@ -223,13 +229,18 @@ class Store:
         self.client: MongoClient = MongoClient(
             url,
             tz_aware=True,
+            # What no document can break a read with (pymongo raises InvalidBSON, mid-cursor, for the whole batch):
+            # a date outside years 1..9999 is read as the nearest one (profiles: as DatetimeMS, refused by the
+            # profile parser with that reason), a string that is not UTF-8 with replacement characters.
+            datetime_conversion=DatetimeConversion.DATETIME_CLAMP,
+            unicode_decode_error_handler="replace",
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=max(timeout_ms, 30_000),
             appname="myshop-ops",
         )
         self.db = self.client[db]
-        self.users = self.db[USERS]
+        self.users = self.db.get_collection(USERS, codec_options=_codec(self.client, DatetimeConversion.DATETIME_AUTO))
         self.products = self.db[PRODUCTS]
         self.failed = self.db[FAILED]
         self.erasures = self.db[ERASURES]
@@ -552,9 +563,12 @@ class Store:
     def products_signature(self) -> tuple[int, datetime | None, str | None]:
         """What changes whenever a product is written or removed: the document count and the newest updated_at of
         each type it is written as (a date by myshop, an ISO 8601 string by the shop's sync). One sort over both
-        would miss the shop's writes: MongoDB orders every date above every string."""
-        newest = [self.products.find_one({"updated_at": {"$type": kind}}, {"_id": 0, "updated_at": 1},
-                                         sort=[("updated_at", -1)]) for kind in ("date", "string")]
+        would miss the shop's writes: MongoDB orders every date above every string. A time more than a day ahead
+        (a bad document) is passed over: it would stay the newest and hide every later write."""
+        ahead = datetime.now(UTC) + timedelta(days=1)
+        newest = [self.products.find_one({"updated_at": {"$type": kind, "$lte": bound}}, {"_id": 0, "updated_at": 1},
+                                         sort=[("updated_at", -1)])
+                  for kind, bound in (("date", ahead), ("string", ahead.isoformat()))]
         date, text = ((doc or {}).get("updated_at") for doc in newest)
         return self.products.estimated_document_count(), date, text
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from bson import DatetimeMS
 from bson.binary import Binary, BinaryVectorDtype
 
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
@@ -36,8 +37,15 @@ from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
 LAYOUTS = ("shop", "compact")
 SHOP_VECTOR, COMPACT_VECTOR = "vector", "embedding"
 MAX_INT64 = 2**63 - 1
+MAX_VERSION = MAX_INT64 - 1  # a readable profile's next version (version + 1) must be readable too
+MAX_COUNT = 2**62  # a counter beyond this could overflow int64 on $inc (MongoDB refuses the whole write)
+MAX_MAGNITUDE = 1e12  # |S| is at most the sum of all event weights (each <= 100): ten billion events of one user
+FUTURE_LAST_UPDATED = timedelta(days=1)  # a profile's time is its newest event's: a little clock skew at most
 _FLOAT32_VECTOR = BinaryVectorDtype.FLOAT32.value + b"\x00"  # BSON vector header: dtype 0x27, padding 0
 _NUMBER = (int, float)
+# The lengths a stored vector may have: embeddings are unit vectors (some self-hosted models' are not: tens);
+# outside this range it is dust or a forged scale
+NORM_RANGE = (1e-6, 1e6)
 
 
 class UnreadableProfile(ValueError):
@@ -55,14 +63,30 @@ def encode_vector(vec: np.ndarray) -> Binary:
 
 
 def decode_vector(value: object) -> np.ndarray:
-    """A stored vector (Binary subtype 9, raw float32 bytes, or an array of numbers) as float32."""
-    if isinstance(value, Binary) and value.subtype == 9:
-        # numpy view of the payload, copied: the same fresh float32 array as from the default list of Python floats,
-        # without making that list (docs/PERFORMANCE.md: worker CPU per event)
-        return np.array(value.as_vector(return_numpy=True).data, dtype=np.float32)
-    if isinstance(value, bytes | bytearray):
-        return np.frombuffer(value, "<f4")
-    return np.asarray(value, dtype=np.float32)
+    """A stored vector as a 1-d float32 array: a BSON float32 vector (Binary subtype 9), raw little-endian float32
+    bytes (Binary subtype 0) or an array of numbers. ForeignVector (what it is instead, never its content) for
+    anything else; never another exception, whatever the value."""
+    if isinstance(value, Binary):  # subtype 0 is decoded to bytes: every Binary here has another subtype
+        if value.subtype != 9:
+            raise ForeignVector(f"a BSON binary of subtype {value.subtype}, not a vector")
+        if bytes(value[:2]) != _FLOAT32_VECTOR or len(value) % 4 != 2:
+            raise ForeignVector("a BSON vector that is not float32, or is cut short")
+        # a fresh copy of the payload, read in place (no list of Python floats: docs/PERFORMANCE.md)
+        return np.frombuffer(value, "<f4", offset=2).copy()
+    if isinstance(value, bytes):
+        if len(value) % 4:
+            raise ForeignVector("raw bytes that are not whole float32 numbers")
+        return np.frombuffer(value, "<f4").copy()
+    if not isinstance(value, list):
+        raise ForeignVector(value_kind(value) if value is None else f"a {type(value).__name__}, not an array")
+    try:
+        array = np.array(value)  # a list of numbers is a float or integer array; anything else is not
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise ForeignVector("an array of arrays or mixed values, not of numbers") from None
+    if array.ndim != 1 or array.dtype.kind not in "fiu":
+        raise ForeignVector("an array of arrays or mixed values, not of numbers")
+    with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused as non-finite
+        return array.astype(np.float32)
 
 
 def vector_value(vec: np.ndarray, layout: str) -> Binary | list[float]:
@@ -71,14 +95,18 @@ def vector_value(vec: np.ndarray, layout: str) -> Binary | list[float]:
 
 
 def _finite_vector(value: object) -> np.ndarray:
-    """A stored vector as float32, or ForeignVector when it is not a finite, non-zero vector."""
+    """A stored vector as float32; ForeignVector ("an unreadable vector (what it is)") when it is not a non-empty
+    vector of finite numbers whose length is within NORM_RANGE (zero, NaN, Inf, denormal dust or an absurd scale:
+    one such product or profile would outweigh or erase every other vector it is folded or ranked with)."""
     try:
         vec = decode_vector(value)
-        ok = vec.ndim == 1 and len(vec) > 0 and bool(np.isfinite(vec).all()) and bool(vec.any())
-    except (ValueError, TypeError, OverflowError):
-        ok = False
-    if not ok:
-        raise ForeignVector("an unreadable vector (not a non-zero array of finite numbers)")
+    except ForeignVector as exc:
+        raise ForeignVector(f"an unreadable vector ({exc})") from None
+    norm = float(np.linalg.norm(vec.astype(np.float64))) if np.isfinite(vec).all() else math.nan
+    if not NORM_RANGE[0] <= norm <= NORM_RANGE[1]:
+        what = ("empty" if not len(vec) else "a NaN or infinite element" if math.isnan(norm) else
+                "zero" if norm == 0.0 else f"length {norm:.3g}, outside {NORM_RANGE[0]:g}..{NORM_RANGE[1]:g}")
+        raise ForeignVector(f"an unreadable vector ({what})")
     return vec
 
 
@@ -153,8 +181,11 @@ def to_datetime(value: object) -> datetime | None:
         except ValueError:
             return None
     if not isinstance(value, datetime):
+        return None  # also a date past pymongo's range (DatetimeMS: the profiles' reads decode those so)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # near year 1 or 9999 with an offset
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _number(value: object) -> bool:
@@ -178,21 +209,28 @@ def profile_vector(doc: dict, model: str, dimensions: int) -> tuple[str, np.ndar
     return field, vec
 
 
-def read_profile(doc: dict, model: str, dimensions: int) -> ProfileRead:
+def read_profile(doc: dict, model: str, dimensions: int, now: datetime | None = None) -> ProfileRead:
     """The fold's view of any profile document; UnreadableProfile (why) when it cannot be folded into,
-    VectorSpaceMismatch when its vector is another space's."""
+    VectorSpaceMismatch when its vector is another space's. ``now`` (default: the clock) bounds last_updated."""
     version = doc.get("version")
     if not _number(version) or version != int(version) or not 0 <= version < MAX_INT64:
-        raise UnreadableProfile(f"its version is {_kind(version)}, not a whole number")
+        raise UnreadableProfile(f"its version is {value_kind(version)}, not a whole number")
+    if version >= (MAX_VERSION if isinstance(version, int) else 2**53):  # a double past 2^53: $inc adds nothing
+        raise UnreadableProfile(f"its version is {version!r}, at the limit of its type: a write could not be counted")
     when = to_datetime(doc.get("last_updated"))
     if when is None:
-        raise UnreadableProfile(f"its last_updated is {_kind(doc.get('last_updated'))}, not a UTC time")
+        raise UnreadableProfile(f"its last_updated is {value_kind(doc.get('last_updated'))}, not a UTC time")
+    if when - (now or datetime.now(UTC)) > FUTURE_LAST_UPDATED:
+        # events are folded at the profile's time: from years ahead, every event would decay to nothing
+        raise UnreadableProfile(f"its last_updated is {when.isoformat()}, more than a day in the future")
     field, vec = profile_vector(doc, model, dimensions)
-    for name, ok in (("event_count", _number), ("event_counts", _counts), ("purchased_product_ids", _array)):
+    for name, ok in (("event_count", _count), ("event_counts", _counts), ("purchased_product_ids", _array)):
         if name in doc and not ok(doc[name]):
-            raise UnreadableProfile(f"its {name} is {_kind(doc[name])}")
+            raise UnreadableProfile(f"its {name} is {value_kind(doc[name])}")
     magnitude = doc.get("magnitude")
     ours = _number(magnitude) and magnitude > 0 and (field == COMPACT_VECTOR or doc.get("myshop_version") == version)
+    if ours and magnitude > MAX_MAGNITUDE:  # the profile would outweigh every event folded into it: no effect
+        raise UnreadableProfile(f"its magnitude is {magnitude:.3g}, more than any sum of events reaches")
     norm = float(np.linalg.norm(vec.astype(np.float64)))
     return ProfileRead(
         profile=Profile(
@@ -220,16 +258,23 @@ def profile_fields(p: Profile, layout: str, version: int) -> tuple[dict[str, Any
     return fields, {COMPACT_VECTOR: ""}
 
 
+def _count(value: object) -> bool:
+    """A counter myshop can go on adding to with $inc (an integer far from the int64 limit, or a double)."""
+    return _number(value) and (isinstance(value, float) or abs(value) <= MAX_COUNT)
+
+
 def _counts(value: object) -> bool:
-    return isinstance(value, dict) and all(_number(v) for v in value.values())
+    return isinstance(value, dict) and all(_count(v) for v in value.values())
 
 
 def _array(value: object) -> bool:
     return isinstance(value, list)
 
 
-def _kind(value: object) -> str:
+def value_kind(value: object) -> str:
     """A hostile value named briefly for an error message (never its content)."""
     if value is None:
         return "missing"
+    if isinstance(value, DatetimeMS):
+        return "a date outside years 1..9999"
     return f"a {type(value).__name__}" if not _number(value) else f"{value!r}"[:30]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 
 import typer
+from bson import DatetimeMS
 from rich.table import Table
 
 from myshop_ops.adapters.store import USERS, Store
 from myshop_ops.base.contract import EVENT_TYPES, FUTURE_TOLERANCE
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
+from myshop_ops.base.layout import value_kind
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.cli.recommend import as_dict, render
 from myshop_ops.tools.erasure import Erasure, NotConfirmed, erase_user
@@ -44,7 +47,9 @@ def show_user(
             store.close()
     profile = {k: doc.get(k) for k in _FIELDS}
     if "purchased_product_ids" in doc:
-        profile["purchased_products"] = len(doc["purchased_product_ids"] or ())
+        bought = doc["purchased_product_ids"]
+        profile["purchased_products"] = (len(bought) if isinstance(bought, list) else
+                                         f"not an array ({value_kind(bought)})")
     if as_json:
         top = as_dict(recs)["recommendations"] if recs is not None else None
         print_json({"user_id": user_id, **profile, "recommendations": top, "recommendations_error": problem})
@@ -57,21 +62,33 @@ def show_user(
 
 
 def _profile_table(user_id: str, profile: dict) -> Table:
-    """The profile's fields, one per row, with the event counts by type under the event count."""
+    """The profile's fields, one per row, with the event counts by type under the event count. Any stored value
+    is shown, as what it is when it is not what myshop writes."""
     table = Table(title=f"user {shown(user_id)}", show_header=False)
     table.add_column("field", no_wrap=True)
     table.add_column("value", overflow="fold")  # ids are copied from here: never cut them
-    counts = profile.pop("event_counts") or {}
+    counts = profile.pop("event_counts")
     for key, value in profile.items():
-        if key == "magnitude" and value is not None:
-            value = f"{value:.6f}"
-        elif hasattr(value, "isoformat"):
-            value = value.isoformat(timespec="seconds")
-        table.add_row(key.replace("_", " "), "-" if value is None else shown(value))
-        if key == "event_count":
+        table.add_row(key.replace("_", " "), _cell(key, value))
+        if key == "event_count" and isinstance(counts, dict):
             for event_type in EVENT_TYPES:
-                table.add_row(f"  {event_type}", str(counts.get(event_type, 0)))
+                table.add_row(f"  {event_type}", shown(counts.get(event_type, 0)))
+        elif key == "event_count" and counts is not None:
+            table.add_row("  by type", f"not a document ({value_kind(counts)})")
     return table
+
+
+def _cell(key: str, value: object) -> str:
+    """A stored field's value as table text."""
+    if value is None:
+        return "-"
+    if key == "magnitude" and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.6f}"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, DatetimeMS):
+        return value_kind(value)
+    return shown(value)
 
 
 def delete_user(

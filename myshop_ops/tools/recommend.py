@@ -13,22 +13,23 @@ A profile whose model or dimensions differ from the configured ones is refused, 
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
-from bson.binary import Binary
 from pymongo.errors import OperationFailure
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.store import PRODUCTS, Store
-from myshop_ops.base.layout import UnreadableProfile, decode_vector, id_key, profile_vector
+from myshop_ops.base.layout import ForeignVector, UnreadableProfile, id_key, product_vector, profile_vector
 from myshop_ops.base.profile import VectorSpaceMismatch
 
+log = logging.getLogger(__name__)
+
 ATLAS_MAX_CANDIDATES = 10_000  # Atlas caps numCandidates
-_FLOAT32_VECTOR = b"\x27\x00"  # BSON vector header: dtype FLOAT32, no padding
 _PRODUCT_FIELDS = {"_id": 0, "product_id": 1, "productId": 1, "name": 1, "category": 1}
 
 
@@ -69,13 +70,6 @@ class Recommendations:
 # ---- the product matrix ---------------------------------------------------------------------------
 
 
-def _fast_vector(value: object) -> np.ndarray:
-    """A stored vector as float32; BSON FLOAT32 vectors are read in place (no list of floats)."""
-    if isinstance(value, Binary) and value.subtype == 9 and bytes(value[:2]) == _FLOAT32_VECTOR:
-        return np.frombuffer(value, "<f4", offset=2)
-    return decode_vector(value)
-
-
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -106,21 +100,25 @@ def product_key(doc: dict) -> str | None:
 
 
 def load_matrix(store: Store, model: str, dimensions: int, sig: tuple[int, datetime | None]) -> ProductMatrix:
-    """Read every product vector of ``model``/``dimensions`` into one normalised float32 matrix."""
-    cursor = store.space_products(model, dimensions, {**_PRODUCT_FIELDS, "embedding": 1})
+    """Read every product vector of ``model``/``dimensions`` into one normalised float32 matrix. A product without
+    a usable vector or id is left out, and the load logs how many were, once."""
+    cursor = store.space_products(model, dimensions, {**_PRODUCT_FIELDS, "embedding": 1, "model": 1, "dimensions": 1})
     matrix = np.empty((min(max(sig[0], 16), 65_536), dimensions), np.float32)  # grows by doubling
     ids: list[str] = []
     names: list[str | None] = []
     categories: list[str | None] = []
+    left_out: dict[str, str] = {}  # first few: product id -> why
     skipped = 0
     for doc in cursor:
-        try:
-            vec = _fast_vector(doc.get("embedding", ()))
-        except (TypeError, ValueError):
-            skipped += 1
-            continue
         pid = product_key(doc)
-        if vec.shape != (dimensions,) or not np.isfinite(vec).all() or not vec.any() or pid is None:
+        try:
+            vec = product_vector(doc, model, dimensions)
+        except ForeignVector as exc:
+            skipped += 1
+            if len(left_out) < 3:
+                left_out[str(pid)[:64]] = str(exc)
+            continue
+        if pid is None:
             skipped += 1
             continue
         n = len(ids)
@@ -131,7 +129,11 @@ def load_matrix(store: Store, model: str, dimensions: int, sig: tuple[int, datet
         names.append(_text(doc.get("name")))
         categories.append(_text(doc.get("category")))
     matrix = matrix[: len(ids)].copy()
-    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)  # each within NORM_RANGE: no overflow, no zero
+    if skipped:
+        log.warning("products left out of recommendations: no usable vector or id", extra={
+            "count": skipped, "space": f"{model}/{dimensions}d",
+            "examples": "; ".join(f"{pid}: {why}" for pid, why in left_out.items())})
     return ProductMatrix(ids, names, categories, matrix, sig, skipped)
 
 

@@ -6,14 +6,17 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from bson.binary import Binary
 
 from myshop_ops.adapters.store import satisfying_index
 from myshop_ops.base.layout import (
+    ForeignVector,
     UnreadableProfile,
     encode_vector,
     id_forms,
     id_key,
     product_fields,
+    product_vector,
     profile_fields,
     read_profile,
 )
@@ -82,3 +85,35 @@ def test_indexes_match_by_key_and_options_not_by_name():
     both = {**shop, "user_id_unique": {"key": [("user_id", 1)], "unique": True}}
     assert satisfying_index(both, [("user_id", 1)], {"unique": True}, "user_id_unique") == "user_id_unique"
     assert satisfying_index({"t": {"key": [("a", "text")]}}, [("a", 1)], {}) is None
+
+
+@pytest.mark.parametrize(("embedding", "reason"), [
+    (Binary(b"\x27", 9), "not float32, or is cut short"),  # as_vector raised struct.error
+    (Binary(b"", 9), "not float32, or is cut short"),
+    (Binary(b"\x27\x00\x00\x00\x80", 9), "not float32, or is cut short"),
+    (Binary(b"\x03\x00\x03\x04\x00\x00", 9), "not float32"),  # int8: was read as the floats 3, 4, 0, 0
+    (Binary(b"\x10\x00\xff\x00\x00\x00", 9), "not float32"),  # packed bits
+    (Binary(np.array(V, "<f4").tobytes(), 5), "a BSON binary of subtype 5"),  # an MD5 was read as 4 floats
+    (b"\x00\x00\x80", "not whole float32 numbers"),
+    (["3", "4", "0", "0"], "not of numbers"),  # numpy converted the strings
+    ([3.0, None, 0.0, 0.0], "not of numbers"),
+    ([[3.0], [4.0], [0.0], [0.0]], "not of numbers"),
+    ({"0": 3.0}, "a dict, not an array"),
+    (None, "missing"),
+    ([], "empty"),
+    ([3.0, float("nan"), 0.0, 0.0], "NaN or infinite"),
+    ([1e39, 0.0, 0.0, 0.0], "NaN or infinite"),  # past float32: inf
+    ([0.0, 0.0, 0.0, 0.0], "zero"),
+    ([1e30, 0.0, 0.0, 0.0], "length 1e+30"),
+    ([1e-30, 0.0, 0.0, 0.0], "length 1e-30"),
+])
+def test_a_stored_vector_that_is_not_one_is_refused_with_what_it_is(embedding, reason):
+    with pytest.raises(ForeignVector, match="an unreadable vector") as caught:
+        product_vector({"embedding": embedding, "model": "m", "dimensions": 4}, "m", 4)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize("embedding", [encode_vector(V / 5), list(V / 5), [3, 4, 0, 0], np.array(V, "<f4").tobytes()])
+def test_every_stored_vector_form_is_read(embedding):
+    vec = product_vector({"embedding": embedding, "model": "m", "dimensions": 4}, "m", 4)
+    assert vec.dtype == np.float32 and vec.flags.writeable and np.allclose(vec / np.linalg.norm(vec), V / 5)
