@@ -185,7 +185,8 @@ def traffic(draw):
     return draw(st.permutations(messages))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(derandomize=True, database=None, max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(messages=traffic(), prefetch=st.integers(1, 8), window=st.booleans())
 def test_property_any_delivery_fails_only_itself_and_every_valid_event_is_applied_once(messages, prefetch, window):
     config = Settings(embedding_provider="hash", embedding_dimensions=DIMS, max_retries=2, batch_enabled=window,
@@ -220,7 +221,7 @@ def test_property_any_delivery_fails_only_itself_and_every_valid_event_is_applie
     assert all(isinstance(k, str) for k in shop.redis.processed)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(derandomize=True, database=None, max_examples=100, deadline=None)
 @given(raw=PROPERTIES)
 def test_property_read_properties_is_total_and_clean(raw):
     props = read_properties(raw)
