@@ -456,7 +456,7 @@ def _through(pipeline: Pipeline, batch: list[Delivery]) -> BatchResult:
     processed = iter(result.items)
     result.items = [next(processed) if not d.oversize else Item(
         body=d.body, status=Status.FAILED,
-        error=InvalidMessage(f"body: {d.size} bytes, over the limit of {MAX_BODY_BYTES}")) for d in batch]
+        error=InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {d.size})")) for d in batch]
     result.counts[Status.FAILED] += len(batch) - len(bodies)
     return result
 

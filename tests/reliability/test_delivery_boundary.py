@@ -87,7 +87,7 @@ def test_a_body_over_the_limit_fails_alone_with_a_prefix_and_its_size(env, topol
     run_workers_until(s, lambda st: st.failed.count_documents({}) == 1 and f"{tag}-fine" in applied_users(st))
     [(headers, body)] = failed_queue_list(s, topology)
     assert body == big[:BODY_PREFIX_BYTES] and headers[H_ORIGINAL_SIZE] == len(big)
-    assert f"{len(big)} bytes, over the limit of {MAX_BODY_BYTES}" in headers[H_ERROR_MESSAGE]
+    assert f"body: larger than {MAX_BODY_BYTES} bytes (got {len(big)})" in headers[H_ERROR_MESSAGE]
     store = Store(s.mongodb_url, s.mongodb_db)
     try:
         record = store.failed.find_one({"message_id": f"{tag}-big"})

@@ -94,7 +94,7 @@ def test_a_body_over_the_limit_fails_with_its_size_and_only_a_prefix_is_kept_and
     first, second = failed_copies(shop)
     assert first.body == big[:BODY_PREFIX_BYTES] and first.properties.headers[H_ORIGINAL_SIZE] == len(big)
     assert first.properties.headers[H_ERROR_CLASS] == "InvalidMessage"
-    assert f"{len(big)} bytes, over the limit of {MAX_BODY_BYTES}" in first.properties.headers[H_ERROR_MESSAGE]
+    assert f"body: larger than {MAX_BODY_BYTES} bytes (got {len(big)})" in first.properties.headers[H_ERROR_MESSAGE]
     assert len(second.body) == BODY_PREFIX_BYTES and second.properties.headers[H_ORIGINAL_SIZE] == MAX_BODY_BYTES + 1
     records = {r["message_id"]: r for r in shop.store.records}
     assert records["big-1"]["original_size"] == len(big) and len(records["big-1"]["body"]) == BODY_PREFIX_BYTES
