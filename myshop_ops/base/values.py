@@ -4,7 +4,7 @@ reason; none raises.
 
 What a delivery's properties become (``read_properties``), and what is kept:
 
-- ``message_id``: text of 1..255 characters without control characters or lone surrogates. Anything else (bytes:
+- ``message_id``: text of 1..255 UTF-8 bytes without control characters or lone surrogates. Anything else (bytes:
   pika's form of a non-UTF-8 id, another type, too long, control characters) is dropped with a reason, and the
   message is known by its body's own id instead. An empty id is absent.
 - ``content_type``: the same rules (it is published again on retry and failed copies).
@@ -26,7 +26,7 @@ from decimal import Decimal
 from myshop_ops.base.contract import CONTROL
 from myshop_ops.base.printable import printable
 
-MAX_TEXT_CHARS = 255  # an AMQP short string's bound (255 bytes); a longer text is no value pika decoded
+MAX_TEXT_BYTES = 255  # an AMQP short string's bound, UTF-8 encoded: what pika can publish again
 MAX_DEPTH = 8  # nesting of lists and tables in one header
 MAX_COUNT_DIGITS = 18  # a counter Redis's INCR wrote fits int64
 TIMESTAMP_MAX = 2**64 - 1
@@ -63,13 +63,12 @@ def text_value(value: object) -> tuple[str | None, str | None]:
         return None, f"not UTF-8 ({brief(value)})"
     if not isinstance(value, str):
         return None, f"not text ({type(value).__name__})"
-    if len(value) > MAX_TEXT_CHARS:
-        return None, f"longer than {MAX_TEXT_CHARS} characters ({len(value)})"
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return None, f"not valid Unicode ({brief(value)})"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None, f"not valid Unicode ({brief(value)})"
+    if size > MAX_TEXT_BYTES:
+        return None, f"longer than {MAX_TEXT_BYTES} bytes ({size})"
     if CONTROL.search(value):
         return None, f"holds control characters ({brief(value)})"
     return value, None

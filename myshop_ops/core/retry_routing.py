@@ -183,16 +183,9 @@ def failure_record_fields(*, body: bytes, headers: dict, **fields) -> dict:
         "user_id": _user_of(doc),
         "event_type": None if event_type is None else str(event_type)[:64],
         "body": text,
-        "headers": {_field_name(k): _stored(v) for k, v in headers.items()},
+        "headers": {_field_name(k): (v if isinstance(v, str | int | float | bool) else str(v))
+                    for k, v in headers.items()},
     })
-
-
-def _stored(value: object) -> object:
-    """A header value as a failed_messages field: text, a number BSON holds (an integer past int64 as its text),
-    a boolean; anything else as its text."""
-    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-        return str(value)
-    return value if isinstance(value, str | int | float | bool) else str(value)
 
 
 def _field_name(key: object) -> str:

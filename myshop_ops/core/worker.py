@@ -446,6 +446,7 @@ def _log_copy(out: Outgoing) -> None:
     else:
         log.warning("message retried later", extra=fields)
 
+
 def _through(pipeline: Pipeline, batch: list[Delivery]) -> BatchResult:
     """The batch's outcomes in delivery order: the pipeline's, and an InvalidMessage naming the size for each body
     over the contract's limit (never parsed: only its prefix was kept)."""

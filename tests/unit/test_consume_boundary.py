@@ -64,6 +64,7 @@ def test_the_properties_record_keeps_clean_values_and_says_what_it_dropped():
     assert read_properties(pika.BasicProperties(message_id="m1", timestamp=1_700_000_000, headers={"a": "b"})) == \
         Properties(message_id="m1", timestamp=1_700_000_000, headers={"a": "b"})
     assert read_properties(pika.BasicProperties(message_id="x" * 256)).message_id is None
+    assert read_properties(pika.BasicProperties(message_id="é" * 128)).message_id is None  # 256 bytes
     assert read_properties(pika.BasicProperties(message_id="m\u202e1")).message_id is None
     assert read_properties(pika.BasicProperties(headers=5)).ignored == ("headers: not a table (int)",)
 
@@ -149,7 +150,7 @@ HEADER_NAMES = st.sampled_from(["x-retry-count", "x-published-at", "x-first-fail
 HEADERS = st.dictionaries(HEADER_NAMES, VALUES, max_size=5) | VALUES
 PROPERTIES = st.builds(
     pika.BasicProperties,
-    message_id=st.one_of(st.binary(max_size=8), st.text(max_size=300), VALUES),
+    message_id=st.one_of(st.binary(max_size=8), st.text(max_size=300), st.text(min_size=120, max_size=200), VALUES),
     content_type=st.one_of(st.just("application/json"), st.binary(max_size=8), VALUES),
     timestamp=st.one_of(st.integers(), VALUES),
     expiration=VALUES, priority=VALUES, correlation_id=VALUES, type=VALUES, app_id=VALUES,
@@ -216,6 +217,7 @@ def test_property_any_delivery_fails_only_itself_and_every_valid_event_is_applie
         headers = copy.properties.headers
         assert headers[H_ERROR_CLASS] == "InvalidMessage" and headers[H_ERROR_MESSAGE], headers
         assert isinstance(copy.properties.message_id, str) and isinstance(copy.properties.content_type, str)
+        copy.properties.encode()  # what the real broker would be sent: pika can encode it
     assert all(isinstance(r["message_id"], str) for r in shop.store.records)
     assert not shop.broker.queues[TOPO.queue] and not any(shop.broker.queues[TOPO.retry_queue(n)] for n in (1, 2))
     assert all(isinstance(k, str) for k in shop.redis.processed)
