@@ -14,6 +14,7 @@ import redis
 from redis import RedisError  # the one Redis error type callers catch (re-exported)
 
 from myshop_ops.adapters.config import Settings, mask_url
+from myshop_ops.base.values import count_value, epoch_value
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,14 @@ class RedisState:
         return removed
 
     def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
-        """Attempts recorded at each message by ``count_attempts`` (0 when none); None when Redis is down."""
+        """Attempts recorded at each message by ``count_attempts`` (0 when none, or when what is stored is no
+        count); None when Redis is down."""
         try:
             values = self.client.mget([self.attempts_key + m for m in message_ids])
         except RedisError as exc:
             self._degraded("attempts", exc)
             return None
-        return [int(v or 0) for v in values]
+        return [count_value(v) for v in values]
 
     def count_attempts(self, message_ids: Sequence[str], ttl: int = 86400) -> None:
         """Record one more attempt at each message, in a journal that outlives the worker: a message that keeps
@@ -170,7 +172,8 @@ class RedisState:
         except RedisError as exc:
             self._degraded("stop_requested", exc)
             return False
-        return raw is not None and float(raw) >= started_at
+        at = epoch_value(raw)  # anything else stored there (garbage, NaN) is no request
+        return at is not None and at >= started_at
 
     def close(self) -> None:
         self.client.close()

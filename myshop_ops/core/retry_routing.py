@@ -6,6 +6,7 @@ import hashlib
 import json
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,6 +24,7 @@ H_ORIGINAL_QUEUE = "x-original-queue"
 H_HISTORY = "x-error-history"  # JSON list of {at, error_class, error_message}, the last 10 failures
 H_FAILURE_ID = "x-failure-id"  # a new random id on every failed copy: its failed_messages record's key
 H_IGNORED = "x-ignored-headers"  # what a delivery's headers held that was malformed and ignored (JSON list of text)
+H_ORIGINAL_SIZE = "x-original-size"  # a failed copy of a body over the contract's limit: its size (the copy: a prefix)
 MAX_ERROR_CHARS = 1000
 MAX_RETRY_COUNT = 10  # WORKER_MAX_RETRIES' upper bound: a larger count was not written by a worker
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)  # a failure time before this, or after now, is not one of ours
@@ -96,13 +98,15 @@ def _brief(value: object) -> str:
 
 
 def route(
-    topo: Topology, headers: dict | None, error: Exception, *, transient: bool, now: datetime | None = None
+    topo: Topology, headers: dict | None, error: Exception, *, transient: bool, now: datetime | None = None,
+    noted: Sequence[str] = (),
 ) -> Copy:
     """The copy of a message that failed with ``error``: next delay queue, or `failed` when unrecoverable
     or out of retries. Malformed headers are ignored (never trusted, never steering the route) and named in
-    x-ignored-headers."""
+    x-ignored-headers, after ``noted`` (what was unusable in the delivery's properties already)."""
     now = now or datetime.now(UTC)
     headers, ignored = read_headers(headers, now)
+    ignored = [*noted, *ignored]
     headers.pop(H_FAILURE_ID, None)  # only a failed copy has one, its own
     count = retry_count(headers) or 0
     if ignored:
@@ -143,10 +147,14 @@ def failure_id_of(headers: dict | None) -> str | None:
         else None
 
 
-def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetime | None = None) -> dict:
+def failure_record(copy: Copy, body: bytes, message_id: str | None, now: datetime | None = None,
+                   original_size: int | None = None) -> dict:
     """The failed_messages document of a failed copy, keyed by its failure id (two failed copies of one message id
-    are two records); message_id is the AMQP id, or a body hash when it has none."""
+    are two records); message_id is the AMQP id, or a body hash when it has none; ``original_size``: the size of
+    a body over the contract's limit, of which ``body`` is a prefix."""
+    extra = {} if original_size is None else {"original_size": original_size}
     return failure_record_fields(
+        **extra,
         failure_id=copy.headers[H_FAILURE_ID],
         message_id=message_id_of(body, message_id),
         body=body,

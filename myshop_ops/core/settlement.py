@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.core.pipeline import Item, Status
-from myshop_ops.core.retry_routing import Copy, failure_record, route
+from myshop_ops.core.retry_routing import H_ORIGINAL_SIZE, Copy, failure_record, route
 
 if TYPE_CHECKING:
     from myshop_ops.core.worker import Delivery
@@ -44,10 +44,14 @@ def settle(topology: Topology, batch: Sequence[Delivery], items: Sequence[Item],
     for delivery, item in zip(batch, items, strict=True):
         if item.status not in (Status.RETRY, Status.FAILED):
             continue
-        copy = route(topology, delivery.properties.headers, item.error, transient=item.status == Status.RETRY,
-                     now=now)
-        message_id = delivery.properties.message_id or (item.event.message_id if item.event else None)
-        record = failure_record(copy, delivery.body, message_id, now) if copy.failed else None
+        props = delivery.properties
+        copy = route(topology, props.headers, item.error, transient=item.status == Status.RETRY, now=now,
+                     noted=props.ignored)
+        message_id = props.message_id or (item.event.message_id if item.event else None)
+        original_size = delivery.size if delivery.oversize else None
+        if original_size is not None:
+            copy.headers[H_ORIGINAL_SIZE] = original_size
+        record = failure_record(copy, delivery.body, message_id, now, original_size) if copy.failed else None
         copies.append(Outgoing(delivery, item, copy, record["message_id"] if record else message_id, record))
     acks = [(d.tag, False) for d in batch] if ack_each else [(max(d.tag for d in batch), True)]
     return Settlement(copies, acks)

@@ -27,7 +27,9 @@ from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.adapters.metrics import Observer
 from myshop_ops.adapters.notify import Notifier
 from myshop_ops.adapters.store import Store
+from myshop_ops.base.contract import MAX_BODY_BYTES, InvalidMessage
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_OK
+from myshop_ops.base.values import Properties, read_properties
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.pipeline import BatchResult, Item, Pipeline, Status, StoreUnavailable
 from myshop_ops.core.ports import Channel, Connection, EventState, Phrases, ProfileStore
@@ -43,6 +45,7 @@ IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the
 # redelivery counts towards the quorum delivery limit, past which the broker dead-letters it at most once
 UNROUTABLE_WAIT_S = 300.0
 SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
+BODY_PREFIX_BYTES = 4096  # what is kept of a body over the contract's limit: enough to see what it was
 
 
 class PoisonMessage(Exception):
@@ -51,13 +54,35 @@ class PoisonMessage(Exception):
 
 @dataclass(slots=True)
 class Delivery:
+    """A delivery as the worker keeps it: its properties parsed (``values.read_properties``: nothing behind this
+    sees a raw pika value) and its body bounded (over the contract's MAX_BODY_BYTES only a BODY_PREFIX_BYTES
+    prefix is kept, and ``size`` says how large it was)."""
+
     tag: int
     body: bytes
-    properties: BasicProperties
+    properties: Properties
     redelivered: bool = False
     # attempts at a redelivered message since it came back, from the Redis journal (not counting the one about to
     # start); None: not read yet (or fresh), -1: unknown (Redis down)
     attempts: int | None = None
+    size: int = -1  # the body's size as delivered; -1: len(body)
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.body)
+
+    @classmethod
+    def arrived(cls, tag: int, body: bytes, properties: object, redelivered: bool = False) -> Delivery:
+        """What pika hands over, parsed and bounded once: the one place a raw delivery is read."""
+        size = len(body)
+        if size > MAX_BODY_BYTES:
+            body = bytes(body[:BODY_PREFIX_BYTES])  # a copy: the large body is freed when pika drops it
+        return cls(tag, body, read_properties(properties), bool(redelivered), size=size)
+
+    @property
+    def oversize(self) -> bool:
+        """Larger than the contract allows: only a prefix was kept, it fails without being parsed."""
+        return self.size > MAX_BODY_BYTES
 
     @property
     def key(self) -> str:
@@ -243,8 +268,9 @@ class Worker:
         self.observer.turned()
 
     def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
-        delivery = Delivery(method.delivery_tag, body, properties, method.redelivered)
-        user = user_of(body) if self.window is not None and not delivery.redelivered else None
+        delivery = Delivery.arrived(method.delivery_tag, body, properties, method.redelivered)
+        held = self.window is not None and not delivery.redelivered and not delivery.oversize
+        user = user_of(delivery.body) if held else None
         if user is None:
             self._buffer.append(delivery)
         else:
@@ -302,9 +328,10 @@ class Worker:
             self._wait_for_store()
 
     def _process(self, batch: list[Delivery]) -> BatchResult:
-        """Run the pipeline on the batch thread while this thread keeps the connection serviced."""
+        """Run the pipeline on the batch thread while this thread keeps the connection serviced; a body over the
+        contract's limit fails there and then (only its prefix was kept)."""
         conn = self._connection
-        future = self._executor.submit(self.pipeline.process, [d.body for d in batch])
+        future = self._executor.submit(_through, self.pipeline, batch)
         future.add_done_callback(lambda _f: _wake(conn))
         try:
             while not future.done():
@@ -420,6 +447,22 @@ def _log_copy(out: Outgoing) -> None:
         log.error("message failed", extra=fields)
     else:
         log.warning("message retried later", extra=fields)
+
+
+def _through(pipeline: Pipeline, batch: list[Delivery]) -> BatchResult:
+    """The batch's outcomes in delivery order: the pipeline's, and an InvalidMessage naming the size for each body
+    over the contract's limit (never parsed: only its prefix was kept)."""
+    bodies = [d.body for d in batch if not d.oversize]
+    if len(bodies) == len(batch):
+        return pipeline.process(bodies)
+    result = pipeline.process(bodies) if bodies else BatchResult(items=[])
+    processed = iter(result.items)
+    result.items = [next(processed) if not d.oversize else Item(
+        body=d.body, status=Status.FAILED,
+        error=InvalidMessage(f"body: larger than {MAX_BODY_BYTES} bytes (got {d.size})")) for d in batch]
+    result.counts[Status.FAILED] += len(batch) - len(bodies)
+    return result
+
 
 def _wake(conn) -> None:
     """End the connection thread's wait for I/O now (called from the batch thread when the batch is done)."""

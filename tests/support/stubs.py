@@ -46,9 +46,11 @@ class StubBroker:
         return self
 
     def publish(self, queue: str, body: bytes, *, message_id: str | None = None, headers: dict | None = None,
-                redelivered: bool = False) -> None:
-        """What a producer would publish straight to ``queue``."""
-        props = pika.BasicProperties(message_id=message_id, headers=headers, content_type="application/json")
+                redelivered: bool = False, properties: pika.BasicProperties | None = None) -> None:
+        """What a producer would publish straight to ``queue``; ``properties``, when given, are delivered as they
+        are (any values: what pika decodes from a hostile publisher, or stranger)."""
+        props = properties or pika.BasicProperties(message_id=message_id, headers=headers,
+                                                   content_type="application/json")
         self.queues[queue].append(Message(body, props, redelivered))
 
     def route(self, exchange: str, routing_key: str) -> deque[Message]:
@@ -275,16 +277,16 @@ class StubRedis:
             self.processed.update(event_keys)
 
     def attempts(self, message_ids: Sequence[str]) -> list[int] | None:
-        return None if self.down else [self.journal.get(m, 0) for m in message_ids]
+        return None if self.down else [self.journal.get(_journal_id(m), 0) for m in message_ids]
 
     def count_attempts(self, message_ids: Sequence[str], ttl: int = 86400) -> None:
         if not self.down:
-            for m in message_ids:
+            for m in map(_journal_id, message_ids):
                 self.journal[m] = self.journal.get(m, 0) + 1
 
     def attempts_done(self, message_ids: Sequence[str]) -> None:
         if not self.down:
-            for m in message_ids:
+            for m in map(_journal_id, message_ids):
                 self.journal.pop(m, None)
 
     def stop_requested(self, started_at: float) -> bool:
@@ -296,6 +298,13 @@ class StubRedis:
 
     def set_vectors(self, items: dict[str, bytes], ttl: int) -> None:
         pass
+
+
+def _journal_id(message_id: str) -> str:
+    """A journal entry's id, checked as RedisState's key building (prefix + id) checks it: only text."""
+    if not isinstance(message_id, str):
+        raise TypeError(f'can only concatenate str (not "{type(message_id).__name__}") to str')
+    return message_id
 
 
 # ---- the embeddings provider --------------------------------------------------------------------------------------

@@ -72,7 +72,9 @@ class Shop:
     def delivery(self, tag: int, body: bytes, *, message_id: str | None = None, headers: dict | None = None,
                  redelivered: bool = False, attempts: int | None = None) -> Delivery:
         props = pika.BasicProperties(message_id=message_id, headers=headers, content_type="application/json")
-        return Delivery(tag, body, props, redelivered, attempts)
+        delivery = Delivery.arrived(tag, body, props, redelivered)
+        delivery.attempts = attempts
+        return delivery
 
 
 # ---- the loop end to end ------------------------------------------------------------------------------------------
