@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
+    from myshop_ops.adapters.embeddings import EmbeddingError
     from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
 
@@ -54,9 +55,10 @@ class EventState(Protocol):
 
 
 class Phrases(Protocol):
-    """Search-phrase vectors by phrase (raises embeddings.EmbeddingError)."""
+    """Search-phrase vectors by phrase: for each distinct phrase its vector, or the embeddings.EmbeddingError that says
+    why it has none (transient or not); never raises it."""
 
-    def embed(self, phrases: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def embed(self, phrases: Sequence[str]) -> dict[str, np.ndarray | EmbeddingError]: ...
 
 
 class Channel(Protocol):

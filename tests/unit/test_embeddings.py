@@ -149,14 +149,16 @@ def test_persistent_500_raises_transient_after_all_retries(fake: FakeOpenAI) -> 
 
 
 @pytest.mark.parametrize(
-    ("case", "status"),
-    [("injected-400", 400), ("empty-input", 400), ("bad-key", 401), ("unknown-model", 404)],
+    ("case", "status", "requests"),
+    # a refused request of two inputs is split: one request each, the refused one alone
+    [("injected-400", 400, 1), ("empty-input", 400, 3), ("bad-key", 401, 1), ("unknown-model", 404, 1)],
 )
-def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str, status: int) -> None:
+def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str, status: int, requests: int) -> None:
     env: dict[str, str] = {}
     texts = TEXTS
     if case == "injected-400":
         fake.fail_next(400, retry_after_ms=1)
+        texts = ["green tea"]
     elif case == "empty-input":
         texts = ["green tea", ""]
     elif case == "bad-key":
@@ -168,7 +170,7 @@ def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str
         p.embed(texts)
     assert ei.value.transient is False
     assert f"({status})" in str(ei.value)
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == requests
 
 
 def test_slow_response_beyond_the_timeout_is_transient(fake: FakeOpenAI) -> None:
