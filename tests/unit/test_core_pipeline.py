@@ -220,11 +220,17 @@ def test_a_phrase_without_words_fails_only_itself_with_the_hash_provider():
     assert "no words" in str(core.result.items[0].error)
 
 
-def test_a_transient_failure_retries_only_the_searches_of_its_request():
+def test_transient_or_permanent_is_decided_per_phrase():
+    """A refused request is split: the refused phrase fails, one whose request then times out retries, the others
+    (and the product event) are applied."""
     core = Core()
+    core.provider.replies["refused"] = RequestRefused("embeddings provider refused (400): no")
     core.provider.replies["slow"] = EmbeddingError("embeddings provider: APITimeoutError", transient=True)
-    statuses = searches(core, [ev("u1", "search", "slow", 1), ev("u2", "product_view", "p1")])
-    assert statuses == [Status.RETRY, Status.APPLIED]
+    events = [ev("u1", "search", "refused", 1), ev("u2", "search", "slow", 1), ev("u3", "search", "hats", 1),
+              ev("u3", "search", "green tea", 2), ev("u1", "product_view", "p1", 2)]
+    assert searches(core, events) == [Status.FAILED, Status.RETRY, Status.APPLIED, Status.APPLIED, Status.APPLIED]
+    assert core.provider.calls == [["refused", "slow", "hats", "green tea"], ["refused", "slow"], ["refused"], ["slow"],
+                                   ["hats", "green tea"]]
 
 
 _REPLIES = {  # what the provider answers for a bad phrase: its own vector, or the whole request refused
