@@ -5,7 +5,8 @@ optional ``description`` (HTML allowed), ``category``, ``stock`` and ``price``. 
 cleaned name, category and description, cut at a word boundary to a byte budget well under the
 provider's 8191-token input limit. Its sha256 (``text_hash``) is stored with the vector, so a re-run
 embeds only products whose text, model or dimensions changed; other field changes (stock, price) are
-written without a provider call.
+written without a provider call. A product the provider refuses (embeddings.InputRefused: refused alone, or an
+unusable vector) is a bad line by its number; the others of its batch are imported.
 
 A catalog is a file someone hands the operator: every step is linear in its input and bounded per line. A line over
 MAX_LINE_BYTES is refused by number without being held (lines.bounded_lines); markup is stripped by one forward scan
