@@ -142,12 +142,12 @@ class _TimedProvider:
         self.model = provider.model
         self.dimensions = provider.dimensions
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_request(self, texts: Sequence[str]) -> list[np.ndarray | EmbeddingError]:
         m = self._metrics
         m.provider_requests.inc()
         start = time.perf_counter()
         try:
-            return self._provider.embed(texts)
+            return self._provider.embed_request(texts)
         except EmbeddingError as exc:
             m.provider_errors.labels("transient" if exc.transient else "permanent").inc()
             raise

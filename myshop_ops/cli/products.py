@@ -29,7 +29,7 @@ def import_products(
     Only new products and those whose text, model or dimensions changed are embedded.
 
     Bad lines are reported with their line number and skipped; the exit code is then 1. A line over 1 MiB is bad
-    (catalog.MAX_LINE_BYTES) and never read whole.
+    (catalog.MAX_LINE_BYTES) and never read whole; so is a product the provider refuses to embed.
     """
     try:
         with open(path, "rb"):

@@ -174,14 +174,15 @@ class Pipeline:
                 log.warning("product not found, event skipped", extra=_fields(item.event))
 
     def _attach_phrase_vectors(self, items: list[Item]) -> None:
-        """Search events get their phrase's embedding; a provider error is transient or final as it says."""
-        try:
-            found = self.phrases.embed([i.event.search_phrase for i in items])
-        except EmbeddingError as exc:
-            self._mark(items, Status.RETRY if exc.transient else Status.FAILED, exc)
-            return
+        """Search events get their phrase's embedding; a phrase without one retries or fails, as its error says, only
+        the events that need that phrase."""
+        found = self.phrases.embed([i.event.search_phrase for i in items])
         for item in items:
-            item.vector = found[item.event.search_phrase]
+            got = found[item.event.search_phrase]
+            if isinstance(got, EmbeddingError):
+                self._mark([item], Status.RETRY if got.transient else Status.FAILED, got)
+            else:
+                item.vector = got
 
     @staticmethod
     def _mark(items: list[Item], status: Status, error: Exception | None) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
     from bson.objectid import ObjectId
 
+    from myshop_ops.adapters.embeddings import EmbeddingError
     from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
 
@@ -61,9 +62,10 @@ class EventState(Protocol):
 
 
 class Phrases(Protocol):
-    """Search-phrase vectors by phrase (raises embeddings.EmbeddingError)."""
+    """Search-phrase vectors by phrase: for each distinct phrase its vector, or the embeddings.EmbeddingError that says
+    why it has none (transient or not); never raises it."""
 
-    def embed(self, phrases: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def embed(self, phrases: Sequence[str]) -> dict[str, np.ndarray | EmbeddingError]: ...
 
 
 class Channel(Protocol):

@@ -5,7 +5,8 @@ optional ``description`` (HTML allowed), ``category``, ``stock`` and ``price``. 
 cleaned name, category and description, cut at a word boundary to a byte budget well under the
 provider's 8191-token input limit. Its sha256 (``text_hash``) is stored with the vector, so a re-run
 embeds only products whose text, model or dimensions changed; other field changes (stock, price) are
-written without a provider call.
+written without a provider call. A product the provider refuses (embeddings.InputRefused: refused alone, or an
+unusable vector) is a bad line by its number; the others of its batch are imported.
 
 A catalog is a file someone hands the operator: every step is linear in its input and bounded per line. A line over
 MAX_LINE_BYTES is refused by number without being held (lines.bounded_lines); markup is stripped by one forward scan
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from myshop_ops.adapters.embeddings import Provider
+from myshop_ops.adapters.embeddings import EmbeddingError, InputRefused, Provider, embed_each
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import CONTROL, MAX_ID_CHARS, json_kind
 from myshop_ops.tools.lines import bounded_lines
@@ -399,40 +400,47 @@ def import_catalog(
     """Import a JSONL catalog in batches of ``batch_size`` products: one ``$in`` read of stored hashes, one
     provider call for the products whose text, model or dimensions changed, one bulk write.
 
-    ``on_bad`` is called for each bad line as it is read, ``on_batch`` after each batch is written. Vectors are
-    stored in ``layout`` (STORE_LAYOUT, layout.py): arrays the shop's ranking reads, or compact BSON vectors.
-    Raises EmbeddingError (provider) or PyMongoError (store); batches already written stay written, so a
-    re-run resumes where it stopped.
+    ``on_bad`` is called for each bad line as it is read (for a line the provider cannot embed: once its batch is
+    embedded), ``on_batch`` after each batch is written. Vectors are stored in ``layout`` (STORE_LAYOUT, layout.py):
+    arrays the shop's ranking reads, or compact BSON vectors. Raises EmbeddingError when the provider fails as a
+    whole (unreachable, rate limited, a refused key or model) or PyMongoError (store); batches already written stay
+    written, so a re-run resumes where it stopped.
     """
     result = ImportResult(model=provider.model, dimensions=provider.dimensions)
-    batch: list[Product] = []
+
+    def bad(line: BadLine) -> None:
+        result.bad += 1
+        if len(result.bad_lines) < MAX_REPORTED_BAD:
+            result.bad_lines.append(line)
+        if on_bad is not None:
+            on_bad(line)
+
+    batch: list[tuple[int, Product]] = []
     for number, item in read_catalog(path):
         result.lines = number
         if isinstance(item, BadLine):
-            result.bad += 1
-            if len(result.bad_lines) < MAX_REPORTED_BAD:
-                result.bad_lines.append(item)
-            if on_bad is not None:
-                on_bad(item)
+            bad(item)
             continue
-        batch.append(item)
+        batch.append((number, item))
         if len(batch) >= batch_size:
-            _import_batch(batch, store, provider, result, layout)
+            _import_batch(batch, store, provider, result, layout, bad)
             batch = []
             if on_batch is not None:
                 on_batch(result)
     if batch:
-        _import_batch(batch, store, provider, result, layout)
+        _import_batch(batch, store, provider, result, layout, bad)
         if on_batch is not None:
             on_batch(result)
     return result
 
 
-def _import_batch(batch: list[Product], store: Store, provider: Provider, result: ImportResult, layout: str) -> None:
-    stored = store.products_by_id([p.product_id for p in batch], ("text_hash", "model", "dimensions", *_META_FIELDS))
-    to_embed: list[tuple[Product, str, str]] = []
+def _import_batch(batch: list[tuple[int, Product]], store: Store, provider: Provider, result: ImportResult,
+                  layout: str, bad: Callable[[BadLine], None]) -> None:
+    stored = store.products_by_id([p.product_id for _, p in batch],
+                                  ("text_hash", "model", "dimensions", *_META_FIELDS))
+    to_embed: list[tuple[int, Product, str, str]] = []
     to_update: list[Product] = []
-    for p in batch:
+    for number, p in batch:
         text = p.text
         digest = text_hash(text)
         doc = stored.get(p.product_id)
@@ -442,19 +450,33 @@ def _import_batch(batch: list[Product], store: Store, provider: Provider, result
             or doc.get("model") != provider.model
             or doc.get("dimensions") != provider.dimensions
         ):
-            to_embed.append((p, text, digest))
+            to_embed.append((number, p, text, digest))
         elif any(doc.get(k) != v for k, v in p.fields().items()):
             to_update.append(p)
         else:
             result.unchanged += 1
     if to_embed:
-        vectors = provider.embed([text for _, text, _ in to_embed])
-        store.upsert_products([
-            {"product_id": p.product_id, **p.fields(), "embedding": vec, "model": provider.model,
-             "dimensions": provider.dimensions, "text_hash": digest}
-            for (p, _, digest), vec in zip(to_embed, vectors, strict=True)
-        ], layout)
-        result.imported += len(to_embed)
+        _embed_and_store(to_embed, store, provider, result, layout, bad)
     if to_update:
         store.update_products({p.product_id: p.fields() for p in to_update})
         result.updated += len(to_update)
+
+
+def _embed_and_store(to_embed: list[tuple[int, Product, str, str]], store: Store, provider: Provider,
+                     result: ImportResult, layout: str, bad: Callable[[BadLine], None]) -> None:
+    """Embed the products and store those that got a vector; a product the provider refused (InputRefused) is a bad
+    line by its number. Any other provider failure is raised before the batch is written (a re-run redoes it)."""
+    vectors = embed_each(provider, [text for _, _, text, _ in to_embed])
+    for got in vectors:
+        if isinstance(got, EmbeddingError) and not isinstance(got, InputRefused):
+            raise got
+    docs = []
+    for (number, p, _, digest), got in zip(to_embed, vectors, strict=True):
+        if isinstance(got, EmbeddingError):
+            bad(BadLine(number, f"product_id {p.product_id!r} not embedded: {got}"))
+            continue
+        docs.append({"product_id": p.product_id, **p.fields(), "embedding": got, "model": provider.model,
+                     "dimensions": provider.dimensions, "text_hash": digest})
+    if docs:
+        store.upsert_products(docs, layout)
+    result.imported += len(docs)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from myshop_ops.adapters.config import Settings
-from myshop_ops.adapters.embeddings import PhraseEmbedder
+from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import Event, InvalidMessage, event_key, parse
 from myshop_ops.base.layout import UnreadableProfile, read_profile, to_datetime
@@ -154,7 +154,10 @@ def _vectors(settings: Settings, events: list[Event], store: Store, phrases: Phr
         products.update(found)
     searched: dict[str, np.ndarray] = {}
     for chunk in _chunks(sorted({e.search_phrase for e in events if e.search_phrase is not None})):
-        searched.update(phrases.embed(chunk))
+        for phrase, vec in phrases.embed(chunk).items():
+            if isinstance(vec, EmbeddingError):
+                raise vec
+            searched[phrase] = vec
     out = {}
     for e in events:
         vec = searched.get(e.search_phrase) if e.search_phrase is not None else products.get(e.product_id)

@@ -11,6 +11,8 @@ import pytest
 
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Publisher
+from myshop_ops.adapters.dedup import RedisState
+from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.adapters.management import for_dsn
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event, serialise
@@ -183,3 +185,59 @@ def test_failed_messages_are_kept_for_the_retention_only(env, topology):
     assert api.policy(f"myshop.{topology.failed_queue}")["definition"] == {"message-ttl": 30 * 86_400_000}
     store.close()
     keep.close()
+
+
+def test_failed_retry_all_of_14_searches_with_one_refused_phrase_fails_only_that_one_again(env, topology, fake_openai):
+    """The provider refused every request (a revoked key): 14 searches of three users in `failed`. The key is fixed
+    but the provider refuses one phrase (400, the whole request holding it): `failed retry --all` replays the 14
+    together and only the search of that phrase fails again; the 13 others are applied."""
+    s = env.settings(**openai_env(env, fake_openai))
+    sub = env.subprocess_env(**openai_env(env, fake_openai))
+    fake_openai.clear()
+    fake_openai.fail_next(401, times=100)
+    phrases = [f"garden tool {i}" for i in range(13)] + ["Culprit  Phrase"]
+    events = [make_event(f"replay-{i % 3}", "search", phrase, T0 + timedelta(minutes=i))
+              for i, phrase in enumerate(phrases)]
+    publish(s, topology, events)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    run_until(s, lambda st: st.failed.count_documents({}) == 14)
+
+    fake_openai.clear()
+    fake_openai.answer("culprit phrase", "400")
+    retried = run_cli("failed", "retry", "--all", "--force", env=sub)
+    assert retried.returncode == 0 and "retried 14" in retried.stdout, retried.stdout + retried.stderr
+    run_until(s, lambda st: st.failed.count_documents({}) == 1
+              and sum((st.get_profile_doc(f"replay-{u}") or {}).get("event_count", 0) for u in range(3)) == 13)
+    [record] = store.failed.find({})
+    assert record["message_id"] == events[13].message_id and "(400)" in record["error_message"]
+    [(props, _)] = queue_messages(s, topology.failed_queue)
+    assert props.message_id == events[13].message_id
+    assert [store.get_profile_doc(f"replay-{u}")["event_count"] for u in range(3)] == [5, 4, 4]
+    assert any(inputs == ["culprit phrase"] for inputs in fake_openai.inputs())  # found alone by splitting
+
+
+def test_a_nan_reply_fails_only_its_search_is_not_cached_in_redis_and_failed_retry_embeds_it_again(env, topology,
+                                                                                                     fake_openai):
+    s = env.settings(**openai_env(env, fake_openai))
+    fake_openai.clear()
+    fake_openai.answer("poison phrase", "nan")
+    events = [make_event("nan-1", "search", "poison phrase", T0), make_event("nan-1", "search", "red shoes", T0),
+              make_event("nan-2", "search", "Poison  PHRASE", T0), make_event("nan-3", "search", "green tea", T0)]
+    publish(s, topology, events)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    run_until(s, lambda st: st.failed.count_documents({}) == 2 and st.get_profile_doc("nan-3") is not None)
+    assert store.get_profile_doc("nan-1")["event_count"] == 1 and store.get_profile_doc("nan-2") is None
+    assert {r["message_id"] for r in store.failed.find({})} == {events[0].message_id, events[2].message_id}
+    keys = PhraseEmbedder(make_provider(s), None, ttl=60)
+    redis = RedisState.from_settings(s)
+    poison, tea = redis.get_vectors([keys.key("poison phrase"), keys.key("green tea")])
+    assert poison is None and tea is not None  # the refused vector is not in the shared cache
+
+    fake_openai.clear()  # the provider recovered
+    sub = env.subprocess_env(**openai_env(env, fake_openai))
+    assert run_cli("failed", "retry", "--all", "--force", env=sub).returncode == 0
+    run_until(s, lambda st: st.get_profile_doc("nan-2") is not None and st.get_profile_doc("nan-1")["event_count"] == 2)
+    assert store.failed.count_documents({}) == 0
+    assert ["poison phrase"] in fake_openai.inputs()  # embedded fresh, once for both spellings
+    assert redis.get_vectors([keys.key("poison phrase")])[0] is not None
+    redis.close()

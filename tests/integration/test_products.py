@@ -158,3 +158,30 @@ def test_terminal_progress_bar_and_missing_file(env, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: catalog {tmp_path / 'nope.jsonl'}: No such file or directory (give a JSONL file, one product per "
         "line)"]
+
+
+def test_a_line_the_provider_cannot_embed_is_refused_by_number_and_the_other_299_are_imported(env, fake_openai,
+                                                                                              tmp_path):
+    catalog: list[dict] = products(300)
+    catalog[4] = {"product_id": "p4", "name": "_"}  # line 5: no words (hash), refused by the fake OpenAI below
+    path = write(tmp_path / "catalog.jsonl", catalog)
+    s = env.settings()
+    done = run_cli("products", "import", str(path), env=env.subprocess_env())  # the offline hash provider
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == ["line 5: product_id 'p4' not embedded: cannot embed a text with no words"]
+    assert done.stdout.splitlines()[-1].startswith(f"{path}: 299 imported, 0 updated (same text), 0 unchanged, 1 bad")
+    assert len(stored(s)) == 299 and "p4" not in stored(s)
+    code, again = import_json(path, env.subprocess_env())  # a re-run: the same 299, the same line refused
+    assert (code, again["imported"], again["unchanged"], again["bad"]) == (1, 0, 299, 1)
+    assert [b["line"] for b in again["bad_lines"]] == [5]
+
+    fake_openai.clear()
+    fake_openai.answer("_.", "400")  # a real provider refusing that input refuses the whole request holding it
+    e = env.subprocess_env(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url)
+    for run in range(2):
+        code, summary = import_json(path, e)
+        assert code == 1 and summary["bad"] == 1
+        assert (summary["imported"], summary["unchanged"]) == ((299, 0) if run == 0 else (0, 299))
+        [line] = summary["bad_lines"]
+        assert line["line"] == 5 and "(400)" in line["error"] and "p4" in line["error"]
+    assert {d["model"] for d in stored(s).values()} == {"text-embedding-3-small"} and len(stored(s)) == 299

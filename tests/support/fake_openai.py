@@ -14,7 +14,9 @@ from ``httpx`` to ``httpx2``, so transport mocks are tied to one SDK major versi
   ``encoding_format`` 400. Error bodies are ``{"error": {message, type, param, code}}`` with an
   ``x-request-id`` header.
 * ``requests`` records every POST (``{"body", "headers", "path"}``, header names lower-cased), including
-  the ones refused; ``fail_next(...)`` queues faults; ``clear()`` forgets both.
+  the ones refused; ``fail_next(...)`` queues faults; ``answer(text, fault)`` answers one input badly in every
+  request that holds it (its own vector NaN, infinite, ~1e30, zero, half size or missing; or the whole request
+  refused with 400, 429 or 5xx, or slow); ``clear()`` forgets all three.
 
 Run ``python -m tests.support.fake_openai --port N`` (from the repository root) for a demo server; it
 prints ``READY <base_url>`` once it accepts connections.
@@ -49,6 +51,8 @@ DEFAULT_MODELS = {"text-embedding-3-small": 1536, "text-embedding-ada-002": 1536
 NO_DIMENSIONS = frozenset({"text-embedding-ada-002"})
 
 _PIECE = re.compile(r"\w+|[^\w\s]")
+VECTOR_FAULTS = frozenset({"nan", "inf", "huge", "zero", "short", "missing"})  # one input's own vector
+REQUEST_FAULTS = frozenset({"400", "429", "500", "503", "timeout"})  # every request holding the input
 
 
 def estimate_tokens(text: str) -> int:
@@ -81,6 +85,27 @@ def _shorten(v: np.ndarray, dims: int, texts: list[str]) -> np.ndarray:
         out[i, zlib.crc32(texts[i].encode()) % dims] = 1.0
         norms[i] = 1.0
     return (out / norms[:, None]).astype(np.float32)
+
+
+def _faulty_rows(rows: list[np.ndarray], answers: list[tuple[int, str, float]]) -> list[np.ndarray | None]:
+    """``rows`` with the vector faults of ``answers`` applied (None: the row is left out of ``data``)."""
+    out: list[np.ndarray | None] = list(rows)
+    for i, fault, _ in answers:
+        row = rows[i].copy()
+        if fault == "nan":
+            row[:] = np.nan
+        elif fault == "inf":
+            row[0] = np.inf
+        elif fault == "huge":
+            row *= np.float32(1e30)
+        elif fault == "zero":
+            row[:] = 0.0
+        elif fault == "short":
+            row = row[: len(row) // 2]
+        elif fault == "missing":
+            row = None
+        out[i] = row
+    return out
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -124,6 +149,7 @@ class FakeOpenAI:
         self.reverse_data = False  # answer with ``data`` in reverse index order (clients must sort)
         self.on_request: Callable[[Any], None] | None = None  # called with each parsed body before answering
         self._faults: deque[tuple[int, dict[str, str], float]] = deque()
+        self._answers: dict[str, tuple[str, float]] = {}  # input text -> (fault, delay_s), see ``answer``
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._httpd = _QuietServer(("127.0.0.1", port), self._make_handler())
@@ -176,6 +202,17 @@ class FakeOpenAI:
         with self._lock:
             self._faults.extend([(status, h, delay_s)] * times)
 
+    def answer(self, text: str, fault: str, *, delay_s: float = 0.0) -> None:
+        """From now on (until ``clear``), every request holding the input ``text`` (as sent) answers it with
+        ``fault``. Its own vector (the other inputs' are served normally): "nan" (all NaN), "inf" (one infinite
+        value), "huge" (times 1e30), "zero", "short" (half the size) or "missing" (no entry in ``data``). The whole
+        request: "400" (refused naming that input, as a moderation filter or a tokenizer would), "429", "500",
+        "503", or "timeout" (served normally after ``delay_s`` seconds)."""
+        if fault not in VECTOR_FAULTS | REQUEST_FAULTS:
+            raise ValueError(f"unknown fault {fault!r}: one of {sorted(VECTOR_FAULTS | REQUEST_FAULTS)}")
+        with self._lock:
+            self._answers[text] = (fault, delay_s)
+
     def pending_faults(self) -> int:
         """How many queued faults (``fail_next``) have not been served yet."""
         with self._lock:
@@ -186,6 +223,7 @@ class FakeOpenAI:
         with self._lock:
             self.requests.clear()
             self._faults.clear()
+            self._answers.clear()
             self.reverse_data = False
 
     def inputs(self) -> list[list[Any]]:
@@ -290,6 +328,22 @@ class FakeOpenAI:
                 except Exception as exc:  # a bug in the fake must not hang the client
                     self._err(500, f"fake server error: {type(exc).__name__}: {exc}", "server_error")
 
+            def _request_fault(self, answers: list[tuple[int, str, float]]) -> bool:
+                """Answer the request as its inputs' request faults say (``answer``); False: serve it."""
+                for i, fault, delay in answers:
+                    if fault == "timeout":
+                        time.sleep(delay)
+                    elif fault == "400":
+                        self._err(400, f"input[{i}] was refused by the fake's filter", param="input")
+                        return True
+                    elif fault in REQUEST_FAULTS:
+                        status = int(fault)
+                        etype = "requests" if status == 429 else "server_error"
+                        self._err(status, f"fake fault {status} for input[{i}]", etype,
+                                  headers={"retry-after-ms": "1"})
+                        return True
+                return False
+
             def _embeddings(self, body: Any) -> None:
                 if not isinstance(body, dict):
                     return self._err(400, "We could not parse the JSON body of your request.")
@@ -359,9 +413,14 @@ class FakeOpenAI:
                 fmt = body.get("encoding_format", "float")
                 if fmt not in ("float", "base64"):
                     return self._err(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+                with srv._lock:
+                    answers = [(i, *srv._answers[t]) for i, t in enumerate(texts) if t in srv._answers]
+                if self._request_fault(answers):
+                    return
                 v = np.stack([_vector(backend, t) for t in texts]).astype(np.float32)
                 if dims is not None and dims != native:
                     v = _shorten(v, dims, texts)
+                rows = _faulty_rows(list(v), answers)
                 data = [
                     {
                         "object": "embedding",
@@ -370,7 +429,8 @@ class FakeOpenAI:
                         if fmt == "base64"
                         else row.tolist(),
                     }
-                    for i, row in enumerate(v)
+                    for i, row in enumerate(rows)
+                    if row is not None
                 ]
                 if srv.reverse_data:
                     data.reverse()

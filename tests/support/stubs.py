@@ -263,6 +263,7 @@ class StubRedis:
         self.processed: set[str] = set()
         self.journal: dict[str, int] = {}
         self.stop_at: float | None = None
+        self.vectors: dict[str, bytes] = {}  # the phrase cache, by key
         self.down = False
 
     def ping(self) -> None:
@@ -294,10 +295,11 @@ class StubRedis:
 
     # the phrase cache (embeddings.VectorCache), kept in memory too
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [None] * len(keys)
+        return [None if self.down else self.vectors.get(k) for k in keys]
 
     def set_vectors(self, items: dict[str, bytes], ttl: int) -> None:
-        pass
+        if not self.down:
+            self.vectors.update(items)
 
 
 def _journal_id(message_id: str) -> str:
@@ -310,18 +312,26 @@ def _journal_id(message_id: str) -> str:
 # ---- the embeddings provider --------------------------------------------------------------------------------------
 
 class StubProvider(HashProvider):
-    """The hash provider (deterministic vectors, no network), counting its calls; ``fail`` makes every call raise."""
+    """The hash provider (deterministic vectors, no network), recording each request's texts. ``fail`` makes every
+    request raise; ``replies`` answers per input text (as sent: a normalised phrase): a value there is that input's
+    vector as received (anything: NaN, huge, short, ...), an EmbeddingError is raised for every request holding it
+    (a RequestRefused: the provider refuses that input)."""
 
     def __init__(self, dimensions: int, model: str = "hash-v1"):
         super().__init__(dimensions, model)
         self.calls: list[list[str]] = []
         self.fail: EmbeddingError | None = None
+        self.replies: dict[str, object] = {}
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_request(self, texts: Sequence[str]) -> list[np.ndarray | EmbeddingError]:
         if self.fail is not None:
             raise self.fail
         self.calls.append(list(texts))
-        return super().embed(texts)
+        refusals = [r for t in texts if isinstance(r := self.replies.get(t), EmbeddingError)]
+        if refusals:
+            raise refusals[0]
+        hashed = super().embed_request(texts)
+        return [self.replies.get(t, row) for t, row in zip(texts, hashed, strict=True)]
 
 
 # ---- the worker's other collaborators -----------------------------------------------------------------------------

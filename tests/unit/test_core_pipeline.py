@@ -4,15 +4,18 @@ outcome, one write per user, what is marked processed in Redis, and every fault 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pymongo.errors import AutoReconnect
 
 from myshop_ops.adapters.config import Settings
-from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
+from myshop_ops.adapters.embeddings import EmbeddingError, InputRefused, PhraseEmbedder, RequestRefused, usable_vector
 from myshop_ops.base.contract import InvalidMessage, make_event, serialise
 from myshop_ops.base.layout import UnreadableProfile
 from myshop_ops.base.profile import VectorSpaceMismatch
@@ -35,11 +38,12 @@ def unit(seed: int) -> np.ndarray:
 class Core:
     """A pipeline wired to fresh stand-ins."""
 
-    def __init__(self, products: dict[str, np.ndarray] | None = None):
+    def __init__(self, products: dict[str, np.ndarray] | None = None, *, shared_cache: bool = False):
         self.store = StubStore(products if products is not None else {"p1": unit(1), "p2": unit(2)})
         self.redis = StubRedis()
         self.provider = StubProvider(DIMS, SETTINGS.model)
-        self.pipeline = Pipeline(SETTINGS, self.store, self.redis, PhraseEmbedder(self.provider, None, ttl=60))
+        self.phrases = PhraseEmbedder(self.provider, self.redis if shared_cache else None, ttl=60)
+        self.pipeline = Pipeline(SETTINGS, self.store, self.redis, self.phrases)
 
     def run(self, *bodies: bytes) -> list[Status]:
         self.result = self.pipeline.process(list(bodies))
@@ -156,3 +160,116 @@ def test_unusable_stored_data_fails_only_its_own_messages():
 def test_statuses_are_their_names_as_text():
     assert Status.APPLIED == "applied" and f"{Status.RETRY}" == "retry"
     assert {s.value for s in Status} == {"pending", "applied", "duplicate", "skipped", "erased", "retry", "failed"}
+
+
+# ---- one bad phrase hurts no one but itself ----------------------------------------------------------------------
+
+def searches(core: Core, events) -> list[Status]:
+    return core.run(*map(body, events))
+
+
+def cached(core: Core, phrase: str) -> bool:
+    key = core.phrases.key(phrase)
+    return key in core.redis.vectors or not core.phrases._lru.take([key])[1]
+
+
+def test_nan_for_one_phrase_fails_only_its_events_other_users_are_applied_and_nothing_is_cached():
+    core = Core(shared_cache=True)
+    core.provider.replies["poison phrase"] = np.full(DIMS, np.nan, np.float32)
+    events = [ev("u1", "search", "poison phrase", 1), ev("u1", "search", "red shoes", 2),
+              ev("u2", "search", "green tea", 1), ev("u3", "search", "Poison phrase", 1),
+              ev("u3", "product_view", "p1")]
+    assert searches(core, events) == [Status.FAILED, Status.APPLIED, Status.APPLIED, Status.FAILED, Status.APPLIED]
+    assert "NaN" in str(core.result.items[0].error)
+    assert not cached(core, "poison phrase") and cached(core, "green tea")
+    assert {u: p.event_count for u, p in core.store.profiles.items()} == {"u1": 1, "u2": 1, "u3": 1}
+
+    core.provider.replies.clear()  # the provider recovered: the same phrase, spelled another way, is embedded fresh
+    later = [ev("u4", "search", "Poison  PHRASE", 3), ev("u1", "search", "poison phrase", 1)]
+    assert searches(core, later) == [Status.APPLIED, Status.APPLIED]
+    assert core.provider.calls[-1] == ["poison phrase"]
+    assert cached(core, "poison phrase")
+
+
+def test_a_1e30_reply_is_refused_and_the_profile_keeps_its_scale():
+    core = Core(shared_cache=True)
+    core.provider.replies["huge"] = core.provider.embed_one("huge") * np.float32(1e30)
+    assert searches(core, [ev("u1", "search", "huge", 1), ev("u1", "search", "hats", 2)]) == [Status.FAILED,
+                                                                                             Status.APPLIED]
+    assert "length 1e+30" in str(core.result.items[0].error) and not cached(core, "huge")
+    assert core.store.profiles["u1"].profile.magnitude < 10
+
+
+def test_one_refused_phrase_fails_only_its_searches_14_searches_of_three_users():
+    core = Core()
+    core.provider.replies["culprit phrase"] = RequestRefused("embeddings provider refused (400): input refused")
+    phrases = [f"phrase {i}" for i in range(13)] + ["culprit phrase"]
+    events = [ev(f"u{i % 3}", "search", phrase, i) for i, phrase in enumerate(phrases)]
+    statuses = searches(core, events)
+    assert statuses == [Status.APPLIED] * 13 + [Status.FAILED]
+    assert isinstance(core.result.items[13].error, InputRefused)
+    assert sum(p.event_count for p in core.store.profiles.values()) == 13
+    # replayed together (what `failed retry --all` does): the culprit fails again, alone
+    assert searches(core, events) == [Status.DUPLICATE] * 13 + [Status.FAILED]
+
+
+def test_a_phrase_without_words_fails_only_itself_with_the_hash_provider():
+    core = Core()
+    events = [ev("u1", "search", "!!!", 1), ev("u1", "search", "hats", 2), ev("u2", "search", "green tea")]
+    assert searches(core, events) == [Status.FAILED, Status.APPLIED, Status.APPLIED]
+    assert "no words" in str(core.result.items[0].error)
+
+
+def test_transient_or_permanent_is_decided_per_phrase():
+    """A refused request is split: the refused phrase fails, one whose request then times out retries, the others
+    (and the product event) are applied."""
+    core = Core()
+    core.provider.replies["refused"] = RequestRefused("embeddings provider refused (400): no")
+    core.provider.replies["slow"] = EmbeddingError("embeddings provider: APITimeoutError", transient=True)
+    events = [ev("u1", "search", "refused", 1), ev("u2", "search", "slow", 1), ev("u3", "search", "hats", 1),
+              ev("u3", "search", "green tea", 2), ev("u1", "product_view", "p1", 2)]
+    assert searches(core, events) == [Status.FAILED, Status.RETRY, Status.APPLIED, Status.APPLIED, Status.APPLIED]
+    assert core.provider.calls == [["refused", "slow", "hats", "green tea"], ["refused", "slow"], ["refused"], ["slow"],
+                                   ["hats", "green tea"]]
+
+
+_REPLIES = {  # what the provider answers for a bad phrase: its own vector, or the whole request refused
+    "nan": lambda v: np.full(DIMS, np.nan, np.float32),
+    "inf": lambda v: np.where(np.arange(DIMS) == 0, np.inf, v).astype(np.float32),
+    "huge": lambda v: v * np.float32(1e30),
+    "tiny": lambda v: v * np.float32(1e-30),
+    "zero": lambda v: np.zeros(DIMS, np.float32),
+    "short": lambda v: v[: DIMS // 2],
+    "long": lambda v: np.concatenate([v, v]),
+    "matrix": lambda v: np.stack([v, v]),
+    "refused": lambda v: RequestRefused("embeddings provider refused (400): no"),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n_phrases=st.integers(1, 8), n_events=st.integers(1, 30))
+def test_generated_provider_replies_fail_only_their_own_searches_and_nothing_bad_is_cached(data, n_phrases, n_events):
+    core = Core(shared_cache=True)
+    pool = [f"phrase {i}" for i in range(n_phrases)] + ["!!!"]
+    bad = {p: data.draw(st.sampled_from(sorted(_REPLIES)), label=p)
+           for p in data.draw(st.sets(st.sampled_from(pool[:-1])), label="bad phrases")}
+    for phrase, kind in bad.items():
+        core.provider.replies[phrase] = _REPLIES[kind](core.provider.embed_one(phrase))
+    bad["!!!"] = "no words"
+    events = [ev(f"u{data.draw(st.integers(0, 3))}", "search", data.draw(st.sampled_from(pool)), i % 24)
+              for i in range(n_events)]
+    events = list({e.key: e for e in events}.values())
+    for attempt in range(2):  # delivered, then redelivered as a whole
+        statuses = searches(core, events)
+        for e, status in zip(events, statuses, strict=True):
+            if e.search_phrase in bad:
+                assert status == Status.FAILED, (e.search_phrase, bad[e.search_phrase])
+            else:
+                assert status == (Status.APPLIED if attempt == 0 else Status.DUPLICATE)
+    innocent = Counter(e.user_id for e in events if e.search_phrase not in bad)
+    assert {u: p.event_count for u, p in core.store.profiles.items()} == dict(innocent)
+    assert all(np.isfinite(p.profile.magnitude) and p.profile.magnitude < 100 for p in core.store.profiles.values())
+    for phrase in pool:
+        assert cached(core, phrase) == (phrase not in bad and any(e.search_phrase == phrase for e in events))
+    for raw in core.redis.vectors.values():
+        assert not isinstance(usable_vector(np.frombuffer(raw, "<f4"), DIMS), str)

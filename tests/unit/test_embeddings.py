@@ -7,8 +7,10 @@ whose vectors are HashProvider's, so results can be compared bit for bit. Inject
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
+import math
 import os
 import socket
 import subprocess
@@ -29,11 +31,16 @@ from myshop_ops.adapters.embeddings import (
     MAX_INPUTS_PER_REQUEST,
     EmbeddingError,
     HashProvider,
+    InputRefused,
     OpenAIProvider,
     PhraseEmbedder,
+    RequestRefused,
+    embed_each,
     make_provider,
+    reply_rows,
     request_batches,
     truncate_utf8,
+    usable_vector,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,14 +156,16 @@ def test_persistent_500_raises_transient_after_all_retries(fake: FakeOpenAI) -> 
 
 
 @pytest.mark.parametrize(
-    ("case", "status"),
-    [("injected-400", 400), ("empty-input", 400), ("bad-key", 401), ("unknown-model", 404)],
+    ("case", "status", "requests"),
+    # a refused request of two inputs is split: one request each, the refused one alone
+    [("injected-400", 400, 1), ("empty-input", 400, 3), ("bad-key", 401, 1), ("unknown-model", 404, 1)],
 )
-def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str, status: int) -> None:
+def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str, status: int, requests: int) -> None:
     env: dict[str, str] = {}
     texts = TEXTS
     if case == "injected-400":
         fake.fail_next(400, retry_after_ms=1)
+        texts = ["green tea"]
     elif case == "empty-input":
         texts = ["green tea", ""]
     elif case == "bad-key":
@@ -168,7 +177,7 @@ def test_client_errors_are_permanent_and_not_retried(fake: FakeOpenAI, case: str
         p.embed(texts)
     assert ei.value.transient is False
     assert f"({status})" in str(ei.value)
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == requests
 
 
 def test_slow_response_beyond_the_timeout_is_transient(fake: FakeOpenAI) -> None:
@@ -517,3 +526,178 @@ def test_only_openai_and_hash_are_providers_a_self_hosted_model_is_openai_with_a
     s = load_settings({"EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1",
                        "OPENAI_EMBEDDING_MODEL": "bge-small-en-v1.5", "EMBEDDING_DIMENSIONS": "384"}, None)
     assert s.model == "bge-small-en-v1.5" and make_provider(s).dimensions == 384
+
+
+# -- one bad input hurts no one but itself ------------------------------------------------------------------
+# Every vector is checked (usable_vector) wherever it comes in; a refused one fails its own input only and is never
+# cached; a request refused as a whole is split until only the refused inputs fail.
+
+
+def test_nan_for_one_phrase_fails_only_it_is_never_cached_and_is_embedded_fresh_after_recovery(
+        fake: FakeOpenAI) -> None:
+    cache = DictCache(fake)
+    pe = PhraseEmbedder(provider(fake), cache, ttl=3600)
+    fake.answer("poison phrase", "nan")
+    out = pe.embed(["Poison phrase", "green tea", "running shoes"])
+    assert isinstance(out["Poison phrase"], InputRefused) and "NaN" in str(out["Poison phrase"])
+    assert np.array_equal(out["green tea"], HashProvider(1536).embed_one("green tea"))
+    assert np.array_equal(out["running shoes"], HashProvider(1536).embed_one("running shoes"))
+    assert set(cache.data) == {pe.key("green tea"), pe.key("running shoes")}  # not in Redis
+    assert pe._lru.take([pe.key("poison phrase")])[1] == [pe.key("poison phrase")]  # nor in-process
+
+    fake.clear()  # the provider recovered: the phrase, and any spelling of it, is embedded fresh
+    again = pe.embed(["Poison  PHRASE", "green tea"])
+    assert fake.inputs() == [["poison phrase"]]
+    assert np.array_equal(again["Poison  PHRASE"], HashProvider(1536).embed_one("poison phrase"))
+    assert np.frombuffer(cache.data[pe.key("poison phrase")], "<f4").tolist() == again["Poison  PHRASE"].tolist()
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("nan", "NaN or infinite"), ("inf", "NaN or infinite"), ("huge", "length 1e+30"), ("zero", "zero vector"),
+    ("short", "768-d vector, EMBEDDING_DIMENSIONS is 1536"), ("missing", "0 vectors for this input"),
+])
+def test_an_unusable_vector_is_refused_for_its_input_only_with_a_reason(fake: FakeOpenAI, fault: str,
+                                                                         reason: str) -> None:
+    fake.answer("bad one", fault)
+    texts = ["green tea", "bad one", "running shoes"]
+    got = embed_each(provider(fake), texts)
+    assert isinstance(got[1], InputRefused) and got[1].transient is False and reason in str(got[1])
+    assert np.array_equal(np.stack([got[0], got[2]]), HashProvider(1536).embed(["green tea", "running shoes"]))
+    assert len(fake.requests) == 1
+
+
+def test_a_1e30_reply_is_refused_not_folded_in(fake: FakeOpenAI) -> None:
+    fake.answer("huge", "huge")
+    with pytest.raises(InputRefused, match=r"length 1e\+30, outside \[0.001, 1000\]"):
+        provider(fake).embed(["huge"])
+
+
+def test_a_vector_of_any_length_within_the_band_is_scaled_to_one_and_unit_ones_are_kept_bit_for_bit() -> None:
+    v = HashProvider(64).embed_one("green tea")
+    assert usable_vector(v, 64) is not v and np.array_equal(usable_vector(v, 64), v)
+    assert np.allclose(usable_vector(v * 37.5, 64), v, atol=1e-6)  # a model that does not normalise
+    assert "outside" in usable_vector(v * 1e4, 64) and "outside" in usable_vector(v * 1e-4, 64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(
+    st.lists(st.floats(width=32) | st.floats(), max_size=10),
+    st.lists(st.integers(min_value=-(2**70), max_value=2**70), max_size=10),
+    st.lists(st.lists(st.floats(), max_size=3), max_size=3),
+    st.text(max_size=5), st.none(), st.binary(max_size=12),
+    st.dictionaries(st.text(max_size=2), st.floats(), max_size=2),
+))
+def test_usable_vector_is_total_a_unit_vector_of_the_size_or_a_reason(value: object) -> None:
+    got = usable_vector(value, 4)
+    if isinstance(got, str):
+        return
+    assert got.dtype == np.float32 and got.shape == (4,) and np.isfinite(got).all()
+    assert abs(float(np.linalg.norm(got.astype(np.float64))) - 1.0) <= 2e-3
+
+
+def test_one_refused_input_among_14_is_found_by_splitting_and_the_13_others_get_vectors(fake: FakeOpenAI) -> None:
+    texts = [f"phrase number {i}" for i in range(14)]
+    fake.answer("phrase number 9", "400")
+    got = embed_each(provider(fake), texts)
+    assert [i for i, g in enumerate(got) if isinstance(g, EmbeddingError)] == [9]
+    assert isinstance(got[9], InputRefused) and "(400)" in str(got[9])
+    expected = HashProvider(1536).embed(texts[:9] + texts[10:])
+    assert np.array_equal(np.stack(got[:9] + got[10:]), expected)
+    assert len(fake.requests) == 1 + 2 * 4  # halving 14 -> 7 -> 4 -> 2 -> 1: two requests per halving
+
+
+def test_a_refusal_naming_another_parameter_concerns_every_input_and_is_not_split(fake: FakeOpenAI) -> None:
+    p = provider(fake, OPENAI_EMBEDDING_MODEL="text-embedding-ada-002", EMBEDDING_DIMENSIONS="512")
+    got = embed_each(p, TEXTS)
+    assert all(isinstance(g, EmbeddingError) and not g.transient and "(400)" in str(g) for g in got)
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "503", "timeout"])
+def test_a_transient_failure_of_a_request_is_transient_for_each_of_its_inputs(fake: FakeOpenAI, fault: str) -> None:
+    fake.answer("slow one", fault, delay_s=1.0)
+    p = OpenAIProvider(make_settings(fake.base_url), timeout=0.3, max_retries=0)
+    got = embed_each(p, ["green tea", "slow one"])
+    assert all(isinstance(g, EmbeddingError) and g.transient for g in got)
+    assert len(fake.requests) == 1  # a transient failure is not split: the request is retried later
+
+
+@pytest.mark.parametrize("poison", [
+    np.full(1536, np.nan, "<f4").tobytes(), (np.ones(1536, "<f4") * 1e30).tobytes(), np.zeros(1536, "<f4").tobytes(),
+], ids=["nan", "huge", "zero"])
+def test_a_poisoned_shared_cache_entry_is_ignored_re_embedded_and_overwritten(fake: FakeOpenAI, poison: bytes) -> None:
+    cache = DictCache(fake)
+    pe = PhraseEmbedder(provider(fake), cache, ttl=60)
+    cache.data[pe.key("green tea")] = poison
+    out = pe.embed(["Green Tea"])
+    expected = HashProvider(1536).embed_one("green tea")
+    assert fake.inputs() == [["green tea"]] and np.array_equal(out["Green Tea"], expected)
+    assert cache.data[pe.key("green tea")] == expected.astype("<f4").tobytes()
+
+
+@pytest.mark.parametrize("text", ["!!!", "   ", "___"])
+def test_the_hash_providers_no_words_refusal_is_per_input(text: str) -> None:
+    got = embed_each(HashProvider(64), ["green tea", text, "hats"])
+    assert isinstance(got[1], InputRefused) and "no words" in str(got[1])
+    assert np.array_equal(np.stack([got[0], got[2]]), HashProvider(64).embed(["green tea", "hats"]))
+
+
+class _Reply:
+    def __init__(self, data: object):
+        self.data = data
+
+
+class _Item:
+    def __init__(self, index: object, embedding: object):
+        self.index, self.embedding = index, embedding
+
+
+_EMBEDDINGS = st.one_of(
+    st.builds(lambda v: base64.b64encode(np.asarray(v, "<f4").tobytes()).decode(),
+              st.lists(st.floats(width=32), min_size=0, max_size=6)),
+    st.lists(st.floats(), max_size=6), st.text(max_size=8), st.none(), st.integers(), st.binary(max_size=8),
+    st.lists(st.one_of(st.none(), st.text(max_size=2), st.integers()), max_size=4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 5), items=st.lists(st.tuples(st.one_of(st.integers(-2, 6), st.none(), st.booleans(),
+                                                                st.text(max_size=2)), _EMBEDDINGS), max_size=8))
+def test_reply_rows_is_total_one_result_per_input(n: int, items: list) -> None:
+    rows = reply_rows(_Reply([_Item(i, e) for i, e in items] + ["not an item"]), n)
+    assert len(rows) == n
+    for row in rows:
+        assert isinstance(row, InputRefused | np.ndarray)
+        checked = row if isinstance(row, InputRefused) else usable_vector(row, 4)
+        assert isinstance(checked, InputRefused | str | np.ndarray)
+    with pytest.raises(EmbeddingError):
+        reply_rows(_Reply(None), n)
+
+
+class _Refusing(HashProvider):
+    """Refuses as a whole (RequestRefused) every request holding one of ``refused``; counts requests."""
+
+    def __init__(self, refused: set[str]):
+        super().__init__(8)
+        self.refused, self.requests = refused, 0
+
+    def embed_request(self, texts):
+        self.requests += 1
+        if self.refused & set(texts):
+            raise RequestRefused("embeddings provider refused (400): bad input")
+        return super().embed_request(texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 40))
+def test_splitting_finds_exactly_the_refused_inputs_within_2n_minus_2_extra_requests(data, n: int) -> None:
+    texts = [f"text {i}" for i in range(n)]
+    refused = set(data.draw(st.lists(st.sampled_from(texts), max_size=n)))
+    p = _Refusing(refused)
+    got = embed_each(p, texts)
+    assert [t for t, g in zip(texts, got, strict=True) if isinstance(g, InputRefused)] == [
+        t for t in texts if t in refused]
+    assert all(isinstance(g, np.ndarray) for t, g in zip(texts, got, strict=True) if t not in refused)
+    assert p.requests - 1 <= 2 * (n - 1)
+    if len(refused) == 1:
+        assert p.requests - 1 <= 2 * math.ceil(math.log2(n))
