@@ -363,7 +363,7 @@ def test_console_log_lines_cannot_be_forged_and_json_lines_carry_no_raw_c1():
                                     "user_id": "u\n12:00:00 ERROR   forged line", "error": "x\x9by\u2028z"})
     line = ConsoleFormatter().format(record)
     assert "\n" not in line and not raw_control(line) and "\u2028" not in line
-    assert "user_id=u\\n12:00:00 ERROR   forged line" in line
+    assert 'user_id="u\\\\n12:00:00 ERROR   forged line"' in line
     doc = JsonFormatter().format(record)
     assert "\x9b" not in doc and "\u2028" not in doc and json.loads(doc)["error"] == "x\x9by\u2028z"
 
