@@ -17,7 +17,7 @@ from rich.text import Text
 
 from myshop_ops.adapters import logs
 from myshop_ops.adapters.broker import BrokerError
-from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_text, mask_url
+from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_url, redact
 from myshop_ops.adapters.dedup import RedisError
 from myshop_ops.adapters.management import ManagementError
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
@@ -37,17 +37,18 @@ err_console = _console(stderr=True)
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
-    """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every URL
-    in it is masked (it may quote a library's exception)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(mask_text(message))), highlight=False,
+    """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every
+    secret in it is masked (it may quote a library's exception or a provider's reply: config.redact)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(redact(message))), highlight=False,
                       soft_wrap=True)
     raise typer.Exit(code)
 
 
 def shown(value: object) -> str:
-    """Data (an id, a name, an error message, a body) for a rich f-string: control characters escaped, markup
-    escaped, so it is displayed as written and never styles, links or breaks the output."""
-    return escape(printable(value))
+    """Data (an id, a name, an error message, a body) for a rich f-string or table cell: secrets masked
+    (config.redact), control characters escaped, markup escaped, so it is displayed as written and never styles,
+    links or breaks the output. Total: any value, any text."""
+    return escape(printable(redact(value if isinstance(value, str) else str(value))))
 
 
 def settings(*, embeds: bool = False) -> Settings:
@@ -82,4 +83,5 @@ def operator_errors(s: Settings) -> Iterator[None]:
 
 
 def print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    """``data`` as indented JSON on stdout, every secret masked (config.redact knows their JSON-escaped forms)."""
+    sys.stdout.write(redact(json.dumps(data, default=str, indent=2)) + "\n")
