@@ -32,12 +32,14 @@ from myshop_ops.tools.generate import (
     MAX_USERS,
     Plan,
     Recorder,
+    RecordRefused,
     Run,
     VisibilityTracker,
     WaitOutcome,
     expected_sent_times,
     product_pool,
     profile_counts,
+    record_problem,
     synthesize,
     wait_visible,
 )
@@ -57,7 +59,9 @@ published again on a fresh channel (up to 8 times: a RabbitMQ cluster's leader e
 nacking); a connection blocked by a memory or disk alarm is said on stderr and given up after
 {BLOCKED_TIMEOUT_S} s.
 
---record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only).
+--record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only): a new file,
+or an existing regular file overwritten; never through a symbolic link, into a FIFO or device, or over a file
+with other hard links (refused before publishing).
 
 --wait then polls user_embeddings every {int(DEFAULT_POLL_S * 1000)} ms until each published event shows in the
 event_count of its user (counts read before publishing are subtracted) and reports the drain time (end of publishing
@@ -161,6 +165,8 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         fail(f"--record {path}: is a directory", EXIT_CONFIG)
+    if problem := record_problem(path):
+        fail(f"--record {problem}", EXIT_CONFIG)
     if not parent.is_dir():
         fail(f"--record {path}: directory {parent} does not exist", EXIT_CONFIG)
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -228,7 +234,10 @@ def _progress(as_json: bool, label: str, total: int) -> Iterator:
 
 def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path | None,
              as_json: bool) -> tuple[PublishResult, int]:
-    recorder = Recorder(record) if record is not None else None
+    try:
+        recorder = Recorder(record) if record is not None else None
+    except RecordRefused as exc:  # replaced since the check before the prompt
+        fail(f"--record {exc}", EXIT_CONFIG)
     messages = run.messages
 
     def settled(i: int, ok: bool) -> None:
