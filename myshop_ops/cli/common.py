@@ -26,10 +26,11 @@ from myshop_ops.base.printable import printable
 
 def _console(stderr: bool = False) -> Console:
     """A console; into a pipe or a file (no terminal, no COLUMNS) 200 columns wide, so that tables keep their
-    headers and ids whole instead of rich's default 80."""
+    headers and ids whole instead of rich's default 80. No emoji codes: data's ``:smile:`` stays text (markup
+    has an escape, emoji codes have none)."""
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(stderr=stderr, width=200 if piped else None)
+    return Console(stderr=stderr, width=200 if piped else None, emoji=False)
 
 
 console = _console()
@@ -48,7 +49,13 @@ def shown(value: object) -> str:
     """Data (an id, a name, an error message, a body) for a rich f-string or table cell: secrets masked
     (config.redact), control characters escaped, markup escaped, so it is displayed as written and never styles,
     links or breaks the output. Total: any value, any text."""
-    return escape(printable(redact(value if isinstance(value, str) else str(value))))
+    text = printable(redact(value if isinstance(value, str) else str(value)))
+    body = text.rstrip("\\")
+    if body == text:
+        return escape(text)
+    # backslashes at the end would escape (or, doubled as rich's escape does, halve before) a tag the caller puts
+    # next: doubled, then an empty tag of our own, they show as written whatever follows
+    return escape(body) + "\\" * (2 * (len(text) - len(body))) + "[dim][/dim]"
 
 
 def settings(*, embeds: bool = False) -> Settings:

@@ -24,7 +24,7 @@ from myshop_ops.adapters.config import Settings, mask_url
 from myshop_ops.adapters.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.generate import (
     DEFAULT_POLL_S,
     MAX_EVENTS,
@@ -139,9 +139,9 @@ def generate_test_events(
     elif outcome is not None:
         _print_wait(outcome, wait_timeout)
     if result.error:
-        err_console.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {shown(result.error)}", highlight=False, soft_wrap=True)
     if outcome is not None and not outcome.completed:
-        err_console.print(f"[bold red]error:[/] {_timeout_line(outcome, wait_timeout, topo)}",
+        err_console.print(f"[bold red]error:[/] {shown(_timeout_line(outcome, wait_timeout, topo))}",
                           highlight=False, soft_wrap=True)
     if result.failed or (outcome is not None and not outcome.completed):
         raise typer.Exit(EXIT_FAIL)
@@ -155,7 +155,7 @@ generate_test_events.__doc__ = GENERATE_HELP
 
 def _confirm(out: Console, description: str, *, ask: bool, as_json: bool) -> None:
     """Show what will be published; when ``ask``, publish only on a yes (exit 1 otherwise)."""
-    out.print(description, highlight=False, soft_wrap=True)
+    out.print(shown(description), highlight=False, soft_wrap=True)
     if ask and not typer.confirm("Publish?", err=as_json):
         out.print("aborted: nothing published", highlight=False)
         raise typer.Exit(EXIT_FAIL)
@@ -246,8 +246,8 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
 
     def blocked(on: bool, reason: str) -> None:  # a resource alarm anywhere in the cluster: say so, do not freeze
         if on:
-            err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({reason}: a memory or disk alarm, "
-                              f"see rabbitmq-diagnostics alarms); waiting up to {BLOCKED_TIMEOUT_S}s",
+            err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({shown(reason)}: a memory or disk "
+                              f"alarm, see rabbitmq-diagnostics alarms); waiting up to {BLOCKED_TIMEOUT_S}s",
                               highlight=False, soft_wrap=True, markup=True)
         else:
             err_console.print("unblocked: publishing again", highlight=False)
@@ -284,9 +284,9 @@ def _print_results(plan: Plan, run: Run, res: PublishResult, record: Path | None
     table.add_row("events/s", f"{res.rate:,.0f}" if res.rate else "-")
     table.add_row("ms/event", f"{res.ms_per_event:.3f}" if res.ms_per_event is not None else "-")
     table.add_row("by type", ", ".join(f"{t} {n:,}" for t, n in sorted(run.by_type.items())))
-    table.add_row("broker", res.broker)
+    table.add_row("broker", shown(res.broker))
     if record is not None:
-        table.add_row("record", f"{record} ({lines:,} lines)")
+        table.add_row("record", f"{shown(record)} ({lines:,} lines)")
     console.print(table)
 
 
