@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -70,6 +72,75 @@ def mask(var: str, value: str) -> str:
     if "://" in value or var.endswith(("_URL", "_DSN")):
         return mask_url(value)
     return value
+
+
+def _url_secrets(url: str) -> Iterator[str]:
+    """The passwords and secret query parameter values of a URL or URL list (what mask_url hides)."""
+    starts = [m.start() for m in _SCHEME.finditer(url)] or [0]
+    for one in (url[a:b] for a, b in zip(starts, [*starts[1:], len(url)], strict=True)):
+        rest = one[_SCHEME.match(one).end():] if _SCHEME.match(one) else one
+        userinfo = rest.rpartition("@")[0]
+        if ":" in userinfo:
+            yield userinfo.split(":", 1)[1]
+        yield from (m.group()[len(m.group(1)):] for m in _SECRET_PARAM.finditer(rest))
+
+
+MIN_SECRET_CHARS = 4  # a shorter "secret" would mask ordinary words all over the output (and hides little)
+PUBLIC_PASSWORDS = frozenset({"guest"})  # RabbitMQ's built-in default: public knowledge, and a common word in output
+# an API key as providers quote it in part: a prefix, a run of * or ... and the key's last four characters
+_PARTIAL = r"[\w-]*(?:\*|\.\.\.|\u2026)[\w*.\u2026-]*?{tail}(?![\w])"
+
+
+class _Redactor:
+    """The secrets of every Settings loaded in this process, each masked in any text handed to ``redact``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._masks: dict[str, str] = {}  # a form of a secret (as is, URL-decoded, JSON-escaped) -> what shows
+        self._partials: dict[str, str] = {}  # a pattern of an API key's partial form -> what shows
+        self._compiled: tuple[re.Pattern | None, dict[str, str], list[tuple[re.Pattern, str]]] = (None, {}, [])
+
+    def remember(self, secrets: Iterator[tuple[str, str]]) -> None:
+        with self._lock:
+            for var, secret in secrets:
+                if len(secret) < MIN_SECRET_CHARS or secret in PUBLIC_PASSWORDS:
+                    continue
+                shown = mask(var, secret) if var in SECRET_VARS else "***"  # a key's last 4 tell which key it is
+                for form in (secret, unquote(secret), json.dumps(secret)[1:-1]):
+                    if len(form) >= MIN_SECRET_CHARS:
+                        self._masks[form] = shown
+                if var in SECRET_VARS and len(secret) > 12:
+                    self._partials[_PARTIAL.format(tail=re.escape(secret[-4:]))] = shown
+            forms = sorted(self._masks, key=len, reverse=True)  # the longest form first: no half-masked secret
+            exact = re.compile("|".join(map(re.escape, forms))) if forms else None
+            self._compiled = (exact, dict(self._masks), [(re.compile(p), m) for p, m in self._partials.items()])
+
+    def __call__(self, text: str) -> str:
+        exact, masks, partials = self._compiled
+        text = mask_text(text)
+        if exact is not None:
+            text = exact.sub(lambda m: masks[m.group()], text)
+        for pattern, shown in partials:
+            text = pattern.sub(shown, text)
+        return text
+
+
+redact = _Redactor()
+"""``redact(text)``: text from outside (a provider's or broker's error, a database error, a reply) with every URL's
+password masked and every secret of the settings loaded in this process (OPENAI_API_KEY, also in the partial forms
+providers quote, and the passwords and secret parameters of every URL setting, as written, URL-decoded or
+JSON-escaped) replaced by its mask. Applied wherever text leaves the process: the log formatters, ``cli.common.fail``
+and ``shown``, JSON output, the failed copy's x-error-message and its failed_messages record."""
+
+
+def _secrets(s: Settings) -> Iterator[tuple[str, str]]:
+    """(variable, secret) of every secret value in ``s``."""
+    if s.openai_api_key:
+        yield "OPENAI_API_KEY", s.openai_api_key
+    for var, url in (("RABBITMQ_DSN", s.rabbitmq_dsn), ("RABBITMQ_MANAGEMENT_URL", s.rabbitmq_management_url),
+                     ("MONGODB_URL", s.mongodb_url), ("REDIS_URL", s.redis_url),
+                     ("OPENAI_BASE_URL", s.openai_base_url)):
+        yield from ((var, secret) for secret in _url_secrets(url or ""))
 
 
 @dataclass(frozen=True)
@@ -257,6 +328,12 @@ def load_settings(env: Mapping[str, str] | None = None, env_file: str | Path | _
     file settings_file() names, if any). ``embeds=False``: the caller never calls the embeddings provider, so its
     API key is not required (every value given is still validated)."""
     e = merged_env(env, env_file)
+    settings = _settings(e, embeds)
+    redact.remember(_secrets(settings))
+    return settings
+
+
+def _settings(e: Mapping[str, str], embeds: bool) -> Settings:
     app_env = _choice(e, "APP_ENV", "dev", APP_ENVS)
     prod = app_env == "prod"
     provider, api_key = _provider(e, prod, embeds)

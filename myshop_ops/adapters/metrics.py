@@ -8,7 +8,10 @@ the ones the seed deployment checklist and its dashboards use.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -164,43 +167,107 @@ class Probed(Protocol):
 
 
 DEFAULT_HOST = "127.0.0.1"  # reachable from this host only; --metrics-host 0.0.0.0 where a scraper must reach it
-MAX_CONNECTIONS = 16  # served at once; more are closed at once (one thread each: idle sockets cannot pile up)
-REQUEST_TIMEOUT = 5.0  # seconds a connection may stay silent (a slow or idle client holds no thread longer)
+MAX_CONNECTIONS = 16  # served at once (one thread each); one more takes the slot of the oldest request still unsent
+REQUEST_DEADLINE_S = 5.0  # request line and headers must arrive within this, in total; the answer has as long again
+MAX_REQUEST_BYTES = 8192  # request line and headers; a longer request is answered 431 and closed
+_TOO_LARGE = b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def read_head(sock: socket.socket, deadline: float, limit: int = MAX_REQUEST_BYTES) -> bytes | None:
+    """The request line and headers of ``sock``, read until ``deadline`` (time.monotonic()) at the latest, whatever
+    the client's pace; None when it did not arrive in time or the client closed; b"" when it is over ``limit``."""
+    head = bytearray()
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            sock.settimeout(remaining)
+            chunk = sock.recv(4096)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        head += chunk
+        if len(head) > limit:
+            return b""
+    return bytes(head)
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that serves at most MAX_CONNECTIONS connections at once."""
+    """A ThreadingHTTPServer that serves at most MAX_CONNECTIONS connections at once, each within
+    REQUEST_DEADLINE_S. When all are taken, a new connection takes the slot of the one that has waited longest for
+    its request (shut down): slow or silent clients, however many, cannot keep a prompt one from an answer."""
 
     daemon_threads = True
     request_queue_size = 64  # connections the kernel holds for accept(): a burst is answered or closed at once
 
     def __init__(self, *args, **kwargs):
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._slots: set[socket.socket] = set()  # connections in service
+        self._waiting: dict[socket.socket, None] = {}  # those still sending their request, oldest first
         super().__init__(*args, **kwargs)
 
+    def connections(self) -> int:
+        """Connections in service now."""
+        with self._lock:
+            return len(self._slots)
+
     def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+        with self._lock:
+            if len(self._slots) >= MAX_CONNECTIONS:
+                if not self._waiting:  # every slot is sending an answer (each bounded by the deadline)
+                    self.shutdown_request(request)
+                    return
+                oldest = next(iter(self._waiting))
+                self._release(oldest)
+                with contextlib.suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RDWR)  # its thread sees the end at once, and closes it
+            self._slots.add(request)
+            self._waiting[request] = None
         try:
             super().process_request(request, client_address)
         except Exception:
-            self._slots.release()
+            with self._lock:
+                self._release(request)
             raise
+
+    def received(self, request: socket.socket) -> None:
+        """The request of this connection has arrived: it is being answered, no longer evictable."""
+        with self._lock:
+            self._waiting.pop(request, None)
+
+    def _release(self, request: socket.socket) -> None:
+        self._slots.discard(request)
+        self._waiting.pop(request, None)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._lock:
+                self._release(request)
 
 
 def serve(target: Probed, port: int, host: str = DEFAULT_HOST) -> ThreadingHTTPServer:
     """Serve /metrics, /healthz (liveness) and /readyz (readiness) of ``target`` on a daemon thread, on ``host``
-    (127.0.0.1 unless told), at most MAX_CONNECTIONS at once, each dropped after REQUEST_TIMEOUT s of silence."""
+    (127.0.0.1 unless told): at most MAX_CONNECTIONS at once, each request within REQUEST_DEADLINE_S and
+    MAX_REQUEST_BYTES, one request per connection."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT
+        server: _BoundedServer
+
+        def handle(self) -> None:
+            head = read_head(self.connection, time.monotonic() + REQUEST_DEADLINE_S)
+            self.server.received(self.connection)
+            self.connection.settimeout(REQUEST_DEADLINE_S)  # sending the answer (sendall: in total)
+            if head == b"":
+                self.wfile.write(_TOO_LARGE)
+            elif head:
+                self.rfile.close()
+                self.rfile = io.BytesIO(head)
+                self.handle_one_request()
+
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             if path == "/metrics":

@@ -10,10 +10,13 @@ import importlib
 import os
 import re
 import sys
+import traceback
+from typing import NoReturn
 
 import typer
 
-from myshop_ops.adapters.config import ENV_FILE_VAR
+from myshop_ops.adapters.config import ENV_FILE_VAR, redact
+from myshop_ops.base.exit_codes import EXIT_FAIL
 
 # command -> (module in myshop_ops.cli, function, the module's help text constant or None for the docstring)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
@@ -108,9 +111,19 @@ def optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+def crashed(exc: BaseException) -> NoReturn:
+    """An unexpected crash: its traceback on stderr with every secret masked (an exception may quote a provider's
+    or a database's reply), exit 1 as Python's own handler would."""
+    sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+    sys.exit(EXIT_FAIL)
+
+
 def main() -> None:
     argv = optional_values(sys.argv[1:])
     rest = argv[2:] if argv[:1] == ["--env-file"] else argv[1:] if argv[:1] and argv[0].startswith("--env-file=") \
         else argv
     first = rest[0] if rest else None
-    build(first if first in COMMANDS or first in GROUPS else None)(args=argv, prog_name="myshop")
+    try:
+        build(first if first in COMMANDS or first in GROUPS else None)(args=argv, prog_name="myshop")
+    except Exception as exc:  # typer's own excepthook would print it as is
+        crashed(exc)

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from myshop_ops.adapters import logs
 from myshop_ops.adapters.broker import BrokerError
-from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_text, mask_url
+from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_url, redact
 from myshop_ops.adapters.dedup import RedisError
 from myshop_ops.adapters.management import ManagementError
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
@@ -26,10 +26,11 @@ from myshop_ops.base.printable import printable
 
 def _console(stderr: bool = False) -> Console:
     """A console; into a pipe or a file (no terminal, no COLUMNS) 200 columns wide, so that tables keep their
-    headers and ids whole instead of rich's default 80."""
+    headers and ids whole instead of rich's default 80. No emoji codes: data's ``:smile:`` stays text (markup
+    has an escape, emoji codes have none)."""
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and not os.environ.get("COLUMNS")
-    return Console(stderr=stderr, width=200 if piped else None)
+    return Console(stderr=stderr, width=200 if piped else None, emoji=False)
 
 
 console = _console()
@@ -37,17 +38,24 @@ err_console = _console(stderr=True)
 
 
 def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
-    """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every URL
-    in it is masked (it may quote a library's exception)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(mask_text(message))), highlight=False,
+    """One line on stderr and exit ``code``. The message is text, never markup (it may quote data), and every
+    secret in it is masked (it may quote a library's exception or a provider's reply: config.redact)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", printable(redact(message))), highlight=False,
                       soft_wrap=True)
     raise typer.Exit(code)
 
 
 def shown(value: object) -> str:
-    """Data (an id, a name, an error message, a body) for a rich f-string: control characters escaped, markup
-    escaped, so it is displayed as written and never styles, links or breaks the output."""
-    return escape(printable(value))
+    """Data (an id, a name, an error message, a body) for a rich f-string or table cell: secrets masked
+    (config.redact), control characters escaped, markup escaped, so it is displayed as written and never styles,
+    links or breaks the output. Total: any value, any text."""
+    text = printable(redact(value if isinstance(value, str) else str(value)))
+    body = text.rstrip("\\")
+    if body == text:
+        return escape(text)
+    # backslashes at the end would escape (or, doubled as rich's escape does, halve before) a tag the caller puts
+    # next: doubled, then an empty tag of our own, they show as written whatever follows
+    return escape(body) + "\\" * (2 * (len(text) - len(body))) + "[dim][/dim]"
 
 
 def settings(*, embeds: bool = False) -> Settings:
@@ -82,4 +90,5 @@ def operator_errors(s: Settings) -> Iterator[None]:
 
 
 def print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    """``data`` as indented JSON on stdout, every secret masked (config.redact knows their JSON-escaped forms)."""
+    sys.stdout.write(redact(json.dumps(data, default=str, indent=2)) + "\n")

@@ -24,7 +24,7 @@ from myshop_ops.adapters.config import Settings, mask_url
 from myshop_ops.adapters.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.generate import (
     DEFAULT_POLL_S,
     MAX_EVENTS,
@@ -32,12 +32,14 @@ from myshop_ops.tools.generate import (
     MAX_USERS,
     Plan,
     Recorder,
+    RecordRefused,
     Run,
     VisibilityTracker,
     WaitOutcome,
     expected_sent_times,
     product_pool,
     profile_counts,
+    record_problem,
     synthesize,
     wait_visible,
 )
@@ -57,7 +59,9 @@ published again on a fresh channel (up to 8 times: a RabbitMQ cluster's leader e
 nacking); a connection blocked by a memory or disk alarm is said on stderr and given up after
 {BLOCKED_TIMEOUT_S} s.
 
---record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only).
+--record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only): a new file,
+or an existing regular file overwritten; never through a symbolic link, into a FIFO or device, or over a file
+with other hard links (refused before publishing).
 
 --wait then polls user_embeddings every {int(DEFAULT_POLL_S * 1000)} ms until each published event shows in the
 event_count of its user (counts read before publishing are subtracted) and reports the drain time (end of publishing
@@ -135,9 +139,9 @@ def generate_test_events(
     elif outcome is not None:
         _print_wait(outcome, wait_timeout)
     if result.error:
-        err_console.print(f"[bold red]error:[/] {result.error}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {shown(result.error)}", highlight=False, soft_wrap=True)
     if outcome is not None and not outcome.completed:
-        err_console.print(f"[bold red]error:[/] {_timeout_line(outcome, wait_timeout, topo)}",
+        err_console.print(f"[bold red]error:[/] {shown(_timeout_line(outcome, wait_timeout, topo))}",
                           highlight=False, soft_wrap=True)
     if result.failed or (outcome is not None and not outcome.completed):
         raise typer.Exit(EXIT_FAIL)
@@ -151,7 +155,7 @@ generate_test_events.__doc__ = GENERATE_HELP
 
 def _confirm(out: Console, description: str, *, ask: bool, as_json: bool) -> None:
     """Show what will be published; when ``ask``, publish only on a yes (exit 1 otherwise)."""
-    out.print(description, highlight=False, soft_wrap=True)
+    out.print(shown(description), highlight=False, soft_wrap=True)
     if ask and not typer.confirm("Publish?", err=as_json):
         out.print("aborted: nothing published", highlight=False)
         raise typer.Exit(EXIT_FAIL)
@@ -161,6 +165,8 @@ def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         fail(f"--record {path}: is a directory", EXIT_CONFIG)
+    if problem := record_problem(path):
+        fail(f"--record {problem}", EXIT_CONFIG)
     if not parent.is_dir():
         fail(f"--record {path}: directory {parent} does not exist", EXIT_CONFIG)
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -228,7 +234,10 @@ def _progress(as_json: bool, label: str, total: int) -> Iterator:
 
 def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path | None,
              as_json: bool) -> tuple[PublishResult, int]:
-    recorder = Recorder(record) if record is not None else None
+    try:
+        recorder = Recorder(record) if record is not None else None
+    except RecordRefused as exc:  # replaced since the check before the prompt
+        fail(f"--record {exc}", EXIT_CONFIG)
     messages = run.messages
 
     def settled(i: int, ok: bool) -> None:
@@ -237,8 +246,8 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
 
     def blocked(on: bool, reason: str) -> None:  # a resource alarm anywhere in the cluster: say so, do not freeze
         if on:
-            err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({reason}: a memory or disk alarm, "
-                              f"see rabbitmq-diagnostics alarms); waiting up to {BLOCKED_TIMEOUT_S}s",
+            err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({shown(reason)}: a memory or disk "
+                              f"alarm, see rabbitmq-diagnostics alarms); waiting up to {BLOCKED_TIMEOUT_S}s",
                               highlight=False, soft_wrap=True, markup=True)
         else:
             err_console.print("unblocked: publishing again", highlight=False)
@@ -275,9 +284,9 @@ def _print_results(plan: Plan, run: Run, res: PublishResult, record: Path | None
     table.add_row("events/s", f"{res.rate:,.0f}" if res.rate else "-")
     table.add_row("ms/event", f"{res.ms_per_event:.3f}" if res.ms_per_event is not None else "-")
     table.add_row("by type", ", ".join(f"{t} {n:,}" for t, n in sorted(run.by_type.items())))
-    table.add_row("broker", res.broker)
+    table.add_row("broker", shown(res.broker))
     if record is not None:
-        table.add_row("record", f"{record} ({lines:,} lines)")
+        table.add_row("record", f"{shown(record)} ({lines:,} lines)")
     console.print(table)
 
 

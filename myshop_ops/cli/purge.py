@@ -10,7 +10,7 @@ from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.failed_queue import FailedBox
 
 PURGE_HELP = """Purge a queue's ready messages (unacked ones stay with their consumers).
@@ -42,7 +42,7 @@ def purge(
             report = {"queue": queue, "ready": ready, "consumers": consumers,
                       "records": store.count_failures() if store else None, "dry_run": dry_run,
                       "purged": 0, "records_deleted": 0}
-            plan = f"'{queue}' holds {ready} ready message(s)" + (
+            plan = f"'{shown(queue)}' holds {ready} ready message(s)" + (
                 f" and failed_messages {report['records']} record(s)" if store else "")
             if not as_json:
                 console.print(("would purge: " if dry_run else "") + plan, highlight=False)
@@ -59,7 +59,7 @@ def purge(
     if as_json:
         print_json(report)
     elif not dry_run:
-        console.print(f"purged {report['purged']} message(s) from '{queue}'"
+        console.print(f"purged {report['purged']} message(s) from '{shown(queue)}'"
                       + (f", deleted {report['records_deleted']} record(s)" if store else ""), highlight=False)
 
 

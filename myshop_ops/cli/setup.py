@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import asdict
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from myshop_ops.adapters import broker
@@ -35,7 +34,7 @@ def setup_transports(
         steps = transports.setup()
         if migrate:
             try:
-                steps += transports.migrate(progress=lambda line: err_console.print(line, highlight=False))
+                steps += transports.migrate(progress=lambda line: err_console.print(shown(line), highlight=False))
             except MigrationRefused as exc:
                 fail(str(exc), EXIT_FAIL)
     warned = [st for st in steps if st.level != "ok"]
@@ -47,11 +46,11 @@ def setup_transports(
         column.overflow = "fold"
     for st in steps:
         style = {"created": "green", "set": "green", "recreated": "green", "adopted": "yellow"}.get(st.state)
-        table.add_row(st.kind, escape(st.name), f"[{style}]{st.state}[/]" if style else st.state, escape(st.detail))
+        table.add_row(st.kind, shown(st.name), f"[{style}]{st.state}[/]" if style else st.state, shown(st.detail))
     console.print(table)
     for st in warned:
-        console.print(f"[yellow]note:[/] {escape(st.kind)} {escape(st.name)}: {escape(st.detail)}"
-                      + (f" (fix: {escape(st.fix)})" if st.fix else ""), highlight=False, soft_wrap=True)
+        console.print(f"[yellow]note:[/] {shown(st.kind)} {shown(st.name)}: {shown(st.detail)}"
+                      + (f" (fix: {shown(st.fix)})" if st.fix else ""), highlight=False, soft_wrap=True)
 
 
 def messenger_config(

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from myshop_ops.adapters.amqp_fields import encodable
 from myshop_ops.adapters.broker import H_PUBLISHED_AT, Topology, publish_time
+from myshop_ops.adapters.config import redact
 from myshop_ops.base.contract import loose_field
 
 H_RETRY_COUNT = "x-retry-count"
@@ -115,7 +116,7 @@ def route(
     headers.setdefault(H_FIRST_FAILURE, stamp)
     headers[H_LAST_FAILURE] = stamp
     error_class = type(error).__name__
-    message = str(error)[:MAX_ERROR_CHARS]
+    message = redact(str(error))[:MAX_ERROR_CHARS]  # a provider's or database's words may quote a secret
     headers[H_ERROR_CLASS] = error_class
     headers[H_ERROR_MESSAGE] = message
     headers[H_WORKER_HOST] = socket.gethostname()

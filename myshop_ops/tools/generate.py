@@ -18,8 +18,10 @@ Events are valid contract-v1 events built with :func:`contract.make_event`:
 from __future__ import annotations
 
 import math
+import os
 import random
 import secrets
+import stat
 import time
 from array import array
 from collections import Counter
@@ -183,12 +185,40 @@ def synthesize(plan: Plan, products: Sequence[str], *, now: datetime | None = No
     return Run(plan=plan, run_id=f"{seed:016x}", messages=messages, product_ids=refs, by_type=by_type)
 
 
+class RecordRefused(ValueError):
+    """``--record FILE`` cannot be written safely; ``str()`` is one line for the operator."""
+
+
+def record_problem(path: Path) -> str | None:
+    """Why ``--record path`` would be refused (checked before publishing; Recorder enforces it), or None."""
+    if path.is_symlink():
+        return f"{path}: is a symbolic link: refusing to follow it (give the file's real path)"
+    if path.exists() and not path.is_file():
+        return f"{path}: not a regular file"
+    return None
+
+
 class Recorder:
-    """``--record FILE``: the exact published bodies as JSON lines, in publish order."""
+    """``--record FILE``: the exact published bodies as JSON lines, in publish order. A new file is created; an
+    existing regular file is overwritten. Never through a symbolic link (O_NOFOLLOW: a link planted where the file
+    will be cannot redirect the write to its target), nor into a FIFO, a device or a file with other hard links:
+    those raise RecordRefused."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never waits
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            raise RecordRefused(record_problem(self.path) or f"{self.path}: {exc.strerror or exc}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            raise RecordRefused(f"{self.path}: not a regular file" if not stat.S_ISREG(info.st_mode)
+                                else f"{self.path}: has other hard links: refusing to overwrite what they name")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+        self._file: BinaryIO = os.fdopen(fd, "wb")
         self.written = 0
 
     def write(self, body: bytes) -> None:

@@ -148,6 +148,7 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.reverse_data = False  # answer with ``data`` in reverse index order (clients must sort)
         self.on_request: Callable[[Any], None] | None = None  # called with each parsed body before answering
+        self.quote_key: str | None = None  # "full" or "partial": a 401 quotes the key it was sent (see ``refusal``)
         self._faults: deque[tuple[int, dict[str, str], float]] = deque()
         self._answers: dict[str, tuple[str, float]] = {}  # input text -> (fault, delay_s), see ``answer``
         self._lock = threading.Lock()
@@ -218,6 +219,15 @@ class FakeOpenAI:
         with self._lock:
             return len(self._faults)
 
+    def refusal(self, authorization: str | None) -> str:
+        """The 401 message: with ``quote_key``, quoting the key sent in full (a hostile or careless server) or
+        as OpenAI does (``sk-proj-****...WXYZ``: a prefix, stars, the last four characters)."""
+        key = (authorization or "").removeprefix("Bearer ")
+        quoted = {"full": key, "partial": key[:8] + "*" * 36 + key[-4:]}.get(self.quote_key or "")
+        if quoted is None:
+            return "Incorrect API key provided"
+        return f"Incorrect API key provided: {quoted}. You can find your API key at https://platform.openai.com/account/api-keys."
+
     def clear(self) -> None:
         """Forget recorded requests and pending faults (call it between tests on a shared server)."""
         with self._lock:
@@ -276,7 +286,7 @@ class FakeOpenAI:
                     return self._send(200, {"status": "ok"})
                 if path == "/v1/models":
                     if not self._authorised():
-                        return self._err(401, "Incorrect API key provided", code="invalid_api_key")
+                        return self._err(401, srv.refusal(self.headers.get("Authorization")), code="invalid_api_key")
                     data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in srv.models]
                     return self._send(200, {"object": "list", "data": data})
                 return self._err(404, f"Unknown request URL: GET {self.path}", code="unknown_url")
@@ -304,7 +314,7 @@ class FakeOpenAI:
                 if self.path.split("?")[0].rstrip("/") != "/v1/embeddings":
                     return self._err(404, f"Unknown request URL: POST {self.path}", code="unknown_url")
                 if not self._authorised():
-                    return self._err(401, "Incorrect API key provided", code="invalid_api_key")
+                    return self._err(401, srv.refusal(self.headers.get("Authorization")), code="invalid_api_key")
                 with srv._lock:
                     fault = srv._faults.popleft() if srv._faults else None
                 if fault is not None:
