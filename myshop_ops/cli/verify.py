@@ -23,14 +23,18 @@ from myshop_ops.tools.stats import wait_settled
 from myshop_ops.tools.verify import COSINE_MIN, Verification, verify
 
 VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorded events (the file written by
-`generate-test-events --record`, or any JSON-lines export of the stream): lost, duplicated and diverging users
-(cosine < {COSINE_MIN}, magnitude or per-type counts off). Events recorded in failed_messages are expected to be
-missing. Search phrases are embedded again (through the shared cache). A profile adopted from the shop's PHP
-workers is checked against the adoption rule (the sum beyond the file's events must be the prior's weight, decayed);
-one the shop's PHP workers rewrote after myshop is unverifiable, with the reason. Messages still queued or unacked
-are waited for (--wait); users short of events while some remain are pending, not lost. Exit 1 unless all is OK,
-also when nothing could be checked (no valid event, or none with a product vector outside failed_messages).
---json prints {{"ok", "reason" (why nothing was checked, else null), "lines", "invalid_lines", "events",
+`generate-test-events --record`, or any JSON-lines export of the stream): lost, duplicated, diverging (cosine <
+{COSINE_MIN}, magnitude, last_updated or per-type counts off) and unverifiable users. A profile is OK only when it
+equals the recomputation. Events recorded in failed_messages are expected to be missing. Search phrases are embedded
+again (through the shared cache); a user whose phrases the provider cannot embed is unverifiable, with its error. A
+profile carrying an adoption record (a prior the shop's PHP workers wrote: not in any events file) is unverifiable,
+or diverging when the adoption rule fails; one the shop's PHP workers rewrote after myshop is unverifiable, with the
+reason. Messages still queued or unacked are waited for (--wait); users short of events while some remain are
+pending, not lost. A regular file of any size, in bounded memory (a scratch database in $TMPDIR, under the file's
+size). If a dependency fails mid-way, the report of the users checked so far is printed ("complete": false), then
+one line. Exit 1 unless all is OK, also when nothing could be checked (no valid event, or none with a product vector
+outside failed_messages); 3 when a dependency failed.
+--json prints {{"ok", "complete", "reason" (why nothing was checked, else null), "lines", "invalid_lines", "events",
 "duplicates_in_file", "skipped_no_product", "in_failed", "in_flight", "users", "users_pending", "users_ok",
 "users_lost", "users_duplicated", "users_diverging", "users_unverifiable", "users_adopted", "events_lost",
 "events_duplicated", "problems": [{{"user_id", "status", "expected_events", "stored_events", "cosine",

@@ -10,8 +10,8 @@ wrote, whose direction is not kept) cannot be recomputed from the file and is ``
 Memory is bounded whatever the file's size: the events go through a scratch SQLite database in a temporary
 directory (deduplication, failed_messages, vectors and the per-user order are all done there, with a page cache of
 SCRATCH_CACHE_KIB), and Python holds at most CHUNK events, CHUNK recomputed profiles and MAX_KEPT problem users at a
-time. The scratch database takes about 1.5 times the events file on disk, plus the vectors of the products and
-phrases it names, and is removed at the end.
+time. The scratch database takes about half the events file on disk (its sorts spill there too), plus the vectors
+of the products and phrases it names, and is removed at the end.
 """
 
 from __future__ import annotations
