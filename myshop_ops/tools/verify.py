@@ -284,10 +284,13 @@ def _expected(db: sqlite3.Connection, settings: Settings) -> Iterator[Expected]:
             if exp.reason is None and (error := next((r[4] for r in chunk if r[4] is not None), None)):
                 exp.reason, exp.profile = error, None
             if exp.reason is None:
-                exp.profile = fold(exp.profile, np.array([r[2] for r in chunk]),
-                                   np.array([settings.weights[r[1]] for r in chunk]),
-                                   np.stack([np.frombuffer(r[3], "<f4") for r in chunk]),
-                                   lam=settings.decay_lambda, model=settings.model)
+                try:
+                    exp.profile = fold(exp.profile, np.array([r[2] for r in chunk]),
+                                       np.array([settings.weights[r[1]] for r in chunk]),
+                                       np.stack([np.frombuffer(r[3], "<f4") for r in chunk]),
+                                       lam=settings.decay_lambda, model=settings.model)
+                except ValueError as exc:  # the vectors cancel out: no profile to compare with
+                    exp.reason, exp.profile = f"its events cannot be folded: {exc}", None
         yield exp
 
 
@@ -311,7 +314,7 @@ def _judge(settings: Settings, exp: Expected, doc: dict | None) -> UserCheck:
     except (UnreadableProfile, VectorSpaceMismatch) as exc:
         return UserCheck(exp.user_id, "unverifiable", n, 0, reason=f"the profile cannot be read: {exc}")
     if stored.adopted:
-        return UserCheck(exp.user_id, "unverifiable", n, stored.event_count, adopted=True, reason=(
+        return UserCheck(exp.user_id, "unverifiable", n, stored.event_count, adopted="adopted" in doc, reason=(
             f"version {stored.version} was written by another writer (the shop's PHP workers?) after myshop's last "
             "write: its events are not all in the file"))
     if exp.reason is not None:
