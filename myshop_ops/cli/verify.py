@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import tempfile
 from pathlib import Path
 
 import pika.exceptions as pex
@@ -63,15 +65,23 @@ def run_verify(
             verify(s, lines, store, PhraseEmbedder(make_provider(s), RedisState.from_settings(s), ttl=s.cache_ttl),
                    report)
             report.unsettled(in_flight or _in_flight(s, topo, 0, management=False))  # and what came in meanwhile
-        except BaseException:  # a dependency failed mid-way: what was checked so far, then its one line
+        except BaseException as exc:  # a dependency failed mid-way: what was checked so far, then its one line
             report.complete = False
             _show(report, as_json, max_problems, events)
+            _local_failure(exc, events)
             raise
         finally:
             store.close()
     _show(report, as_json, max_problems, events)
     if not report.ok:
         raise typer.Exit(EXIT_FAIL)
+
+
+def _local_failure(exc: BaseException, events: Path) -> None:
+    """One line for a failure of this machine's own files: the events file, or the scratch database."""
+    if isinstance(exc, sqlite3.Error | OSError):
+        fail(f"reading --events {events} into the scratch database in {tempfile.gettempdir()} failed: "
+             f"{type(exc).__name__}: {exc} (free space there, or set TMPDIR)", EXIT_CONFIG)
 
 
 def _in_flight(s: Settings, topo: Topology, wait: float, *, management: bool) -> int:
