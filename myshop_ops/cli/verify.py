@@ -45,7 +45,8 @@ outside failed_messages); 3 when a dependency failed.
 
 def run_verify(
     events: Path = typer.Option(..., "--events", help="JSON lines of the published events."),
-    max_problems: int = typer.Option(20, "--max-problems", min=0, help="Problem users to list."),
+    max_problems: int = typer.Option(20, "--max-problems", min=0,
+                                     help="Problem users to list (at most 1000 are kept; all are counted)."),
     wait: float = typer.Option(60.0, "--wait", min=0, help="Seconds to wait for the main and retry queues to "
                                "settle first (messages still queued or unacked are not losses)."),
     as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
