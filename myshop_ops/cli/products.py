@@ -11,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from myshop_ops.adapters.embeddings import EmbeddingError, Provider, make_provider
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
-from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
-from myshop_ops.tools.lines import count_lines
+from myshop_ops.tools.lines import count_lines, open_regular
 
 SHOWN_BAD = 20  # bad lines printed one by one; --json lists them all (up to catalog.MAX_REPORTED_BAD)
 
@@ -32,7 +32,7 @@ def import_products(
     (catalog.MAX_LINE_BYTES) and never read whole; so is a product the provider refuses to embed.
     """
     try:
-        with open(path, "rb"):
+        with open_regular(path):  # a FIFO or /dev/zero would never end; read_catalog checks its own descriptor
             pass
     except OSError as exc:
         fail(f"catalog {path}: {exc.strerror or exc} (give a JSONL file, one product per line)", EXIT_CONFIG)
@@ -45,6 +45,8 @@ def import_products(
         except EmbeddingError as exc:
             fail(f"embeddings provider failed ({s.model}): {exc}; batches already stored are kept, re-run to resume",
                  EXIT_UNAVAILABLE if exc.transient else EXIT_FAIL)
+        except OSError as exc:  # the file changed under us (replaced by a FIFO, removed...)
+            fail(f"catalog {path}: {exc.strerror or exc} (give a JSONL file, one product per line)", EXIT_CONFIG)
         finally:
             store.close()
     if as_json:
@@ -57,14 +59,14 @@ def import_products(
 
 def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool, layout: str) -> ImportResult:
     """The import with feedback: a progress bar on a terminal, a line per batch otherwise, none with --json."""
-    shown = 0
+    printed = 0
     run = functools.partial(import_catalog, path, store, provider, batch_size=batch_size, layout=layout)
 
     def bad(line: BadLine) -> None:
-        nonlocal shown
-        shown += 1
-        if not quiet and shown <= SHOWN_BAD:
-            err_console.print(f"[yellow]line {line.line}:[/] {line.error}", highlight=False, soft_wrap=True)
+        nonlocal printed
+        printed += 1
+        if not quiet and printed <= SHOWN_BAD:
+            err_console.print(f"[yellow]line {line.line}:[/] {shown(line.error)}", highlight=False, soft_wrap=True)
 
     if quiet:
         return run(on_bad=bad)
@@ -74,7 +76,7 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
                           f"{r.bad} bad", highlight=False, soft_wrap=True)
 
         return run(on_bad=bad, on_batch=plain)
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         total = count_lines(fh)  # in chunks: a huge line is never held
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -88,7 +90,7 @@ def _summary(path: Path, r: ImportResult) -> None:
     if r.bad > SHOWN_BAD:
         err_console.print(f"[yellow]... {r.bad - SHOWN_BAD} more bad lines (--json lists them)[/]", highlight=False)
     console.print(
-        f"{path}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
+        f"{shown(path)}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
         f"{r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
         highlight=False,
         soft_wrap=True,  # one line however long the path: pipes and grep see it whole

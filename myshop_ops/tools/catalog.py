@@ -12,6 +12,9 @@ A catalog is a file someone hands the operator: every step is linear in its inpu
 MAX_LINE_BYTES is refused by number without being held (lines.bounded_lines); markup is stripped by one forward scan
 (no html.parser: it raised AssertionError on ``<![<`` and was quadratic on ``<a<a<a...``); text fields have control
 characters replaced by spaces and product ids with any are refused, by the contract's rule (contract.CONTROL).
+Stored text is text, never markup the shop's pages could render: after tags are stripped and character references
+decoded, a ``<`` that would open a tag, comment or declaration gets a space after it (``&lt;img&gt;`` is stored as
+``< img>``). The catalog must be a regular file (lines.open_regular): a FIFO or a device is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from myshop_ops.adapters.embeddings import EmbeddingError, InputRefused, Provider, embed_each
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import CONTROL, MAX_ID_CHARS, json_kind
-from myshop_ops.tools.lines import bounded_lines
+from myshop_ops.tools.lines import bounded_lines, open_regular
 
 # A product line is a few KB (name <= 1000 and category <= 200 characters, and a description of which only the first
 # 6000 bytes of text are embedded); a shop editor's HTML with inline styles can reach tens of KB. 1 MiB leaves room
@@ -46,6 +49,7 @@ _SKIP_TAGS = frozenset({"script", "style", "template", "noscript"})
 _WORD = re.compile(r"\w", re.UNICODE)
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 _OPENER = re.compile(r"<[A-Za-z!?]|</[A-Za-z]")  # what starts a tag, comment or declaration ("a < b" is text)
+_MARKUP_OPENER = re.compile(r"<(?=[/!?]|[^\W\d_])")  # what an HTML parser would open markup with (any letter)
 _PLAIN_TAG = re.compile(r"</?([A-Za-z][A-Za-z0-9]*)[^<>\"']*>")  # no quotes: the common case, one match
 # one character reference, bounded: html.unescape of "&#" + 5000 digits raises ValueError (int digit limit)
 _ENTITY = re.compile(r"&(?:#[0-9]{1,10};?|#[xX][0-9a-fA-F]{1,8};?|[A-Za-z][A-Za-z0-9]{0,31};?)")
@@ -162,10 +166,13 @@ def strip_markup(text: str) -> str:
 
 def clean_text(text: str) -> str:
     """Plain text of a possibly-HTML string: markup stripped, character references decoded, control characters
-    (contract.CONTROL: C0, DEL, C1, line separators, bidi controls) made spaces, whitespace collapsed."""
+    (contract.CONTROL: C0, DEL, C1, line separators, bidi controls) made spaces, whitespace collapsed, and text
+    never markup: a ``<`` that would open a tag, comment or declaration (followed by a letter, ``/``, ``!`` or
+    ``?``: decoded from ``&lt;``, left by a tag never closed, or joined by stripping) gets a space after it."""
     if "<" in text or "&" in text:
         text = strip_markup(text)
-    return " ".join(CONTROL.sub(" ", text).split())
+    text = " ".join(CONTROL.sub(" ", text).split())
+    return _MARKUP_OPENER.sub("< ", text) if "<" in text else text
 
 
 def truncate_words(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
@@ -336,9 +343,10 @@ class BadLine:
 
 def read_catalog(path: Path) -> Iterator[tuple[int, Product | BadLine]]:
     """(line number, product or bad line) for every non-blank line; a repeated product_id is a bad line, and so is
-    a line over MAX_LINE_BYTES (never read whole: memory stays bounded by the limit)."""
+    a line over MAX_LINE_BYTES (never read whole: memory stays bounded by the limit). OSError (lines.NotARegularFile
+    for a FIFO, a device or a directory) when ``path`` cannot be read as a file."""
     first_seen: dict[str, int] = {}
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:  # a FIFO or /dev/zero would never end
         for number, raw, size in bounded_lines(fh, MAX_LINE_BYTES):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, size = raw[3:], size - 3

@@ -7,10 +7,42 @@ chunks, only counted, and skipped.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 SKIP_CHUNK = 64 * 1024  # bytes read at a time past a line's limit
+
+
+class NotARegularFile(OSError):
+    """The path names a FIFO, a device, a socket or a directory: reading it may never end (``/dev/zero``, a FIFO
+    nobody writes to) or is not a file's lines."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading in binary, or OSError (NotARegularFile when it is not a regular file). Decided
+    on the opened descriptor (fstat), so the path cannot be swapped between the check and the read; opened
+    non-blocking, so a FIFO without a writer is refused at once instead of blocking the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"not a regular file ({_kind(mode)}): give a file, not a pipe or a device")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def bounded_lines(fh: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes, int]]:

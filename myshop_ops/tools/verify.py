@@ -1,26 +1,47 @@
 """`myshop verify`: the exact oracle. The profile math does not depend on order or batching, so every user's
 final profile can be recomputed from the set of events published (deduplicated by message_id) and compared with
 what the workers stored. Assumes the file holds every event of the users it names (test runs, audits of a
-replayed stream); events recorded in failed_messages are expected to be missing and are reported as failed."""
+replayed stream); events recorded in failed_messages are expected to be missing and are reported as failed.
+
+A profile is OK only when it equals that recomputation: vector, magnitude, time and counts. Nothing a profile says
+about its own past excuses a difference: a profile that carries an adoption record (a prior the shop's PHP workers
+wrote, whose direction is not kept) cannot be recomputed from the file and is ``unverifiable``, whatever it holds.
+
+Memory is bounded whatever the file's size: the events go through a scratch SQLite database in a temporary
+directory (deduplication, failed_messages, vectors and the per-user order are all done there, with a page cache of
+SCRATCH_CACHE_KIB), and Python holds at most CHUNK events, CHUNK recomputed profiles and MAX_KEPT problem users at a
+time. The scratch database takes about half the events file on disk (its sorts spill there too), plus the vectors
+of the products and phrases it names, and is removed at the end.
+"""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import sqlite3
+import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
+from operator import itemgetter
+from pathlib import Path
 
 import numpy as np
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
 from myshop_ops.adapters.store import Store
-from myshop_ops.base.contract import Event, InvalidMessage, event_key, parse
-from myshop_ops.base.layout import UnreadableProfile, read_profile, to_datetime
+from myshop_ops.base.contract import InvalidMessage, parse
+from myshop_ops.base.layout import ProfileRead, UnreadableProfile, read_profile, to_datetime
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
 
 COSINE_MIN = 0.99999
 MAGNITUDE_RTOL = 1e-4
-CHUNK = 1000
+TIME_TOLERANCE_DAYS = 0.002 / 86_400  # BSON dates keep milliseconds: the stored time may be cut by < 1 ms
+CHUNK = 1000  # ids per database query, events per fold, users per profile read
+INSERT_BATCH = 10_000  # events per scratch insert
+MAX_KEPT = 1000  # problem users kept for the report (all are counted)
+SCRATCH_CACHE_KIB = 16 * 1024  # the scratch database's page cache (its temporary sorts spill to disk)
 
 
 @dataclass(slots=True)
@@ -29,10 +50,10 @@ class UserCheck:
     status: str  # ok | lost | pending (short while messages are in flight) | duplicated | diverging | unverifiable
     expected_events: int
     stored_events: int
-    cosine: float | None = None  # None for an adopted profile: its prior's direction is not known any more
+    cosine: float | None = None  # None when the vectors were not compared
     magnitude_error: float | None = None  # relative (adopted: how far the sum beyond the events is from the prior's)
-    adopted: bool = False  # folded from a prior myshop adopted (layout.py): checked against the rule
-    reason: str | None = None  # why an unverifiable profile cannot be checked
+    adopted: bool = False  # carries an adoption record (layout.py): its prior is not in the file, never ok
+    reason: str | None = None  # why an unverifiable profile cannot be checked, or what diverges
 
 
 @dataclass
@@ -44,33 +65,42 @@ class Verification:
     skipped_no_product: int = 0
     in_failed: int = 0
     in_flight: int = 0  # messages still queued or unacked when verified: a short count may only be waiting
-    users: list[UserCheck] = field(default_factory=list)
+    complete: bool = True  # False: a dependency failed mid-way, the counts are those of the users checked so far
+    users: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    adopted: int = 0
+    lost_events: int = 0
+    duplicated_events: int = 0
+    problems: list[UserCheck] = field(default_factory=list)  # the first MAX_KEPT problem users, by user id
+
+    def add(self, check: UserCheck) -> None:
+        """Count one user's check (and keep it when it is a problem, up to MAX_KEPT)."""
+        self.users += 1
+        self.statuses[check.status] += 1
+        self.adopted += check.adopted
+        self.lost_events += max(0, check.expected_events - check.stored_events)
+        self.duplicated_events += max(0, check.stored_events - check.expected_events)
+        if check.status != "ok" and len(self.problems) < MAX_KEPT:
+            self.problems.append(check)
 
     def unsettled(self, in_flight: int) -> None:
         """Record that ``in_flight`` messages were not settled yet: users short of events are ``pending``, not
         ``lost`` (the run cannot be judged until the queues drained)."""
         self.in_flight = in_flight
         if in_flight:
-            for u in self.users:
+            self.statuses["pending"] += self.statuses.pop("lost", 0)
+            for u in self.problems:
                 if u.status == "lost":
                     u.status = "pending"
 
     def count(self, status: str) -> int:
-        return sum(1 for u in self.users if u.status == status)
-
-    @property
-    def lost_events(self) -> int:
-        return sum(max(0, u.expected_events - u.stored_events) for u in self.users)
-
-    @property
-    def duplicated_events(self) -> int:
-        return sum(max(0, u.stored_events - u.expected_events) for u in self.users)
+        return self.statuses.get(status, 0)
 
     @property
     def nothing_checked(self) -> str | None:
         """Why no profile could be compared, or None. A run that checked nothing is not OK: an empty file, or one
         of invalid lines only, proves nothing about the stored profiles."""
-        if self.users:
+        if self.users or not self.complete:
             return None
         if not self.events:
             return (f"nothing to verify: none of its {self.lines} line(s) is a valid event" if self.lines
@@ -80,130 +110,267 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return not self.in_flight and bool(self.users) and all(u.status == "ok" for u in self.users)
+        return self.complete and not self.in_flight and bool(self.users) and self.count("ok") == self.users
 
     def as_json(self, max_problems: int = 50) -> dict:
-        problems = [asdict(u) for u in self.users if u.status != "ok"][:max_problems]
-        return {"ok": self.ok, "reason": self.nothing_checked, "lines": self.lines,
+        return {"ok": self.ok, "complete": self.complete, "reason": self.nothing_checked, "lines": self.lines,
                 "invalid_lines": self.invalid_lines, "events": self.events,
                 "duplicates_in_file": self.duplicates_in_file, "skipped_no_product": self.skipped_no_product,
-                "in_failed": self.in_failed, "in_flight": self.in_flight, "users": len(self.users),
+                "in_failed": self.in_failed, "in_flight": self.in_flight, "users": self.users,
                 "users_pending": self.count("pending"),
                 "users_ok": self.count("ok"), "users_lost": self.count("lost"),
                 "users_duplicated": self.count("duplicated"), "users_diverging": self.count("diverging"),
-                "users_unverifiable": self.count("unverifiable"),
-                "users_adopted": sum(1 for u in self.users if u.adopted),
-                "events_lost": self.lost_events, "events_duplicated": self.duplicated_events, "problems": problems}
+                "users_unverifiable": self.count("unverifiable"), "users_adopted": self.adopted,
+                "events_lost": self.lost_events, "events_duplicated": self.duplicated_events,
+                "problems": [asdict(u) for u in self.problems[:max_problems]]}
 
 
-def read_events(lines: Iterable[bytes], report: Verification) -> dict[str, Event]:
-    """Valid events by ``Event.key`` (message id and user; the first of duplicates kept, as the workers do)."""
-    events: dict[str, Event] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        report.lines += 1
-        try:
-            event = parse(line.strip())
-        except InvalidMessage:
-            report.invalid_lines += 1
-            continue
-        if event.key in events:
-            report.duplicates_in_file += 1
-        else:
-            events[event.key] = event
-    report.events = len(events)
-    return events
-
-
-def _chunks(items: list, size: int = CHUNK) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: PhraseEmbedder) -> Verification:
-    report = Verification()
-    events = read_events(lines, report)
-    failed_keys = set()
-    for chunk in _chunks(sorted({e.message_id for e in events.values()})):
-        failed_keys.update(event_key(m, str(user)) for m, user in store.failure_owners(chunk))
-    live = [e for e in events.values() if e.key not in failed_keys]
-    report.in_failed = len(events) - len(live)
-    vectors = _vectors(settings, live, store, phrases)
-    report.skipped_no_product = sum(1 for e in live if e.key not in vectors)
-    by_user: dict[str, list[Event]] = defaultdict(list)
-    for e in live:
-        if e.key in vectors:
-            by_user[e.user_id].append(e)
-    stored = _stored(store, list(by_user))
-    for user_id, evs in sorted(by_user.items()):
-        expected = fold(None, np.array([to_days(e.occurred_at) for e in evs]),
-                        np.array([settings.weights[e.event_type] for e in evs]),
-                        np.stack([vectors[e.key] for e in evs]), lam=settings.decay_lambda,
-                        model=settings.model)
-        report.users.append(_judge(settings, user_id, expected, Counter(e.event_type for e in evs),
-                                   stored.get(user_id)))
+def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: PhraseEmbedder,
+           report: Verification | None = None, scratch_dir: Path | None = None) -> Verification:
+    """Check every user the file names (``lines``: its lines, each already bounded). ``report`` is filled as the
+    run goes: when a dependency fails mid-way it holds what was checked so far (and ``complete`` is False)."""
+    report = Verification() if report is None else report
+    report.complete = False
+    with _scratch(scratch_dir) as db:
+        _load(db, lines, report)
+        _mark_failed(db, store, report)
+        _product_vectors(db, store, settings)
+        _phrase_vectors(db, phrases)
+        report.skipped_no_product = db.execute(
+            "SELECT count(*) FROM live LEFT JOIN vectors v USING (kind, ref) WHERE v.vec IS NULL AND kind = 'p'"
+        ).fetchone()[0]
+        for batch in _batches(_expected(db, settings), CHUNK):
+            docs = store.profile_docs([u.user_id for u in batch])
+            for u in batch:
+                report.add(_judge(settings, u, docs.get(u.user_id)))
+    report.complete = True
     return report
 
 
-def _vectors(settings: Settings, events: list[Event], store: Store, phrases: PhraseEmbedder) -> dict[str, np.ndarray]:
-    """The vector each event contributes, by ``Event.key`` (absent: its product has no usable vector)."""
-    products: dict[str, np.ndarray] = {}
-    for chunk in _chunks(sorted({e.product_id for e in events if e.product_id is not None})):
+# ---- the scratch database -----------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE events (user_id TEXT NOT NULL, message_id TEXT NOT NULL, type TEXT NOT NULL, t REAL NOT NULL,
+                     kind TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (user_id, message_id)) WITHOUT ROWID;
+CREATE TABLE failed (user_id TEXT NOT NULL, message_id TEXT NOT NULL, PRIMARY KEY (user_id, message_id))
+    WITHOUT ROWID;
+CREATE TABLE vectors (kind TEXT NOT NULL, ref TEXT NOT NULL, vec BLOB, error TEXT, PRIMARY KEY (kind, ref))
+    WITHOUT ROWID;
+CREATE VIEW live AS SELECT * FROM events e
+    WHERE NOT EXISTS (SELECT 1 FROM failed f WHERE f.user_id = e.user_id AND f.message_id = e.message_id);
+"""
+
+
+@contextmanager
+def _scratch(directory: Path | None) -> Iterator[sqlite3.Connection]:
+    """A scratch database in its own temporary directory (removed at the end, also on failure)."""
+    with tempfile.TemporaryDirectory(prefix="myshop-verify-", dir=directory) as tmp, \
+            closing(sqlite3.connect(Path(tmp) / "verify.sqlite3", isolation_level=None)) as db:
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE", "locking_mode = EXCLUSIVE",
+                       f"cache_size = -{SCRATCH_CACHE_KIB}"):
+            db.execute(f"PRAGMA {pragma}")
+        db.executescript(_SCHEMA)
+        yield db
+
+
+def _load(db: sqlite3.Connection, lines: Iterable[bytes], report: Verification) -> None:
+    """Every valid event once (by message id and user: the first of duplicates kept, as the workers do)."""
+    rows: list[tuple] = []
+    for line in lines:
+        if not (line := line.strip()):
+            continue
+        report.lines += 1
+        try:
+            e = parse(line)
+        except InvalidMessage:
+            report.invalid_lines += 1
+            continue
+        search = e.event_type == "search"
+        rows.append((e.user_id, e.message_id, e.event_type, to_days(e.occurred_at), "s" if search else "p",
+                     e.search_phrase if search else e.product_id))
+        if len(rows) >= INSERT_BATCH:
+            _insert(db, rows, report)
+    _insert(db, rows, report)
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple], report: Verification) -> None:
+    if rows:
+        inserted = db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?)", rows).rowcount
+        report.events += inserted
+        report.duplicates_in_file += len(rows) - inserted
+        rows.clear()
+
+
+def _column_chunks(db: sqlite3.Connection, query: str) -> Iterator[list]:
+    """The first column of ``query``'s rows, CHUNK at a time."""
+    cursor = db.execute(query)
+    while chunk := cursor.fetchmany(CHUNK):
+        yield [row[0] for row in chunk]
+
+
+def _mark_failed(db: sqlite3.Connection, store: Store, report: Verification) -> None:
+    for chunk in _column_chunks(db, "SELECT DISTINCT message_id FROM events ORDER BY message_id"):
+        db.executemany("INSERT OR IGNORE INTO failed VALUES (?, ?)",
+                       [(str(user), m) for m, user in store.failure_owners(chunk)])
+    report.in_failed = report.events - db.execute("SELECT count(*) FROM live").fetchone()[0]
+
+
+def _product_vectors(db: sqlite3.Connection, store: Store, settings: Settings) -> None:
+    """Each usable product vector the live events name (a product without one is skipped, as the workers do)."""
+    query = "SELECT DISTINCT ref FROM live WHERE kind = 'p' ORDER BY ref"
+    for chunk in _column_chunks(db, query):
         found, _ = store.product_vectors(chunk, settings.model, settings.embedding_dimensions)
-        products.update(found)
-    searched: dict[str, np.ndarray] = {}
-    for chunk in _chunks(sorted({e.search_phrase for e in events if e.search_phrase is not None})):
-        for phrase, vec in phrases.embed(chunk).items():
-            if isinstance(vec, EmbeddingError):
-                raise vec
-            searched[phrase] = vec
-    out = {}
-    for e in events:
-        vec = searched.get(e.search_phrase) if e.search_phrase is not None else products.get(e.product_id)
-        if vec is not None:
-            out[e.key] = vec
-    return out
+        db.executemany("INSERT INTO vectors VALUES ('p', ?, ?, NULL)",
+                       [(pid, vec.astype("<f4").tobytes()) for pid, vec in found.items()])
 
 
-def _stored(store: Store, user_ids: list[str]) -> dict[str, dict]:
-    out = {}
-    for chunk in _chunks(user_ids):
-        out.update(store.profile_docs(chunk))
-    return out
+def _phrase_vectors(db: sqlite3.Connection, phrases: PhraseEmbedder) -> None:
+    """Each search phrase's vector, or why the provider gave none. A phrase the provider refuses fails only the
+    users who searched it (the embedder answers per phrase); after a transient failure (the provider's own
+    retries spent) no further call is made: the remaining phrases have that error."""
+    down: str | None = None
+    for chunk in _column_chunks(db, "SELECT DISTINCT ref FROM live WHERE kind = 's' ORDER BY ref"):
+        if down is None:
+            found, down = _embed(phrases, chunk)
+        else:
+            found = dict.fromkeys(chunk, down)
+        db.executemany("INSERT INTO vectors VALUES ('s', ?, ?, ?)",
+                       [(p, None, r) if isinstance(r, str) else (p, r.astype("<f4").tobytes(), None)
+                        for p, r in found.items()])
 
 
-def _judge(settings: Settings, user_id: str, expected: Profile, counts: Counter, doc: dict | None) -> UserCheck:
-    n = sum(counts.values())
+def _embed(phrases: PhraseEmbedder, chunk: list[str]) -> tuple[dict[str, np.ndarray | str], str | None]:
+    """(vector or why there is none, by phrase; the transient error that should stop further calls). The embedder
+    answers per phrase: a phrase the provider refuses is that phrase's reason alone."""
+    found: dict[str, np.ndarray | str] = {}
+    down = None
+    for phrase, result in phrases.embed(chunk).items():
+        if isinstance(result, EmbeddingError):
+            found[phrase] = f"its search phrases could not be embedded: {str(result)[:300]}"
+            down = down or (found[phrase] if result.transient else None)
+        else:
+            found[phrase] = result
+    return found, down
+
+
+# ---- the recomputation and the judgement ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Expected:
+    """One user's recomputation from the file (``reason``: why it could not be made)."""
+
+    user_id: str
+    events: int
+    counts: Counter
+    profile: Profile | None = None
+    reason: str | None = None
+
+
+def _expected(db: sqlite3.Connection, settings: Settings) -> Iterator[Expected]:
+    """Every user with at least one usable live event, in user id order, folded CHUNK events at a time."""
+    rows = db.execute("SELECT user_id, type, t, vec, error FROM live LEFT JOIN vectors USING (kind, ref) "
+                      "WHERE vec IS NOT NULL OR error IS NOT NULL ORDER BY user_id")
+    for user_id, user_rows in groupby(rows, key=itemgetter(0)):
+        exp = Expected(user_id, 0, Counter())
+        for chunk in _batches(user_rows, CHUNK):
+            exp.events += len(chunk)
+            exp.counts.update(r[1] for r in chunk)
+            if exp.reason is None and (error := next((r[4] for r in chunk if r[4] is not None), None)):
+                exp.reason, exp.profile = error, None
+            if exp.reason is None:
+                try:
+                    exp.profile = fold(exp.profile, np.array([r[2] for r in chunk]),
+                                       np.array([settings.weights[r[1]] for r in chunk]),
+                                       np.stack([np.frombuffer(r[3], "<f4") for r in chunk]),
+                                       lam=settings.decay_lambda, model=settings.model)
+                except ValueError as exc:  # the vectors cancel out: no profile to compare with
+                    exp.reason, exp.profile = f"its events cannot be folded: {exc}", None
+        yield exp
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _judge(settings: Settings, exp: Expected, doc: dict | None) -> UserCheck:
+    n = exp.events
     if doc is None:
-        return UserCheck(user_id, "lost", n, 0)
+        return UserCheck(exp.user_id, "lost", n, 0)
     try:
         stored = read_profile(doc, settings.model, settings.embedding_dimensions)
     except (UnreadableProfile, VectorSpaceMismatch) as exc:
-        return UserCheck(user_id, "unverifiable", n, 0, reason=f"the profile cannot be read: {exc}")
+        return UserCheck(exp.user_id, "unverifiable", n, 0, reason=f"the profile cannot be read: {exc}")
     if stored.adopted:
-        return UserCheck(user_id, "unverifiable", n, stored.event_count, reason=(
+        return UserCheck(exp.user_id, "unverifiable", n, stored.event_count, adopted="adopted" in doc, reason=(
             f"version {stored.version} was written by another writer (the shop's PHP workers?) after myshop's last "
             "write: its events are not all in the file"))
-    adoption = doc.get("adopted") if isinstance(doc.get("adopted"), dict) else None
-    prior_t = to_datetime(adoption.get("last_updated")) if adoption else None
-    before = adoption.get("event_count", 0) if adoption else 0
-    if adoption and (prior_t is None or not isinstance(before, int)):
-        return UserCheck(user_id, "unverifiable", n, stored.event_count, reason="its adoption record is unreadable")
-    check = UserCheck(user_id, "ok", n, stored.event_count - before, adopted=adoption is not None)
+    if exp.reason is not None:
+        return UserCheck(exp.user_id, "unverifiable", n, stored.event_count, reason=exp.reason)
+    if "adopted" in doc:
+        return _judge_adopted(settings, exp, doc, stored)
+    check = UserCheck(exp.user_id, "ok", n, stored.event_count)
     if check.stored_events != n:
         check.status = "lost" if check.stored_events < n else "duplicated"
         return check
-    if prior_t is not None:
-        # the prior's direction is gone; its weight is known: the sum beyond the events must be exactly that
-        check.magnitude_error = prior_residual(stored.profile, expected, to_days(prior_t), settings.decay_lambda)
-        diverging = check.magnitude_error > MAGNITUDE_RTOL
-    else:
-        got = stored.profile
-        check.cosine = float(got.embedding.astype(np.float64) @ expected.embedding.astype(np.float64) /
-                             (np.linalg.norm(got.embedding) * np.linalg.norm(expected.embedding) or 1.0))
-        check.magnitude_error = abs(got.magnitude - expected.magnitude) / max(expected.magnitude, 1e-12)
-        diverging = check.cosine < COSINE_MIN or check.magnitude_error > MAGNITUDE_RTOL
-    if diverging or (not before and dict(doc.get("event_counts") or {}) != dict(counts)):
+    got, expected = stored.profile, exp.profile
+    check.cosine = float(got.embedding.astype(np.float64) @ expected.embedding.astype(np.float64) /
+                         (np.linalg.norm(got.embedding) * np.linalg.norm(expected.embedding) or 1.0))
+    check.magnitude_error = abs(got.magnitude - expected.magnitude) / max(expected.magnitude, 1e-12)
+    check.reason = _difference(check, got, expected, doc.get("event_counts"), exp.counts)
+    if check.reason:
         check.status = "diverging"
     return check
+
+
+def _difference(check: UserCheck, got: Profile, expected: Profile, stored_counts: object, counts: Counter
+                ) -> str | None:
+    """What differs between a stored profile and its recomputation, or None."""
+    if check.cosine < COSINE_MIN:
+        return f"its vector is not the events' (cosine {check.cosine:.6f})"
+    if check.magnitude_error > MAGNITUDE_RTOL:
+        return f"its magnitude is off by {check.magnitude_error:.2e} (relative)"
+    if abs(got.last_updated - expected.last_updated) > TIME_TOLERANCE_DAYS:
+        return "its last_updated is not its newest event's time"
+    if not isinstance(stored_counts, dict) or {k: v for k, v in stored_counts.items() if v} != dict(counts):
+        return "its per-type event counts are not the file's"
+    return None
+
+
+def _judge_adopted(settings: Settings, exp: Expected, doc: dict, stored: ProfileRead) -> UserCheck:
+    """A profile with an adoption record: its prior (the shop's vector, whose direction is not kept) is not in the
+    file, so it cannot be recomputed: unverifiable at best. It is diverging when the record does not even hold
+    for it: the sum beyond the file's events must be exactly the prior's weight, decayed (layout.py)."""
+    record = doc["adopted"] if isinstance(doc["adopted"], dict) else {}
+    prior_t, before, version = (to_datetime(record.get("last_updated")), record.get("event_count"),
+                                record.get("version"))
+    check = UserCheck(exp.user_id, "unverifiable", exp.events, stored.event_count, adopted=True)
+    if prior_t is None or not _whole(before) or not _whole(version):
+        check.reason = "its adoption record is unreadable"
+        return check
+    check.stored_events -= before
+    if not (0 <= before <= stored.event_count and version < stored.version
+            and to_days(prior_t) <= stored.profile.last_updated + TIME_TOLERANCE_DAYS):
+        check.reason = "its adoption record contradicts the profile (counts, version or time)"
+        return check
+    if check.stored_events != exp.events:
+        check.status = "lost" if check.stored_events < exp.events else "duplicated"
+        return check
+    check.magnitude_error = prior_residual(stored.profile, exp.profile, to_days(prior_t), settings.decay_lambda)
+    if check.magnitude_error > MAGNITUDE_RTOL:
+        check.status, check.reason = "diverging", "the sum beyond the file's events is not the adopted prior's weight"
+        return check
+    check.reason = (f"adopted from the shop's profile of {prior_t:%Y-%m-%d %H:%M:%S} UTC: that prior is not in the "
+                    "events file, so the profile cannot be recomputed (the events since agree with the adoption rule)")
+    return check
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -108,3 +109,51 @@ def test_verify_reports_messages_in_flight_as_pending_not_lost(env, topology, wo
     wait_queue(s, topology.queue, consumers=1)
     report, code = run_verify(env, path)
     assert code == 0 and report["ok"] is True and report["in_flight"] == 0 and report["users_ok"] == 2
+
+
+def _forge_adoption(s, store, user: str, cosine: float) -> None:
+    """Replace the user's vector by one at ``cosine`` to the true one and add the adoption record that makes the
+    rule's residual exactly 0: the prior's time chosen so that its decayed weight is |S_forged - S_true|."""
+    doc = store.get_profile_doc(user)
+    true = np.asarray(doc["vector"], np.float64)
+    other = np.random.default_rng(7).standard_normal(true.size)
+    other -= (other @ true) * true
+    forged = cosine * true + np.sqrt(1 - cosine**2) * other / np.linalg.norm(other)
+    rest = doc["magnitude"] * np.linalg.norm(forged - true)
+    prior_t = doc["last_updated"] + timedelta(days=float(np.log(rest)) / s.decay_lambda)
+    store.users.update_one({"user_id": user}, {"$set": {
+        "vector": vector_value(forged.astype(np.float32), s.store_layout),
+        "adopted": {"version": 0, "last_updated": prior_t, "event_count": 0}}})
+
+
+@pytest.mark.parametrize("cosine", [0.287, 0.758])
+def test_verify_forged_adoption_record_is_not_ok(env, applied, cosine):
+    """A profile whose vector was replaced (cosine 0.287, then 0.758 to the truth) plus a forged `adopted` record
+    passed as ok: the residual rule only measures the sum's length beyond the events. A profile carrying an
+    adoption record is never ok now: its prior is not in the file."""
+    s, store, users, path = applied
+    _forge_adoption(s, store, users[1], cosine)
+    report, code = run_verify(env, path)
+    assert code == 1 and report["ok"] is False
+    assert (report["users_ok"], report["users_unverifiable"], report["users_adopted"]) == (2, 1, 1)
+    [problem] = report["problems"]
+    assert problem["user_id"] == users[1] and problem["status"] == "unverifiable" and problem["adopted"] is True
+    table = run_cli("verify", "--events", str(path), "--wait", "0", env=env.subprocess_env(COLUMNS="300"))
+    assert table.returncode == 1 and "verification: UNVERIFIABLE" in table.stdout
+
+
+def test_verify_checks_what_a_profile_says_about_its_past(env, applied):
+    """Records a profile keeps about itself excuse nothing: an adoption record that contradicts the profile, an
+    unreadable one, a counter or a time that is not the events' are reported, never ok."""
+    _, store, users, path = applied
+    doc = store.get_profile_doc(users[0])
+    store.users.update_one({"user_id": users[0]}, {"$set": {"adopted": {
+        "version": doc["version"] + 5, "last_updated": doc["last_updated"], "event_count": 0}}})
+    store.users.update_one({"user_id": users[1]}, {"$set": {"adopted": "yes"}})
+    store.users.update_one({"user_id": users[2]}, {"$set": {"last_updated": doc["last_updated"] + timedelta(days=9)}})
+    report, code = run_verify(env, path)
+    assert code == 1 and report["users_ok"] == 0
+    by_user = {p["user_id"]: p for p in report["problems"]}
+    assert by_user[users[0]]["status"] == "unverifiable" and "contradicts" in by_user[users[0]]["reason"]
+    assert by_user[users[1]]["status"] == "unverifiable" and "unreadable" in by_user[users[1]]["reason"]
+    assert by_user[users[2]]["status"] == "diverging" and "last_updated" in by_user[users[2]]["reason"]

@@ -647,5 +647,5 @@ def test_verify_that_checked_no_user_is_not_ok():
     report = Verification(lines=3, events=3, in_failed=2, skipped_no_product=1)
     assert not report.ok and report.nothing_checked == (
         "nothing to verify: each of its 3 event(s) is in failed_messages (2) or names a product without a vector (1)")
-    report.users.append(UserCheck("u", "ok", 3, 3))
+    report.add(UserCheck("u", "ok", 3, 3))
     assert report.ok and report.nothing_checked is None and report.as_json()["reason"] is None

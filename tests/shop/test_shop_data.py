@@ -131,11 +131,15 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
         assert [p for p, _ in ranked[user]] == [p for p, _ in ours], user
         np.testing.assert_allclose([sc for _, sc in ranked[user]], [sc for _, sc in ours], atol=1e-6)
 
-    # verify accounts for the adopted priors
+    # verify checks the fresh users exactly; an adopted one holds a prior the events file does not: unverifiable
+    # (the events since agree with the adoption rule), never ok
     done = run_cli("verify", "--events", str(tmp_path / "events.jsonl"), "--json", env=env.subprocess_env())
     report = json.loads(done.stdout)
-    assert done.returncode == 0 and report["ok"], report
-    assert (report["users"], report["users_ok"], report["users_adopted"]) == (8, 8, 4)
+    assert done.returncode == 1 and not report["ok"], report
+    assert (report["users"], report["users_ok"], report["users_unverifiable"], report["users_adopted"]) == (8, 4, 4, 4)
+    assert {p["user_id"] for p in report["problems"]} == set(adopted)
+    assert all("cannot be recomputed" in p["reason"] and "agree with the adoption rule" in p["reason"]
+               for p in report["problems"])
 
     # the shop's PHP worker writes again after us (a rollback): the next event adopts its vector anew
     user = adopted[1]
@@ -147,7 +151,7 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
                                                       "version": before.version + 1}]))
     assert php(s, "write-profiles", str(tmp_path / "again.json")) == {"written": 1}
     done = run_cli("verify", "--events", str(tmp_path / "events.jsonl"), "--json", env=env.subprocess_env())
-    [problem] = json.loads(done.stdout)["problems"]
+    problem = {p["user_id"]: p for p in json.loads(done.stdout)["problems"]}[user]
     assert done.returncode == 1 and problem["status"] == "unverifiable" and "after myshop's last write" in problem[
         "reason"]
     late = make_event(user, "product_purchase", ids[5], shop_when + timedelta(hours=1))
