@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
@@ -12,7 +13,6 @@ from typing import NoReturn
 import typer
 from pymongo.errors import PyMongoError
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 from myshop_ops.adapters import logs
@@ -51,11 +51,24 @@ def shown(value: object) -> str:
     links or breaks the output. Total: any value, any text."""
     text = printable(redact(value if isinstance(value, str) else str(value)))
     body = text.rstrip("\\")
+    escaped = _BRACKETS.sub(_escape_bracket, body)
     if body == text:
-        return escape(text)
+        return escaped
     # backslashes at the end would escape (or, doubled as rich's escape does, halve before) a tag the caller puts
     # next: doubled, then an empty tag of our own, they show as written whatever follows
-    return escape(body) + "\\" * (2 * (len(text) - len(body))) + "[dim][/dim]"
+    return escaped + "\\" * (2 * (len(text) - len(body))) + "[dim][/dim]"
+
+
+# every "[" with the backslashes before it; group 2 is a whole tag when the "[" opens one (rich's own pattern)
+_BRACKETS = re.compile(r"(\\*)(\[[a-z#/@][^[]*?]|\[)")
+
+
+def _escape_bracket(match: re.Match) -> str:
+    """rich reads n backslashes before a tag as n // 2 backslashes and an escape when n is odd (rich.markup.escape
+    writes 2n + 1), and takes one backslash from before any other "[" ("\\[" is "["): n + 1 shows n."""
+    slashes, bracket = match.groups()
+    n = len(slashes)
+    return "\\" * (2 * n + 1 if len(bracket) > 1 else n + 1) + bracket
 
 
 def settings(*, embeds: bool = False) -> Settings:

@@ -4,7 +4,7 @@ taken from it, and never raises MarkupError."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from myshop_ops.adapters.config import redact
@@ -48,6 +48,9 @@ def test_a_duplicate_product_id_of_markup_renders_as_written():
 
 @settings(max_examples=400, deadline=None)
 @given(value=texts)
+@example(value="x\\[")  # rich takes one backslash from before a "[" that opens no tag: it showed "x["
+@example(value="a\\\\[b")
+@example(value="[a\\[b]")
 def test_any_text_renders_as_its_escaped_form(value):
     for text in rendered(value):
         assert text.plain == printable(redact(value))  # redact: secrets and URL passwords masked
