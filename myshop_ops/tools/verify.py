@@ -302,8 +302,8 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 def _judge(settings: Settings, exp: Expected, doc: dict | None) -> UserCheck:
     n = exp.events
-    if doc is None:
-        return UserCheck(exp.user_id, "lost", n, 0)
+    if doc is None:  # lost, unless the file's events cannot tell what the profile should be
+        return UserCheck(exp.user_id, "lost" if exp.reason is None else "unverifiable", n, 0, reason=exp.reason)
     try:
         stored = read_profile(doc, settings.model, settings.embedding_dimensions)
     except (UnreadableProfile, VectorSpaceMismatch) as exc:
