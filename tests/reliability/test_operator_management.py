@@ -115,7 +115,7 @@ def replies(other: str):
                      st.sampled_from([(500, {}), (404, {}), (401, {}), ("redirect", other)]))
 
 
-_EXAMPLES = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+_EXAMPLES = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -153,7 +153,8 @@ messages = st.tuples(bodies, st.fixed_dictionaries({
     "headers": st.dictionaries(header_names, header_values, max_size=6), "message_id": short,
     "content_type": short, "timestamp": st.none() | st.integers(0, 2**64 - 1)}))
 queue_contents = st.lists(messages, min_size=1, max_size=4)
-_SLOW = settings(max_examples=12, deadline=None, derandomize=True, database=None,
+# real queues: a few examples of several messages each, one queue per test emptied between examples (~0.3 s each)
+_SLOW = settings(max_examples=15, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -178,6 +179,7 @@ def render(records: list[dict], box: FailedBox, capsys) -> None:
     drift = box.check()
     failed_cli._show_list(records, drift, False)
     failed_cli._show_list(records, drift, True)
+    failed_cli._show_stats(box.stats(), drift, False)
     for rec in records:
         failed_cli._print_one(rec)
     out = capsys.readouterr()
@@ -215,7 +217,7 @@ def test_property_failed_tools_take_any_queue_contents(env, box, capsys, content
     assert box.check().consistent
 
 
-@_SLOW
+@settings(_SLOW, max_examples=25)
 @given(queue_contents)
 def test_property_unrouted_tools_take_any_queue_contents(env, box, contents_):
     """Any messages caught by the alternate exchange: peek lists each as text without consuming it, republish moves
