@@ -218,10 +218,9 @@ def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
     whose record was removed): from the message's parsed fields only."""
     reason = msg.death_reason
     error_class = msg.error_class or ("DeliveryLimitExceeded" if reason == "delivery_limit" else "DeadLettered")
-    message = msg.error_message or (
-        f"dead-lettered by RabbitMQ ({reason or 'unknown reason'}): the message was redelivered too often, "
-        "probably because processing it killed the worker"
-    )
+    message = msg.error_message or f"dead-lettered by RabbitMQ ({reason or 'unknown reason'})" + (
+        ": the message was redelivered too often, probably because processing it killed the worker"
+        if reason == "delivery_limit" else "")
     now = datetime.now(UTC)
     return failure_record_fields(
         **({"failure_id": msg.failure_id} if msg.failure_id else {}),  # absent, never null: the index is sparse
