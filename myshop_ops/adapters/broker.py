@@ -15,7 +15,7 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.spec import BasicProperties
 
-from myshop_ops.adapters import amqp_fields  # noqa: F401  hostile header values decoded without raising, for every reader
+from myshop_ops.adapters.amqp_fields import encodable  # importing it: hostile header values decoded without raising
 from myshop_ops.adapters.config import ConfigError, Settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,9 @@ def missing_objects(connection: BlockingConnection, topo: Topology) -> list[str]
 
 def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0) -> int:
     """Move the messages of ``source`` (all but its first ``skip``) to ``exchange`` with ``routing_key``, properties
-    and headers kept: each is republished with a confirm (a nack: again, on a fresh channel), then acked, so none is
-    ever lost (an interruption leaves one copy twice at most, which deduplication absorbs). Returns how many moved."""
+    and headers kept (but a header pika cannot encode again, a value out of range a publisher chose: left out): each
+    is republished with a confirm (a nack: again, on a fresh channel), then acked, so none is ever lost (an
+    interruption leaves one copy twice at most, which deduplication absorbs). Returns how many moved."""
     get, put = connection.channel(), Publisher(connection)
     moved = 0
     try:
@@ -252,6 +253,8 @@ def move(connection: BlockingConnection, source: str, routing_key: str, *, excha
             if skip > 0:
                 skip -= 1  # left unacked until the channel closes: back in the queue, in its place
                 continue
+            if props.headers:
+                props.headers = encodable(props.headers)[0]
             try:
                 put.send(exchange, routing_key, body, props, what=f"a message moved from '{source}'")
             except BrokerError as exc:

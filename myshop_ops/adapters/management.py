@@ -8,7 +8,10 @@ the first RABBITMQ_DSN host on port 15672 (15671 for amqps) with its credentials
 from __future__ import annotations
 
 import base64
+import http.client
 import json
+import logging
+import math
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,16 +20,21 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from myshop_ops.adapters.broker import dsn_urls
 from myshop_ops.adapters.config import mask_url
 
+log = logging.getLogger(__name__)
+
 
 class ManagementError(Exception):
-    """The management API could not answer (unreachable, refused, unexpected reply)."""
+    """The management API could not answer (unreachable, refused, redirected, an unexpected reply)."""
+
+
+MAX_REPLY_BYTES = 32 * 1024 * 1024  # a reply past this is refused, not read whole
 
 
 @dataclass(frozen=True, slots=True)
 class QueueInfo:
     name: str
     ready: int
-    unacked: int
+    unacked: int | None  # None: the reply held no count there (every number read from a reply is checked likewise)
     consumers: int
     durable: bool
     arguments: dict
@@ -40,6 +48,14 @@ class QueueInfo:
     online: tuple[str, ...] = ()  # the members running now
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is never followed: the request carries the Basic credentials, and another host must not get
+    them. The 3xx reaches ``_request`` as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class Management:
     def __init__(self, url: str, vhost: str = "/", timeout: float = 5.0):
         parts = urlsplit(url)
@@ -47,61 +63,75 @@ class Management:
         self.vhost = vhost
         user_pass = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
         self._auth = "Basic " + base64.b64encode(user_pass.encode()).decode()
-        self.base = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), "/api", "",
-                                ""))
+        host = parts.netloc.rpartition("@")[2]  # host[:port] as written: an IPv6 literal keeps its brackets
+        self.base = urlunsplit((parts.scheme, host, "/api", "", ""))
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def _request(self, method: str, path: str, payload: object = None) -> object:
+        """The reply's JSON (None for a 404 or an empty reply); ManagementError (one line) for anything else."""
         headers = {"Authorization": self._auth}
         data = None
         if payload is not None:
             data, headers["Content-Type"] = json.dumps(payload).encode(), "application/json"
         request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                body = reply.read()
+            with self._opener.open(request, timeout=self.timeout) as reply:
+                body = reply.read(MAX_REPLY_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            if exc.code in (401, 403):
-                raise ManagementError(f"RabbitMQ management API at {self.display} refused the credentials "
-                                      "(the user needs the monitoring tag, and policymaker for setup-transports; check "
-                                      "RABBITMQ_MANAGEMENT_URL)") from None
-            raise ManagementError(f"RabbitMQ management API at {self.display} answered {exc.code}") from None
-        except OSError as exc:
+            return _refusal(exc, self.display)
+        except (OSError, http.client.HTTPException) as exc:
             raise ManagementError(f"RabbitMQ management API at {self.display} unreachable: {exc} "
                                   "(enable it: rabbitmq-plugins enable rabbitmq_management)") from None
-        return json.loads(body) if body else None
+        if len(body) > MAX_REPLY_BYTES:
+            raise ManagementError(f"RabbitMQ management API at {self.display} answered more than "
+                                  f"{MAX_REPLY_BYTES // 2**20} MB to {method} {path.split('?')[0]}")
+        try:
+            return json.loads(body) if body else None
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            raise ManagementError(f"RabbitMQ management API at {self.display} answered {method} "
+                                  f"{path.split('?')[0]} with something that is not JSON") from None
 
-    def _get(self, path: str) -> object:
-        return self._request("GET", path)
+    def _get(self, path: str, kind: type = dict) -> object:
+        """A GET's reply when it is of ``kind`` (None when absent); ManagementError for a reply of another shape."""
+        raw = self._request("GET", path)
+        if raw is not None and not isinstance(raw, kind):
+            raise ManagementError(f"RabbitMQ management API at {self.display} answered GET {path.split('?')[0]} with "
+                                  f"{type(raw).__name__} where {kind.__name__} was expected")
+        return raw
 
     def queue(self, name: str) -> QueueInfo | None:
         raw = self._get(f"/queues/{self._vhost}/{quote(name, safe='')}")
-        return None if raw is None else _queue_info(raw)
+        return None if raw is None else _queue_info(name, raw)
 
     def bindings(self, queue: str) -> list[dict]:
-        return self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}/bindings") or []
+        """The queue's bindings with a text source and routing key (other entries skipped)."""
+        raw = self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}/bindings", list) or []
+        return _entries(raw, "binding", lambda b: isinstance(b.get("source"), str)
+                        and isinstance(b.get("routing_key"), str))
 
     def consumers(self, queue: str) -> list[dict]:
         """Who consumes ``queue``: for each consumer, its connection's client-given name (``connection_name``,
-        "" when unnamed, None while the connection is not in the management statistics yet), peer host and user.
-        Empty when the queue does not exist."""
+        "" when unnamed, None while the connection is not in the management statistics yet), peer host and user
+        (text; "?" when the reply does not tell). Empty when the queue does not exist."""
         raw = self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}") or {}
         out = []
-        for consumer in raw.get("consumer_details") or ():
-            name = (consumer.get("channel_details") or {}).get("connection_name")
-            conn = (self._get(f"/connections/{quote(name, safe='')}") if name else None) or {}
-            given = (conn.get("client_properties") or {}).get("connection_name") or "" if conn else None
-            out.append({"connection_name": None if given is None else str(given),
-                        "peer_host": conn.get("peer_host", "?"), "user": conn.get("user", "?")})
+        for consumer in _entries(raw.get("consumer_details"), "consumer"):
+            name = _text(_dict(consumer.get("channel_details")).get("connection_name"))
+            conn = self._get(f"/connections/{quote(name, safe='')}") if name else None
+            given = None if conn is None else _dict(conn.get("client_properties")).get("connection_name")
+            out.append({"connection_name": None if conn is None else _text(given) or "",
+                        "peer_host": _text(_dict(conn).get("peer_host")) or "?",
+                        "user": _text(_dict(conn).get("user")) or "?"})
         return out
 
     def nodes(self) -> list[dict]:
-        """The cluster's nodes: name, running, and the memory and disk alarms each raises."""
-        return [{"name": n.get("name", "?"), "running": bool(n.get("running")),
-                 "mem_alarm": bool(n.get("mem_alarm")), "disk_free_alarm": bool(n.get("disk_free_alarm"))}
-                for n in self._get("/nodes?columns=name,running,mem_alarm,disk_free_alarm") or ()]
+        """The cluster's nodes: name, running, and the memory and disk alarms each raises (an entry without a
+        text name is skipped; a flag that is not ``true`` is false)."""
+        raw = self._get("/nodes?columns=name,running,mem_alarm,disk_free_alarm", list) or []
+        return [{"name": n["name"], "running": n.get("running") is True, "mem_alarm": n.get("mem_alarm") is True,
+                 "disk_free_alarm": n.get("disk_free_alarm") is True}
+                for n in _entries(raw, "node", lambda n: _text(n.get("name")) is not None)]
 
     def exchange(self, name: str) -> dict | None:
         return self._get(f"/exchanges/{self._vhost}/{quote(name, safe='')}")
@@ -110,7 +140,10 @@ class Management:
         return self._get(f"/policies/{self._vhost}/{quote(name, safe='')}")
 
     def policies(self) -> list[dict]:
-        return self._get(f"/policies/{self._vhost}") or []
+        """The vhost's policies with a text name and pattern and an integer priority (other entries skipped)."""
+        raw = self._get(f"/policies/{self._vhost}", list) or []
+        return _entries(raw, "policy", lambda p: isinstance(p.get("name"), str) and isinstance(p.get("pattern"), str)
+                        and _count(p.get("priority"), signed=True) is not None)
 
     def put_policy(self, name: str, pattern: str, apply_to: str, definition: dict, priority: int) -> None:
         self._request("PUT", f"/policies/{self._vhost}/{quote(name, safe='')}",
@@ -124,28 +157,89 @@ class Management:
         return quote(self.vhost, safe="")
 
 
-def _queue_info(raw: dict) -> QueueInfo:
-    stats = raw.get("message_stats") or {}
+def _refusal(exc: urllib.error.HTTPError, display: str) -> None:
+    """None for a 404; ManagementError for any other status (a redirect is named, never followed)."""
+    exc.close()
+    if exc.code == 404:
+        return None
+    if exc.code in (401, 403):
+        raise ManagementError(f"RabbitMQ management API at {display} refused the credentials "
+                              "(the user needs the monitoring tag, and policymaker for setup-transports; check "
+                              "RABBITMQ_MANAGEMENT_URL)")
+    if 300 <= exc.code < 400:
+        where = mask_url(str(exc.headers.get("Location") or "?"))[:200]
+        raise ManagementError(f"RabbitMQ management API at {display} answered {exc.code}, a redirect to {where}: "
+                              "not followed (the credentials go to that URL only; set RABBITMQ_MANAGEMENT_URL to "
+                              "the API's own address)")
+    raise ManagementError(f"RabbitMQ management API at {display} answered {exc.code}")
+
+
+def _entries(raw: object, what: str, fits=lambda _: True) -> list[dict]:
+    """The objects of a reply's list that ``fits`` accepts; the others skipped with one warning."""
+    items = raw if isinstance(raw, list) else []
+    kept = [e for e in items if isinstance(e, dict) and fits(e)]
+    if len(kept) < len(items):
+        log.warning("management API reply: malformed entries skipped", extra={"what": what,
+                                                                              "skipped": len(items) - len(kept)})
+    return kept
+
+
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: object, signed: bool = False) -> int | None:
+    """A count from a reply: an integer (not a boolean) in the 64-bit range, not negative unless ``signed``."""
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value if signed or value >= 0 else None
+    return None
+
+
+def _rate(value: object) -> float | None:
+    """A rate from a reply: a finite number, not negative."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        rate = float(value)
+    except OverflowError:  # an integer past a float's range
+        return None
+    return rate if math.isfinite(rate) and rate >= 0 else None
+
+
+def _names(value: object) -> tuple[str, ...]:
+    return tuple(n for n in value if isinstance(n, str)) if isinstance(value, list) else ()
+
+
+def _queue_info(name: str, raw: dict) -> QueueInfo:
+    """A queue's statistics from its reply, each field checked (a wrong type or range: unknown, or its default);
+    the name is the one asked for."""
+    stats = _dict(raw.get("message_stats"))
 
     def rate(key: str) -> float | None:
-        details = stats.get(f"{key}_details")
-        return float(details["rate"]) if details else (0.0 if "message_stats" in raw else None)
+        if "message_stats" not in raw:
+            return None
+        details = _dict(stats.get(f"{key}_details"))
+        return _rate(details.get("rate")) if details else 0.0
 
     return QueueInfo(
-        name=raw["name"],
-        ready=int(raw.get("messages_ready") or 0),
-        unacked=int(raw.get("messages_unacknowledged") or 0),
-        consumers=int(raw.get("consumers") or 0),
-        durable=bool(raw.get("durable")),
-        arguments=dict(raw.get("arguments") or {}),
+        name=name,
+        ready=_count(raw.get("messages_ready")) or 0,
+        unacked=_count(raw.get("messages_unacknowledged", 0)),  # absent until the first statistics sample
+        consumers=_count(raw.get("consumers")) or 0,
+        durable=raw.get("durable") is True,
+        arguments=_dict(raw.get("arguments")),
         publish_rate=rate("publish"),
         deliver_rate=rate("deliver_get"),
-        acked_total=stats.get("ack"),
-        type=str(raw.get("type") or "classic"),
-        policy=raw.get("policy") or None,
-        leader=raw.get("leader") or None,
-        members=tuple(raw.get("members") or ()),
-        online=tuple(raw.get("online") or ()),
+        acked_total=_count(stats.get("ack")),
+        type=_text(raw.get("type")) or "classic",
+        policy=_text(raw.get("policy")) or None,
+        leader=_text(raw.get("leader")) or None,
+        members=_names(raw.get("members")),
+        online=_names(raw.get("online")),
     )
 
 

@@ -80,7 +80,7 @@ def _show_one(recs: list[dict], message_id: str, as_json: bool) -> None:
 
 def _show_stats(rows: list[tuple[str, int]], drift: Drift, as_json: bool) -> None:
     if as_json:
-        print_json({"queue_count": drift.queue_count, "by_error_class": dict(rows)})
+        print_json({"queue_count": drift.queue_count, "by_error_class": {str(cls): n for cls, n in rows}})
         return
     table = Table("error class", "messages", title=f"failed messages: {sum(n for _, n in rows)}")
     for cls, n in rows:
@@ -98,7 +98,8 @@ def _show_list(records: list[dict], drift: Drift, as_json: bool) -> None:
     table = Table("failure id", "message id", "user", "type", "error", "retries", "failed at",
                   title=f"failed messages: {drift.queue_count} in queue (showing {len(records)})")
     for r in records:
-        table.add_row(shown(r.get("failure_id") or "-"), shown(r["message_id"][:16]), shown(r.get("user_id") or "-"),
+        table.add_row(shown(r.get("failure_id") or "-"), shown(str(r.get("message_id"))[:16]),
+                      shown(r.get("user_id") or "-"),
                       shown(r.get("event_type") or "-"),
                       shown(f"{r.get('error_class')}: {str(r.get('error_message'))[:80]}"),
                       shown(r.get("retry_count", 0)), shown(_when(r.get("last_failure_at"))))

@@ -8,7 +8,7 @@ import typer
 
 from myshop_ops.adapters import logs
 from myshop_ops.base.exit_codes import EXIT_FAIL
-from myshop_ops.cli.common import console, print_json
+from myshop_ops.cli.common import console, print_json, shown
 from myshop_ops.tools import preflight
 
 PREFLIGHT_HELP = """Pre-deployment checks: configuration (placeholders, guest/guest in prod), package versions,
@@ -30,12 +30,18 @@ def run_preflight(
     if as_json:
         print_json({"ok": not counts["FAIL"], "counts": dict(counts), "checks": [c.as_json() for c in checks]})
     else:
-        for c in checks:
-            console.print(f"[{_STYLE[c.status]}]{c.status:<4}[/] {c.section:<9} {c.name:<18} {c.detail}",
-                          highlight=False, soft_wrap=True)
-            if c.fix and c.status in ("WARN", "FAIL"):
-                console.print(f"{'':<34}fix: [bold]{c.fix}[/]", highlight=False, soft_wrap=True)
+        show_checks(checks)
         console.print(", ".join(f"{counts[k]} {k}" for k in ("PASS", "WARN", "FAIL", "SKIP") if counts[k]),
                       highlight=False)
     if counts["FAIL"]:
         raise typer.Exit(EXIT_FAIL)
+
+
+def show_checks(checks: list[preflight.Check]) -> None:
+    """One line per check, and its fix under a WARN or FAIL. A check's text quotes outside systems (a consumer's
+    connection name, a broker's error): shown escaped, never as markup."""
+    for c in checks:
+        console.print(f"[{_STYLE.get(c.status, 'bold')}]{shown(c.status):<4}[/] {shown(c.section):<9} "
+                      f"{shown(c.name):<18} {shown(c.detail)}", highlight=False, soft_wrap=True)
+        if c.fix and c.status in ("WARN", "FAIL"):
+            console.print(f"{'':<34}fix: [bold]{shown(c.fix)}[/]", highlight=False, soft_wrap=True)

@@ -17,10 +17,11 @@ from rich.text import Text
 
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.config import mask_text
 from myshop_ops.adapters.management import Management, ManagementError, vhost_of
 from myshop_ops.adapters.metrics import DEFAULT_HOST, QueueExporter, serve
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
-from myshop_ops.cli.common import console, err_console, fail, operator_errors, settings
+from myshop_ops.cli.common import console, err_console, fail, operator_errors, settings, shown
 from myshop_ops.tools.stats import CRITICAL_DEPTH, WARN_DEPTH, Report, UnknownQueue, collect, export
 
 STATS_HELP = f"""Queue depths, consumers, rates and the failed count.
@@ -53,15 +54,15 @@ def render(report: Report) -> Group:
     main = next((q.name for q in report.queues if q.role == "main"), None)
     for q in report.queues:
         name = f"  ↳ {q.name[len(main):]}" if main and q.role == "retry" and q.name.startswith(main) else q.name
-        table.add_row(name, _fmt(q.ready), _fmt(q.unacked), _fmt(q.consumers), _fmt(q.publish_rate, True),
+        table.add_row(shown(name), _fmt(q.ready), _fmt(q.unacked), _fmt(q.consumers), _fmt(q.publish_rate, True),
                       _fmt(q.deliver_rate, True), f"[{_COLOURS[q.level]}]{q.level}[/]")
     if report.failed_records is not None:
         table.caption = f"failed_messages records: {report.failed_records}"
     table.caption = ((table.caption + " · ") if table.caption else "") + (
         "unacked and rates: management API samples (every few seconds, not exact)" if report.management else
         "unacked and rates need RABBITMQ_MANAGEMENT_URL")
-    notes = [Text.from_markup(f"[{_COLOURS[q.level]}]{q.level}[/] {q.name}: {n}") for q in report.queues
-             for n in q.notes]
+    notes = [Text.from_markup(f"[{_COLOURS[q.level]}]{q.level}[/] {shown(q.name)}: {shown(n)}")
+             for q in report.queues for n in q.notes]
     return Group(table, *notes)
 
 
@@ -122,7 +123,7 @@ def _snapshot(conn, topo, queues, management, as_json: bool = False) -> Report:
             sys.stdout.write(json.dumps({"level": "critical", "error": error, "queues": []}) + "\n")
         fail(error, EXIT_CONFIG)
     except ManagementError as exc:  # rates are a bonus: say why they are missing and show the rest
-        err_console.print(f"[yellow]warning:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {shown(mask_text(str(exc)))}", highlight=False, soft_wrap=True)
         return collect(conn, topo, queues, None)
 
 

@@ -30,7 +30,7 @@ def show(
     if as_json:
         print_json({"queue": topo.unrouted, "total": total, "messages": [asdict(m) for m in messages]})
         return
-    table = Table("routing key", "published", "message id", "user", "event", title=f"{total} in {topo.unrouted}")
+    table = Table("routing key", "published", "message id", "user", "event", title=f"{total} in {shown(topo.unrouted)}")
     for m in messages:
         when = datetime.fromtimestamp(m.published_at, UTC).isoformat(timespec="seconds") if m.published_at else "?"
         table.add_row(*(shown(v or "-") for v in (m.routing_key, when, m.message_id, m.user_id,

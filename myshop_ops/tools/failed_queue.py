@@ -24,17 +24,14 @@ from myshop_ops.core.retry_routing import (
     H_FAILURE_ID,
     H_FIRST_FAILURE,
     H_LAST_FAILURE,
-    H_ORIGINAL_QUEUE,
     H_RETRY_COUNT,
     H_WORKER_HOST,
     body_user,
-    failure_id_of,
     failure_record_fields,
-    message_id_of,
-    retry_count,
 )
+from myshop_ops.tools.queued import H_FIRST_DEATH_REASON, QueuedMessage, republishable, stored_headers
 
-_DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+_DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", H_FIRST_DEATH_REASON,
                   "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason", "x-delivery-count",
                   H_RETRY_COUNT, H_ERROR_CLASS, H_ERROR_MESSAGE, H_FIRST_FAILURE, H_LAST_FAILURE, H_WORKER_HOST,
                   H_FAILURE_ID, H_PUBLISHED_AT)  # a retried message's latency counts from its republication
@@ -57,29 +54,9 @@ def parse_duration(text: str) -> timedelta:
     return duration
 
 
-@dataclass(slots=True)
-class QueuedMessage:
-    message_id: str
-    body: bytes
-    headers: dict
-    content_type: str | None
-
-    @property
-    def failure_id(self) -> str | None:
-        return failure_id_of(self.headers)
-
-    @property
-    def key(self) -> str:
-        """Its record's key: the failure id, or the message id for a message without one."""
-        return self.failure_id or self.message_id
-
-    def chosen(self, ids: set[str] | None) -> bool:
-        """Whether ``ids`` (None: all) name it, by failure id or message id (which names every copy)."""
-        return ids is None or self.key in ids or self.message_id in ids
-
-
 def record_key(record: dict) -> str:
-    return record.get("failure_id") or record["message_id"]
+    """A record's key (its failure id, else its message id), as text whatever the document holds."""
+    return str(record.get("failure_id") or record.get("message_id"))
 
 
 @dataclass
@@ -129,9 +106,7 @@ class FailedBox:
             method, props, body = ch.basic_get(self.topo.failed_queue, auto_ack=False)
             if method is None:
                 break
-            msg = QueuedMessage(message_id_of(body, props.message_id), body, dict(props.headers or {}),
-                                props.content_type)
-            if handle(msg):
+            if handle(QueuedMessage.read(props, body)):
                 ch.basic_ack(method.delivery_tag)
                 acked += 1
         ch.close()  # everything not acked goes back to the queue, in order
@@ -182,7 +157,7 @@ class FailedBox:
         def resend(msg: QueuedMessage) -> bool:
             if not msg.chosen(wanted):
                 return False
-            headers = {k: v for k, v in msg.headers.items() if k not in _DROP_ON_RETRY}
+            headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
             publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
                               headers=headers, content_type=msg.content_type or "application/json")
             done.append(msg.key)
@@ -239,27 +214,24 @@ class FailedBox:
 
 
 def record_from_queue(msg: QueuedMessage, topo: Topology) -> dict:
-    """A failed_messages record for a queue message that has none (dead-lettered by the broker)."""
-    h = msg.headers
-    reason = h.get("x-first-death-reason")
-    if isinstance(reason, bytes):
-        reason = reason.decode()
-    error_class = h.get(H_ERROR_CLASS) or ("DeliveryLimitExceeded" if reason == "delivery_limit" else "DeadLettered")
-    message = h.get(H_ERROR_MESSAGE) or (
-        f"dead-lettered by RabbitMQ ({reason or 'unknown reason'}): the message was redelivered too often, "
-        "probably because processing it killed the worker"
-    )
+    """A failed_messages record for a queue message that has none (dead-lettered by the broker, or a failed copy
+    whose record was removed): from the message's parsed fields only."""
+    reason = msg.death_reason
+    error_class = msg.error_class or ("DeliveryLimitExceeded" if reason == "delivery_limit" else "DeadLettered")
+    message = msg.error_message or f"dead-lettered by RabbitMQ ({reason or 'unknown reason'})" + (
+        ": the message was redelivered too often, probably because processing it killed the worker"
+        if reason == "delivery_limit" else "")
     now = datetime.now(UTC)
     return failure_record_fields(
         **({"failure_id": msg.failure_id} if msg.failure_id else {}),  # absent, never null: the index is sparse
         message_id=msg.message_id,
         body=msg.body,
-        headers=h,
-        error_class=str(error_class),
-        error_message=str(message),
-        retry_count=retry_count(h) or 0,
+        headers=stored_headers(msg.headers),
+        error_class=error_class,
+        error_message=message,
+        retry_count=msg.retry_count or 0,
         first_failure_at=now,
         last_failure_at=now,
-        worker_host=str(h.get(H_WORKER_HOST, "")),
-        original_queue=str(h.get(H_ORIGINAL_QUEUE, topo.queue)),
+        worker_host=msg.worker_host or "",
+        original_queue=msg.original_queue or topo.queue,
     )

@@ -172,7 +172,7 @@ def unsettled(connection, topo: Topology, management: Management | None = None) 
                    for i in range(1, len(topo.retry_delays_ms) + 1))
     # unacked only exist while a consumer holds them (the AMQP count is exact, the management sample may be stale)
     info = management.queue(topo.queue) if management and main[1] else None
-    return main[0] + retrying + (info.unacked if info else 0), bool(main[1] or retrying)
+    return main[0] + retrying + ((info.unacked or 0) if info else 0), bool(main[1] or retrying)
 
 
 def wait_settled(connection, topo: Topology, management: Management | None, timeout: float) -> int:

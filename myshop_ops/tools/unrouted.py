@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import Topology, published_at
+from myshop_ops.adapters.broker import Topology
 from myshop_ops.base.contract import loose_field
+from myshop_ops.tools.queued import QueuedMessage, text_of
 
 PREVIEW_CHARS = 200
 
@@ -39,7 +40,7 @@ def peek(connection: BlockingConnection, topo: Topology, limit: int) -> tuple[in
             method, props, body = ch.basic_get(topo.unrouted, auto_ack=False)
             if method is None:
                 break
-            out.append(_describe(method.routing_key, props, body))
+            out.append(_describe(text_of(method.routing_key, 255) or "", QueuedMessage.read(props, body)))
     finally:
         ch.close()  # unacked: back in the queue, in order
     return total, out
@@ -50,8 +51,8 @@ def republish(connection: BlockingConnection, topo: Topology) -> int:
     return broker.move(connection, topo.unrouted, topo.queue)
 
 
-def _describe(routing_key: str, props, body: bytes) -> UnroutedMessage:
-    text = body.decode("utf-8", "replace")
+def _describe(routing_key: str, msg: QueuedMessage) -> UnroutedMessage:
+    text = msg.body.decode("utf-8", "replace")
     try:
         doc = json.loads(text)
     except (ValueError, RecursionError):
@@ -61,6 +62,6 @@ def _describe(routing_key: str, props, body: bytes) -> UnroutedMessage:
         value = loose_field(doc, snake, camel)
         return None if value is None or isinstance(value, dict | list) else str(value)[:128]
 
-    return UnroutedMessage(routing_key, field("message_id", "messageId") or props.message_id,
-                           field("user_id", "userId"), field("event_type", "eventType"), published_at(props),
-                           text[:PREVIEW_CHARS])
+    return UnroutedMessage(routing_key, field("message_id", "messageId") or msg.amqp_id, field("user_id", "userId"),
+                           field("event_type", "eventType"),
+                           msg.published_at, text[:PREVIEW_CHARS])
