@@ -35,6 +35,7 @@ import numpy as np
 from bson import DatetimeMS
 from bson.binary import Binary, BinaryVectorDtype
 
+from myshop_ops.base.contract import EVENT_TYPES
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days, to_days
 
 LAYOUTS = ("shop", "compact")
@@ -278,9 +279,11 @@ class Adoption:
 def adoption_record(prior: Profile, version: int, event_count: int, event_counts: dict) -> dict[str, Any]:
     """The ``adopted`` sub-document myshop writes with its first write of an adopted profile: the prior as read
     (its unit vector as a BSON float32 vector, bit-exact; magnitude; time) and the document's version and counts
-    then. A BSON vector whatever the layout: the shop reads no such field."""
+    then (the counts of the event types only: a stored key may be one no update can write, ``$x`` or ``a.b``). A BSON
+    vector whatever the layout: the shop reads no such field."""
     return {"version": version, "last_updated": from_days(prior.last_updated), "event_count": event_count,
-            "event_counts": dict(event_counts), "vector": encode_vector(prior.embedding), "magnitude": prior.magnitude}
+            "event_counts": {t: event_counts[t] for t in EVENT_TYPES if t in event_counts},
+            "vector": encode_vector(prior.embedding), "magnitude": prior.magnitude}
 
 
 def read_adoption(record: object, model: str, dimensions: int) -> Adoption:

@@ -140,6 +140,8 @@ def test_an_adoption_record_keeps_the_prior_bit_exact():
     # the shop layout's other vector forms are read too; a record of an earlier myshop holds no prior
     assert np.array_equal(read_adoption({**record, "vector": list(V / 5)}, "m", 4).prior.embedding, PRIOR.embedding)
     assert read_adoption({"version": 7, "last_updated": T, "event_count": 0}, "m", 4).prior is None
+    # only the event types' counts are recorded: a stored key no update could write ($x, a.b) stays out
+    assert adoption_record(PRIOR, 7, 5, {"$x": 1, "a.b": 1, "search": 3})["event_counts"] == {"search": 3}
 
 
 @pytest.mark.parametrize(("change", "reason"), [
