@@ -20,6 +20,7 @@ from myshop_ops.adapters.config import Settings
 from myshop_ops.base.layout import (
     ForeignVector,
     UnreadableProfile,
+    adoption_record,
     id_forms,
     id_key,
     product_fields,
@@ -180,6 +181,7 @@ class StoredProfile:
     doc_id: ObjectId | None = None  # the document's _id: a profile erased and created again is another document
     adopted: bool = False  # a prior myshop did not write (layout.py): its next write records the adoption
     event_count: int = 0  # events counted in the document when it was read
+    event_counts: dict[str, int | float] = field(default_factory=dict)  # the same by event type
     erased_at: datetime | None = None  # the user's erasure before this document was created (None: none known)
 
     def seen(self, message_id: str) -> bool:
@@ -352,6 +354,7 @@ class Store:
                 doc_id=doc["_id"],
                 adopted=read.adopted,
                 event_count=read.event_count,
+                event_counts=read.event_counts,
                 erased_at=to_datetime(doc.get("erased_at")),
             )
         return profiles, unreadable
@@ -413,9 +416,9 @@ class Store:
             recent_writes=Binary(after.recent_writes),
         )
         if w.base is not None and w.base.adopted:
-            # what verify needs to account for the prior: its time, and what was counted before it
-            fields["adopted"] = {"version": w.base.version, "last_updated": from_days(w.base.profile.last_updated),
-                                 "event_count": w.base.event_count}
+            # what verify recomputes the profile from: the prior itself, and what was counted before it
+            fields["adopted"] = adoption_record(w.base.profile, w.base.version, w.base.event_count,
+                                                w.base.event_counts)
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:

@@ -19,12 +19,15 @@ PHP workers, or rewritten by them since: ``myshop_version`` != ``version``) is t
 S = 1 * vector at T = last_updated: the stored unit vector counts as one event of weight 1 at its
 ``last_updated``. That is the shop's own update rule (normalize(decay(days) * vector + w * event)), so the
 first event folded into it moves the profile as the shop would have, and the exact math goes on from there.
+myshop's first write of an adopted profile records that prior in an ``adopted`` sub-document (``adoption_record``:
+its unit vector as a BSON float32 vector, its magnitude and time, the version and counts it was read with; the
+shop reads no such field), so ``myshop verify`` can recompute the profile as fold(prior, events since).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +35,8 @@ import numpy as np
 from bson import DatetimeMS
 from bson.binary import Binary, BinaryVectorDtype
 
-from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
+from myshop_ops.base.contract import EVENT_TYPES
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days, to_days
 
 LAYOUTS = ("shop", "compact")
 SHOP_VECTOR, COMPACT_VECTOR = "vector", "embedding"
@@ -46,6 +50,7 @@ _NUMBER = (int, float)
 # The lengths a stored vector may have: embeddings are unit vectors (some self-hosted models' are not: tens);
 # outside this range it is dust or a forged scale
 NORM_RANGE = (1e-6, 1e6)
+UNIT_TOLERANCE = 1e-5  # how far from 1 a float32 unit vector's length may be (rounding of d elements)
 
 
 class UnreadableProfile(ValueError):
@@ -171,6 +176,7 @@ class ProfileRead:
     version: int
     adopted: bool  # the stored unit vector taken as a prior (see the module docstring)
     event_count: int  # events myshop counted before this read
+    event_counts: dict[str, int | float] = field(default_factory=dict)  # the same by event type
 
 
 def to_datetime(value: object) -> datetime | None:
@@ -243,6 +249,7 @@ def read_profile(doc: dict, model: str, dimensions: int, now: datetime | None = 
         version=int(version),
         adopted=not ours,
         event_count=int(doc.get("event_count", 0)),
+        event_counts=dict(doc.get("event_counts") or {}),
     )
 
 
@@ -256,6 +263,60 @@ def profile_fields(p: Profile, layout: str, version: int) -> tuple[dict[str, Any
     fields[SHOP_VECTOR] = vector_value(p.embedding, layout)
     fields["dimension_count"] = p.dimensions
     return fields, {COMPACT_VECTOR: ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """A profile's ``adopted`` record: what the profile was when myshop adopted it."""
+
+    version: int  # the adopted document's version
+    last_updated: float  # the prior's time T, days
+    event_count: int  # events counted in the document then
+    event_counts: dict[str, int | float]  # the same by event type
+    prior: Profile | None  # the prior itself; None: recorded by a myshop that did not keep it
+
+
+def adoption_record(prior: Profile, version: int, event_count: int, event_counts: dict) -> dict[str, Any]:
+    """The ``adopted`` sub-document myshop writes with its first write of an adopted profile: the prior as read
+    (its unit vector as a BSON float32 vector, bit-exact; magnitude; time) and the document's version and counts
+    then (the counts of the event types only: a stored key may be one no update can write, ``$x`` or ``a.b``). A BSON
+    vector whatever the layout: the shop reads no such field."""
+    return {"version": version, "last_updated": from_days(prior.last_updated), "event_count": event_count,
+            "event_counts": {t: event_counts[t] for t in EVENT_TYPES if t in event_counts},
+            "vector": encode_vector(prior.embedding), "magnitude": prior.magnitude}
+
+
+def read_adoption(record: object, model: str, dimensions: int) -> Adoption:
+    """A stored ``adopted`` record; UnreadableProfile (what is wrong with it, never its content) when any field is
+    not what myshop writes: the prior a finite unit vector of ``dimensions`` and a finite positive magnitude."""
+    if not isinstance(record, dict):
+        raise UnreadableProfile(f"it is {value_kind(record)}, not a document")
+    when = to_datetime(record.get("last_updated"))
+    for name, value in (("version", record.get("version")), ("event_count", record.get("event_count"))):
+        if not _whole(value):
+            raise UnreadableProfile(f"its {name} is {value_kind(value)}, not a whole number")
+    if when is None:
+        raise UnreadableProfile(f"its last_updated is {value_kind(record.get('last_updated'))}, not a UTC time")
+    base = (record["version"], to_days(when), record["event_count"])
+    if "vector" not in record and "magnitude" not in record:
+        return Adoption(*base, {}, None)
+    counts = record.get("event_counts")
+    if not _counts(counts):
+        raise UnreadableProfile(f"its event_counts is {value_kind(counts)}, not counts by event type")
+    try:
+        vec = _finite_vector(record.get("vector"))
+    except ForeignVector as exc:
+        raise UnreadableProfile(f"its vector is {exc}") from None
+    if len(vec) != dimensions or abs(float(np.linalg.norm(vec.astype(np.float64))) - 1.0) > UNIT_TOLERANCE:
+        raise UnreadableProfile(f"its vector is not a {dimensions}d unit vector")
+    magnitude = record.get("magnitude")
+    if not _number(magnitude) or not 0 < magnitude <= MAX_MAGNITUDE:
+        raise UnreadableProfile(f"its magnitude is {value_kind(magnitude)}, not a positive sum of events")
+    return Adoption(*base, dict(counts), Profile(vec, float(magnitude), base[1], model, dimensions))
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_INT64
 
 
 def _count(value: object) -> bool:

@@ -60,21 +60,6 @@ class Profile:
         """S as float64."""
         return self.embedding.astype(np.float64) * self.magnitude
 
-    def total_at(self, t: float, lam: float) -> np.ndarray:
-        """S(t) for t >= T: the sum decayed to a later time, with no new event."""
-        return self.total * math.exp(-lam * (t - self.last_updated))
-
-
-def prior_residual(stored: Profile, events: Profile, prior_t: float, lam: float) -> float:
-    """How far a profile folded from an adopted prior is from the rule (layout.py: the prior is a unit vector of
-    weight 1 at ``prior_t``), relative to the profile's magnitude: | |S - S_events| - decay(T - prior_t) | / |S|.
-
-    ``events`` is the fold of the events applied since the adoption alone; the prior's direction is not known
-    any more, its weight is: what the stored sum holds beyond those events must be exactly that weight, decayed."""
-    rest = stored.total - events.total_at(stored.last_updated, lam)
-    expected = math.exp(-lam * (stored.last_updated - prior_t))
-    return abs(math.sqrt(float(rest @ rest)) - expected) / max(stored.magnitude, 1e-12)
-
 
 def fold(
     profile: Profile | None,

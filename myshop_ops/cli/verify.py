@@ -29,13 +29,14 @@ VERIFY_HELP = f"""Compare every stored profile with a recomputation from recorde
 {COSINE_MIN}, magnitude, last_updated or per-type counts off) and unverifiable users. A profile is OK only when it
 equals the recomputation. Events recorded in failed_messages are expected to be missing. Search phrases are embedded
 again (through the shared cache); a user whose phrases the provider cannot embed is unverifiable, with its error. A
-profile carrying an adoption record (a prior the shop's PHP workers wrote: not in any events file) is unverifiable,
-or diverging when the adoption rule fails; one the shop's PHP workers rewrote after myshop is unverifiable, with the
-reason. Messages still queued or unacked are waited for (--wait); users short of events while some remain are
-pending, not lost. A regular file of any size, in bounded memory (a scratch database in $TMPDIR, under the file's
-size). If a dependency fails mid-way, the report of the users checked so far is printed ("complete": false), then
-one line. Exit 1 unless all is OK, also when nothing could be checked (no valid event, or none with a product vector
-outside failed_messages); 3 when a dependency failed.
+profile adopted from the shop's is recomputed from the prior its adoption record holds (trusted as recorded) and the
+file's events, and compared the same way; a record without a prior, unreadable or contradicting the profile is
+unverifiable, as is a profile the shop's PHP workers rewrote after myshop, with the reason. Messages still queued or
+unacked are waited for (--wait); users short of events while some remain are pending, not lost. A regular file of
+any size, in bounded memory (a scratch database in $TMPDIR, under the file's size). If a dependency fails mid-way,
+the report of the users checked so far is printed ("complete": false), then one line. Exit 1 unless all is OK, also
+when nothing could be checked (no valid event, or none with a product vector outside failed_messages); 3 when a
+dependency failed.
 --json prints {{"ok", "complete", "reason" (why nothing was checked, else null), "lines", "invalid_lines", "events",
 "duplicates_in_file", "skipped_no_product", "in_failed", "in_flight", "users", "users_pending", "users_ok",
 "users_lost", "users_duplicated", "users_diverging", "users_unverifiable", "users_adopted", "events_lost",
@@ -137,9 +138,8 @@ def _render(report: Verification, max_problems: int) -> None:
         console.print(f"{d['lines']} lines: {d['invalid_lines']} invalid, {d['duplicates_in_file']} duplicate "
                       "events (each counted once)", highlight=False)
     if d["users_adopted"]:
-        console.print(f"{d['users_adopted']} user(s) carry an adoption record (a prior from the shop's PHP workers, "
-                      "not in the events file): unverifiable, or diverging when the adoption rule fails",
-                      highlight=False)
+        console.print(f"{d['users_adopted']} user(s) adopted from the shop's profiles: recomputed from the prior "
+                      "their adoption record holds (trusted as recorded) and the file's events", highlight=False)
     for p in d["problems"]:
         if p["status"] in ("unverifiable", "diverging") and p["reason"]:
             console.print(f"  {p['status']:<12} {shown(p['user_id'])}: {shown(p['reason'])}", highlight=False)

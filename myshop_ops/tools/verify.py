@@ -3,9 +3,13 @@ final profile can be recomputed from the set of events published (deduplicated b
 what the workers stored. Assumes the file holds every event of the users it names (test runs, audits of a
 replayed stream); events recorded in failed_messages are expected to be missing and are reported as failed.
 
-A profile is OK only when it equals that recomputation: vector, magnitude, time and counts. Nothing a profile says
-about its own past excuses a difference: a profile that carries an adoption record (a prior the shop's PHP workers
-wrote, whose direction is not kept) cannot be recomputed from the file and is ``unverifiable``, whatever it holds.
+A profile is OK only when it equals that recomputation: vector, magnitude, time and counts. A profile myshop adopted
+from the shop (layout.py) carries its prior in its adoption record: it is recomputed as fold(prior, the file's
+events) and compared the same way, its counts less the record's. The prior is trusted as recorded (it predates
+myshop: no events file holds it); the record is checked against the profile (an earlier version, no more events, no
+later time, a finite unit vector of the configured size, a positive magnitude), else the profile is
+``unverifiable``, as is one adopted before myshop kept the prior. This is a consistency check against the events,
+not tamper-proofing: whoever can write MongoDB can write a profile and a record that agree.
 
 Memory is bounded whatever the file's size: the events go through a scratch SQLite database in a temporary
 directory (deduplication, failed_messages, vectors and the per-user order are all done there, with a page cache of
@@ -32,8 +36,8 @@ from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import EmbeddingError, PhraseEmbedder
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import InvalidMessage, parse
-from myshop_ops.base.layout import ProfileRead, UnreadableProfile, read_profile, to_datetime
-from myshop_ops.base.profile import Profile, VectorSpaceMismatch, fold, prior_residual, to_days
+from myshop_ops.base.layout import ProfileRead, UnreadableProfile, read_adoption, read_profile
+from myshop_ops.base.profile import Profile, VectorSpaceMismatch, fold, to_days
 
 COSINE_MIN = 0.99999
 MAGNITUDE_RTOL = 1e-4
@@ -51,8 +55,8 @@ class UserCheck:
     expected_events: int
     stored_events: int
     cosine: float | None = None  # None when the vectors were not compared
-    magnitude_error: float | None = None  # relative (adopted: how far the sum beyond the events is from the prior's)
-    adopted: bool = False  # carries an adoption record (layout.py): its prior is not in the file, never ok
+    magnitude_error: float | None = None  # relative
+    adopted: bool = False  # carries an adoption record (layout.py): recomputed from the prior it holds
     reason: str | None = None  # why an unverifiable profile cannot be checked, or what diverges
 
 
@@ -314,23 +318,28 @@ def _judge(settings: Settings, exp: Expected, doc: dict | None) -> UserCheck:
             "write: its events are not all in the file"))
     if exp.reason is not None:
         return UserCheck(exp.user_id, "unverifiable", n, stored.event_count, reason=exp.reason)
-    if "adopted" in doc:
-        return _judge_adopted(settings, exp, doc, stored)
-    check = UserCheck(exp.user_id, "ok", n, stored.event_count)
+    check = UserCheck(exp.user_id, "ok", n, stored.event_count, adopted="adopted" in doc)
+    counts, expected = stored.event_counts, exp.profile
+    if check.adopted:
+        try:
+            counts, expected = _since_adoption(settings, check, doc["adopted"], stored, expected)
+        except _Unverifiable as exc:
+            check.status, check.reason = "unverifiable", str(exc)
+            return check
     if check.stored_events != n:
         check.status = "lost" if check.stored_events < n else "duplicated"
         return check
-    got, expected = stored.profile, exp.profile
+    got = stored.profile
     check.cosine = float(got.embedding.astype(np.float64) @ expected.embedding.astype(np.float64) /
                          (np.linalg.norm(got.embedding) * np.linalg.norm(expected.embedding) or 1.0))
     check.magnitude_error = abs(got.magnitude - expected.magnitude) / max(expected.magnitude, 1e-12)
-    check.reason = _difference(check, got, expected, doc.get("event_counts"), exp.counts)
+    check.reason = _difference(check, got, expected, counts, exp.counts)
     if check.reason:
         check.status = "diverging"
     return check
 
 
-def _difference(check: UserCheck, got: Profile, expected: Profile, stored_counts: object, counts: Counter
+def _difference(check: UserCheck, got: Profile, expected: Profile, stored_counts: dict, counts: Counter
                 ) -> str | None:
     """What differs between a stored profile and its recomputation, or None."""
     if check.cosine < COSINE_MIN:
@@ -339,38 +348,35 @@ def _difference(check: UserCheck, got: Profile, expected: Profile, stored_counts
         return f"its magnitude is off by {check.magnitude_error:.2e} (relative)"
     if abs(got.last_updated - expected.last_updated) > TIME_TOLERANCE_DAYS:
         return "its last_updated is not its newest event's time"
-    if not isinstance(stored_counts, dict) or {k: v for k, v in stored_counts.items() if v} != dict(counts):
+    if {k: v for k, v in stored_counts.items() if v} != dict(counts):
         return "its per-type event counts are not the file's"
     return None
 
 
-def _judge_adopted(settings: Settings, exp: Expected, doc: dict, stored: ProfileRead) -> UserCheck:
-    """A profile with an adoption record: its prior (the shop's vector, whose direction is not kept) is not in the
-    file, so it cannot be recomputed: unverifiable at best. It is diverging when the record does not even hold
-    for it: the sum beyond the file's events must be exactly the prior's weight, decayed (layout.py)."""
-    record = doc["adopted"] if isinstance(doc["adopted"], dict) else {}
-    prior_t, before, version = (to_datetime(record.get("last_updated")), record.get("event_count"),
-                                record.get("version"))
-    check = UserCheck(exp.user_id, "unverifiable", exp.events, stored.event_count, adopted=True)
-    if prior_t is None or not _whole(before) or not _whole(version):
-        check.reason = "its adoption record is unreadable"
-        return check
-    check.stored_events -= before
-    if not (0 <= before <= stored.event_count and version < stored.version
-            and to_days(prior_t) <= stored.profile.last_updated + TIME_TOLERANCE_DAYS):
-        check.reason = "its adoption record contradicts the profile (counts, version or time)"
-        return check
-    if check.stored_events != exp.events:
-        check.status = "lost" if check.stored_events < exp.events else "duplicated"
-        return check
-    check.magnitude_error = prior_residual(stored.profile, exp.profile, to_days(prior_t), settings.decay_lambda)
-    if check.magnitude_error > MAGNITUDE_RTOL:
-        check.status, check.reason = "diverging", "the sum beyond the file's events is not the adopted prior's weight"
-        return check
-    check.reason = (f"adopted from the shop's profile of {prior_t:%Y-%m-%d %H:%M:%S} UTC: that prior is not in the "
-                    "events file, so the profile cannot be recomputed (the events since agree with the adoption rule)")
-    return check
+class _Unverifiable(Exception):
+    """Why a profile cannot be checked against the file."""
 
 
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+def _since_adoption(settings: Settings, check: UserCheck, value: object, stored: ProfileRead, events: Profile
+                    ) -> tuple[dict, Profile]:
+    """For a profile with an adoption record: (the stored counts minus the record's, the recomputation
+    fold(prior, the file's events)); ``check.stored_events`` becomes the events counted since the adoption.
+    _Unverifiable when the record is unreadable, contradicts the profile or holds no prior. The prior is trusted
+    as recorded (it predates myshop); everything since is checked as for any profile."""
+    try:
+        record = read_adoption(value, settings.model, settings.embedding_dimensions)
+    except UnreadableProfile as exc:
+        raise _Unverifiable(f"its adoption record is unreadable: {exc}") from None
+    if not (record.event_count <= stored.event_count and record.version < stored.version
+            and record.last_updated <= stored.profile.last_updated + TIME_TOLERANCE_DAYS):
+        raise _Unverifiable("its adoption record contradicts the profile (counts, version or time)")
+    if record.prior is None:
+        raise _Unverifiable("adopted before myshop kept the prior: cannot be checked")
+    check.stored_events -= record.event_count
+    counts = {k: stored.event_counts.get(k, 0) - record.event_counts.get(k, 0)
+              for k in stored.event_counts.keys() | record.event_counts.keys()}
+    try:  # the events' sum as one event of weight 1 at its time: folding is linear (profile.py)
+        return counts, fold(record.prior, np.array([events.last_updated]), np.ones(1), events.total[None, :],
+                            lam=settings.decay_lambda, model=settings.model)
+    except ValueError as exc:  # the prior and the events cancel out
+        raise _Unverifiable(f"its prior and events cannot be folded: {exc}") from None

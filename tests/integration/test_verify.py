@@ -10,7 +10,7 @@ import pytest
 
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event, serialise
-from myshop_ops.base.layout import vector_value
+from myshop_ops.base.layout import decode_vector, encode_vector, vector_value
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.worker import Worker
 from tests.support.events import T0, mixed_events, publish, seed_products
@@ -111,35 +111,122 @@ def test_verify_reports_messages_in_flight_as_pending_not_lost(env, topology, wo
     assert code == 0 and report["ok"] is True and report["in_flight"] == 0 and report["users_ok"] == 2
 
 
-def _forge_adoption(s, store, user: str, cosine: float) -> None:
-    """Replace the user's vector by one at ``cosine`` to the true one and add the adoption record that makes the
-    rule's residual exactly 0: the prior's time chosen so that its decayed weight is |S_forged - S_true|."""
+def _forge_adoption(s, store, user: str, cosine: float, *, prior: bool) -> None:
+    """Replace the user's vector by one at ``cosine`` to the true one and add an adoption record that agrees with the
+    profile (an earlier version, no events before it, a day before its time). With ``prior`` the record also holds
+    a prior whose weight, decayed, is exactly the length the forged sum has beyond the true one (what the old rule
+    measured), in another direction."""
     doc = store.get_profile_doc(user)
     true = np.asarray(doc["vector"], np.float64)
     other = np.random.default_rng(7).standard_normal(true.size)
     other -= (other @ true) * true
     forged = cosine * true + np.sqrt(1 - cosine**2) * other / np.linalg.norm(other)
-    rest = doc["magnitude"] * np.linalg.norm(forged - true)
-    prior_t = doc["last_updated"] + timedelta(days=float(np.log(rest)) / s.decay_lambda)
+    record = {"version": 0, "last_updated": doc["last_updated"] - timedelta(days=1), "event_count": 0}
+    if prior:
+        direction = np.random.default_rng(8).standard_normal(true.size)
+        record.update(event_counts={}, vector=encode_vector(direction / np.linalg.norm(direction)),
+                      magnitude=doc["magnitude"] * float(np.linalg.norm(forged - true)) * np.exp(s.decay_lambda))
     store.users.update_one({"user_id": user}, {"$set": {
-        "vector": vector_value(forged.astype(np.float32), s.store_layout),
-        "adopted": {"version": 0, "last_updated": prior_t, "event_count": 0}}})
+        "vector": vector_value(forged.astype(np.float32), s.store_layout), "adopted": record}})
 
 
+@pytest.mark.parametrize("prior", [False, True], ids=["record-without-prior", "record-with-prior"])
 @pytest.mark.parametrize("cosine", [0.287, 0.758])
-def test_verify_forged_adoption_record_is_not_ok(env, applied, cosine):
+def test_verify_forged_adoption_record_is_not_ok(env, applied, cosine, prior):
     """A profile whose vector was replaced (cosine 0.287, then 0.758 to the truth) plus a forged `adopted` record
-    passed as ok: the residual rule only measures the sum's length beyond the events. A profile carrying an
-    adoption record is never ok now: its prior is not in the file."""
+    passed as ok: the old rule only measured the sum's length beyond the events. A record without a prior cannot be
+    checked: unverifiable; one with a prior is recomputed as fold(prior, events): the forged vector diverges."""
     s, store, users, path = applied
-    _forge_adoption(s, store, users[1], cosine)
+    _forge_adoption(s, store, users[1], cosine, prior=prior)
     report, code = run_verify(env, path)
     assert code == 1 and report["ok"] is False
-    assert (report["users_ok"], report["users_unverifiable"], report["users_adopted"]) == (2, 1, 1)
+    status = "diverging" if prior else "unverifiable"
+    assert (report["users_ok"], report[f"users_{status}"], report["users_adopted"]) == (2, 1, 1)
     [problem] = report["problems"]
-    assert problem["user_id"] == users[1] and problem["status"] == "unverifiable" and problem["adopted"] is True
+    assert problem["user_id"] == users[1] and problem["status"] == status and problem["adopted"] is True
+    assert "not the events'" in problem["reason"] if prior else \
+        problem["reason"] == "adopted before myshop kept the prior: cannot be checked"
     table = run_cli("verify", "--events", str(path), "--wait", "0", env=env.subprocess_env(COLUMNS="300"))
-    assert table.returncode == 1 and "verification: UNVERIFIABLE" in table.stdout
+    assert table.returncode == 1 and f"verification: {'MISMATCH' if prior else 'UNVERIFIABLE'}" in table.stdout
+
+
+def _shop_profile(user: str, vec: np.ndarray, when, version: int) -> dict:
+    """A profile as the shop's PHP workers write it: the unit vector as doubles, a time in whole seconds, no
+    magnitude, model or counts (tests/shop/shop_mongo.php writes the same through the shop's own code)."""
+    return {"user_id": user, "vector": [float(x) for x in vec / np.linalg.norm(vec)], "dimension_count": len(vec),
+            "last_updated": when, "version": version, "created_at": when, "updated_at": when}
+
+
+@pytest.fixture(params=["shop", "compact"])
+def adopted(request, env, topology, tmp_path):
+    """6 users whose profiles the shop's PHP workers wrote and 1 new one, 4 mixed events each (and one event older
+    than a shop profile), consumed by a worker writing ``request.param``'s layout; the file holds what was
+    published."""
+    env["STORE_LAYOUT"] = request.param
+    s = env.settings()
+    products = seed_products(s, [f"p{i}" for i in range(4)])
+    store = Store(s.mongodb_url, s.mongodb_db)
+    users = [f"{env['MONGODB_DB']}-a{i}" for i in range(7)]
+    rng = np.random.default_rng(3)
+    store.users.insert_many([_shop_profile(u, rng.standard_normal(s.embedding_dimensions),
+                                           (T0 - timedelta(days=3 + i, seconds=17)).replace(microsecond=0), 2)
+                             for i, u in enumerate(users[:6])])
+    events = [*mixed_events(users, list(products), per_user=4),
+              make_event(users[0], "product_view", "p1", T0 - timedelta(days=5))]
+    publish(s, topology, events)
+    worker = Worker(s, prefetch=200, limits=Limits(messages=len(events), seconds=60))
+    assert worker.run() == 0 and worker.totals.applied == len(events)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(serialise(e) for e in events) + b"\n")
+    yield s, store, users, path
+    store.close()
+
+
+def test_verify_checks_an_adopted_shop_profile_exactly(env, adopted):
+    """A profile the shop's PHP workers wrote, adopted by a real worker: its adoption record holds the prior, so
+    verify recomputes fold(prior, events) and says OK, in both layouts."""
+    s, store, users, path = adopted
+    doc = store.get_profile_doc(users[0])
+    assert doc["adopted"]["vector"].subtype == 9 and doc["adopted"]["magnitude"] == 1.0
+    assert ("vector" in doc) == (s.store_layout == "shop")
+    report, code = run_verify(env, path)
+    assert code == 0 and report["ok"] is True, report
+    assert (report["users"], report["users_ok"], report["users_adopted"], report["events"]) == (7, 7, 6, 29)
+
+
+@pytest.mark.parametrize("adopted", ["shop"], indirect=True)
+def test_verify_adoption_record_inconsistent_with_the_profile_is_unverifiable(env, adopted):
+    """What an adoption record claims is checked against the document: an earlier version, no more events, no
+    later time, a finite unit vector of the configured size, a finite positive magnitude. Anything else is
+    unverifiable with the reason, never ok."""
+    s, store, users, path = adopted
+    docs = {u: store.get_profile_doc(u) for u in users[:6]}
+    unit = f"its vector is not a {s.embedding_dimensions}d unit vector"
+    cases = [  # (the change, given the document and its prior; the reason)
+        (lambda d, v: {"version": d["version"]}, "contradicts the profile"),
+        (lambda d, v: {"event_count": d["event_count"] + 1}, "contradicts the profile"),
+        (lambda d, v: {"last_updated": d["last_updated"] + timedelta(seconds=1)}, "contradicts the profile"),
+        (lambda d, v: {"vector": encode_vector(v * 2)}, unit),
+        (lambda d, v: {"vector": encode_vector(v[:-1])}, unit),
+        (lambda d, v: {"vector": encode_vector(np.where(v == v.max(), np.nan, v))}, "a NaN or infinite element"),
+        (lambda d, v: {"magnitude": 0.0}, "its magnitude is 0.0"),
+        (lambda d, v: {"magnitude": float("nan")}, "its magnitude is a float"),
+        (lambda d, v: {"magnitude": "1"}, "its magnitude is a str"),
+        (lambda d, v: {"event_counts": "search"}, "its event_counts is a str"),
+        (lambda d, v: {"vector": None}, "its vector is an unreadable vector (missing)"),
+        (lambda d, v: {"vector": None, "magnitude": None}, "adopted before myshop kept the prior: cannot be checked"),
+    ]
+    for batch in (cases[:6], cases[6:]):
+        for user, (change, _) in zip(users[:6], batch, strict=True):
+            record = docs[user]["adopted"]
+            tampered = {**record, **change(docs[user], decode_vector(record["vector"]))}
+            store.users.update_one({"user_id": user}, {"$set": {"adopted": {
+                k: v for k, v in tampered.items() if v is not None}}})
+        report, code = run_verify(env, path)
+        assert code == 1 and report["users_ok"] == 1 and report["users_unverifiable"] == 6, report
+        by_user = {p["user_id"]: p for p in report["problems"]}
+        for user, (_, reason) in zip(users[:6], batch, strict=True):
+            assert by_user[user]["status"] == "unverifiable" and reason in by_user[user]["reason"], (reason, by_user)
 
 
 def test_verify_checks_what_a_profile_says_about_its_past(env, applied):

@@ -1,5 +1,6 @@
 """The shop's data with the shop's own PHP MongoDB code (tests/shop/shop_mongo.php on Debian's php-mongodb driver):
-its catalog and profiles used as they are, profiles it can read, and its profiles adopted by the stated rule."""
+its catalog and profiles used as they are, profiles it can read, and its profiles adopted by the stated rule (and
+verified exactly from the prior their adoption record holds)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from myshop_ops.adapters.embeddings import HashProvider, normalise_phrase
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event, serialise
-from myshop_ops.base.layout import read_profile
+from myshop_ops.base.layout import decode_vector, read_profile
 from myshop_ops.base.profile import Profile, fold, to_days
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.worker import Worker
@@ -109,8 +110,12 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
         prior = None
         if user in adopted:
             shop_t = prior_t[user].replace(microsecond=0)
-            prior = Profile(priors[user], 1.0, to_days(shop_t), s.model, s.embedding_dimensions)
-            assert docs[user]["adopted"]["version"] == 2 and docs[user]["adopted"]["last_updated"] == shop_t
+            unit = (priors[user] / float(np.linalg.norm(priors[user].astype(np.float64)))).astype(np.float32)
+            prior = Profile(unit, 1.0, to_days(shop_t), s.model, s.embedding_dimensions)
+            record = docs[user]["adopted"]  # the prior itself, bit-exact: verify recomputes from it
+            assert (record["version"], record["last_updated"], record["event_count"], record["event_counts"],
+                    record["magnitude"]) == (2, shop_t, 0, {}, 1.0)
+            assert np.array_equal(decode_vector(record["vector"]), prior.embedding)
         expected = fold(prior, np.array([to_days(e.occurred_at) for e in evs]),
                         np.array([s.weights[e.event_type] for e in evs]), vecs, lam=s.decay_lambda, model=s.model)
         got = stored_profile(s, docs[user])
@@ -131,15 +136,11 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
         assert [p for p, _ in ranked[user]] == [p for p, _ in ours], user
         np.testing.assert_allclose([sc for _, sc in ranked[user]], [sc for _, sc in ours], atol=1e-6)
 
-    # verify checks the fresh users exactly; an adopted one holds a prior the events file does not: unverifiable
-    # (the events since agree with the adoption rule), never ok
+    # verify checks every user exactly: an adopted one as fold(the prior its adoption record holds, the events)
     done = run_cli("verify", "--events", str(tmp_path / "events.jsonl"), "--json", env=env.subprocess_env())
     report = json.loads(done.stdout)
-    assert done.returncode == 1 and not report["ok"], report
-    assert (report["users"], report["users_ok"], report["users_unverifiable"], report["users_adopted"]) == (8, 4, 4, 4)
-    assert {p["user_id"] for p in report["problems"]} == set(adopted)
-    assert all("cannot be recomputed" in p["reason"] and "agree with the adoption rule" in p["reason"]
-               for p in report["problems"])
+    assert done.returncode == 0 and report["ok"], report
+    assert (report["users"], report["users_ok"], report["users_unverifiable"], report["users_adopted"]) == (8, 8, 0, 4)
 
     # the shop's PHP worker writes again after us (a rollback): the next event adopts its vector anew
     user = adopted[1]
@@ -167,6 +168,11 @@ def test_the_shop_reads_adopted_and_new_profiles_and_ranks_as_myshop_does(env, t
     assert got.magnitude == pytest.approx(expected.magnitude, rel=1e-6)
     assert doc["adopted"]["version"] == before.version + 1 and doc["adopted"]["event_count"] == 5
     assert "error" not in php(s, "read-profiles", user)[user]
+    # adopted anew: verify recomputes it from the new prior and the events since (a file of those alone)
+    (tmp_path / "late.jsonl").write_bytes(serialise(late) + b"\n")
+    done = run_cli("verify", "--events", str(tmp_path / "late.jsonl"), "--json", env=env.subprocess_env())
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and (report["users_ok"], report["users_adopted"]) == (1, 1), report
     store.close()
 
 

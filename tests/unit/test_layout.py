@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 from bson.binary import Binary
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from myshop_ops.adapters.store import satisfying_index
 from myshop_ops.base.layout import (
     ForeignVector,
     UnreadableProfile,
+    adoption_record,
     encode_vector,
     id_forms,
     id_key,
     product_fields,
     product_vector,
     profile_fields,
+    read_adoption,
     read_profile,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
@@ -117,3 +122,70 @@ def test_a_stored_vector_that_is_not_one_is_refused_with_what_it_is(embedding, r
 def test_every_stored_vector_form_is_read(embedding):
     vec = product_vector({"embedding": embedding, "model": "m", "dimensions": 4}, "m", 4)
     assert vec.dtype == np.float32 and vec.flags.writeable and np.allclose(vec / np.linalg.norm(vec), V / 5)
+
+
+# ---- adoption records --------------------------------------------------------------------------------------
+
+PRIOR = Profile(np.float32(V / 5), 1.0, to_days(T), "m", 4)
+
+
+def test_an_adoption_record_keeps_the_prior_bit_exact():
+    record = adoption_record(PRIOR, 7, 3, {"search": 3})
+    assert record["vector"] == encode_vector(PRIOR.embedding) and record["vector"].subtype == 9
+    read = read_adoption(record, "m", 4)
+    assert (read.version, read.last_updated, read.event_count, read.event_counts) == (7, to_days(T), 3, {"search": 3})
+    assert np.array_equal(read.prior.embedding, PRIOR.embedding) and read.prior.embedding.dtype == np.float32
+    assert (read.prior.magnitude, read.prior.last_updated, read.prior.model, read.prior.dimensions) == (1.0, to_days(T),
+                                                                                                      "m", 4)
+    # the shop layout's other vector forms are read too; a record of an earlier myshop holds no prior
+    assert np.array_equal(read_adoption({**record, "vector": list(V / 5)}, "m", 4).prior.embedding, PRIOR.embedding)
+    assert read_adoption({"version": 7, "last_updated": T, "event_count": 0}, "m", 4).prior is None
+    # only the event types' counts are recorded: a stored key no update could write ($x, a.b) stays out
+    assert adoption_record(PRIOR, 7, 5, {"$x": 1, "a.b": 1, "search": 3})["event_counts"] == {"search": 3}
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"version": True}, "its version is a bool"),
+    ({"version": -1}, "its version is -1"),
+    ({"event_count": 1.5}, "its event_count is 1.5"),
+    ({"last_updated": "yesterday"}, "its last_updated is a str"),
+    ({"event_counts": ["search"]}, "its event_counts is a list"),
+    ({"event_counts": {"search": "1"}}, "its event_counts is a dict"),
+    ({"vector": None}, "its vector is an unreadable vector (missing)"),
+    ({"vector": Binary(b"\x27", 9)}, "its vector is an unreadable vector (a BSON vector that is not float32"),
+    ({"vector": [0.6, float("nan"), 0.0, 0.0]}, "a NaN or infinite element"),
+    ({"vector": [3.0, 4.0, 0.0, 0.0]}, "its vector is not a 4d unit vector"),
+    ({"vector": [0.6, 0.8]}, "its vector is not a 4d unit vector"),
+    ({"magnitude": 0.0}, "its magnitude is 0.0"),
+    ({"magnitude": -1}, "its magnitude is -1"),
+    ({"magnitude": float("inf")}, "its magnitude is a float, not a positive sum of events"),
+    ({"magnitude": 1e13}, "its magnitude is 10000000000000.0"),
+    ({"magnitude": "1"}, "its magnitude is a str"),
+    ({"magnitude": None}, "its magnitude is missing"),
+])
+def test_an_adoption_record_that_is_not_what_myshop_writes_says_why(change, reason):
+    record = {k: v for k, v in {**adoption_record(PRIOR, 7, 3, {"search": 3}), **change}.items() if v is not None}
+    with pytest.raises(UnreadableProfile, match=re.escape(reason)):
+        read_adoption(record, "m", 4)
+    with pytest.raises(UnreadableProfile, match="it is a list, not a document"):
+        read_adoption([record], "m", 4)
+
+
+_ANY = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                              st.binary(max_size=20), st.builds(lambda b: Binary(b, 9), st.binary(max_size=20)),
+                              st.datetimes(timezones=st.just(UTC)), st.lists(st.floats(width=32), min_size=4,
+                                                                             max_size=4)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=3)), max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.dictionaries(st.sampled_from(["version", "last_updated", "event_count", "event_counts", "vector",
+                                        "magnitude"]), _ANY, max_size=3))
+def test_property_any_adoption_record_is_read_or_refused_with_a_reason(change):
+    try:
+        read = read_adoption({**adoption_record(PRIOR, 7, 3, {"search": 3}), **change}, "m", 4)
+    except UnreadableProfile as exc:
+        assert str(exc)
+    else:
+        assert read.prior is None or (np.isfinite(read.prior.embedding).all() and read.prior.magnitude > 0)
