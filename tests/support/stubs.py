@@ -19,7 +19,7 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 
-from myshop_ops.adapters.embeddings import EmbeddingError, HashProvider
+from myshop_ops.adapters.embeddings import EmbeddingError, HashProvider, InputRefused
 from myshop_ops.adapters.store import TOKEN_BYTES, ProfileWrite, StoredProfile, WriteResult, written
 
 # ---- the broker ---------------------------------------------------------------------------------------------------
@@ -314,8 +314,9 @@ def _journal_id(message_id: str) -> str:
 class StubProvider(HashProvider):
     """The hash provider (deterministic vectors, no network), recording each request's texts. ``fail`` makes every
     request raise; ``replies`` answers per input text (as sent: a normalised phrase): a value there is that input's
-    vector as received (anything: NaN, huge, short, ...), an EmbeddingError is raised for every request holding it
-    (a RequestRefused: the provider refuses that input)."""
+    vector as received (anything: NaN, huge, short, ...); an InputRefused is that input's row (a reply without a
+    usable entry for it, the others answered); any other EmbeddingError is raised for every request holding it (a
+    RequestRefused: the provider refuses that input's whole request; a transient one: 429, 503, a timeout)."""
 
     def __init__(self, dimensions: int, model: str = "hash-v1"):
         super().__init__(dimensions, model)
@@ -327,7 +328,8 @@ class StubProvider(HashProvider):
         if self.fail is not None:
             raise self.fail
         self.calls.append(list(texts))
-        refusals = [r for t in texts if isinstance(r := self.replies.get(t), EmbeddingError)]
+        refusals = [r for t in texts
+                    if isinstance(r := self.replies.get(t), EmbeddingError) and not isinstance(r, InputRefused)]
         if refusals:
             raise refusals[0]
         hashed = super().embed_request(texts)

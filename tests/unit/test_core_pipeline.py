@@ -20,6 +20,7 @@ from myshop_ops.base.contract import InvalidMessage, make_event, serialise
 from myshop_ops.base.layout import UnreadableProfile
 from myshop_ops.base.profile import VectorSpaceMismatch
 from myshop_ops.core.pipeline import Pipeline, ProductMissing, Status, StoreUnavailable
+from tests.support.generated import BAD_REPLIES
 from tests.support.stubs import StubProvider, StubRedis, StubStore
 
 # the core's stand-in suite runs in seconds: a change that makes the loop hang fails here in 30 s, not 300
@@ -233,28 +234,15 @@ def test_transient_or_permanent_is_decided_per_phrase():
                                    ["hats", "green tea"]]
 
 
-_REPLIES = {  # what the provider answers for a bad phrase: its own vector, or the whole request refused
-    "nan": lambda v: np.full(DIMS, np.nan, np.float32),
-    "inf": lambda v: np.where(np.arange(DIMS) == 0, np.inf, v).astype(np.float32),
-    "huge": lambda v: v * np.float32(1e30),
-    "tiny": lambda v: v * np.float32(1e-30),
-    "zero": lambda v: np.zeros(DIMS, np.float32),
-    "short": lambda v: v[: DIMS // 2],
-    "long": lambda v: np.concatenate([v, v]),
-    "matrix": lambda v: np.stack([v, v]),
-    "refused": lambda v: RequestRefused("embeddings provider refused (400): no"),
-}
-
-
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n_phrases=st.integers(1, 8), n_events=st.integers(1, 30))
 def test_generated_provider_replies_fail_only_their_own_searches_and_nothing_bad_is_cached(data, n_phrases, n_events):
     core = Core(shared_cache=True)
     pool = [f"phrase {i}" for i in range(n_phrases)] + ["!!!"]
-    bad = {p: data.draw(st.sampled_from(sorted(_REPLIES)), label=p)
+    bad = {p: data.draw(st.sampled_from(sorted(BAD_REPLIES)), label=p)
            for p in data.draw(st.sets(st.sampled_from(pool[:-1])), label="bad phrases")}
     for phrase, kind in bad.items():
-        core.provider.replies[phrase] = _REPLIES[kind](core.provider.embed_one(phrase))
+        core.provider.replies[phrase] = BAD_REPLIES[kind](core.provider.embed_one(phrase))
     bad["!!!"] = "no words"
     events = [ev(f"u{data.draw(st.integers(0, 3))}", "search", data.draw(st.sampled_from(pool)), i % 24)
               for i in range(n_events)]
