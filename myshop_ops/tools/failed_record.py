@@ -6,7 +6,7 @@ has one) and why; it never raises. Nothing behind it sees a raw field."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 from bson.objectid import ObjectId
@@ -43,6 +43,7 @@ class FailedRecord:
     original_queue: str = ""
     body: str = ""
     retry_count: int = 0
+    original_size: int | None = None  # a body over the contract's limit: its size (``body`` is a prefix of it)
     first_failure_at: datetime | None = None
     last_failure_at: datetime | None = None
     headers: dict[str, str | int | float | bool] = field(default_factory=dict)
@@ -55,15 +56,12 @@ class FailedRecord:
         return self.failure_id or self.message_id
 
     def as_json(self) -> dict:
-        return {
-            "failure_id": self.failure_id, "message_id": self.message_id, "user_id": self.user_id,
-            "event_type": self.event_type, "error_class": self.error_class, "error_message": self.error_message,
-            "retry_count": self.retry_count, "first_failure_at": _iso(self.first_failure_at),
-            "last_failure_at": _iso(self.last_failure_at), "worker_host": self.worker_host,
-            "original_queue": self.original_queue, "body": self.body, "headers": self.headers,
-            "history": [{"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
-                        for h in self.history],
-        }
+        """The record as JSON values (times in ISO 8601), without its document's _id."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "doc_id"}
+        out.update(first_failure_at=_iso(self.first_failure_at), last_failure_at=_iso(self.last_failure_at),
+                   history=[{"at": h.at, "error_class": h.error_class, "error_message": h.error_message}
+                            for h in self.history])
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +118,7 @@ def _read(doc: object, doc_id: ObjectId | None) -> FailedRecord:
     return FailedRecord(
         message_id=message_id, failure_id=failure_id or None, **text,
         **{name: _text(doc, name, None) for name in _OPTIONAL_TEXT},
-        retry_count=_count(doc.get("retry_count")),
+        retry_count=_count(doc, "retry_count", 0), original_size=_count(doc, "original_size", None),
         first_failure_at=_time(doc, "first_failure_at"), last_failure_at=_time(doc, "last_failure_at"),
         headers=_headers(doc.get("headers")), history=_history(doc.get("history")), doc_id=doc_id,
     )
@@ -135,11 +133,12 @@ def _text(doc: dict, name: str, missing: str | None) -> str | None:
     return value
 
 
-def _count(value: object) -> int:
+def _count(doc: dict, name: str, missing: int | None) -> int | None:
+    value = doc.get(name)
     if value is None:
-        return 0
+        return missing
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise Unreadable(f"retry_count is {kind(value)} {str(value)[:40]}, not a count")
+        raise Unreadable(f"{name} is {kind(value)} {str(value)[:40]}, not a count")
     return value
 
 

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 FAILED_FIELDS = ("failure_id", "message_id", "user_id", "event_type", "error_class", "error_message", "retry_count",
                  "first_failure_at", "last_failure_at", "worker_host", "original_queue", "body", "headers", "history",
-                 "expires_at")
+                 "original_size", "expires_at")
 NOW = datetime.now(UTC).replace(microsecond=0)
 _DROP = object()
 FEW = settings(HYPOTHESIS, max_examples=12)  # real queues: a walk or three per example
