@@ -39,6 +39,7 @@ RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate
 RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from a conflict, one token per write
 ID_BYTES = 32  # a message id (sha256 hex) is kept as its 32 raw bytes
 TOKEN_BYTES = 8
+ERASURE_AHEAD = timedelta(days=1)  # clocks may differ; an erasure time further ahead is not one myshop recorded
 SCAN_BATCH = 500  # explicit cursor batch size: never one huge reply
 
 INDEXES: dict[str, list[tuple[str, list[tuple[str, int]], dict]]] = {
@@ -157,6 +158,13 @@ def _index_refusal(collection: str, name: str, keys: list[tuple[str, int]], exc:
 def erasure_key(user_id: str) -> str:
     """The ``_id`` of a user's erasure record: a sha256 hex of the user id, so the record does not hold the id."""
     return hashlib.sha256(b"myshop-erasure\x00" + user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def erasure_time(value: object) -> datetime | None:
+    """A stored erasure time; None when it is not a time, or one more than ERASURE_AHEAD ahead: myshop records the
+    time of the erasure, so a later one is forged (near year 9999 it would overflow the worker's cutoff too)."""
+    when = to_datetime(value)
+    return when if when is not None and when <= datetime.now(UTC) + ERASURE_AHEAD else None
 
 
 def _codec(client: MongoClient, dates: DatetimeConversion) -> CodecOptions:
@@ -486,7 +494,12 @@ class Store:
             update["$unset"] = {"expires_at": ""}
         doc = self.erasures.find_one_and_update({"_id": erasure_key(user_id)}, update, {"erased_at": 1},
                                                 upsert=True, return_document=ReturnDocument.AFTER)
-        return to_datetime((doc or {}).get("erased_at")) or at
+        recorded = erasure_time((doc or {}).get("erased_at"))
+        if recorded is None:  # not a time myshop wrote (a type $max keeps, a forged future): this erasure replaces it
+            update["$set"] = update.pop("$max")
+            self.erasures.update_one({"_id": erasure_key(user_id)}, update)
+            recorded = at.replace(microsecond=at.microsecond // 1000 * 1000)  # as stored: milliseconds
+        return recorded
 
     def erasure_times(self, user_ids: Iterable[str]) -> tuple[dict[str, datetime], dict[str, ValueError]]:
         """(the erasure time of each of these users that has an erasure record, users whose record has no readable
@@ -501,7 +514,7 @@ class Store:
             user_id = keys.get(key) if isinstance(key, str) else None
             if user_id is None:
                 continue
-            when = to_datetime(doc.get("erased_at"))
+            when = erasure_time(doc.get("erased_at"))
             if when is None:
                 unreadable[user_id] = ValueError(f"the erasure record of user {user_id} has no readable erased_at")
             else:
@@ -653,11 +666,14 @@ class Store:
         """``message_id`` and ``failure_id`` of every failed-message record."""
         return list(self.failed.find({}, {"message_id": 1, "failure_id": 1, "_id": 0}, batch_size=SCAN_BATCH))
 
-    def failure_owners(self, message_ids: Sequence[str]) -> list[tuple[str, object]]:
-        """(message id, user id) of the records of these message ids (one ``$in``)."""
-        return [(d["message_id"], d.get("user_id")) for d in self.failed.find(
-            {"message_id": {"$in": list(message_ids)}}, {"message_id": 1, "user_id": 1, "_id": 0},
-            batch_size=SCAN_BATCH)]
+    def failure_owners(self, message_ids: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(message id, user id: None when it is not text) of the records of these message ids (one ``$in``); a
+        record whose message_id is not one of them as text (an array holding one matches ``$in`` too) is left out."""
+        wanted = set(message_ids)
+        docs = self.failed.find({"message_id": {"$in": list(wanted)}}, {"message_id": 1, "user_id": 1, "_id": 0},
+                                batch_size=SCAN_BATCH)
+        return [(m, u if isinstance(u := d.get("user_id"), str) else None) for d in docs
+                if isinstance(m := d.get("message_id"), str) and m in wanted]
 
     def search_failures(self, *, text: str | None = None, since: datetime | None = None, limit: int = 50
                         ) -> list[dict]:
@@ -669,18 +685,17 @@ class Store:
             query["$or"] = [{"error_message": rx}, {"error_class": rx}, {"user_id": rx}, {"message_id": rx}]
         if since:
             query["last_failure_at"] = {"$gte": since}
-        return list(self.failed.find(query, {"_id": 0}, batch_size=SCAN_BATCH).sort("last_failure_at", -1)
-                    .limit(limit))
+        return list(self.failed.find(query, batch_size=SCAN_BATCH).sort("last_failure_at", -1).limit(limit))
 
     def failures_named(self, ident: str) -> list[dict]:
         """The records a failure id or a message id names (a message id: every failed copy of it), newest first."""
         query = {"$or": [{"failure_id": ident}, {"message_id": ident}]}
-        return list(self.failed.find(query, {"_id": 0}).sort("last_failure_at", -1).limit(100))
+        return list(self.failed.find(query).sort("last_failure_at", -1).limit(100))
 
-    def failures_by_class(self) -> list[tuple[str, int]]:
-        """(error class, records), most first."""
+    def failures_by_class(self) -> list[tuple[object, int]]:
+        """(error class as stored: any value, records), most first."""
         rows = self.failed.aggregate([{"$group": {"_id": "$error_class", "n": {"$sum": 1}}}, {"$sort": {"n": -1}}])
-        return [(r["_id"] or "?", r["n"]) for r in rows]
+        return [(r.get("_id"), r.get("n") if isinstance(r.get("n"), int) else 0) for r in rows]
 
     def delete_failures(self, keys: Iterable[str] | None = None) -> int:
         """Delete the records of these keys (failure ids, or message ids of records without one); None: all."""
@@ -690,6 +705,11 @@ class Store:
         return self.failed.delete_many({"$or": [{"failure_id": {"$in": keys}},
                                                 {"message_id": {"$in": keys}, "failure_id": {"$exists": False}}]}
                                        ).deleted_count
+
+    def delete_failure_docs(self, doc_ids: Iterable[ObjectId]) -> int:
+        """Delete these failed-message documents by ``_id`` (a record whose ids are unreadable has no usable key)."""
+        doc_ids = list(doc_ids)
+        return self.failed.delete_many({"_id": {"$in": doc_ids}}).deleted_count if doc_ids else 0
 
     def delete_user_failures(self, user_id: str) -> int:
         return self.failed.delete_many({"user_id": user_id}).deleted_count

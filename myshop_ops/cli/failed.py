@@ -17,7 +17,8 @@ from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.base.printable import printable
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
-from myshop_ops.tools.failed_queue import Drift, FailedBox, Outcome, parse_duration
+from myshop_ops.tools.failed_queue import Drift, FailedBox, Outcome, Record, parse_duration
+from myshop_ops.tools.failed_record import UnreadableRecord
 
 
 @contextlib.contextmanager
@@ -68,11 +69,11 @@ def show(
             _show_list(box.records(text=text, since=window, limit=max_rows), drift, as_json)
 
 
-def _show_one(recs: list[dict], message_id: str, as_json: bool) -> None:
+def _show_one(recs: list[Record], message_id: str, as_json: bool) -> None:
     if not recs:
         fail(f"no failed message with id {message_id} (list them with `myshop failed show`)")
     if as_json:
-        print_json(recs[0] if len(recs) == 1 else recs)
+        print_json(recs[0].as_json() if len(recs) == 1 else [r.as_json() for r in recs])
         return
     for rec in recs:
         _print_one(rec)
@@ -88,55 +89,56 @@ def _show_stats(rows: list[tuple[str, int]], drift: Drift, as_json: bool) -> Non
     console.print(table)
 
 
-def _show_list(records: list[dict], drift: Drift, as_json: bool) -> None:
+def _show_list(records: list[Record], drift: Drift, as_json: bool) -> None:
     if as_json:
         print_json({"queue_count": drift.queue_count, "record_count": drift.record_count,
                     "drift": {"recorded_from_queue": drift.recorded_from_queue,
                               "orphan_records": drift.orphan_records},
-                    "messages": records})
+                    "messages": [r.as_json() for r in records]})
         return
     table = Table("failure id", "message id", "user", "type", "error", "retries", "failed at",
                   title=f"failed messages: {drift.queue_count} in queue (showing {len(records)})")
     for r in records:
-        table.add_row(shown(r.get("failure_id") or "-"), shown(str(r.get("message_id"))[:16]),
-                      shown(r.get("user_id") or "-"),
-                      shown(r.get("event_type") or "-"),
-                      shown(f"{r.get('error_class')}: {str(r.get('error_message'))[:80]}"),
-                      shown(r.get("retry_count", 0)), shown(_when(r.get("last_failure_at"))))
+        if isinstance(r, UnreadableRecord):
+            table.add_row(shown(r.key or "-"), "-", "-", "-", f"[red]unreadable record:[/] {shown(r.reason)}", "-", "-")
+            continue
+        table.add_row(shown(r.failure_id or "-"), shown(r.message_id[:16]), shown(r.user_id or "-"),
+                      shown(r.event_type or "-"), shown(f"{r.error_class or '?'}: {r.error_message[:80]}"),
+                      str(r.retry_count), _when(r.last_failure_at))
     console.print(table)
     if (line := _drift_line(drift)) is not None:
         console.print(f"[yellow]drift:[/] {shown(line)}", highlight=False)
 
 
-def _when(at: object) -> str:
-    return at.strftime("%Y-%m-%d %H:%M:%S") if isinstance(at, datetime) else str(at or "-")
+def _when(at: datetime | None) -> str:
+    return "-" if at is None else at.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_one(rec: dict) -> None:
-    """One record in full. Every field is data (from a message or its headers): shown escaped, never as markup,
-    and a record missing fields (older versions, forged history) is still shown."""
-    console.print(f"[bold]{shown(rec.get('message_id'))}[/] (failure {shown(rec.get('failure_id') or '-')})  "
-                  f"{shown(rec.get('error_class'))}: "
-                  f"{shown(rec.get('error_message'))}", highlight=False)
-    console.print(shown(f"user {rec.get('user_id')}  type {rec.get('event_type')}  retries {rec.get('retry_count')}  "
-                        f"first {rec.get('first_failure_at')}  last {rec.get('last_failure_at')}  "
-                        f"host {rec.get('worker_host')}  queue {rec.get('original_queue')}"), highlight=False)
+def _print_one(rec: Record) -> None:
+    """One record in full. Every field is data (from a message or its headers): shown escaped, never as markup; a
+    record that cannot be read is shown by its key, with why."""
+    if isinstance(rec, UnreadableRecord):
+        console.print(f"[bold]{shown(rec.key or '(no text id)')}[/] [red]unreadable record:[/] {shown(rec.reason)}",
+                      highlight=False)
+        return
+    console.print(f"[bold]{shown(rec.message_id)}[/] (failure {shown(rec.failure_id or '-')})  "
+                  f"{shown(rec.error_class or '?')}: {shown(rec.error_message)}", highlight=False)
+    console.print(shown(f"user {rec.user_id}  type {rec.event_type}  retries {rec.retry_count}  "
+                        f"first {_when(rec.first_failure_at)}  last {_when(rec.last_failure_at)}  "
+                        f"host {rec.worker_host}  queue {rec.original_queue}"), highlight=False)
     try:
-        body = json.dumps(json.loads(rec["body"]), indent=2, ensure_ascii=False)
-    except (ValueError, TypeError, KeyError, RecursionError):
-        body = str(rec.get("body"))
+        body = json.dumps(json.loads(rec.body), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        body = rec.body
     console.print("[bold]body[/]")
     for line in body.splitlines():
         console.print(printable(line), markup=False, highlight=False)
     console.print("[bold]headers[/]")
-    headers = rec.get("headers")
-    for k, v in sorted((headers if isinstance(headers, dict) else {}).items()):
+    for k, v in sorted(rec.headers.items()):
         console.print(printable(f"  {k}: {v}"), markup=False, highlight=False)
     console.print("[bold]history[/]")
-    for h in rec.get("history") or []:
-        h = h if isinstance(h, dict) else {}
-        console.print(printable(f"  {h.get('at', '?')}  {h.get('error_class', '?')}: {h.get('error_message', '')}"),
-                      markup=False, highlight=False)
+    for h in rec.history:
+        console.print(printable(f"  {h.at}  {h.error_class}: {h.error_message}"), markup=False, highlight=False)
 
 
 def _confirm(action: str, ids: list[str] | None, force: bool) -> None:

@@ -113,7 +113,8 @@ def delete_user(
 def erasure_lines(done: Erasure, db: str, idempotency_ttl: int) -> list[str]:
     """What `user delete` did, one line per step (rich markup, outside text through ``shown``)."""
     who = shown(done.user_id)
-    lines = [f"erased user {who}: profile (version {done.profile['version']}, {done.profile['event_count']} events) "
+    counts = {k: "?" if v is None else v for k, v in (done.profile or {}).items()}
+    lines = [f"erased user {who}: profile (version {counts['version']}, {counts['event_count']} events) "
              f"deleted from {db}.{USERS}" if done.profile is not None else
              f"erased user {who}: no profile in {db}.{USERS}"]
     if done.forgotten is None:

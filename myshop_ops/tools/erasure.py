@@ -36,18 +36,26 @@ class Erasure:
     user_id: str
     erased_at: datetime  # recorded: events that occurred up to this plus contract.FUTURE_TOLERANCE are dropped
     kept_until: datetime | None  # when the erasure record expires (None: kept until removed)
-    profile: dict | None  # the deleted profile's version and event_count; None: the user had none
+    profile: dict[str, int | None] | None  # the deleted profile's version and event_count (None: not a count stored);
+    # None: the user had none
     forgotten: int | None  # processed-message keys dropped in Redis; None: Redis failed (they expire within the TTL)
     failed_messages: int  # removed from the failed queue
     failed_records: int  # removed from failed_messages
 
 
-def question(settings: Settings, user_id: str, events: int | None, records: int) -> str:
-    """What the operator is asked before ``user_id`` is erased."""
+def stored_count(value: object) -> int | None:
+    """A count read from a profile document; None when it is not one (any BSON type may be stored there)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def question(settings: Settings, user_id: str, events: object, records: int) -> str:
+    """What the operator is asked before ``user_id`` is erased (``events``: the profile's count as stored; None: no
+    profile)."""
     failed = f", {records} failed message record(s)" if records else ""
     if events is not None:
-        return (f"Erase user {user_id}: profile ({events} events){failed}, processed-message keys in Redis, and drop "
-                "copies of their events still in flight?")
+        count = stored_count(events)
+        return (f"Erase user {user_id}: profile ({'?' if count is None else count} events){failed}, processed-message "
+                "keys in Redis, and drop copies of their events still in flight?")
     return (f"User {user_id} has no profile in {settings.mongodb_db}.{USERS}{failed}. Erase anyway (processed-message "
             "keys in Redis, failed messages, and drop copies of their events still in flight)?")
 
@@ -74,5 +82,6 @@ def erase_user(settings: Settings, user_id: str, confirm: Callable[[str], bool] 
         redis_state.close()
         store.close()
     kept_until = erased_at + store.failed_retention if store.failed_retention else None
-    profile = None if doc is None else {"version": doc.get("version"), "event_count": doc.get("event_count", 0)}
+    profile = None if doc is None else {"version": stored_count(doc.get("version")),
+                                        "event_count": stored_count(doc.get("event_count", 0))}
     return Erasure(user_id, erased_at, kept_until, profile, forgotten, failed_messages, failed_records)

@@ -29,6 +29,7 @@ from myshop_ops.core.retry_routing import (
     body_user,
     failure_record_fields,
 )
+from myshop_ops.tools.failed_record import FailedRecord, UnreadableRecord, kind, read_record, record_key
 from myshop_ops.tools.queued import H_FIRST_DEATH_REASON, QueuedMessage, republishable, stored_headers
 
 _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", H_FIRST_DEATH_REASON,
@@ -37,6 +38,7 @@ _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", H_
                   H_FAILURE_ID, H_PUBLISHED_AT)  # a retried message's latency counts from its republication
 _DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
 MAX_DURATION = timedelta(days=36_500)
+Record = FailedRecord | UnreadableRecord
 
 
 def parse_duration(text: str) -> timedelta:
@@ -52,11 +54,6 @@ def parse_duration(text: str) -> timedelta:
     if duration is None or duration > MAX_DURATION:
         raise ValueError(f"'{text}' is longer than {MAX_DURATION.days} days")
     return duration
-
-
-def record_key(record: dict) -> str:
-    """A record's key (its failure id, else its message id), as text whatever the document holds."""
-    return str(record.get("failure_id") or record.get("message_id"))
 
 
 @dataclass
@@ -120,7 +117,7 @@ class FailedBox:
         record_count = self.store.count_failures()
         drift = Drift(queue_count, record_count)
         seen: set[str] = set()
-        known = {record_key(r) for r in self.store.failure_keys()}
+        known = {k for r in self.store.failure_keys() if (k := record_key(r)) is not None}  # no text id: no key
         new_records = []
 
         def look(msg: QueuedMessage) -> bool:
@@ -132,19 +129,26 @@ class FailedBox:
         self.walk(look)
         if new_records:
             self.store.record_failures(new_records)
-            drift.recorded_from_queue = [record_key(r) for r in new_records]
+            drift.recorded_from_queue = [str(record_key(r)) for r in new_records]  # ours: a text id each
         drift.orphan_records = sorted(known - seen)
         return drift
 
-    def records(self, *, text: str | None = None, since: timedelta | None = None, limit: int = 50) -> list[dict]:
-        return self.store.search_failures(text=text, since=datetime.now(UTC) - since if since else None, limit=limit)
+    def records(self, *, text: str | None = None, since: timedelta | None = None, limit: int = 50) -> list[Record]:
+        """Records newest first (each read or unreadable with why), filtered as ``Store.search_failures``."""
+        found = self.store.search_failures(text=text, since=datetime.now(UTC) - since if since else None, limit=limit)
+        return [read_record(d) for d in found]
 
-    def matching(self, ident: str) -> list[dict]:
+    def matching(self, ident: str) -> list[Record]:
         """The records a failure id or a message id names (a message id: every failed copy of it), newest first."""
-        return self.store.failures_named(ident)
+        return [read_record(d) for d in self.store.failures_named(ident)]
 
     def stats(self) -> list[tuple[str, int]]:
-        return self.store.failures_by_class()
+        """(error class, records), most first; a class that is not text is counted by its type."""
+        counts: dict[str, int] = {}
+        for cls, n in self.store.failures_by_class():
+            label = cls if isinstance(cls, str) and cls else "?" if cls in (None, "") else f"({kind(cls)})"
+            counts[label] = counts.get(label, 0) + n
+        return sorted(counts.items(), key=lambda row: -row[1])
 
     def retry(self, ids: Iterable[str] | None) -> Outcome:
         """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
@@ -187,11 +191,12 @@ class FailedBox:
         if wanted is None:
             self.store.delete_failures()
             return Outcome(done, [])
-        orphans = [record_key(r) for ident in sorted(wanted - named) for r in self.matching(ident)]
-        orphans = [k for k in dict.fromkeys(orphans) if k not in done]
-        named.update(i for i in wanted if self.matching(i))
-        self._forget([*done, *orphans])
-        return Outcome(done + orphans, sorted(wanted - named))
+        found = {ident: self.matching(ident) for ident in sorted(wanted - named)}
+        orphans = [(r.key or ident, r) for ident, recs in found.items() for r in recs if r.key not in done]
+        self.store.delete_failure_docs(r.doc_id for _, r in orphans if r.doc_id is not None)  # readable or not
+        self._forget([*done, *(k for k, r in orphans if r.doc_id is None)])
+        named.update(ident for ident, recs in found.items() if recs)
+        return Outcome(done + list(dict.fromkeys(k for k, _ in orphans)), sorted(wanted - named))
 
     def erase_user(self, user_id: str) -> tuple[int, int]:
         """Erasure: remove every failed message of ``user_id`` from the queue and every record of it from the

@@ -303,10 +303,10 @@ class VisibilityTracker:
 
     def observe(self, docs: Iterable[dict], seen_at: float) -> None:
         for doc in docs:
-            user = doc.get("user_id")
-            if user not in self._pending:
+            user, count = doc.get("user_id"), doc.get("event_count")
+            if not isinstance(user, str) or user not in self._pending:  # an array holding the id matches `$in` too
                 continue
-            count = int(doc.get("event_count") or 0)
+            count = int(count) if isinstance(count, int | float) and math.isfinite(count) else 0  # any BSON type
             at = _epoch(doc.get("updated_at"), seen_at)
             hist = self.history[user]
             if hist and hist[-1] == (count, at):

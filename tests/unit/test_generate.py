@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from bson.decimal128 import Decimal128
 
 from myshop_ops.adapters.config import mask_url
 from myshop_ops.base.contract import EVENT_TYPES, message_id, parse, serialise
@@ -173,6 +174,17 @@ def test_tracker_clamps_negative_latencies_and_falls_back_to_the_poll_time():
     t.observe([_doc("u", 1, 9.9995)], seen_at=30.0)  # the store truncates to ms
     t.observe([{"user_id": "u", "event_count": 2}], seen_at=30.0)  # no updated_at (another writer)
     assert t.latencies_ms() == [0.0, 10_000.0]
+
+
+def test_tracker_takes_any_stored_user_id_and_event_count():
+    """Profiles are read from MongoDB: an array holding a user id matches the ``$in``, a count may be anything."""
+    t = VisibilityTracker({"u": [10.0]})
+    t.observe([{"user_id": ["u", 1], "event_count": 1}, {"user_id": {"u": 1}}], seen_at=30.0)
+    for count in ({"n": 1}, "x", float("inf"), Decimal128("1"), [1]):
+        t.observe([{"user_id": "u", "event_count": count}], seen_at=30.0)
+    assert t.observed == 0 and not t.done
+    t.observe([{"user_id": "u", "event_count": 1.0}], seen_at=30.0)
+    assert t.done
 
 
 def test_wait_visible_completes_and_times_out():
