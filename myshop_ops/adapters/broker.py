@@ -232,34 +232,34 @@ def exchange_exists(connection: BlockingConnection, exchange: str) -> bool:
     return True
 
 
-def declares_as(connection: BlockingConnection, queue: str, arguments: dict) -> bool | None:
-    """Whether the existing ``queue`` is durable with the declare ``arguments`` RabbitMQ compares (x-queue-type,
-    x-dead-letter-*, x-message-ttl, x-delivery-limit, ...), told by the broker itself: a declare with them on a
-    channel of its own, refused with 406 PRECONDITION_FAILED when they differ. None when the queue does not exist
-    (a passive declare first: nothing is created). Any other refusal raises ChannelClosedByBroker."""
+def declared_differently(connection: BlockingConnection, queue: str, arguments: dict) -> str | None:
+    """How the existing ``queue`` differs from a durable queue with the declare ``arguments`` RabbitMQ compares
+    (x-queue-type, x-dead-letter-*, x-message-ttl, x-delivery-limit, ...), told by the broker itself: a declare
+    with them on a channel of its own, refused with 406 PRECONDITION_FAILED and RabbitMQ's reply text naming the
+    first difference; "" when it does not differ. None when the queue does not exist (a passive declare first:
+    nothing is created). Any other refusal raises ChannelClosedByBroker."""
     if queue_depth(connection, queue) is None:
         return None
-    return _equivalent(connection, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments))
+    return _difference(connection, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments))
 
 
-def exchange_is(connection: BlockingConnection, exchange: str, kind: str) -> bool | None:
-    """Whether the existing ``exchange`` is a durable exchange of type ``kind`` (told by a declare RabbitMQ refuses
-    with 406 when not); None when it does not exist."""
+def exchange_differently(connection: BlockingConnection, exchange: str, kind: str) -> str | None:
+    """As ``declared_differently``, for a durable exchange of type ``kind``."""
     if not exchange_exists(connection, exchange):
         return None
-    return _equivalent(connection, lambda ch: ch.exchange_declare(exchange, exchange_type=kind, durable=True))
+    return _difference(connection, lambda ch: ch.exchange_declare(exchange, exchange_type=kind, durable=True))
 
 
-def _equivalent(connection: BlockingConnection, declare: Callable) -> bool:
+def _difference(connection: BlockingConnection, declare: Callable) -> str:
     ch = connection.channel()
     try:
         declare(ch)
     except pex.ChannelClosedByBroker as exc:
         if exc.reply_code == 406:
-            return False
+            return str(exc.reply_text).removeprefix("PRECONDITION_FAILED - ") or "PRECONDITION_FAILED"
         raise
     ch.close()
-    return True
+    return ""
 
 
 def cluster_name(connection: BlockingConnection) -> str | None:

@@ -144,32 +144,26 @@ class Transports:
         """What an existing queue is, judged against the configuration (never redeclared). RabbitMQ itself tells
         whether it is durable with our arguments; the management API only describes a difference."""
         t = self.topo
-        same = self._amqp(f"queue '{name}'", lambda: broker.declares_as(self.connection, name, self._expected(name)))
-        if same is None:  # deleted meanwhile
+        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(
+            self.connection, name, self._expected(name)))
+        if differs is None:  # deleted meanwhile
             return Step("queue", name, "missing", level="fail", fix="myshop setup-transports")
-        if same:
-            return Step("queue", name, "existing", t.queue_type if name == t.queue else "declared without arguments")
-        info = self.api.queue(name)
+        if not differs:
+            return Step("queue", name, "existing", t.queue_type if name == t.queue else "declared as ours")
+        info = self.api.queue(name)  # the details RabbitMQ's one difference does not tell
+        notes = [f"RabbitMQ: {differs}"]
         if info is None:  # in RabbitMQ, not yet in the management API's view
-            return Step("queue", name, "adopted", "declared with other arguments than ours (the management API "
-                        "does not list it yet: run again for the details)", "warn", MIGRATE_FIX)
-        notes, level = [info.type], "ok"
+            return Step("queue", name, "adopted", notes[0], "warn", MIGRATE_FIX)
+        notes.insert(0, info.type)
         if name == t.queue and info.type != t.queue_type:
             notes.append(f"configured {t.queue_type}: adopted as it is"
                          + (" (no delivery limit)" if t.queue_type == "quorum" else ""))
-            level = "warn"
         overriding = self._overriding(name, info.arguments)
         if overriding:
             notes.append("set at declaration, overriding the policy: " + ", ".join(overriding))
-            level = "warn"
         if not info.durable:
             notes.append("not durable: messages are lost on a broker restart")
-            level = "warn"
-        if level == "ok":
-            notes.append("declared with " + (_describe(info.arguments) or "other arguments") + ": none overrides "
-                         "its policy")
-        state = "adopted" if level == "warn" else "existing"
-        return Step("queue", name, state, "; ".join(notes), level, MIGRATE_FIX if level == "warn" else None)
+        return Step("queue", name, "adopted", "; ".join(notes), "warn", MIGRATE_FIX)
 
     def _overriding(self, name: str, arguments: dict) -> list[str]:
         """Declared arguments that differ from what the queue's policy says (arguments win over policies)."""
@@ -184,11 +178,13 @@ class Transports:
         t = self.topo
         found: list[Step] = []
         for name, kind in ((t.failed_exchange, "direct"), (t.exchange, "direct"), (t.unrouted, "fanout")):
-            same = self._amqp(f"exchange '{name}'", lambda n=name, k=kind: broker.exchange_is(self.connection, n, k))
-            if same is None:
+            differs = self._amqp(f"exchange '{name}'", lambda n=name, k=kind: broker.exchange_differently(
+                self.connection, n, k))
+            if differs is None:
                 found.append(Step("exchange", name, "missing", level="fail", fix="myshop setup-transports"))
-            elif not same:
-                found.append(Step("exchange", name, "differs", f"not a durable {kind} exchange", "fail",
+            elif differs:
+                found.append(Step("exchange", name, "differs", f"configured a durable {kind} exchange; RabbitMQ: "
+                                  f"{differs}", "fail",
                                   f"delete the exchange (rabbitmqctl delete_exchange {name}), then setup-transports"))
         for name, _ in self._queues():
             step = self._adopted(name) if self._exists("queue", name) else Step(
@@ -308,9 +304,9 @@ class Transports:
                     "meanwhile")
 
     def _recreate_if_empty(self, name: str) -> Step:
-        same = self._amqp(f"queue '{name}'", lambda: broker.declares_as(self.connection, name, {}))
-        if same is not False:
-            return Step("queue", name, "existing" if same else "missing")
+        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(self.connection, name, {}))
+        if not differs:
+            return Step("queue", name, "missing" if differs is None else "existing")
         try:
             self._channel_call(f"queue '{name}'", lambda ch: ch.queue_delete(name, if_unused=True, if_empty=True))
         except Refused:
@@ -333,10 +329,12 @@ class Transports:
             raise BrokerError(f"queue '{t.queue}' exists but the management API at {self.api.display} does not list "
                               "it yet: run again in a few seconds")
         arguments = {k: v for k, v in info.arguments.items() if k.startswith("x-")}
-        if not self._amqp(f"queue '{t.queue}'", lambda: broker.declares_as(self.connection, t.queue, arguments)):
+        differs = self._amqp(f"queue '{t.queue}'", lambda: broker.declared_differently(
+            self.connection, t.queue, arguments))
+        if differs:
             raise BrokerError(f"queue '{t.queue}': RabbitMQ refuses a durable declare with the arguments the "
-                              f"management API lists ({_describe(arguments) or 'none'}), as Symfony's auto_setup "
-                              f"would be refused: {MIGRATE_FIX}")
+                              f"management API lists ({_describe(arguments) or 'none'}): {differs}; Symfony's "
+                              f"auto_setup would be refused too: {MIGRATE_FIX}")
         return arguments
 
     def _exists(self, kind: str, name: str) -> bool:
