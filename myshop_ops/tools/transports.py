@@ -150,11 +150,11 @@ class Transports:
             return Step("queue", name, "missing", level="fail", fix="myshop setup-transports")
         if not differs:
             return Step("queue", name, "existing", t.queue_type if name == t.queue else "declared as ours")
+        told = f"RabbitMQ: {differs}"
         info = self.api.queue(name)  # the details RabbitMQ's one difference does not tell
-        notes = [f"RabbitMQ: {differs}"]
         if info is None:  # in RabbitMQ, not yet in the management API's view
-            return Step("queue", name, "adopted", notes[0], "warn", MIGRATE_FIX)
-        notes.insert(0, info.type)
+            return Step("queue", name, "adopted", told, "warn", MIGRATE_FIX)
+        notes = [info.type]
         if name == t.queue and info.type != t.queue_type:
             notes.append(f"configured {t.queue_type}: adopted as it is"
                          + (" (no delivery limit)" if t.queue_type == "quorum" else ""))
@@ -163,7 +163,7 @@ class Transports:
             notes.append("set at declaration, overriding the policy: " + ", ".join(overriding))
         if not info.durable:
             notes.append("not durable: messages are lost on a broker restart")
-        return Step("queue", name, "adopted", "; ".join(notes), "warn", MIGRATE_FIX)
+        return Step("queue", name, "adopted", "; ".join([*notes, told]), "warn", MIGRATE_FIX)
 
     def _overriding(self, name: str, arguments: dict) -> list[str]:
         """Declared arguments that differ from what the queue's policy says (arguments win over policies)."""
