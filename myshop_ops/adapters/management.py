@@ -4,8 +4,8 @@ The AMQP protocol only tells ready messages and consumers; everything else an op
 policies can only be set here. RABBITMQ_MANAGEMENT_URL names it; unset, the first RABBITMQ_DSN host on port 15672
 (15671 for amqps) with its credentials, but only when that host's AMQP port is the default one (5672, 5671 for amqps):
 past a non-default port, any management port would be a guess. Before use, ``for_connection`` checks that the API
-answers for the broker the AMQP connection reached (same cluster name, same vhost, and it sees a queue just declared
-on that connection); whether an object exists, and with which arguments, is asked on the AMQP connection itself.
+answers for the broker the AMQP connection reached (the vhost, and a queue just declared on that connection are
+there); whether an object exists, and with which arguments, is asked on the AMQP connection itself.
 """
 
 from __future__ import annotations
@@ -294,33 +294,28 @@ def for_dsn(management: str | None, dsn: str) -> Management:
 
 
 def for_connection(management: str | None, dsn: str, connection: BlockingConnection) -> Management:
-    """The management API (as ``for_dsn``) once it is shown to answer for the broker ``connection`` reached: the
-    same cluster name, the vhost, and a queue declared on ``connection`` a moment ago is there. WrongBroker (one
-    line: both brokers, the setting to fix) when not; ManagementError when it cannot answer."""
+    """The management API (as ``for_dsn``) once it is shown to answer for the broker ``connection`` reached: the vhost
+    is there, and so is a queue declared on ``connection`` a moment ago (the proof: nodes of one cluster report
+    different cluster names unless one was set, and two brokers may report the same). Where the broker refuses that
+    queue (no configure permission on amq.gen-*), the cluster names must agree. WrongBroker (one line: both brokers,
+    the setting to fix) when not; ManagementError when it cannot answer."""
     api = for_dsn(management, dsn)
-    derived = "" if management else " (derived from RABBITMQ_DSN: RABBITMQ_MANAGEMENT_URL is unset)"
     ours = broker.cluster_name(connection)
-    if ours is None:
-        raise ManagementError(f"RabbitMQ at {broker.address(connection)} gave no cluster name: whether the "
-                              f"management API at {api.display} is the same broker cannot be told (set "
-                              "RABBITMQ_MANAGEMENT_URL to that broker's own management API)")
     theirs, node = api.overview()
-    if theirs is None:
-        raise ManagementError(f"RabbitMQ management API at {api.display} answered /api/overview without a cluster "
-                              "name: whether it is the broker of RABBITMQ_DSN cannot be told")
+    derived = "" if management else " (derived from RABBITMQ_DSN: RABBITMQ_MANAGEMENT_URL is unset)"
 
     def wrong(what: str) -> WrongBroker:
-        return WrongBroker(f"two different brokers: RABBITMQ_DSN reaches cluster '{ours}' at "
-                           f"{broker.address(connection)}, the management API at {api.display}{derived} {what} "
-                           f"(set RABBITMQ_MANAGEMENT_URL to the management API of cluster '{ours}')")
+        return WrongBroker(f"two different brokers: RABBITMQ_DSN reaches {broker.address(connection)} (cluster "
+                           f"'{ours or '?'}'), the management API at {api.display}{derived} answers for node "
+                           f"{node or '?'} (cluster '{theirs or '?'}') and {what} (set RABBITMQ_MANAGEMENT_URL to "
+                           f"the management API of the broker at {broker.address(connection)})")
 
-    there = f"(cluster '{theirs}', node {node or '?'})"
-    if theirs != ours:
-        raise wrong(f"answers for cluster '{theirs}' (node {node or '?'})")
     if not api.vhost_exists():
-        raise wrong(f"{there} has no vhost '{api.vhost}'")
+        raise wrong(f"has no vhost '{api.vhost}'")
     with broker.probe_queue(connection) as probe:
         if probe is not None and api.queue(probe) is None:
-            raise wrong(f"{there} does not see queue '{probe}' just declared on the AMQP connection: another "
-                        "broker with the same cluster name")
+            raise wrong(f"does not see queue '{probe}' just declared on the AMQP connection")
+    if probe is None and (ours is None or ours != theirs):
+        raise wrong("the cluster names differ (the AMQP user may not declare a probe queue amq.gen-*, so only "
+                    "they could tell; rabbitmqctl set_cluster_name gives every node of a cluster the same)")
     return api

@@ -30,6 +30,14 @@ def on(dsn: str, queue: str) -> bool:
         conn.close()
 
 
+def cluster_name(dsn: str) -> str:
+    conn = broker.connect(dsn)
+    try:
+        return broker.cluster_name(conn) or "?"
+    finally:
+        conn.close()
+
+
 def one_line(done, *needles: str) -> None:
     assert done.returncode == 3 and "Traceback" not in done.stderr, (done.stdout, done.stderr)
     line = done.stderr.strip()
@@ -51,9 +59,11 @@ def test_the_other_brokers_management_api_is_refused_and_the_clusters_configures
                  "set RABBITMQ_MANAGEMENT_URL")
         # set to the default node's: two brokers, named, for every command that needs the API
         wrong = env.subprocess_env(RABBITMQ_MANAGEMENT_URL=DEFAULT_MANAGEMENT)
+        ours, theirs = cluster_name(cluster.dsn), cluster_name(RABBIT)
+        assert ours != theirs
         for args in (["setup-transports"], ["messenger-config"], ["stats"]):
-            one_line(run_cli(*args, env=wrong), "two different brokers", "cluster 'rabbit-t1@localhost'",
-                     "set RABBITMQ_MANAGEMENT_URL")
+            one_line(run_cli(*args, env=wrong), "two different brokers", "RABBITMQ_DSN reaches 127.0.0.1:568",
+                     f"(cluster '{ours}')", f"(cluster '{theirs}')", "set RABBITMQ_MANAGEMENT_URL")
         checks = json.loads(run_cli("preflight", "--offline", "--json", env=wrong).stdout)["checks"]
         assert "two different brokers" in next(c for c in checks if c["name"] == "topology")["detail"]
         assert not on(cluster.dsn, topo.failed_queue) and not on(cluster.dsn, topo.queue)

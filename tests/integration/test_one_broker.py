@@ -4,6 +4,7 @@ or lies about what exists. The two-broker case on real nodes is tests/cluster/te
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 
@@ -72,24 +73,39 @@ def test_no_management_url_is_derived_past_a_non_default_amqp_port():
 
 
 def test_a_management_api_of_another_cluster_is_refused(conn, ours, api):
-    api.answer_as("rabbit@elsewhere")
+    """It does not see the queue just declared on the AMQP connection: one line naming both brokers."""
+    api.answer_as("rabbit@elsewhere", sees_probe=False)
     with pytest.raises(WrongBroker) as refused:
         for_connection(api.url(), RABBIT, conn)
     line = str(refused.value)
-    assert f"cluster '{ours}'" in line and "cluster 'rabbit@elsewhere'" in line and "RABBITMQ_MANAGEMENT_URL" in line
-    assert "\n" not in line
+    assert f"reaches 127.0.0.1:5672 (cluster '{ours}')" in line and "(cluster 'rabbit@elsewhere')" in line
+    assert "does not see queue 'amq.gen-" in line and "set RABBITMQ_MANAGEMENT_URL" in line and "\n" not in line
 
 
 def test_the_same_cluster_name_without_the_probe_queue_is_another_broker(conn, ours, api):
     """Two unrelated brokers may share a cluster name (rabbit@localhost in two containers): the management API
     must also see the queue just declared on the AMQP connection."""
-    api.answer_as(ours)
-    del api.replies["/api/queues/%2F/amq.gen-"]
+    api.answer_as(ours, sees_probe=False)
     with pytest.raises(WrongBroker, match=r"does not see queue 'amq\.gen-.*another broker with the same cluster name"):
         for_connection(api.url(), RABBIT, conn)
     asked = [r["path"] for r in api.requests if r["path"].startswith("/api/queues/%2F/amq.gen-")]
     assert len(asked) == 1
     assert broker.queue_depth(conn, asked[0].rsplit("/", 1)[1]) is None  # the probe is gone
+
+
+def test_without_a_probe_queue_the_cluster_names_decide(conn, ours, api, monkeypatch):
+    """Where the AMQP user may not declare the probe (no configure permission on amq.gen-*: the broker refuses
+    it), the cluster names must agree."""
+    @contextlib.contextmanager
+    def refused(_conn):
+        yield None
+
+    monkeypatch.setattr(broker, "probe_queue", refused)
+    api.answer_as("rabbit@elsewhere", sees_probe=False)
+    with pytest.raises(WrongBroker, match="the cluster names differ"):
+        for_connection(api.url(), RABBIT, conn)
+    api.answer_as(ours, sees_probe=False)
+    assert for_connection(api.url(), RABBIT, conn).vhost == "/"
 
 
 def test_a_management_api_without_the_vhost_is_another_broker(conn, ours, api):
@@ -106,7 +122,7 @@ def test_the_real_management_api_of_the_default_node_is_accepted(conn):
 def test_every_command_stops_in_one_line_on_the_wrong_broker(env, api):
     """setup-transports, messenger-config and stats stop in one line naming both brokers and the setting;
     preflight fails its topology check with that line; nothing is declared, no policy is set."""
-    api.answer_as("rabbit@elsewhere")
+    api.answer_as("rabbit@elsewhere", sees_probe=False)
     sub = env.subprocess_env(RABBITMQ_MANAGEMENT_URL=api.url())
     for args in (["setup-transports"], ["setup-transports", "--json"], ["messenger-config"], ["stats"]):
         one_line_refusal(run_cli(*args, env=sub), "two different brokers", "rabbit@elsewhere",
