@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 
 import pika
@@ -86,7 +87,7 @@ def test_the_same_cluster_name_without_the_probe_queue_is_another_broker(conn, o
     """Two unrelated brokers may share a cluster name (rabbit@localhost in two containers): the management API
     must also see the queue just declared on the AMQP connection."""
     api.answer_as(ours, sees_probe=False)
-    with pytest.raises(WrongBroker, match=r"does not see queue 'amq\.gen-.*another broker with the same cluster name"):
+    with pytest.raises(WrongBroker, match=re.escape(f"(cluster '{ours}') and does not see queue 'amq.gen-")):
         for_connection(api.url(), RABBIT, conn)
     asked = [r["path"] for r in api.requests if r["path"].startswith("/api/queues/%2F/amq.gen-")]
     assert len(asked) == 1
