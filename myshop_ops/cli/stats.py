@@ -124,6 +124,7 @@ def _checked_management(s) -> Management | None:
 
 
 def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: float, host: str) -> None:
+    management = _checked_management(s)  # another broker: refused before serving anything
     exporter = QueueExporter(interval)
     try:
         serve(exporter, port, host)
@@ -133,7 +134,7 @@ def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     err_console.print(f"serving queue metrics on :{port}/metrics every {interval:g}s", highlight=False)
-    export(s.rabbitmq_dsn, topo, queues, _checked_management(s), exporter.update, exporter.failed_collection, interval,
+    export(s.rabbitmq_dsn, topo, queues, management, exporter.update, exporter.failed_collection, interval,
            stopping.is_set)
 
 

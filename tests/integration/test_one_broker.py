@@ -17,7 +17,7 @@ from myshop_ops.adapters import broker
 from myshop_ops.adapters.management import ManagementError, WrongBroker, for_connection, management_url
 from myshop_ops.tools.transports import Refused, Transports
 from tests.support.fake_management import FakeManagement
-from tests.support.services import RABBIT, run_cli
+from tests.support.services import RABBIT, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -121,11 +121,12 @@ def test_the_real_management_api_of_the_default_node_is_accepted(conn):
 
 
 def test_every_command_stops_in_one_line_on_the_wrong_broker(env, api):
-    """setup-transports, messenger-config and stats stop in one line naming both brokers and the setting;
+    """setup-transports, messenger-config, stats and its exporter stop in one line naming both brokers and the setting;
     preflight fails its topology check with that line; nothing is declared, no policy is set."""
     api.answer_as("rabbit@elsewhere", sees_probe=False)
     sub = env.subprocess_env(RABBITMQ_MANAGEMENT_URL=api.url())
-    for args in (["setup-transports"], ["setup-transports", "--json"], ["messenger-config"], ["stats"]):
+    for args in (["setup-transports"], ["setup-transports", "--json"], ["messenger-config"], ["stats"],
+                 ["stats", "--serve-metrics", str(free_port())]):
         one_line_refusal(run_cli(*args, env=sub), "two different brokers", "rabbit@elsewhere",
                          "set RABBITMQ_MANAGEMENT_URL")
     done = run_cli("preflight", "--offline", "--json", env=sub)
