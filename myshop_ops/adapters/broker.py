@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pika
@@ -230,6 +230,71 @@ def exchange_exists(connection: BlockingConnection, exchange: str) -> bool:
         raise
     ch.close()
     return True
+
+
+def declared_differently(connection: BlockingConnection, queue: str, arguments: dict) -> str | None:
+    """How the existing ``queue`` differs from a durable queue with the declare ``arguments`` RabbitMQ compares
+    (x-queue-type, x-dead-letter-*, x-message-ttl, x-delivery-limit, ...), told by the broker itself: a declare
+    with them on a channel of its own, refused with 406 PRECONDITION_FAILED and RabbitMQ's reply text naming the
+    first difference; "" when it does not differ. None when the queue does not exist (a passive declare first:
+    nothing is created). Any other refusal raises ChannelClosedByBroker."""
+    if queue_depth(connection, queue) is None:
+        return None
+    return _difference(connection, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments))
+
+
+def exchange_differently(connection: BlockingConnection, exchange: str, kind: str) -> str | None:
+    """As ``declared_differently``, for a durable exchange of type ``kind``."""
+    if not exchange_exists(connection, exchange):
+        return None
+    return _difference(connection, lambda ch: ch.exchange_declare(exchange, exchange_type=kind, durable=True))
+
+
+def _difference(connection: BlockingConnection, declare: Callable) -> str:
+    ch = connection.channel()
+    try:
+        declare(ch)
+    except pex.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:
+            return str(exc.reply_text).removeprefix("PRECONDITION_FAILED - ") or "PRECONDITION_FAILED"
+        raise
+    ch.close()
+    return ""
+
+
+def cluster_name(connection: BlockingConnection) -> str | None:
+    """The cluster name the broker gave in its Connection.Start server properties (None when it gave none)."""
+    props = getattr(getattr(connection, "_impl", None), "server_properties", None)
+    value = props.get("cluster_name") if isinstance(props, dict) else None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def address(connection: BlockingConnection) -> str:
+    """host:port of the node the connection reached ("?" when pika does not tell)."""
+    params = getattr(getattr(connection, "_impl", None), "params", None)
+    host, port = getattr(params, "host", "?"), getattr(params, "port", "?")
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def probe_queue(connection: BlockingConnection) -> Iterator[str | None]:
+    """A server-named exclusive queue that lives for the ``with`` block (its name; None when the broker refused
+    to declare one, e.g. no configure permission on amq.gen-*): proof that another view of the broker is this one."""
+    ch = connection.channel()
+    try:
+        name = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
+    except pex.ChannelClosedByBroker:
+        yield None
+        return
+    try:
+        yield name
+    finally:
+        if ch.is_open:
+            with contextlib.suppress(pex.AMQPError):
+                ch.queue_delete(name)
+                ch.close()
 
 
 def missing_objects(connection: BlockingConnection, topo: Topology) -> list[str]:

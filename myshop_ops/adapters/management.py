@@ -1,8 +1,11 @@
 """RabbitMQ management HTTP API: unacked counts, rates, queue types and arguments, bindings, policies.
 
 The AMQP protocol only tells ready messages and consumers; everything else an operator wants comes from here, and
-policies can only be set here. RABBITMQ_MANAGEMENT_URL names it; `setup-transports` and `preflight` fall back to
-the first RABBITMQ_DSN host on port 15672 (15671 for amqps) with its credentials.
+policies can only be set here. RABBITMQ_MANAGEMENT_URL names it; unset, the first RABBITMQ_DSN host on port 15672
+(15671 for amqps) with its credentials, but only when that host's AMQP port is the default one (5672, 5671 for amqps):
+past a non-default port, any management port would be a guess. Before use, ``for_connection`` checks that the API
+answers for the broker the AMQP connection reached (the vhost, and a queue just declared on that connection are
+there); whether an object exists, and with which arguments, is asked on the AMQP connection itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from pika.adapters.blocking_connection import BlockingConnection
+
+from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import dsn_urls
 from myshop_ops.adapters.config import mask_url
 
@@ -25,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class ManagementError(Exception):
     """The management API could not answer (unreachable, refused, redirected, an unexpected reply)."""
+
+
+class WrongBroker(ManagementError):
+    """The management API answers for another broker than the one the AMQP connection reached."""
 
 
 MAX_REPLY_BYTES = 32 * 1024 * 1024  # a reply past this is refused, not read whole
@@ -132,6 +142,14 @@ class Management:
         return [{"name": n["name"], "running": n.get("running") is True, "mem_alarm": n.get("mem_alarm") is True,
                  "disk_free_alarm": n.get("disk_free_alarm") is True}
                 for n in _entries(raw, "node", lambda n: _text(n.get("name")) is not None)]
+
+    def overview(self) -> tuple[str | None, str | None]:
+        """(cluster name, node answering) from /api/overview (None where the reply does not give a text)."""
+        raw = self._get("/overview") or {}
+        return _text(raw.get("cluster_name")) or None, _text(raw.get("node")) or None
+
+    def vhost_exists(self) -> bool:
+        return self._get(f"/vhosts/{self._vhost}") is not None
 
     def exchange(self, name: str) -> dict | None:
         return self._get(f"/exchanges/{self._vhost}/{quote(name, safe='')}")
@@ -250,17 +268,54 @@ def vhost_of(dsn: str) -> str:
 
 
 def management_url(management: str | None, dsn: str) -> str:
-    """RABBITMQ_MANAGEMENT_URL, or the first RABBITMQ_DSN host on the management port with the DSN's credentials."""
+    """RABBITMQ_MANAGEMENT_URL, or the first RABBITMQ_DSN host on the management port with the DSN's credentials
+    when that host's AMQP port is the default one; ManagementError (set RABBITMQ_MANAGEMENT_URL) past another port."""
     if management:
         return management
     parts = urlsplit(dsn_urls(dsn)[0])
     tls = parts.scheme == "amqps"
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port not in (None, 5671 if tls else 5672):
+        raise ManagementError(f"RABBITMQ_MANAGEMENT_URL is unset and RABBITMQ_DSN's first host {host} listens on "
+                              f"AMQP port {parts.netloc.rpartition(':')[2]}, not the default: its management API's "
+                              "address would be a guess, none is derived (set RABBITMQ_MANAGEMENT_URL)")
     user = quote(unquote(parts.username or "guest"), safe="")
     password = quote(unquote(parts.password or "guest"), safe="")
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
     return f"{'https' if tls else 'http'}://{user}:{password}@{host}:{15671 if tls else 15672}"
 
 
 def for_dsn(management: str | None, dsn: str) -> Management:
-    """The management API of the broker a RABBITMQ_DSN names, in its vhost."""
+    """The management API of the broker a RABBITMQ_DSN names, in its vhost, unchecked (``for_connection`` checks)."""
     return Management(management_url(management, dsn), vhost_of(dsn))
+
+
+def for_connection(management: str | None, dsn: str, connection: BlockingConnection) -> Management:
+    """The management API (as ``for_dsn``) once it is shown to answer for the broker ``connection`` reached: the vhost
+    is there, and so is a queue declared on ``connection`` a moment ago (the proof: nodes of one cluster report
+    different cluster names unless one was set, and two brokers may report the same). Where the broker refuses that
+    queue (no configure permission on amq.gen-*), the cluster names must agree. WrongBroker (one line: both brokers,
+    the setting to fix) when not; ManagementError when it cannot answer."""
+    api = for_dsn(management, dsn)
+    ours = broker.cluster_name(connection)
+    theirs, node = api.overview()
+    derived = "" if management else " (derived from RABBITMQ_DSN: RABBITMQ_MANAGEMENT_URL is unset)"
+
+    def wrong(what: str) -> WrongBroker:
+        return WrongBroker(f"two different brokers: RABBITMQ_DSN reaches {broker.address(connection)} (cluster "
+                           f"'{ours or '?'}'), the management API at {api.display}{derived} answers for node "
+                           f"{node or '?'} (cluster '{theirs or '?'}') and {what} (set RABBITMQ_MANAGEMENT_URL to "
+                           f"the management API of the broker at {broker.address(connection)})")
+
+    if not api.vhost_exists():
+        raise wrong(f"has no vhost '{api.vhost}'")
+    with broker.probe_queue(connection) as probe:
+        if probe is not None and api.queue(probe) is None:
+            raise wrong(f"does not see queue '{probe}' just declared on the AMQP connection")
+    if probe is None and (ours is None or ours != theirs):
+        raise wrong("the cluster names differ (the AMQP user may not declare a probe queue amq.gen-*, so only "
+                    "they could tell; rabbitmqctl set_cluster_name gives every node of a cluster the same)")
+    return api

@@ -7,13 +7,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 
+import pika.exceptions as pex
 import typer
 from rich.table import Table
 
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.config import Settings, mask_url
-from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.management import for_connection
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
@@ -60,10 +61,8 @@ def messenger_config(
     """Print the shop's messenger.yaml transport block matching the live topology."""
     s = settings()
     topo = Topology.from_settings(s)
-    with operator_errors(s):
-        info = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn).queue(topo.queue)
-    arguments = topo.main_arguments() if info is None else {
-        k: v for k, v in info.arguments.items() if k.startswith("x-")}
+    with operator_errors(s), _transports(s, topo) as live:
+        arguments = live.main_queue_arguments()
     dsn = mask_url(broker.dsn_urls(s.rabbitmq_dsn)[0])
     sys.stdout.write(transports.messenger_config(topo, arguments, dsn, auto_setup=not no_auto_setup,
                                                  confirm_timeout=confirm_timeout))
@@ -71,11 +70,16 @@ def messenger_config(
 
 @contextlib.contextmanager
 def _transports(s: Settings, topo: Topology) -> Iterator[transports.Transports]:
+    """The topology on the AMQP connection, with the management API of that same broker (checked: WrongBroker)."""
     conn = broker.connect(s.rabbitmq_dsn, name="myshop-setup")
     try:
-        yield transports.Transports(conn, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), topo)
+        yield transports.Transports(conn, for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn), topo)
+    except (pex.AMQPError, ConnectionError) as exc:  # what Transports did not name: still one line
+        raise broker.BrokerError(f"RabbitMQ at {broker.address(conn)} failed: {type(exc).__name__} {exc} (run "
+                                 "`myshop setup-transports` again: it is idempotent)") from None
     finally:
-        conn.close()
+        if conn.is_open:
+            conn.close()
 
 
 def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:

@@ -18,7 +18,7 @@ from rich.text import Text
 from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.config import mask_text
-from myshop_ops.adapters.management import Management, ManagementError, vhost_of
+from myshop_ops.adapters.management import Management, ManagementError, WrongBroker, for_connection
 from myshop_ops.adapters.metrics import DEFAULT_HOST, QueueExporter, serve
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, settings, shown
@@ -83,7 +83,7 @@ def stats(
         return
     with operator_errors(s):
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
-        management = _management(s)
+        management = _management(s, conn)
         try:
             report = _snapshot(conn, topo, queues, management, as_json)
             if watch is None:
@@ -96,11 +96,35 @@ def stats(
         raise typer.Exit(EXIT_FAIL)
 
 
-def _management(s) -> Management | None:
-    return Management(s.rabbitmq_management_url, vhost_of(s.rabbitmq_dsn)) if s.rabbitmq_management_url else None
+def _management(s, conn) -> Management | None:
+    """RABBITMQ_MANAGEMENT_URL's API once shown to be the broker ``conn`` reached (None when unset). Another broker
+    stops the command (WrongBroker: its numbers would be shown as ours); an API that cannot answer is a warning
+    (the AMQP counts are shown without it)."""
+    if not s.rabbitmq_management_url:
+        return None
+    try:
+        return for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn)
+    except WrongBroker:
+        raise
+    except ManagementError as exc:
+        err_console.print(f"[yellow]warning:[/] {shown(mask_text(str(exc)))}", highlight=False, soft_wrap=True)
+        return None
+
+
+def _checked_management(s) -> Management | None:
+    """``_management`` on a connection of its own (the exporter opens its connections itself)."""
+    if not s.rabbitmq_management_url:
+        return None
+    with operator_errors(s):
+        conn = broker.connect(s.rabbitmq_dsn, name="myshop-stats")
+        try:
+            return _management(s, conn)
+        finally:
+            conn.close()
 
 
 def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: float, host: str) -> None:
+    management = _checked_management(s)  # another broker: refused before serving anything
     exporter = QueueExporter(interval)
     try:
         serve(exporter, port, host)
@@ -110,7 +134,7 @@ def _exporter(s, topo: Topology, queues: list[str] | None, port: int, interval: 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     err_console.print(f"serving queue metrics on :{port}/metrics every {interval:g}s", highlight=False)
-    export(s.rabbitmq_dsn, topo, queues, _management(s), exporter.update, exporter.failed_collection, interval,
+    export(s.rabbitmq_dsn, topo, queues, management, exporter.update, exporter.failed_collection, interval,
            stopping.is_set)
 
 

@@ -15,7 +15,7 @@ from myshop_ops.adapters.broker import BrokerError, Topology
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.dedup import RedisState
 from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
-from myshop_ops.adapters.management import for_dsn
+from myshop_ops.adapters.management import Management, ManagementError, WrongBroker, for_connection
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import MAX_BODY_BYTES
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
@@ -86,13 +86,23 @@ def _local_failure(exc: BaseException, events: Path) -> None:
              f"{type(exc).__name__}: {exc} (free space there, or set TMPDIR)", EXIT_CONFIG)
 
 
+def _management(s: Settings, conn) -> Management | None:
+    """The management API of the broker ``conn`` reached, for the unacked count; None when it cannot answer (ready
+    counts only). Another broker stops the command (WrongBroker)."""
+    try:
+        return for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn)
+    except WrongBroker:
+        raise
+    except ManagementError:
+        return None
+
+
 def _in_flight(s: Settings, topo: Topology, wait: float, *, management: bool) -> int:
     """Messages still queued or unacked, after waiting up to ``wait`` seconds for them to settle. The broker
     connection lives only as long as this count: none is held while the events are recomputed."""
     conn = broker.connect(s.rabbitmq_dsn, name="myshop-verify")
     try:
-        api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn) if management else None
-        return wait_settled(conn, topo, api, wait)
+        return wait_settled(conn, topo, _management(s, conn) if management else None, wait)
     except (pex.AMQPError, OSError) as exc:
         raise BrokerError(f"RabbitMQ failed while counting the messages in flight: {type(exc).__name__} {exc}"
                           " (is RabbitMQ running? check RABBITMQ_DSN)") from None

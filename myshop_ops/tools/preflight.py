@@ -32,7 +32,7 @@ from myshop_ops.adapters.config import (
 )
 from myshop_ops.adapters.dedup import RedisError, RedisState
 from myshop_ops.adapters.embeddings import EmbeddingError, embed_all, make_provider
-from myshop_ops.adapters.management import ManagementError, for_dsn
+from myshop_ops.adapters.management import Management, ManagementError, WrongBroker, for_connection
 from myshop_ops.adapters.store import Store
 from myshop_ops.tools.stats import CRITICAL_DEPTH, WARN_DEPTH, Members, alarms
 from myshop_ops.tools.transports import Transports
@@ -74,8 +74,6 @@ def run(env: Mapping[str, str] | None = None, env_file: object = DISCOVER, offli
     checks += _mongodb(s)
     checks += _shop_data(s)
     checks += _rabbitmq(s)
-    checks += _other_consumers(s)
-    checks += _cluster(s)
     checks += _redis(s)
     checks.append(_provider(s) if not offline else Check("provider", "one embedding", "SKIP", "--offline"))
     checks += _security(s, env_file)
@@ -198,10 +196,9 @@ def _shop_data(s: Settings) -> Iterator[Check]:
             f"{c}.{n}" + (f" (serves as {req})" if req else "") for c, n, req in foreign))
 
 
-def _other_consumers(s: Settings) -> Iterator[Check]:
+def _other_consumers(s: Settings, api: Management) -> Iterator[Check]:
     """Consumers of the main queue whose connection is not a myshop one (its client_properties connection_name
     starts with "myshop", broker.connect): the shop's PHP workers, still running, take events myshop never sees."""
-    api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
     queue = Topology.from_settings(s).queue
     try:
         others = sorted({f"{c['connection_name'] or 'unnamed'} from {c['peer_host']} ({c['user']})"
@@ -218,11 +215,10 @@ def _other_consumers(s: Settings) -> Iterator[Check]:
         yield Check("rabbitmq", "other consumers", "PASS", f"every consumer of {queue} is a myshop worker")
 
 
-def _cluster(s: Settings) -> Iterator[Check]:
+def _cluster(s: Settings, api: Management) -> Iterator[Check]:
     """The broker as a cluster (management API): resource alarms (they block every publisher of the cluster), the
     main queue's members (down ones, a lost quorum, fewer than 3 in prod) and a RABBITMQ_DSN that names one node
     of several (nothing to fail over to)."""
-    api = for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn)
     queue = Topology.from_settings(s).queue
     try:
         nodes, info, raised = api.nodes(), api.queue(queue), alarms(api)
@@ -263,7 +259,11 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
         return
     try:
         yield Check("rabbitmq", "reachable", "PASS", mask_url(s.rabbitmq_dsn))
-        yield from _topology(s, conn, topo)
+        api, refused = _management(s, conn)
+        if api is None:
+            yield refused
+        else:
+            yield from _topology(conn, api, topo)
         main = broker.queue_depth(conn, topo.queue)
         failed = broker.queue_depth(conn, topo.failed_queue)
         if main is not None:
@@ -280,18 +280,37 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
         if failed is not None:
             yield Check("rabbitmq", "failed", "WARN" if failed[0] else "PASS", f"{failed[0]} in {topo.failed_queue}",
                         "myshop failed show --stats" if failed[0] else None)
+        if api is None:
+            yield Check("rabbitmq", "cluster", "SKIP", "needs the management API of this broker (see topology)")
+        else:
+            yield from _other_consumers(s, api)
+            yield from _cluster(s, api)
     finally:
         conn.close()
 
 
-def _topology(s: Settings, conn, topo: Topology) -> Iterator[Check]:
+def _management(s: Settings, conn) -> tuple[Management | None, Check | None]:
+    """The management API of the broker ``conn`` reached, or why not (a FAIL: nothing it tells can be checked)."""
+    try:
+        return for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn), None
+    except ManagementError as exc:
+        fix = ("set RABBITMQ_MANAGEMENT_URL to the management API of the broker RABBITMQ_DSN reaches"
+               if isinstance(exc, WrongBroker) else
+               "rabbitmq-plugins enable rabbitmq_management (or set RABBITMQ_MANAGEMENT_URL)")
+        return None, Check("rabbitmq", "topology", "FAIL", f"{exc}: policies and bindings cannot be checked", fix)
+
+
+def _topology(conn, api: Management, topo: Topology) -> Iterator[Check]:
     """Exchanges, queues (type, arguments overriding policies), the producers' routing keys, policies, and
     anything the alternate exchange caught."""
     try:
-        found = Transports(conn, for_dsn(s.rabbitmq_management_url, s.rabbitmq_dsn), topo).check()
+        found = Transports(conn, api, topo).check()
     except ManagementError as exc:
         yield Check("rabbitmq", "topology", "FAIL", f"{exc}: policies and bindings cannot be checked",
                     "rabbitmq-plugins enable rabbitmq_management (or set RABBITMQ_MANAGEMENT_URL)")
+        return
+    except BrokerError as exc:  # a refusal on one object (Refused): named, with what to do
+        yield Check("rabbitmq", "topology", "FAIL", str(exc), "myshop setup-transports")
         return
     bindings = [st for st in found if st.kind == "binding"]
     others = [st for st in found if st.kind != "binding"]

@@ -5,6 +5,12 @@ messenger.yaml) and its binding on first use, and RabbitMQ refuses a redeclare w
 queue is declared with nothing but its type, and what may change (dead-lettering, delivery limit, retry delays,
 the alternate exchange) is set as policies through the management API. What exists is adopted, never redeclared
 with other settings; ``migrate`` moves an existing main queue to the configured type without losing a message.
+
+Whether an object exists, and whether it was declared as we would declare it, is asked on the AMQP connection
+(passive declares, and declares RabbitMQ refuses with 406 on a difference, each on a channel of its own): the
+management API's statistics lag by seconds. The management API, checked to be the same broker
+(management.for_connection), does what only it can: policies, bindings, and the details of a difference. Every
+refusal by the broker is one line naming the object (``Refused``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,27 @@ class TopologyMismatch(BrokerError):
 
 class MigrationRefused(BrokerError):
     """`--migrate` cannot run now (consumers attached); nothing was changed."""
+
+
+_ADVICE = {403: "the user of RABBITMQ_DSN needs configure, write and read permission on it (rabbitmqctl "
+                "set_permissions)",
+           404: "it was deleted meanwhile: run `myshop setup-transports` again",
+           405: "another connection holds it exclusively: stop that client",
+           406: "it exists with other settings: see `myshop preflight`, then `myshop setup-transports --migrate`"}
+
+
+class Refused(BrokerError):
+    """RabbitMQ refused an operation on one object (its channel closed with ``code``), or the connection failed."""
+
+    def __init__(self, what: str, exc: Exception):
+        self.code = getattr(exc, "reply_code", None)
+        if isinstance(exc, pex.ChannelClosedByBroker):
+            why = f"RabbitMQ refused it ({exc.reply_code} {exc.reply_text})"
+            fix = _ADVICE.get(exc.reply_code, "see the RabbitMQ log, then run `myshop setup-transports` again")
+        else:
+            why = f"the connection to RabbitMQ failed ({type(exc).__name__} {exc})".replace(" )", ")")
+            fix = "check RabbitMQ (myshop preflight), then run `myshop setup-transports` again: it is idempotent"
+        super().__init__(f"{what}: {why}; {fix}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +92,8 @@ class Transports:
                  self._exchange(t.unrouted, "fanout")]
         steps += [self._queue(name, arguments) for name, arguments in self._queues()]
         for exchange, queue, key in self._bindings():
-            self._channel_call(lambda ch, e=exchange, q=queue, k=key: ch.queue_bind(q, e, routing_key=k))
+            self._channel_call(f"binding {exchange} -> {queue}",
+                               lambda ch, e=exchange, q=queue, k=key: ch.queue_bind(q, e, routing_key=k))
             steps.append(Step("binding", f"{exchange} -> {queue}", "bound", f"key {key!r}" if key else "fanout"))
         for policy in t.policies():
             current = self.api.policy(policy.name)
@@ -91,38 +119,51 @@ class Transports:
     def _exchange(self, name: str, kind: str) -> Step:
         existed = self._exists("exchange", name)
         try:
-            self._channel_call(lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=True))
-        except pex.ChannelClosedByBroker as exc:
-            raise TopologyMismatch(f"exchange '{name}' exists with other settings ({exc.reply_text}); it was left "
-                                   f"untouched: it must be a durable {kind} exchange") from None
+            self._channel_call(f"exchange '{name}'",
+                               lambda ch: ch.exchange_declare(name, exchange_type=kind, durable=True))
+        except Refused as exc:
+            if exc.code != 406:
+                raise
+            raise TopologyMismatch(f"exchange '{name}' exists with other settings; it was left untouched: it must "
+                                   f"be a durable {kind} exchange (delete it: rabbitmqctl delete_exchange {name}, "
+                                   "then run `myshop setup-transports` again)") from None
         return Step("exchange", name, "existing" if existed else "created", kind)
 
     def _queue(self, name: str, arguments: dict) -> Step:
         if not self._exists("queue", name):
-            self._channel_call(lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+            self._channel_call(f"queue '{name}'",
+                               lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
             return Step("queue", name, "created", _describe(arguments))
         return self._adopted(name)
 
+    def _expected(self, name: str) -> dict:
+        """The arguments we declare ``name`` with: the main queue's type, nothing for the others."""
+        return self.topo.main_arguments() if name == self.topo.queue else {}
+
     def _adopted(self, name: str) -> Step:
-        """What an existing queue is, judged against the configuration (never redeclared)."""
+        """What an existing queue is, judged against the configuration (never redeclared). RabbitMQ itself tells
+        whether it is durable with our arguments; the management API only describes a difference."""
         t = self.topo
-        info = self.api.queue(name)
-        if info is None:  # deleted meanwhile
+        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(
+            self.connection, name, self._expected(name)))
+        if differs is None:  # deleted meanwhile
             return Step("queue", name, "missing", level="fail", fix="myshop setup-transports")
-        notes, level = [info.type], "ok"
+        if not differs:
+            return Step("queue", name, "existing", t.queue_type if name == t.queue else "declared as ours")
+        told = f"RabbitMQ: {differs}"
+        info = self.api.queue(name)  # the details RabbitMQ's one difference does not tell
+        if info is None:  # in RabbitMQ, not yet in the management API's view
+            return Step("queue", name, "adopted", told, "warn", MIGRATE_FIX)
+        notes = [info.type]
         if name == t.queue and info.type != t.queue_type:
             notes.append(f"configured {t.queue_type}: adopted as it is"
                          + (" (no delivery limit)" if t.queue_type == "quorum" else ""))
-            level = "warn"
         overriding = self._overriding(name, info.arguments)
         if overriding:
             notes.append("set at declaration, overriding the policy: " + ", ".join(overriding))
-            level = "warn"
         if not info.durable:
             notes.append("not durable: messages are lost on a broker restart")
-            level = "warn"
-        state = "adopted" if level == "warn" else "existing"
-        return Step("queue", name, state, "; ".join(notes), level, MIGRATE_FIX if level == "warn" else None)
+        return Step("queue", name, "adopted", "; ".join([*notes, told]), "warn", MIGRATE_FIX)
 
     def _overriding(self, name: str, arguments: dict) -> list[str]:
         """Declared arguments that differ from what the queue's policy says (arguments win over policies)."""
@@ -137,11 +178,13 @@ class Transports:
         t = self.topo
         found: list[Step] = []
         for name, kind in ((t.failed_exchange, "direct"), (t.exchange, "direct"), (t.unrouted, "fanout")):
-            info = self.api.exchange(name)
-            if info is None:
+            differs = self._amqp(f"exchange '{name}'", lambda n=name, k=kind: broker.exchange_differently(
+                self.connection, n, k))
+            if differs is None:
                 found.append(Step("exchange", name, "missing", level="fail", fix="myshop setup-transports"))
-            elif info.get("type") != kind:
-                found.append(Step("exchange", name, "differs", f"{info.get('type')}, configured {kind}", "fail",
+            elif differs:
+                found.append(Step("exchange", name, "differs", f"configured a durable {kind} exchange; RabbitMQ: "
+                                  f"{differs}", "fail",
                                   f"delete the exchange (rabbitmqctl delete_exchange {name}), then setup-transports"))
         for name, _ in self._queues():
             step = self._adopted(name) if self._exists("queue", name) else Step(
@@ -201,20 +244,20 @@ class Transports:
         t = self.topo
         steps: list[Step] = []
         holding = f"{t.queue}.migrating"
-        info = self.api.queue(t.queue)
+        depth = self._amqp(f"queue '{t.queue}'", lambda: broker.queue_depth(self.connection, t.queue))
         resuming = self._exists("queue", holding)
-        if info is None and not resuming:
+        if depth is None and not resuming:
             raise MigrationRefused(f"queue '{t.queue}' does not exist: run `myshop setup-transports` first")
-        if info is not None and info.consumers:
-            raise MigrationRefused(f"{info.consumers} consumer(s) on '{t.queue}': stop the workers first "
+        if depth is not None and depth[1]:
+            raise MigrationRefused(f"{depth[1]} consumer(s) on '{t.queue}': stop the workers first "
                                    "(myshop stop-workers, or systemctl stop 'myshop-worker@*'), then run again")
-        legacy = info is not None and (info.type != t.queue_type or self._overriding(t.queue, info.arguments))
+        legacy = depth is not None and self._adopted(t.queue).level != "ok"
         if legacy or resuming:
             if not self._exists("exchange", t.unrouted):
                 raise MigrationRefused(f"exchange '{t.unrouted}' is missing: run `myshop setup-transports` first")
             before = broker.queue_depth(self.connection, t.unrouted)
             skip = 0 if resuming or before is None else before[0]  # what was unrouted before stays for an operator
-            if info is not None:
+            if depth is not None:
                 self._hold_main(holding, progress)
             steps.append(self._redeclare_main(holding, skip, progress))
         for attempt in range(1, len(t.retry_delays_ms) + 1):
@@ -227,56 +270,96 @@ class Transports:
         t = self.topo
         for b in self.api.bindings(t.queue):
             if b["source"] == t.exchange:
-                self._channel_call(lambda ch, k=b["routing_key"]: ch.queue_unbind(t.queue, t.exchange, k))
+                self._channel_call(f"binding {t.exchange} -> {t.queue}",
+                                   lambda ch, k=b["routing_key"]: ch.queue_unbind(t.queue, t.exchange, k))
         progress(f"unbound {t.queue}: new messages wait in {t.unrouted}")
-        self._channel_call(lambda ch: ch.queue_declare(holding, durable=True, arguments={}))
-        moved = broker.move(self.connection, t.queue, holding)
+        self._channel_call(f"queue '{holding}'", lambda ch: ch.queue_declare(holding, durable=True, arguments={}))
+        moved = self._amqp(f"moving queue '{t.queue}' to '{holding}'",
+                           lambda: broker.move(self.connection, t.queue, holding))
         progress(f"moved {moved} message(s) from {t.queue} to {holding}")
         try:
-            self._channel_call(lambda ch: ch.queue_delete(t.queue, if_unused=True, if_empty=True))
-        except pex.ChannelClosedByBroker as exc:
-            raise MigrationRefused(f"'{t.queue}' could not be deleted ({exc.reply_text}); its messages are "
-                                   f"safe in '{holding}': run --migrate again") from None
+            self._channel_call(f"queue '{t.queue}'",
+                               lambda ch: ch.queue_delete(t.queue, if_unused=True, if_empty=True))
+        except Refused as exc:
+            raise MigrationRefused(f"'{t.queue}' could not be deleted ({exc}); its messages are safe in "
+                                   f"'{holding}': run --migrate again") from None
 
     def _redeclare_main(self, holding: str, skip: int, progress: Callable[[str], None]) -> Step:
         """Declare and bind the main queue again, then move the held messages and those published meanwhile (the
         unrouted queue past its first ``skip``) into it."""
         t = self.topo
-        self._channel_call(lambda ch: ch.queue_declare(t.queue, durable=True, arguments=t.main_arguments()))
+        self._channel_call(f"queue '{t.queue}'",
+                           lambda ch: ch.queue_declare(t.queue, durable=True, arguments=t.main_arguments()))
         for key in t.routing_keys:
-            self._channel_call(lambda ch, k=key: ch.queue_bind(t.queue, t.exchange, routing_key=k))
+            self._channel_call(f"binding {t.exchange} -> {t.queue}",
+                               lambda ch, k=key: ch.queue_bind(t.queue, t.exchange, routing_key=k))
         progress(f"declared {t.queue} ({t.queue_type}) and bound it again")
-        held = broker.move(self.connection, holding, t.queue)
-        self._channel_call(lambda ch: ch.queue_delete(holding, if_empty=True))
-        late = broker.move(self.connection, t.unrouted, t.queue, skip=skip)
+        held = self._amqp(f"moving queue '{holding}' back to '{t.queue}'",
+                          lambda: broker.move(self.connection, holding, t.queue))
+        self._channel_call(f"queue '{holding}'", lambda ch: ch.queue_delete(holding, if_empty=True))
+        late = self._amqp(f"moving queue '{t.unrouted}' to '{t.queue}'",
+                          lambda: broker.move(self.connection, t.unrouted, t.queue, skip=skip))
         progress(f"moved {held} held and {late} unrouted message(s) into {t.queue}")
         return Step("queue", t.queue, "recreated", f"{t.queue_type}; {held} message(s) moved back, {late} published "
                     "meanwhile")
 
     def _recreate_if_empty(self, name: str) -> Step:
-        info = self.api.queue(name)
-        if info is None or not info.arguments:
-            return Step("queue", name, "existing" if info else "missing")
+        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(self.connection, name, {}))
+        if not differs:
+            return Step("queue", name, "missing" if differs is None else "existing")
         try:
-            self._channel_call(lambda ch: ch.queue_delete(name, if_unused=True, if_empty=True))
-        except pex.ChannelClosedByBroker:
+            self._channel_call(f"queue '{name}'", lambda ch: ch.queue_delete(name, if_unused=True, if_empty=True))
+        except Refused:
             return Step("queue", name, "adopted", "not empty: its old arguments stay until it is (run --migrate "
                         "again after its delay)", "warn", MIGRATE_FIX)
-        self._channel_call(lambda ch: ch.queue_declare(name, durable=True, arguments={}))
+        self._channel_call(f"queue '{name}'", lambda ch: ch.queue_declare(name, durable=True, arguments={}))
         return Step("queue", name, "recreated", "declared without arguments: its policy applies")
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _exists(self, kind: str, name: str) -> bool:
-        return (self.api.exchange(name) if kind == "exchange" else self.api.queue(name)) is not None
+    def main_queue_arguments(self) -> dict:
+        """The main queue's declare arguments as they are (ours when it does not exist yet): read from the
+        management API, then confirmed by RabbitMQ itself (a durable declare with them, as Symfony's auto_setup
+        makes, refused on any difference)."""
+        t = self.topo
+        if not self._exists("queue", t.queue):
+            return t.main_arguments()
+        info = self.api.queue(t.queue)
+        if info is None:
+            raise BrokerError(f"queue '{t.queue}' exists but the management API at {self.api.display} does not list "
+                              "it yet: run again in a few seconds")
+        arguments = {k: v for k, v in info.arguments.items() if k.startswith("x-")}
+        differs = self._amqp(f"queue '{t.queue}'", lambda: broker.declared_differently(
+            self.connection, t.queue, arguments))
+        if differs:
+            raise BrokerError(f"queue '{t.queue}': RabbitMQ refuses a durable declare with the arguments the "
+                              f"management API lists ({_describe(arguments) or 'none'}): {differs}; Symfony's "
+                              f"auto_setup would be refused too: {MIGRATE_FIX}")
+        return arguments
 
-    def _channel_call(self, call: Callable) -> None:
-        ch = self.connection.channel()
+    def _exists(self, kind: str, name: str) -> bool:
+        """Asked on the AMQP connection (a passive declare), not from the management API's statistics."""
+        if kind == "exchange":
+            return self._amqp(f"exchange '{name}'", lambda: broker.exchange_exists(self.connection, name))
+        return self._amqp(f"queue '{name}'", lambda: broker.queue_depth(self.connection, name)) is not None
+
+    def _amqp(self, what: str, call: Callable):
+        """``call()``; a channel refused or the connection lost: Refused, one line naming ``what``."""
         try:
-            call(ch)
-        finally:
-            if ch.is_open:
-                ch.close()
+            return call()
+        except (pex.AMQPError, ConnectionError) as exc:
+            raise Refused(what, exc) from None
+
+    def _channel_call(self, what: str, call: Callable) -> None:
+        """``call(channel)`` on a channel of its own; a refusal: Refused naming ``what``."""
+        def on_channel() -> None:
+            ch = self.connection.channel()
+            try:
+                call(ch)
+            finally:
+                if ch.is_open:
+                    ch.close()
+        self._amqp(what, on_channel)
 
 
 def _effective(policies: list[dict], apply_to: str, name: str) -> str | None:

@@ -12,12 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.management import Management, ManagementError, management_url
+from myshop_ops.adapters.management import Management, ManagementError, for_connection, management_url
 from myshop_ops.cli import preflight as preflight_cli
 from myshop_ops.cli import stats as stats_cli
 from myshop_ops.tools import preflight, stats
 from tests.support.fake_management import FakeManagement
-from tests.support.services import run_cli
+from tests.support.services import RABBIT, run_cli
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(240)]
 
@@ -45,6 +45,15 @@ def credentials_sent(server: FakeManagement) -> list[dict]:
     return [r for r in server.requests if r["authorization"]]
 
 
+def default_cluster_name() -> str:
+    """What the default node gives as its cluster name (a stand-in answering as it passes for_connection)."""
+    conn = broker.connect(RABBIT)
+    try:
+        return broker.cluster_name(conn) or "?"
+    finally:
+        conn.close()
+
+
 # ---- the exact cases ------------------------------------------------------------------------------------------
 
 def test_a_redirect_to_another_host_is_not_followed_and_gets_no_credentials(env, topology, api, elsewhere):
@@ -62,7 +71,9 @@ def test_a_redirect_to_another_host_is_not_followed_and_gets_no_credentials(env,
 
 
 def test_stats_and_preflight_take_an_empty_object_for_every_reply(env, topology, api):
-    """A management API answering `{}` to everything made `stats` and `preflight` crash with KeyError: 'name'."""
+    """A management API answering `{}` to everything made `stats` and `preflight` crash with KeyError: 'name'. (It
+    answers as the default node would where `for_connection` asks which broker it is.)"""
+    api.answer_as(default_cluster_name())
     api.default = (200, {})
     sub = env.subprocess_env(RABBITMQ_MANAGEMENT_URL=api.url())
     for args in (["stats"], ["stats", "--json"], ["preflight", "--offline"], ["preflight", "--offline", "--json"]):
@@ -78,6 +89,7 @@ def test_stats_and_preflight_take_an_empty_object_for_every_reply(env, topology,
 def test_preflight_shows_a_consumer_connection_named_like_markup(env, topology, api):
     """A consumer of the main queue whose connection is named `[/x]` crashed `preflight` with rich's MarkupError:
     shown literally."""
+    api.answer_as(default_cluster_name())
     api.replies[f"/api/queues/%2F/{topology.queue}"] = (200, {
         "name": topology.queue, "consumer_details": [{"channel_details": {"connection_name": "c1"}}]})
     api.replies["/api/connections/c1"] = (200, {"client_properties": {"connection_name": "[/x]"},
@@ -128,18 +140,24 @@ def test_property_stats_and_preflight_take_any_management_reply(env, topology, a
     reply = replies(other_url(elsewhere))
     api.replies = {path: data.draw(reply, label=path) for path in (
         "/api/queues/", f"/api/queues/%2F/{topology.queue}/bindings", "/api/nodes", "/api/connections/",
-        "/api/policies/", "/api/exchanges/")}
+        "/api/policies/", "/api/exchanges/", "/api/overview", "/api/vhosts/")}
     s = env.settings(RABBITMQ_MANAGEMENT_URL=api.url("admin", SECRET))
     conn = broker.connect(s.rabbitmq_dsn)
     try:
+        try:  # whether it is this broker: an answer, or one line
+            for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn)
+        except ManagementError as exc:
+            assert len(str(exc).splitlines()) == 1 and SECRET not in str(exc)
+        api_ = Management(s.rabbitmq_management_url)
         try:
-            report = stats.collect(conn, topology, None, Management(s.rabbitmq_management_url))
+            report = stats.collect(conn, topology, None, api_)
         except ManagementError as exc:
             assert len(str(exc).splitlines()) == 1 and SECRET not in str(exc)
         else:
             stats_cli.console.print(stats_cli.render(report))
             assert stats_cli.render_plain(report) and json.dumps(report.as_json())
-        checks = [*preflight._other_consumers(s), *preflight._cluster(s), *preflight._topology(s, conn, topology)]
+        checks = [*preflight._other_consumers(s, api_), *preflight._cluster(s, api_),
+                  *preflight._topology(conn, api_, topology)]
     finally:
         conn.close()
     assert all(isinstance(c, preflight.Check) and SECRET not in c.detail for c in checks)

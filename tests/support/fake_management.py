@@ -64,6 +64,16 @@ class FakeManagement:
         matches = [p for p in self.replies if path.startswith(p)]
         return self.replies[max(matches, key=len)] if matches else self.default
 
+    def answer_as(self, cluster_name: str, vhost: str = "%2F", *, sees_probe: bool = True) -> FakeManagement:
+        """Answer what ``management.for_connection`` asks as the API of cluster ``cluster_name`` would: its
+        overview, the vhost, and (``sees_probe``: as the same broker) any server-named queue, the probe declared on
+        the AMQP connection."""
+        self.replies["/api/overview"] = (200, {"cluster_name": cluster_name, "node": "rabbit@fake"})
+        self.replies[f"/api/vhosts/{vhost}"] = (200, {"name": "/"})
+        if sees_probe:
+            self.replies[f"/api/queues/{vhost}/amq.gen-"] = (200, {"name": "amq.gen-probe", "node": "rabbit@fake"})
+        return self
+
     def url(self, user: str = "guest", password: str = "guest") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{user}:{password}@{host}:{self.port}"

@@ -57,9 +57,8 @@ def node(name, running=True, mem=False, disk=False):
 
 
 def checks(monkeypatch, nodes, queue, **env):
-    monkeypatch.setattr(preflight, "for_dsn", lambda *_a: FakeApi(nodes, queue))
     s = load_settings(env={"APP_ENV": "dev", "EMBEDDING_PROVIDER": "hash", **env}, env_file=None)
-    return {c.name: c for c in preflight._cluster(s)}
+    return {c.name: c for c in preflight._cluster(s, FakeApi(nodes, queue))}
 
 
 def test_preflight_cluster_checks(monkeypatch):
