@@ -1,4 +1,5 @@
-"""Redis: processed messages (by ``Event.key``: message id and user), the phrase-vector cache, the stop-workers flag.
+"""Redis: processed messages (by ``Event.key``: message id and user), the phrase-vector cache, the stop-workers flag,
+the per-user claims that keep two workers from folding the same user at once.
 
 Redis is an accelerator, never the source of truth: every error is logged, counted and
 degraded (a miss), and the authoritative duplicate check is inside the MongoDB update.
@@ -23,9 +24,39 @@ PROCESSED = "processed:"
 ATTEMPTS = "attempts:"
 STOP_FLAG = "stop-workers"
 VECTORS = "emb:"
+CLAIM, CLAIM_WAIT = "claim:", "claim-wait:"  # + user id: the worker folding the user now / the one waiting next
+# a released claim is 'free:' + the token of its last holder for this long (that worker's cached profile is current)
+FREE_TTL_MS = 600_000
 SCAN_COUNT = 1000  # keys examined per SCAN round trip (forget_user)
 # SET key 1 NX EX ttl for every key, as a pipeline of SETs would (NX: a retry after a partial run changes nothing)
 _MARK_SCRIPT = "for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'NX', 'EX', ARGV[1]) end"
+
+# Claim each user (KEYS[i], its wait key KEYS[n + i]) for the worker ARGV[1] for ARGV[2] ms, unless another worker
+# holds it or waits for it first (then this worker becomes its waiter, if none). One code per user: 0 refused,
+# 1 granted, 2 granted and this worker held it last (nobody wrote the profile since). Holding it already renews it.
+_CLAIM_SCRIPT = """
+local n, token = #KEYS / 2, ARGV[1]
+local out = {}
+for i = 1, n do
+  local held, waiter = redis.call('GET', KEYS[i]), redis.call('GET', KEYS[n + i])
+  local free = (not held) or string.sub(held, 1, 5) == 'free:'
+  if held == token or (free and (not waiter or waiter == token)) then
+    redis.call('SET', KEYS[i], token, 'PX', ARGV[2])
+    if waiter == token then redis.call('DEL', KEYS[n + i]) end
+    if held == token or held == 'free:' .. token then out[i] = 2 else out[i] = 1 end
+  else
+    if not waiter or waiter == token then redis.call('SET', KEYS[n + i], token, 'PX', ARGV[2]) end
+    out[i] = 0
+  end
+end
+return out
+"""
+# Release the users this worker (ARGV[1]) still holds: the claim becomes 'free:' .. token for ARGV[2] ms
+_RELEASE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('SET', key, 'free:' .. ARGV[1], 'PX', ARGV[2]) end
+end
+"""
 
 
 class RedisState:
@@ -142,6 +173,31 @@ class RedisState:
             except RedisError as exc:
                 self._degraded("attempts_done", exc)
 
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int) -> list[int] | None:
+        """Claim ``user_ids`` for the worker ``token`` for ``ttl_ms`` (one round trip): per user 0 (another worker
+        holds it, or waits for it first), 1 (granted) or 2 (granted, and this worker held it last). None when Redis
+        is down or refuses scripts, or answers anything else: no claims, the conditional write alone decides."""
+        if not user_ids:
+            return []
+        keys = [self.prefix + CLAIM + u for u in user_ids] + [self.prefix + CLAIM_WAIT + u for u in user_ids]
+        try:
+            raw = self.client.eval(_CLAIM_SCRIPT, len(keys), *keys, token, ttl_ms)
+        except RedisError as exc:  # ResponseError included: scripting refused (ACL, disabled)
+            self._degraded("claim", exc)
+            return None
+        return claim_codes(raw, len(user_ids))
+
+    def release(self, user_ids: Sequence[str], token: str) -> None:
+        """Release the claims ``token`` still holds on ``user_ids`` (one round trip); a failure leaves them to
+        expire."""
+        if not user_ids:
+            return
+        try:
+            self.client.eval(_RELEASE_SCRIPT, len(user_ids), *(self.prefix + CLAIM + u for u in user_ids), token,
+                             FREE_TTL_MS)
+        except RedisError as exc:
+            self._degraded("release", exc)
+
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
         """Cached vectors by cache key (the embedder's, without the prefix)."""
         try:
@@ -177,6 +233,15 @@ class RedisState:
 
     def close(self) -> None:
         self.client.close()
+
+
+def claim_codes(raw: object, n: int) -> list[int] | None:
+    """The claim script's reply: ``n`` codes in 0..2, else None (treated as no claims)."""
+    if not isinstance(raw, list) or len(raw) != n:
+        return None
+    if not all(type(c) is int and 0 <= c <= 2 for c in raw):
+        return None
+    return raw
 
 
 def _glob_escape(text: str) -> str:

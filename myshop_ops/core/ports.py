@@ -43,8 +43,8 @@ class ProfileStore(Protocol):
 
 
 class EventState(Protocol):
-    """Redis as the core uses it: processed event keys, the poison journal, the stop-workers flag. Never raises
-    once the worker runs (a miss when Redis is down), except ``ping``."""
+    """Redis as the core uses it: processed event keys, the poison journal, the stop-workers flag, per-user claims.
+    Never raises once the worker runs (a miss when Redis is down; no claims: None), except ``ping``."""
 
     def ping(self) -> None: ...
 
@@ -59,6 +59,10 @@ class EventState(Protocol):
     def attempts_done(self, message_ids: Sequence[str]) -> None: ...
 
     def stop_requested(self, started_at: float) -> bool: ...
+
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int) -> list[int] | None: ...
+
+    def release(self, user_ids: Sequence[str], token: str) -> None: ...
 
 
 class Phrases(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -256,14 +257,17 @@ class StubStore:
 # ---- Redis --------------------------------------------------------------------------------------------------------
 
 class StubRedis:
-    """Processed event keys, the poison journal and the stop flag; ``down`` makes every call degrade as the real
-    RedisState does (nothing seen, attempts unknown, nothing recorded)."""
+    """Processed event keys, the poison journal, the stop flag and the per-user claims; ``down`` makes every call
+    degrade as the real RedisState does (nothing seen, attempts unknown, nothing recorded, no claims)."""
 
     def __init__(self):
         self.processed: set[str] = set()
         self.journal: dict[str, int] = {}
         self.stop_at: float | None = None
         self.vectors: dict[str, bytes] = {}  # the phrase cache, by key
+        self.claims: dict[str, tuple[str, float]] = {}  # user -> (holder's token or "free:" + last holder's, expiry)
+        self.claim_waits: dict[str, tuple[str, float]] = {}  # user -> (the worker waiting for it, expiry)
+        self.clock = time.monotonic
         self.down = False
 
     def ping(self) -> None:
@@ -292,6 +296,35 @@ class StubRedis:
 
     def stop_requested(self, started_at: float) -> bool:
         return not self.down and self.stop_at is not None and self.stop_at >= started_at
+
+    # per-user claims, as dedup.RedisState's scripts keep them: user -> (value, expiry on ``clock``)
+    def _live(self, table: dict[str, tuple[str, float]], user: str) -> str | None:
+        value = table.get(user)
+        return value[0] if value is not None and value[1] > self.clock() else None
+
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int) -> list[int] | None:
+        if self.down:
+            return None
+        codes, until = [], self.clock() + ttl_ms / 1000
+        for user in user_ids:
+            held, waiter = self._live(self.claims, user), self._live(self.claim_waits, user)
+            free = held is None or held.startswith("free:")
+            if held == token or (free and waiter in (None, token)):
+                self.claims[user] = (token, until)
+                if waiter == token:
+                    del self.claim_waits[user]
+                codes.append(2 if held in (token, "free:" + token) else 1)
+            else:
+                if waiter in (None, token):
+                    self.claim_waits[user] = (token, until)
+                codes.append(0)
+        return codes
+
+    def release(self, user_ids: Sequence[str], token: str) -> None:
+        if not self.down:
+            for user in user_ids:
+                if self._live(self.claims, user) == token:
+                    self.claims[user] = ("free:" + token, self.clock() + 600)
 
     # the phrase cache (embeddings.VectorCache), kept in memory too
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:
