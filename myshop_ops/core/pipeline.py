@@ -113,6 +113,15 @@ class Pipeline:
         so their next write reads them first instead of missing on the version."""
         self.profiles.drop(user_ids)
 
+    def remember(self, profiles: dict[str, StoredProfile]) -> None:
+        """Cache ``profiles`` as this worker's own last writes: handed over by the worker that wrote them (its claim
+        says nobody wrote them since; the write's version filter checks it anyway)."""
+        self.profiles.put(profiles)
+
+    def cached(self, user_ids: Iterable[str]) -> dict[str, StoredProfile]:
+        """The cached profiles of ``user_ids`` (as this worker last wrote them)."""
+        return self.profiles.take(user_ids)[0]
+
     def process(self, bodies: Sequence[bytes]) -> BatchResult:
         items = [Item(body=b) for b in bodies]
         result = BatchResult(items=items)

@@ -7,7 +7,7 @@ Typing only: nothing here does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
     from bson.objectid import ObjectId
 
+    from myshop_ops.adapters.dedup import Claimed
     from myshop_ops.adapters.embeddings import EmbeddingError
     from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
@@ -60,9 +61,11 @@ class EventState(Protocol):
 
     def stop_requested(self, started_at: float) -> bool: ...
 
-    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int) -> list[int] | None: ...
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int, model: str, dimensions: int
+              ) -> Claimed | None: ...
 
-    def release(self, user_ids: Sequence[str], token: str) -> None: ...
+    def release(self, user_ids: Sequence[str], token: str,
+                profiles: Mapping[str, StoredProfile] | None = None) -> None: ...
 
 
 class Phrases(Protocol):

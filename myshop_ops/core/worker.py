@@ -321,14 +321,17 @@ class Worker:
         The others are kept in the buffer, unacked and uncounted, for a later batch; with Redis down every delivery
         goes (the conditional write alone keeps the profiles exact)."""
         users = list(dict.fromkeys(d.user for d in batch if d.user is not None))
-        codes = self.redis.claim(users, self.token, int(CLAIM_TTL_S * 1000))
-        if codes is None:
+        claimed = self.redis.claim(users, self.token, int(CLAIM_TTL_S * 1000), self.pipeline.model,
+                                   self.pipeline.dimensions)
+        if claimed is None:
             self._claimed, self._kept_at = [], None
             return batch
-        self._claimed = [u for u, c in zip(users, codes, strict=True) if c]
-        self.pipeline.forget(u for u, c in zip(users, codes, strict=True) if c == 1)  # written elsewhere since
-        claimed = set(self._claimed)
-        taken = [d for d in batch if d.user is None or d.user in claimed]
+        self._claimed = [u for u, c in zip(users, claimed.codes, strict=True) if c]
+        # written by another worker since this one cached it: the profile it left, else a read
+        self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 1)
+        self.pipeline.remember(claimed.profiles)
+        granted = set(self._claimed)
+        taken = [d for d in batch if d.user is None or d.user in granted]
         kept = len(batch) - len(taken)
         self._kept_at = time.monotonic() if kept else None
         self.totals.kept += kept
@@ -351,7 +354,7 @@ class Worker:
                 else:
                     result = self._process(batch)
             finally:  # the write is done (or the batch cut): other workers may fold these users now
-                self.redis.release(self._claimed, self.token)
+                self.redis.release(self._claimed, self.token, self.pipeline.cached(self._claimed))
                 self._claimed = []
             self._settle(channel, batch, result)
         except broker.CONNECTION_ERRORS:
@@ -383,7 +386,8 @@ class Worker:
                 self._alive()  # a slow provider is not a hung worker
                 if self._claimed and time.monotonic() - renewed > CLAIM_TTL_S / 3:  # a slow batch keeps its users
                     renewed = time.monotonic()
-                    self.redis.claim(self._claimed, self.token, int(CLAIM_TTL_S * 1000))
+                    self.redis.claim(self._claimed, self.token, int(CLAIM_TTL_S * 1000), self.pipeline.model,
+                                     self.pipeline.dimensions)
         except broker.CONNECTION_ERRORS:
             future.result()  # let the batch land; its messages come back and are deduplicated
             raise

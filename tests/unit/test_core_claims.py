@@ -16,7 +16,7 @@ from myshop_ops.core.pipeline import Item, Status
 from myshop_ops.core.settlement import settle
 from myshop_ops.core.worker import CLAIM_TTL_S
 from tests.support.stubs import StubRedis, StubStore
-from tests.unit.test_core_worker import TOPO, Shop, buffered, event, unit
+from tests.unit.test_core_worker import DIMS, TOPO, Shop, buffered, event, unit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,6 +38,10 @@ class RacingStore(StubStore):
 @pytest.fixture(autouse=True)
 def no_keep_pause(monkeypatch):
     monkeypatch.setattr(worker_module, "KEEP_RETRY_S", 0.0)  # kept deliveries may try again at once
+
+
+def codes(redis: StubRedis, user: str, token: str, ttl_ms: int) -> list[int]:
+    return redis.claim([user], token, ttl_ms, "m", DIMS).codes
 
 
 def pair(*, redis_down: bool = False) -> tuple[Shop, Shop, RacingStore]:
@@ -76,7 +80,9 @@ def test_two_workers_interleaved_on_the_same_users_never_conflict_and_apply_each
     assert b.worker.totals.kept == 10 and b.worker.totals.applied == 1  # only u9 was free
     assert set(ch_b.unacked) == set(range(1, 11))  # kept: not acked by u9's ack (tag 11, not a multiple ack)
     assert ch_b.acks == [(11, False)]
-    b.worker._run_batch(ch_b)  # A released them
+    reads = b.worker.totals.reads
+    b.worker._run_batch(ch_b)  # A released them, and left B (waiting for them) the profiles as A wrote them
+    assert b.worker.totals.reads == reads  # B read no profile
     # A again, after B wrote its users: its cached profiles are stale, the claim says so, it reads them first
     a.send(*(serialise(event(u, "p1", 6)) for u in users))
     a.worker._connection.process_data_events()
@@ -104,7 +110,7 @@ def test_with_redis_down_two_interleaved_workers_still_apply_each_event_once():
 
 def test_a_user_claimed_elsewhere_is_not_counted_towards_the_limit_and_goes_back_unacked_at_the_stop():
     shop = Shop(limits=Limits(messages=2))
-    shop.redis.claim(["u0"], "another-worker", 60_000)
+    shop.redis.claim(["u0"], "another-worker", 60_000, "m", DIMS)
     shop.send(*(serialise(event("u0", "p1", h)) for h in (1, 2)), *(serialise(event("u9", "p1", h)) for h in (3, 4)))
     assert shop.worker.run() == 0
     assert shop.worker.totals.applied == 2 and "u9" in shop.store.profiles and "u0" not in shop.store.profiles
@@ -116,7 +122,7 @@ def test_a_user_claimed_elsewhere_is_not_counted_towards_the_limit_and_goes_back
 
 def test_a_kept_redelivery_is_not_an_attempt_in_the_poison_journal():
     shop = Shop()
-    shop.redis.claim(["u0"], "another-worker", 60_000)
+    shop.redis.claim(["u0"], "another-worker", 60_000, "m", DIMS)
     body = serialise(event("u0"))
     delivery = shop.delivery(1, body, message_id="m1", redelivered=True)
     delivery.user = "u0"
@@ -128,22 +134,22 @@ def test_a_kept_redelivery_is_not_an_attempt_in_the_poison_journal():
 
 def test_a_hot_user_is_not_starved_the_waiting_worker_gets_it_next():
     redis = StubRedis()
-    assert redis.claim(["hot"], "A", 1000) == [1]
-    assert redis.claim(["hot"], "B", 1000) == [0]  # B waits for it
+    assert codes(redis, "hot", "A", 1000) == [1]
+    assert codes(redis, "hot", "B", 1000) == [0]  # B waits for it
     redis.release(["hot"], "A")
-    assert redis.claim(["hot"], "A", 1000) == [0]  # A's next batch yields to the waiter
-    assert redis.claim(["hot"], "B", 1000) == [1]
+    assert codes(redis, "hot", "A", 1000) == [0]  # A's next batch yields to the waiter
+    assert codes(redis, "hot", "B", 1000) == [1]
     redis.release(["hot"], "B")
-    assert redis.claim(["hot"], "B", 1000) == [2]  # B held it last: its cached profile is current
+    assert codes(redis, "hot", "B", 1000) == [2]  # B held it last: its cached profile is current
 
 
 def test_a_dead_workers_claim_frees_itself_after_its_ttl():
     redis, now = StubRedis(), [0.0]
     redis.clock = lambda: now[0]
-    assert redis.claim(["u1"], "dead", int(CLAIM_TTL_S * 1000)) == [1]
-    assert redis.claim(["u1"], "alive", 1000) == [0]
+    assert codes(redis, "u1", "dead", int(CLAIM_TTL_S * 1000)) == [1]
+    assert codes(redis, "u1", "alive", 1000) == [0]
     now[0] += CLAIM_TTL_S + 0.001
-    assert redis.claim(["u1"], "alive", 1000) == [1]
+    assert codes(redis, "u1", "alive", 1000) == [1]
 
 
 def test_settle_acks_one_by_one_above_a_kept_delivery():
