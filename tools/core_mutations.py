@@ -35,7 +35,7 @@ MUTATIONS = [
     ("core/settlement.py", "transient=item.status == Status.RETRY", "transient=True"),
     ("core/settlement.py", "if copy.failed else None", "if False else None"),
     ("core/settlement.py", "for d in batch] if ack_each", "for d in batch] if not ack_each"),
-    ("core/worker.py", "taken = [d for d in batch if d.user is None or d.user in claimed]", "taken = batch"),
+    ("core/worker.py", "free = d.user is None or d.user in granted or", "free = True or"),
     ("core/worker.py", "self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 1)",
      "self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 0)"),
     ("core/settlement.py", "if lowest_open is None or t < lowest_open", "if True"),

@@ -174,6 +174,7 @@ class RedisState:
                     batch = []
             if batch:
                 removed += self.client.delete(*batch)
+            self.client.delete(*(self.prefix + kind + user_id for kind in (CLAIM, CLAIM_WAIT, HANDOFF)))
         except RedisError as exc:
             self._degraded("forget_user", exc)
             return None

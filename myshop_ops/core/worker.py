@@ -52,6 +52,7 @@ BODY_PREFIX_BYTES = 4096  # what is kept of a body over the contract's limit: en
 # after KEEP_RETRY_S. A dead worker's claims free themselves when the TTL runs out.
 CLAIM_TTL_S = 10.0
 KEEP_RETRY_S = 0.05
+KEEP_MAX_S = 3 * CLAIM_TTL_S  # a delivery kept this long is processed anyway (a claim key that never expires)
 
 
 class PoisonMessage(Exception):
@@ -73,6 +74,7 @@ class Delivery:
     attempts: int | None = None
     size: int = -1  # the body's size as delivered; -1: len(body)
     user: str | None = None  # the body's user id, read cheaply on arrival (None: not an event, or not read)
+    kept_since: float | None = None  # first kept for a later batch (its user claimed by another worker)
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -330,11 +332,15 @@ class Worker:
         # written by another worker since this one cached it: the profile it left, else a read
         self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 1)
         self.pipeline.remember(claimed.profiles)
-        granted = set(self._claimed)
-        taken = [d for d in batch if d.user is None or d.user in granted]
-        kept = len(batch) - len(taken)
-        self._kept_at = time.monotonic() if kept else None
-        self.totals.kept += kept
+        granted, now = set(self._claimed), time.monotonic()
+        taken, kept = [], []
+        for d in batch:
+            free = d.user is None or d.user in granted or now - (d.kept_since or now) > KEEP_MAX_S
+            (taken if free else kept).append(d)
+        for d in kept:
+            d.kept_since = d.kept_since or now
+        self._kept_at = now if kept else None
+        self.totals.kept += len(kept)
         return taken
 
     def _run_batch(self, channel) -> None:

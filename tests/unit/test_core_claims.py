@@ -132,6 +132,17 @@ def test_a_kept_redelivery_is_not_an_attempt_in_the_poison_journal():
     assert shop.worker._take_batch() == [delivery] and shop.redis.journal == {"m1": 1}
 
 
+def test_a_claim_that_never_expires_holds_a_delivery_no_longer_than_keep_max(monkeypatch):
+    shop = Shop()
+    shop.redis.claims["u0"] = ("written-by-hand", float("inf"))  # a key without TTL, never released
+    delivery = shop.delivery(1, serialise(event("u0")))
+    delivery.user = "u0"
+    buffered(shop, delivery)
+    assert shop.worker._take_batch() == [] and delivery.kept_since is not None
+    delivery.kept_since -= worker_module.KEEP_MAX_S + 0.001
+    assert shop.worker._take_batch() == [delivery]  # processed anyway: the conditional write decides
+
+
 def test_a_hot_user_is_not_starved_the_waiting_worker_gets_it_next():
     redis = StubRedis()
     assert codes(redis, "hot", "A", 1000) == [1]
