@@ -70,17 +70,26 @@ for i = 1, n do
 end
 return {codes, handoffs}
 """
-# Release the users this worker (ARGV[1]) still holds (KEYS as above): the claim becomes 'free:' .. token for ARGV[2]
-# ms; where another worker waits, the profile as written (ARGV[3 + i], '' when none) is left for it for ARGV[3] ms
+# Release the users this worker (ARGV[1]) still holds (KEYS[i], their wait keys KEYS[n + i]): the claim becomes
+# 'free:' .. token for ARGV[2] ms. Returns per user 1 where another worker waits for it, else 0.
 _RELEASE_SCRIPT = """
-local n, token = #KEYS / 3, ARGV[1]
+local n, token = #KEYS / 2, ARGV[1]
+local waited = {}
 for i = 1, n do
+  waited[i] = 0
   if redis.call('GET', KEYS[i]) == token then
     redis.call('SET', KEYS[i], 'free:' .. token, 'PX', ARGV[2])
-    if ARGV[3 + i] ~= '' and redis.call('EXISTS', KEYS[n + i]) == 1 then
-      redis.call('SET', KEYS[2 * n + i], ARGV[3 + i], 'PX', ARGV[3])
-    end
+    waited[i] = redis.call('EXISTS', KEYS[n + i])
   end
+end
+return waited
+"""
+# Leave the profile as written (ARGV[2 + i]) in KEYS[n + i] for ARGV[2] ms where the claim KEYS[i] is still the one
+# this worker (ARGV[1]) released: a waiter that claimed it meanwhile read the profile, and gets no stale copy later
+_HANDOFF_SCRIPT = """
+local n, free = #KEYS / 2, 'free:' .. ARGV[1]
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == free then redis.call('SET', KEYS[n + i], ARGV[2 + i], 'PX', ARGV[2]) end
 end
 """
 
@@ -230,15 +239,19 @@ class RedisState:
 
     def release(self, user_ids: Sequence[str], token: str, profiles: Mapping[str, StoredProfile] | None = None
                 ) -> None:
-        """Release the claims ``token`` still holds on ``user_ids`` (one round trip), leaving ``profiles`` (as this
-        worker wrote them) for the workers waiting for those users; a failure leaves the claims to expire."""
+        """Release the claims ``token`` still holds on ``user_ids`` (one round trip), then leave ``profiles`` (as
+        this worker wrote them) for the workers waiting for some of those users (a second one, only then); a failure
+        leaves the claims to expire."""
         if not user_ids:
             return
-        profiles = profiles or {}
-        blobs = [pack_profile(profiles[u]) if u in profiles else b"" for u in user_ids]
+        keys = [self.prefix + kind + u for kind in (CLAIM, CLAIM_WAIT) for u in user_ids]
         try:
-            self.client.eval(_RELEASE_SCRIPT, 3 * len(user_ids), *self._claim_keys(user_ids), token, FREE_TTL_MS,
-                             HANDOFF_TTL_MS, *blobs)
+            waited = self.client.eval(_RELEASE_SCRIPT, len(keys), *keys, token, FREE_TTL_MS)
+            handed = {u: blob for u, w in zip(user_ids, waited if isinstance(waited, list) else [], strict=False)
+                      if w == 1 and profiles and u in profiles and (blob := pack_profile(profiles[u]))}
+            if handed:
+                keys = [self.prefix + kind + u for kind in (CLAIM, HANDOFF) for u in handed]
+                self.client.eval(_HANDOFF_SCRIPT, len(keys), *keys, token, HANDOFF_TTL_MS, *handed.values())
         except RedisError as exc:
             self._degraded("release", exc)
 
