@@ -296,9 +296,10 @@ class Worker:
     # ---- one batch ------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Delivery]:
-        """The next batch, a run from the front of the buffer (so one multiple ack settles it): fresh deliveries;
-        or redelivered ones on their first attempt since they came back; or one suspect alone, a redelivered
-        message whose batch died again (a message that kills workers must not take batches down with it)."""
+        """The next batch, taken from a run at the front of the buffer: fresh deliveries; or redelivered ones on their
+        first attempt since they came back; or one suspect alone, a redelivered message whose batch died again (a
+        message that kills workers must not take batches down with it). Of the run, what ``_claim`` grants, up to
+        the size; the rest stays in the buffer, in order (empty: every user of the run is held elsewhere)."""
         size = self.prefetch
         remaining = self.limits.remaining_messages()
         if remaining is not None:
