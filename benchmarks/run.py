@@ -1,6 +1,6 @@
 """Run every benchmark and print one table (`make bench`). Each benchmark is also a script of its own.
 
-    .venv/bin/python benchmarks/run.py [--only publish worker latency memory window scale layout] [--quick]
+    .venv/bin/python benchmarks/run.py [--only publish worker latency memory window scale layout workers] [--quick]
 
 Needs RabbitMQ, Redis and the Mongo-wire server (`tools/services.sh`). Every figure is the median of repeated runs
 (3, or 1 where a run is slow, as each row's note says) with its baseline measured in the same run and the ratio.
@@ -28,6 +28,7 @@ from benchmarks import (
     bench_scale,
     bench_window,
     bench_worker,
+    bench_workers,
 )
 from benchmarks.common import Row, log, machine, save, table
 
@@ -39,6 +40,7 @@ BENCHMARKS = {  # name: (run function, full sizes, --quick sizes)
     "window": (bench_window.run, {}, {"reps": 1}),
     "scale": (bench_scale.run, {}, {"reps": 1, "events": 5_000}),
     "layout": (bench_layout.run, {}, {"reps": 1}),
+    "workers": (bench_workers.run, {}, {"users": 20, "per_user": 20}),
 }
 
 SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile writes/s on this box):
@@ -49,7 +51,8 @@ SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile wr
   memory: 10 users x 10,000 events (few users, so 100k events need few writes)
   scale: 20 users x 400 events
   window: 20 bursty users x 10 events
-  layout: 100 users x 50 and 500 users x 4 per layout (shop, compact); 200 profile rewrites in bulks of 25"""
+  layout: 100 users x 50 and 500 users x 4 per layout (shop, compact); 200 profile rewrites in bulks of 25
+  workers: CHECKLIST.md's performance step as it is (100 users x 50, shop layout), 1 run per worker count"""
 
 
 def main() -> int:

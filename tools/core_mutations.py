@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ["tests/unit/test_core_pipeline.py", "tests/unit/test_core_worker.py", "tests/unit/test_window.py",
-         "tests/unit/test_limits.py", "tests/unit/test_pipeline_conflicts.py"]
+         "tests/unit/test_limits.py", "tests/unit/test_pipeline_conflicts.py", "tests/unit/test_core_claims.py"]
 # (module, text, replacement): each text occurs in the module
 MUTATIONS = [
     ("core/pipeline.py", "(i.status == Status.DUPLICATE and not i.second_copy)",
@@ -25,16 +25,20 @@ MUTATIONS = [
     ("core/pipeline.py", "if current.seen(item.event.message_id):", "if False:"),
     ("core/pipeline.py", "newest = None  # only late events", "pass  # only late events"),
     ("core/pipeline.py", "if item.event.key in known:", "if False:"),
-    ("core/pipeline.py", "self._mark(pending.pop(user_id), Status.FAILED, problem)",
-     "self._mark(pending.pop(user_id), Status.RETRY, problem)"),
-    ("core/pipeline.py", "Status.RETRY if exc.transient else Status.FAILED",
-     "Status.FAILED if exc.transient else Status.RETRY"),
+    ("core/pipeline.py", "its events fail\n            self._mark(pending.pop(user_id), Status.FAILED, problem)",
+     "its events fail\n            self._mark(pending.pop(user_id), Status.RETRY, problem)"),
+    ("core/pipeline.py", "Status.RETRY if got.transient else Status.FAILED",
+     "Status.FAILED if got.transient else Status.RETRY"),
     ("core/pipeline.py", "return {u: groups[u] for u in outcome.conflicted}", "return {}"),
     ("core/settlement.py", "if item.status not in (Status.RETRY, Status.FAILED):",
      "if item.status not in (Status.FAILED,):"),
     ("core/settlement.py", "transient=item.status == Status.RETRY", "transient=True"),
     ("core/settlement.py", "if copy.failed else None", "if False else None"),
     ("core/settlement.py", "for d in batch] if ack_each", "for d in batch] if not ack_each"),
+    ("core/worker.py", "free = d.user is None or d.user in granted or", "free = True or"),
+    ("core/worker.py", "self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 1)",
+     "self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 0)"),
+    ("core/settlement.py", "if lowest_open is None or t < lowest_open", "if True"),
     ("core/window.py", "return now - held.last >= self.window or now - held.first >= self.cap",
      "return now - held.last >= self.window"),
     ("core/limits.py", "self.processed >= self.messages", "self.processed > self.messages"),

@@ -102,7 +102,7 @@ def generate_test_events(
     start_user_id: int = typer.Option(500_000, "--start-user-id", min=0, help="First user id."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the profiles to reflect the events; report latencies."),
-    wait_timeout: float = typer.Option(300.0, "--wait-timeout", min=1, max=86_400, help="Seconds --wait waits."),
+    wait_timeout: float = typer.Option(600.0, "--wait-timeout", min=1, max=86_400, help="Seconds --wait waits."),
     record: Path = typer.Option(None, "--record", help="Write the published bodies to FILE as JSON lines."),
     window: int = typer.Option(DEFAULT_WINDOW, "--window", min=1, max=65_535, help="Unconfirmed messages in flight."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),

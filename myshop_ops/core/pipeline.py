@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -84,6 +84,7 @@ class BatchResult:
     items: list[Item]
     counts: Counter = field(default_factory=Counter)
     writes: int = 0
+    reads: int = 0  # profiles read from the store
     conflicts: int = 0
 
     def by_status(self, status: Status) -> list[Item]:
@@ -106,6 +107,20 @@ class Pipeline:
         self.profiles: Recent[str, StoredProfile] = Recent(PROFILE_CACHE)
         # Usable product vectors, for PRODUCT_TTL seconds: a product re-embedded by the sync is used within that.
         self.products: Recent[str, np.ndarray] = Recent(PRODUCT_CACHE, ttl=PRODUCT_TTL)
+
+    def forget(self, user_ids: Iterable[str]) -> None:
+        """Drop the cached profiles of ``user_ids``: another worker may have written them since (its claim says so),
+        so their next write reads them first instead of missing on the version."""
+        self.profiles.drop(user_ids)
+
+    def remember(self, profiles: dict[str, StoredProfile]) -> None:
+        """Cache ``profiles`` as this worker's own last writes: handed over by the worker that wrote them (its claim
+        says nobody wrote them since; the write's version filter checks it anyway)."""
+        self.profiles.put(profiles)
+
+    def cached(self, user_ids: Iterable[str]) -> dict[str, StoredProfile]:
+        """The cached profiles of ``user_ids`` (as this worker last wrote them)."""
+        return self.profiles.take(user_ids)[0]
 
     def process(self, bodies: Sequence[bytes]) -> BatchResult:
         items = [Item(body=b) for b in bodies]
@@ -207,7 +222,7 @@ class Pipeline:
 
     def _write_round(self, result: BatchResult, pending: dict[str, list[Item]]) -> dict[str, list[Item]]:
         """One read-fold-write round; returns the users whose write met a newer version (to re-read)."""
-        stored = self._current_profiles(pending)
+        stored = self._current_profiles(result, pending)
         erased = None if stored is None else self._erasure_times(pending, stored)
         if stored is None or erased is None:
             return {}
@@ -293,7 +308,8 @@ class Pipeline:
         self.profiles.drop(raced)
         return raced
 
-    def _current_profiles(self, pending: dict[str, list[Item]]) -> dict[str, StoredProfile] | None:
+    def _current_profiles(self, result: BatchResult, pending: dict[str, list[Item]]
+                          ) -> dict[str, StoredProfile] | None:
         """The pending users' stored profiles (cached as last written, else read); an unreadable one fails its
         events and leaves ``pending``; None (every event marked for retry) when MongoDB fails."""
         stored, unknown = self.profiles.take(pending)  # profiles this worker wrote last need no read
@@ -302,6 +318,7 @@ class Pipeline:
         except PyMongoError as exc:
             self._mark([i for group in pending.values() for i in group], Status.RETRY, StoreUnavailable(str(exc)))
             return None
+        result.reads += len(unknown)
         stored.update(read)
         for user_id, problem in unreadable.items():  # a document no fold can start from: its events fail
             self._mark(pending.pop(user_id), Status.FAILED, problem)

@@ -7,7 +7,7 @@ Typing only: nothing here does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
     from bson.objectid import ObjectId
 
+    from myshop_ops.adapters.dedup import Claimed
     from myshop_ops.adapters.embeddings import EmbeddingError
     from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
 
@@ -43,8 +44,8 @@ class ProfileStore(Protocol):
 
 
 class EventState(Protocol):
-    """Redis as the core uses it: processed event keys, the poison journal, the stop-workers flag. Never raises
-    once the worker runs (a miss when Redis is down), except ``ping``."""
+    """Redis as the core uses it: processed event keys, the poison journal, the stop-workers flag, per-user claims.
+    Never raises once the worker runs (a miss when Redis is down; no claims: None), except ``ping``."""
 
     def ping(self) -> None: ...
 
@@ -59,6 +60,12 @@ class EventState(Protocol):
     def attempts_done(self, message_ids: Sequence[str]) -> None: ...
 
     def stop_requested(self, started_at: float) -> bool: ...
+
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int, model: str, dimensions: int
+              ) -> Claimed | None: ...
+
+    def release(self, user_ids: Sequence[str], token: str,
+                profiles: Mapping[str, StoredProfile] | None = None) -> None: ...
 
 
 class Phrases(Protocol):

@@ -36,10 +36,12 @@ class Settlement:
 
 
 def settle(topology: Topology, batch: Sequence[Delivery], items: Sequence[Item], *, ack_each: bool,
-           now: datetime | None = None) -> Settlement:
+           now: datetime | None = None, lowest_open: int | None = None) -> Settlement:
     """What ``batch`` (whose outcomes are ``items``, in the same order) becomes: a copy for each retry or failed
     item, routed by ``retry_routing.route``; one multiple ack of the highest tag, or with ``ack_each`` (held deliveries
-    of the batching window interleave with others) one ack per delivery."""
+    of the batching window interleave with others) one ack per delivery. ``lowest_open``: the lowest tag of a
+    delivery left unacked outside the batch (kept for later: its user is claimed by another worker); the multiple
+    ack stops below it, the batch's tags above it are acked one by one."""
     copies = []
     for delivery, item in zip(batch, items, strict=True):
         if item.status not in (Status.RETRY, Status.FAILED):
@@ -53,5 +55,11 @@ def settle(topology: Topology, batch: Sequence[Delivery], items: Sequence[Item],
             copy.headers[H_ORIGINAL_SIZE] = original_size
         record = failure_record(copy, delivery.body, message_id, now, original_size) if copy.failed else None
         copies.append(Outgoing(delivery, item, copy, record["message_id"] if record else message_id, record))
-    acks = [(d.tag, False) for d in batch] if ack_each else [(max(d.tag for d in batch), True)]
+    acks = [(d.tag, False) for d in batch] if ack_each else _acks(sorted(d.tag for d in batch), lowest_open)
     return Settlement(copies, acks)
+
+
+def _acks(tags: list[int], lowest_open: int | None) -> list[tuple[int, bool]]:
+    """One multiple ack for the (ascending) ``tags`` below ``lowest_open``, one ack each for the others."""
+    below = sum(1 for t in tags if lowest_open is None or t < lowest_open)
+    return ([(tags[below - 1], True)] if below else []) + [(t, False) for t in tags[below:]]

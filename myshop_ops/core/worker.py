@@ -11,6 +11,7 @@ import itertools
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ IDLE_WAIT = 0.5  # seconds the loop blocks for deliveries before re-checking the
 UNROUTABLE_WAIT_S = 300.0
 SOLO_ATTEMPTS = 2  # a message whose solo attempts killed this many workers goes to failed as poison
 BODY_PREFIX_BYTES = 4096  # what is kept of a body over the contract's limit: enough to see what it was
+# A batch claims its users in Redis for CLAIM_TTL_S (renewed while it runs, released after its write), so two workers
+# never fold the same user at once; a delivery whose user another worker holds is kept, unacked, and tried again
+# after KEEP_RETRY_S. A dead worker's claims free themselves when the TTL runs out.
+CLAIM_TTL_S = 10.0
+KEEP_RETRY_S = 0.05
+KEEP_MAX_S = 3 * CLAIM_TTL_S  # a delivery kept this long is processed anyway (a claim key that never expires)
 
 
 class PoisonMessage(Exception):
@@ -66,6 +73,8 @@ class Delivery:
     # start); None: not read yet (or fresh), -1: unknown (Redis down)
     attempts: int | None = None
     size: int = -1  # the body's size as delivered; -1: len(body)
+    user: str | None = None  # the body's user id, read cheaply on arrival (None: not an event, or not read)
+    kept_since: float | None = None  # first kept for a later batch (its user claimed by another worker)
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -106,7 +115,9 @@ class Totals:
     retried: int = 0
     failed: int = 0
     writes: int = 0
+    reads: int = 0  # profiles read from the store (not in this worker's cache of what it wrote last)
     conflicts: int = 0
+    kept: int = 0  # deliveries kept for a later batch because another worker held their user
 
     @property
     def processed(self) -> int:
@@ -146,6 +157,9 @@ class Worker:
         self.notifier = notifier or Notifier()
         self._last_status = 0.0
         self._buffer: list[Delivery] = []  # delivered and ready to process, in delivery order
+        self.token = uuid.uuid4().hex  # this worker's name on its claims
+        self._claimed: list[str] = []  # the users the running batch holds
+        self._kept_at: float | None = None  # when the front of the buffer was last kept (its users held elsewhere)
         # EMBEDDING_BATCH_ENABLED: fresh deliveries wait here (unacked) until their user has been quiet
         self.window: BatchWindow[Delivery] | None = (
             BatchWindow(settings.batch_window, max_held=max(1, prefetch * 4 // 5)) if settings.batch_enabled else None)
@@ -184,6 +198,7 @@ class Worker:
                 except broker.CONNECTION_ERRORS as exc:
                     self.observer.attached(False)
                     self._buffer.clear()
+                    self._kept_at = None
                     if self.window is not None:
                         self.window.release_all()  # unacked: the broker redelivers them
                     delay = min(backoff, 30.0) * (0.5 + random.random())
@@ -260,6 +275,8 @@ class Worker:
 
     def _idle_wait(self) -> float:
         due = self.window.next_due(time.monotonic()) if self.window is not None else None
+        if self._kept_at is not None:  # kept deliveries try their claims again soon
+            due = min(due if due is not None else KEEP_RETRY_S, KEEP_RETRY_S)
         return IDLE_WAIT if due is None else min(IDLE_WAIT, due)
 
     def _alive(self) -> None:
@@ -269,19 +286,20 @@ class Worker:
 
     def _on_message(self, _ch, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         delivery = Delivery.arrived(method.delivery_tag, body, properties, method.redelivered)
-        held = self.window is not None and not delivery.redelivered and not delivery.oversize
-        user = user_of(delivery.body) if held else None
-        if user is None:
+        if not delivery.oversize:
+            delivery.user = user_of(delivery.body)
+        if self.window is None or delivery.redelivered or delivery.user is None:
             self._buffer.append(delivery)
         else:
-            self.window.hold(user, delivery, time.monotonic())
+            self.window.hold(delivery.user, delivery, time.monotonic())
 
     # ---- one batch ------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Delivery]:
-        """The next batch, a run from the front of the buffer (so one multiple ack settles it): fresh deliveries;
-        or redelivered ones on their first attempt since they came back; or one suspect alone, a redelivered
-        message whose batch died again (a message that kills workers must not take batches down with it)."""
+        """The next batch, taken from a run at the front of the buffer: fresh deliveries; or redelivered ones on their
+        first attempt since they came back; or one suspect alone, a redelivered message whose batch died again (a
+        message that kills workers must not take batches down with it). Of the run, what ``_claim`` grants, up to
+        the size; the rest stays in the buffer, in order (empty: every user of the run is held elsewhere)."""
         size = self.prefetch
         remaining = self.limits.remaining_messages()
         if remaining is not None:
@@ -292,24 +310,59 @@ class Worker:
             for delivery, count in zip(run, counts, strict=True):
                 delivery.attempts = count
         kind = self._buffer[0].kind
-        batch = [self._buffer[0]] if kind == "suspect" else [
-            *itertools.takewhile(lambda d: d.kind == kind, self._buffer[:size])]
-        del self._buffer[:len(batch)]
-        if kind != "fresh":
+        run = [self._buffer[0]] if kind == "suspect" else [
+            *itertools.takewhile(lambda d: d.kind == kind, self._buffer)]
+        batch = self._claim(run)[:size]
+        taken = {id(d) for d in batch}
+        self._buffer[:len(run)] = [d for d in run if id(d) not in taken]  # kept, or past the size: a later batch
+        if kind != "fresh" and batch:
             self.redis.count_attempts([d.key for d in batch])
         return batch
 
+    def _claim(self, batch: list[Delivery]) -> list[Delivery]:
+        """What of ``batch`` this worker may fold now: the deliveries whose user it could claim (or that have none).
+        The others are kept in the buffer, unacked and uncounted, for a later batch; with Redis down every delivery
+        goes (the conditional write alone keeps the profiles exact)."""
+        users = list(dict.fromkeys(d.user for d in batch if d.user is not None))
+        claimed = self.redis.claim(users, self.token, int(CLAIM_TTL_S * 1000), self.pipeline.model,
+                                   self.pipeline.dimensions)
+        if claimed is None:
+            self._claimed, self._kept_at = [], None
+            return batch
+        self._claimed = [u for u, c in zip(users, claimed.codes, strict=True) if c]
+        # written by another worker since this one cached it: the profile it left, else a read
+        self.pipeline.forget(u for u, c in zip(users, claimed.codes, strict=True) if c == 1)
+        self.pipeline.remember(claimed.profiles)
+        granted, now = set(self._claimed), time.monotonic()
+        taken, kept = [], []
+        for d in batch:
+            free = d.user is None or d.user in granted or now - (d.kept_since or now) > KEEP_MAX_S
+            (taken if free else kept).append(d)
+        for d in kept:
+            d.kept_since = d.kept_since or now
+        self._kept_at = now if kept else None
+        self.totals.kept += len(kept)
+        return taken
+
     def _run_batch(self, channel) -> None:
+        if self._kept_at is not None and time.monotonic() - self._kept_at < KEEP_RETRY_S:
+            return  # the front of the buffer waits for users other workers hold: not again at once
         started = time.perf_counter()
         batch = self._take_batch()
+        if not batch:
+            return
         head = batch[0]
         redelivered = [d.key for d in batch if d.redelivered]
         try:
-            if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
-                error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
-                result = BatchResult(items=[Item(body=head.body, status=Status.FAILED, error=error)])
-            else:
-                result = self._process(batch)
+            try:
+                if head.kind == "suspect" and head.attempts >= 1 + SOLO_ATTEMPTS:
+                    error = PoisonMessage(f"{head.attempts - 1} workers died processing this message alone")
+                    result = BatchResult(items=[Item(body=head.body, status=Status.FAILED, error=error)])
+                else:
+                    result = self._process(batch)
+            finally:  # the write is done (or the batch cut): other workers may fold these users now
+                self.redis.release(self._claimed, self.token, self.pipeline.cached(self._claimed))
+                self._claimed = []
             self._settle(channel, batch, result)
         except broker.CONNECTION_ERRORS:
             # the broker cut the batch (a lost node, a connection closed, an alarm outlasting BLOCKED_TIMEOUT_S), not
@@ -333,10 +386,15 @@ class Worker:
         conn = self._connection
         future = self._executor.submit(_through, self.pipeline, batch)
         future.add_done_callback(lambda _f: _wake(conn))
+        renewed = time.monotonic()
         try:
             while not future.done():
                 conn.process_data_events(time_limit=IDLE_WAIT)  # heartbeats keep flowing; returns when woken
                 self._alive()  # a slow provider is not a hung worker
+                if self._claimed and time.monotonic() - renewed > CLAIM_TTL_S / 3:  # a slow batch keeps its users
+                    renewed = time.monotonic()
+                    self.redis.claim(self._claimed, self.token, int(CLAIM_TTL_S * 1000), self.pipeline.model,
+                                     self.pipeline.dimensions)
         except broker.CONNECTION_ERRORS:
             future.result()  # let the batch land; its messages come back and are deduplicated
             raise
@@ -399,7 +457,8 @@ class Worker:
         before the ack when a copy cannot be published: the batch stays unacked and comes back."""
         t = self.totals
         failed_before = t.failed
-        plan = settle(self.topology, batch, result.items, ack_each=self.window is not None)
+        plan = settle(self.topology, batch, result.items, ack_each=self.window is not None,
+                      lowest_open=min((d.tag for d in self._buffer), default=None))
         for out in plan.copies:
             self._publish_copy(
                 out.copy.exchange,
@@ -429,6 +488,7 @@ class Worker:
         t.skipped += len(result.by_status(Status.SKIPPED))
         t.erased += len(result.by_status(Status.ERASED))
         t.writes += result.writes
+        t.reads += result.reads
         t.conflicts += result.conflicts
         self.limits.count(len(batch), t.failed - failed_before)
 

@@ -213,6 +213,40 @@ def test_concurrent_workers_lose_no_update(env, topology, workers):
     assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
 
 
+def test_three_workers_on_the_same_users_claim_them_and_never_conflict(env, topology, workers):
+    """Three worker processes on the same users, every batch holding most of them: each worker claims its batch's
+    users in Redis, keeps the deliveries of users another worker holds for a later batch: no version conflict, no
+    retry through a delay queue, every event applied once."""
+    s = env.settings()
+    users = [f"claim-{i}" for i in range(8)]
+    products = seed_products(s, [f"p{i}" for i in range(5)])
+    events = mixed_events(users, list(products), per_user=25)
+    procs = [workers.start(env.subprocess_env(), "--prefetch", "20", "--time-limit", "120") for _ in range(3)]
+    for p in procs:
+        p.wait_ready()
+    publish(s, topology, events)
+    store = Store(s.mongodb_url, s.mongodb_db)
+
+    def all_applied():
+        docs = list(store.users.find({}, {"event_count": 1}))
+        return len(docs) == len(users) and sum(d["event_count"] for d in docs) == len(events)
+
+    try:
+        applied = wait_for(all_applied, timeout=90, what="all events applied", fail=False)
+    finally:
+        for p in procs:
+            p.signal()
+        codes = [p.wait(30) for p in procs]
+    described = "\n---\n".join(p.describe() for p in procs)
+    assert applied and codes == [0, 0, 0], described
+    summaries = [p.summary() for p in procs]
+    conflicts = [int(p.log_field("worker stopped", "conflicts") or -1) for p in procs]
+    assert conflicts == [0, 0, 0] and sum(x.retried for x in summaries) == 0, described
+    assert sum(x.applied for x in summaries) == len(events) and sum(x.processed for x in summaries) == len(events)
+    assert sum(int(p.log_field("worker stopped", "kept") or 0) for p in procs) > 0, described  # they did meet
+    assert_profiles(s, expected_profiles(s, events, products), {u: 25 for u in users})
+
+
 def test_openai_provider_one_request_per_batch(env, topology, fake_openai):
     s = env.settings(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
                      EMBEDDING_DIMENSIONS="1536")

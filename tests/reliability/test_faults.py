@@ -247,3 +247,19 @@ def test_hot_users_optimistic_locking(renv, workers, tmp_path, users, per_user, 
     sc.wait_drained()
     row = sc.finish(expect_restarts=0)
     print(f"\nhot users: {row['worker_conflicts']} version conflicts, {row['worker_retried']} retried")
+
+
+@pytest.mark.skipif(not SOAK, reason="soak only (SOAK=1): the regular size is test_worker.py's three-worker test")
+def test_three_workers_on_shared_users_take_turns_without_conflicts(renv, workers, tmp_path):
+    """Three workers, the supervisor's prefetch, 100 users shared by all: per-user claims give each user to one
+    worker at a time (the others keep its deliveries), so no write misses and nothing goes to a delay queue."""
+    sc = Scenario("claims-100x30-p200", renv, workers, tmp_path)
+    products = sc.seed_products()
+    plan = plan_events(sc.tag, users=100, per_user=30, products=products, rng=sc.rng, min_gap=300)
+    sup = sc.start_workers(3, prefetch=200)
+    sup.wait_consuming()
+    sc.phase("setup")
+    sc.publish(plan)
+    sc.wait_drained()
+    row = sc.finish(expect_restarts=0)
+    assert row["worker_conflicts"] == 0 and row["worker_retried"] == 0, row

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,6 +20,7 @@ import numpy as np
 import pika
 import pika.exceptions as pex
 
+from myshop_ops.adapters.dedup import Claimed, claim_reply, pack_profile
 from myshop_ops.adapters.embeddings import EmbeddingError, HashProvider, InputRefused
 from myshop_ops.adapters.store import TOKEN_BYTES, ProfileWrite, StoredProfile, WriteResult, written
 
@@ -256,14 +258,18 @@ class StubStore:
 # ---- Redis --------------------------------------------------------------------------------------------------------
 
 class StubRedis:
-    """Processed event keys, the poison journal and the stop flag; ``down`` makes every call degrade as the real
-    RedisState does (nothing seen, attempts unknown, nothing recorded)."""
+    """Processed event keys, the poison journal, the stop flag and the per-user claims; ``down`` makes every call
+    degrade as the real RedisState does (nothing seen, attempts unknown, nothing recorded, no claims)."""
 
     def __init__(self):
         self.processed: set[str] = set()
         self.journal: dict[str, int] = {}
         self.stop_at: float | None = None
         self.vectors: dict[str, bytes] = {}  # the phrase cache, by key
+        self.claims: dict[str, tuple[str, float]] = {}  # user -> (holder's token or "free:" + last holder's, expiry)
+        self.claim_waits: dict[str, tuple[str, float]] = {}  # user -> (the worker waiting for it, expiry)
+        self.handoffs: dict[str, bytes] = {}  # user -> the profile its last holder left for the waiter
+        self.clock = time.monotonic
         self.down = False
 
     def ping(self) -> None:
@@ -292,6 +298,43 @@ class StubRedis:
 
     def stop_requested(self, started_at: float) -> bool:
         return not self.down and self.stop_at is not None and self.stop_at >= started_at
+
+    # per-user claims, as dedup.RedisState's scripts keep them: user -> (value, expiry on ``clock``)
+    def _live(self, table: dict[str, tuple[str, float]], user: str) -> str | None:
+        value = table.get(user)
+        return value[0] if value is not None and value[1] > self.clock() else None
+
+    def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int, model: str, dimensions: int
+              ) -> Claimed | None:
+        if self.down:
+            return None
+        codes, handoffs, until = [], [], self.clock() + ttl_ms / 1000
+        for user in user_ids:
+            held, waiter = self._live(self.claims, user), self._live(self.claim_waits, user)
+            free = held is None or held.startswith("free:")
+            handoffs.append(b"")
+            if held == token or (free and waiter in (None, token)):
+                self.claims[user] = (token, until)
+                if waiter == token:
+                    del self.claim_waits[user]
+                codes.append(2 if held in (token, "free:" + token) else 1)
+                if codes[-1] == 1:
+                    handoffs[-1] = self.handoffs.pop(user, b"")
+            else:
+                if waiter in (None, token):
+                    self.claim_waits[user] = (token, until)
+                codes.append(0)
+        return claim_reply([codes, handoffs], user_ids, model, dimensions)
+
+    def release(self, user_ids: Sequence[str], token: str, profiles: Mapping[str, StoredProfile] | None = None
+                ) -> None:
+        if not self.down:
+            for user in user_ids:
+                if self._live(self.claims, user) == token:
+                    self.claims[user] = ("free:" + token, self.clock() + 600)
+                    blob = pack_profile(profiles[user]) if profiles and user in profiles else b""
+                    if blob and self._live(self.claim_waits, user) is not None:
+                        self.handoffs[user] = blob
 
     # the phrase cache (embeddings.VectorCache), kept in memory too
     def get_vectors(self, keys: Sequence[str]) -> list[bytes | None]:

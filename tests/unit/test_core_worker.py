@@ -47,11 +47,13 @@ def event(user: str, ref: str = "p1", hour: int = 0, kind: str = "product_view")
 class Shop:
     """A worker wired to stand-ins, and the broker it consumes from."""
 
-    def __init__(self, settings: Settings = SETTINGS, limits: Limits | None = None, prefetch: int = 200):
+    def __init__(self, settings: Settings = SETTINGS, limits: Limits | None = None, prefetch: int = 200,
+                 store: StubStore | None = None, redis: StubRedis | None = None):
+        """``store`` and ``redis``: shared with another Shop's worker (two workers of one deployment)."""
         self.broker = StubBroker(bindings={TOPO.failed_exchange: TOPO.failed_queue})
         self.broker.declare(TOPO.queue, TOPO.failed_queue, *(TOPO.retry_queue(n) for n in (1, 2)))
-        self.store = StubStore({"p1": unit(1), "p2": unit(2)})
-        self.redis = StubRedis()
+        self.store = store or StubStore({"p1": unit(1), "p2": unit(2)})
+        self.redis = redis or StubRedis()
         self.provider = StubProvider(DIMS, settings.model)
         self.notifier = StubNotifier()
         self.worker = Worker(settings, limits=limits or Limits(), prefetch=prefetch, store=self.store,
