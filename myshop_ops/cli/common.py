@@ -11,14 +11,16 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 import typer
+from pika.exceptions import AMQPError
 from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.text import Text
 
 from myshop_ops.adapters import logs
 from myshop_ops.adapters.broker import BrokerError
-from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_url, redact
+from myshop_ops.adapters.config import ConfigError, Settings, load_settings, redact
 from myshop_ops.adapters.dedup import RedisError
+from myshop_ops.adapters.failures import one_line
 from myshop_ops.adapters.management import ManagementError
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.base.printable import printable
@@ -91,15 +93,8 @@ def operator_errors(s: Settings) -> Iterator[None]:
         fail(f"configuration: {exc}", EXIT_CONFIG)
     except (BrokerError, ManagementError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
-    except PyMongoError as exc:
-        first = str(exc).split(",")[0].split("\n")[0][:300]
-        fail(
-            f"MongoDB at {mask_url(s.mongodb_url)} failed: {type(exc).__name__}: {first} "
-            "(is it running? check MONGODB_URL)",
-            EXIT_UNAVAILABLE,
-        )
-    except RedisError as exc:
-        fail(f"Redis at {mask_url(s.redis_url)} failed: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
+    except (PyMongoError, RedisError, AMQPError) as exc:
+        fail(one_line(exc, s), EXIT_UNAVAILABLE)
 
 
 def print_json(data: object) -> None:
