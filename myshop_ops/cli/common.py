@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -85,16 +86,24 @@ def settings(*, embeds: bool = False) -> Settings:
 
 
 @contextlib.contextmanager
-def operator_errors(s: Settings) -> Iterator[None]:
-    """Turn dependency failures into one line (which service, which address, what to do) and exit code 3."""
+def operator_errors(s: Settings, log: logging.Logger | None = None) -> Iterator[None]:
+    """Turn dependency failures into one line (which service, which address, what to do) and exit code 3.
+    ``log``: with LOG_FORMAT=json the line is an error record of this logger instead (a worker's output stays
+    JSON lines)."""
+    def stop(message: str, code: int) -> NoReturn:
+        if log is None or s.log_format != "json":
+            fail(message, code)
+        log.error("cannot start: %s", message, extra={"exit_code": code})
+        raise typer.Exit(code)
+
     try:
         yield
     except ConfigError as exc:
-        fail(f"configuration: {exc}", EXIT_CONFIG)
+        stop(f"configuration: {exc}", EXIT_CONFIG)
     except (BrokerError, ManagementError) as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
+        stop(str(exc), EXIT_UNAVAILABLE)
     except (PyMongoError, RedisError, AMQPError) as exc:
-        fail(one_line(exc, s), EXIT_UNAVAILABLE)
+        stop(one_line(exc, s), EXIT_UNAVAILABLE)
 
 
 def print_json(data: object) -> None:

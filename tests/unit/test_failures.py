@@ -12,6 +12,7 @@ from pymongo.errors import PyMongoError
 from myshop_ops.adapters.config import load_settings
 from myshop_ops.adapters.failures import MAX_REASON, explain, one_line
 from myshop_ops.tools import preflight
+from tests.support.services import ROOT
 
 DEAD_MONGO = "mongodb://myshop:s3cret@127.0.0.1:1/"
 SETTINGS = load_settings({"APP_ENV": "test", "MONGODB_URL": DEAD_MONGO, "REDIS_URL": "redis://:s3cret@127.0.0.1:1/0",
@@ -75,3 +76,24 @@ def test_preflight_with_mongodb_unreachable_shows_its_dependent_checks_as_skippe
     assert checks[("redis", "eviction")].status == "SKIP"
     assert checks[("rabbitmq", "reachable")].status == "FAIL"
     assert {checks[("rabbitmq", n)].status for n in preflight.RABBITMQ_CHECKS} == {"SKIP"}
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_reach_mongodb_says_so_in_one_json_line(tmp_path):
+    """Under supervisor or systemd the worker's stderr is JSON lines: its start-up failure is one of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {"PATH": os.environ["PATH"], "HOME": "/tmp", "APP_ENV": "test", "MONGODB_URL": DEAD_MONGO,
+           "MONGODB_DB": "t_dead", "EMBEDDING_PROVIDER": "hash", "MYSHOP_ALLOW_ROOT": "1", "LOG_FORMAT": "json",
+           "MYSHOP_ENV_FILE": str(tmp_path / "none.env"), "PYTHONPATH": str(ROOT)}
+    (tmp_path / "none.env").write_text("")
+    done = subprocess.run([sys.executable, "-m", "myshop_ops", "consume"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd="/tmp")
+    assert done.returncode == 3, done
+    records = [json.loads(line) for line in done.stderr.splitlines()]  # every line parses: no plain text among them
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1 and "Topology" not in errors[0]["msg"], records
+    assert errors[0]["msg"].startswith("cannot start: MongoDB at mongodb://myshop:***@127.0.0.1:1/ failed: ")
