@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_staging_rehearses_prod_with_a_local_openai_compatible_server(env, topology, fake_openai: FakeOpenAI):
     env["RABBITMQ_MANAGEMENT_URL"] = MGMT
-    staging = {"APP_ENV": "prod", "EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "test-key",  # whatever the local server expects
+    staging = {"APP_ENV": "prod", "EMBEDDING_PROVIDER": "openai", "OPENAI_API_KEY": "test-key",
                "OPENAI_BASE_URL": fake_openai.base_url, "EMBEDDING_DIMENSIONS": "1536"}
     checks, _, _ = preflight(env, **staging)
     assert checks[("config", "variables")]["detail"].startswith("APP_ENV=prod"), checks[("config", "variables")]
