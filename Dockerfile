@@ -20,7 +20,10 @@ WORKDIR /app
 # pyproject.toml names README.md as the readme: both are needed to build the package
 COPY pyproject.toml README.md ./
 COPY myshop_ops ./myshop_ops
-RUN pip install . && rm -rf build *.egg-info
+# no .git in the image's context: the release's version comes in as a build argument (`docker compose build
+# --build-arg MYSHOP_VERSION=$(.venv/bin/python -m setuptools_scm)`), else it says unknown
+ARG MYSHOP_VERSION=0.0.0+unknown
+RUN SETUPTOOLS_SCM_PRETEND_VERSION="$MYSHOP_VERSION" pip install . && rm -rf build *.egg-info
 
 USER myshop:myshop
 

@@ -4,7 +4,7 @@ PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv services demo test soak bench lint mutations stop-services clean debian-tools
+.PHONY: venv services demo test soak bench lint mutations stop-services clean debian-tools release
 
 $(BIN)/myshop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ services: venv
 
 demo: services
 	@MYSHOP_ALLOW_ROOT=$${MYSHOP_ALLOW_ROOT:-$$( [ "$$(id -u)" = 0 ] && echo 1 )} $(BIN)/python tools/demo.py
+
+# the release: a wheel (what CHECKLIST.md step 1 installs) and an sdist (the units, supervisor/, examples/, docs) in
+# dist/, versioned from git by setuptools-scm (`git describe`); run it in a git checkout of the commit to release
+release: $(BIN)/myshop
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	@ls dist
 
 # promtool (checks monitoring/alerts.yml), docker-compose v1 (checks docker-compose.yml without a daemon), and the
 # shop's own PHP side: Symfony Messenger's AMQP transport and the MongoDB driver (tests/shop drives them for real)
@@ -66,4 +73,4 @@ stop-services:
 	@test -f .run/mongo-wire.pid && kill $$(cat .run/mongo-wire.pid) && rm .run/mongo-wire.pid || true
 
 clean: stop-services
-	rm -rf $(VENV) .venv-mongo .run
+	rm -rf $(VENV) .venv-mongo .run dist build

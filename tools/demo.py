@@ -14,11 +14,6 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-os.environ.setdefault("EMBEDDING_PROVIDER", "hash")
-os.environ.setdefault("LOG_FORMAT", "console")
-os.environ.setdefault("MONGODB_DB", "myshop_demo")
-os.environ.setdefault("RABBITMQ_QUEUE", "user_embedding_updates")
-
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +25,33 @@ from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event, serialise
 from myshop_ops.tools.catalog import Product, import_catalog, read_catalog
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+# The demo's own settings, whatever the machine's settings file says: on a deployed box (/etc/myshop/myshop.env,
+# MYSHOP_ENV_FILE) the demo must not publish to the deployment's queue, write its database or its Redis keys.
+DEMO_SETTINGS = {
+    "APP_ENV": "dev",
+    "RABBITMQ_DSN": "amqp://guest:guest@127.0.0.1:5672/%2f",
+    "RABBITMQ_QUEUE": "myshop_demo",
+    "RABBITMQ_FAILED_QUEUE": "myshop_demo.failed",
+    "MONGODB_URL": "mongodb://127.0.0.1:27017/?directConnection=true",
+    "MONGODB_DB": "myshop_demo",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_KEY_PREFIX": "myshop_demo:",
+    "EMBEDDING_PROVIDER": "hash",
+    "LOG_FORMAT": "console",
+}
+
+
+def demo_environment(environ: dict[str, str], settings_path: Path) -> dict[str, str]:
+    """The environment the demo and its `myshop` commands run in: the demo's settings file ``settings_path``
+    (DEMO_SETTINGS, written here) instead of any other, under the variables set in ``environ`` itself (a developer's
+    or a test's explicit choice, e.g. another queue)."""
+    settings_path.parent.mkdir(parents=True, exist_ok=True)
+    settings_path.write_text("".join(f"{k}={v}\n" for k, v in DEMO_SETTINGS.items()))
+    return {**environ, "MYSHOP_ENV_FILE": str(settings_path)}
+
+
+CATALOG = ROOT / "examples" / "catalog.jsonl"
 SEARCHES = ["wireless headphones", "running shoes", "espresso machine", "kids toys", "bluetooth speaker",
             "lawn mower", "sci-fi books", "cast iron pan"]
 USERS, EVENTS_PER_USER = 30, 10
@@ -57,6 +78,7 @@ def myshop(*args: str) -> None:
 
 
 def main() -> None:
+    os.environ.update(demo_environment(dict(os.environ), ROOT / ".run" / "demo.env"))
     s = load_settings()
     myshop("setup-transports")
     myshop("setup-indexes")

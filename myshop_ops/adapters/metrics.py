@@ -31,11 +31,18 @@ from prometheus_client import (
 )
 
 from myshop_ops.adapters.embeddings import EmbeddingError, Provider
+from myshop_ops.adapters.release import version
 
 # fine around 1 s (a P95 < 1 s objective)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 LIVENESS_S = 60.0  # /healthz fails when the consume loop has not turned for this long
+
+
+def build_info(registry: CollectorRegistry) -> None:
+    """``myshop_build_info{version="..."} 1``: which release this process runs (a rollback shows in the graph)."""
+    Gauge("myshop_build_info", "The release this process runs", ["version"], registry=registry).labels(
+        version=version()).set(1)
 
 
 class Observer:
@@ -65,6 +72,7 @@ class Metrics(Observer):
         r = self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        build_info(r)
         self.processed = Counter("messenger_processed_messages", "Messages settled, by outcome and event type",
                                  ["status", "event_type"], registry=r)
         self.processing = Histogram("messenger_processing_time_seconds", "Duration of one batch, receive to ack",
@@ -300,6 +308,7 @@ class QueueExporter:
     def __init__(self, interval: float, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         self.interval = interval
+        build_info(r)
         labels = ["queue", "role"]  # role: main | retry | failed | unrouted | other: alerts need no queue names
         self.depth = Gauge("messenger_queue_depth", "Ready messages in the queue", labels, registry=r)
         self.unacked = Gauge("myshop_queue_unacked", "Delivered, not yet acked (management API)", labels,

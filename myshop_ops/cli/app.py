@@ -16,6 +16,7 @@ from typing import NoReturn
 import typer
 
 from myshop_ops.adapters.config import ENV_FILE_VAR, redact
+from myshop_ops.adapters.release import version
 from myshop_ops.base.exit_codes import EXIT_FAIL
 
 # command -> (module in myshop_ops.cli, function, the module's help text constant or None for the docstring)
@@ -83,10 +84,18 @@ def summary(text: str | None) -> str | None:
     return first
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"myshop-ops {version()}")
+        raise typer.Exit()
+
+
 def _root(
     env_file: str = typer.Option(None, "--env-file", metavar="PATH",
                                  help="Settings file of KEY=value lines, under the environment (default: "
                                       "MYSHOP_ENV_FILE, else /etc/myshop/myshop.env if it exists; never ./.env)."),
+    _version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                  help="Print the installed release (myshop-ops VERSION) and exit."),
 ) -> None:
     """Options of every command (the app's help text is Typer's ``help``)."""
     if env_file is not None:

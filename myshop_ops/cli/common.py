@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -11,14 +12,16 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 import typer
+from pika.exceptions import AMQPError
 from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.text import Text
 
 from myshop_ops.adapters import logs
 from myshop_ops.adapters.broker import BrokerError
-from myshop_ops.adapters.config import ConfigError, Settings, load_settings, mask_url, redact
+from myshop_ops.adapters.config import ConfigError, Settings, load_settings, redact
 from myshop_ops.adapters.dedup import RedisError
+from myshop_ops.adapters.failures import one_line
 from myshop_ops.adapters.management import ManagementError
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.base.printable import printable
@@ -83,23 +86,24 @@ def settings(*, embeds: bool = False) -> Settings:
 
 
 @contextlib.contextmanager
-def operator_errors(s: Settings) -> Iterator[None]:
-    """Turn dependency failures into one line (which service, which address, what to do) and exit code 3."""
+def operator_errors(s: Settings, log: logging.Logger | None = None) -> Iterator[None]:
+    """Turn dependency failures into one line (which service, which address, what to do) and exit code 3.
+    ``log``: with LOG_FORMAT=json the line is an error record of this logger instead (a worker's output stays
+    JSON lines)."""
+    def stop(message: str, code: int) -> NoReturn:
+        if log is None or s.log_format != "json":
+            fail(message, code)
+        log.error("cannot start: %s", message, extra={"exit_code": code})
+        raise typer.Exit(code)
+
     try:
         yield
     except ConfigError as exc:
-        fail(f"configuration: {exc}", EXIT_CONFIG)
+        stop(f"configuration: {exc}", EXIT_CONFIG)
     except (BrokerError, ManagementError) as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
-    except PyMongoError as exc:
-        first = str(exc).split(",")[0].split("\n")[0][:300]
-        fail(
-            f"MongoDB at {mask_url(s.mongodb_url)} failed: {type(exc).__name__}: {first} "
-            "(is it running? check MONGODB_URL)",
-            EXIT_UNAVAILABLE,
-        )
-    except RedisError as exc:
-        fail(f"Redis at {mask_url(s.redis_url)} failed: {exc} (is it running? check REDIS_URL)", EXIT_UNAVAILABLE)
+        stop(str(exc), EXIT_UNAVAILABLE)
+    except (PyMongoError, RedisError, AMQPError) as exc:
+        stop(one_line(exc, s), EXIT_UNAVAILABLE)
 
 
 def print_json(data: object) -> None:

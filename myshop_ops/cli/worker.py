@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import typer
@@ -53,7 +54,7 @@ def consume(
             fail(f"--metrics-port {metrics_port} on {metrics_host}: {exc.strerror or exc} "
                  "(another worker on this port? give each its own)",
                  EXIT_CONFIG)
-    with operator_errors(s):
+    with operator_errors(s, log=logging.getLogger("myshop_ops.worker")):
         worker = Worker(s, queue=queue, prefetch=prefetch, limits=limits, observer=metrics)
         worker.check_dependencies()
     code = worker.run()

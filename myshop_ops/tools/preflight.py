@@ -25,23 +25,28 @@ from myshop_ops.adapters.config import (
     ConfigError,
     Settings,
     load_settings,
-    mask_text,
     mask_url,
     merged_env,
     settings_file,
 )
 from myshop_ops.adapters.dedup import RedisError, RedisState
 from myshop_ops.adapters.embeddings import EmbeddingError, embed_all, make_provider
+from myshop_ops.adapters.failures import explain
 from myshop_ops.adapters.management import Management, ManagementError, WrongBroker, for_connection
+from myshop_ops.adapters.release import UNKNOWN, version
 from myshop_ops.adapters.store import Store
 from myshop_ops.tools.stats import CRITICAL_DEPTH, WARN_DEPTH, Members, alarms
 from myshop_ops.tools.transports import Transports
 
-PACKAGES = ("myshop-ops", "pika", "pymongo", "redis", "openai", "numpy", "typer", "rich", "prometheus-client")
+PACKAGES = ("pika", "pymongo", "redis", "openai", "numpy", "typer", "rich", "prometheus-client")
 _PLACEHOLDER = re.compile(r"^(sk-\.{3}|sk-x+|<[^>]*>|changeme|change-me|your[-_].*|xxx+|todo|replace[-_ ]?me)$",
                           re.IGNORECASE)
 _SECRET_VARS = ("OPENAI_API_KEY", "RABBITMQ_DSN", "MONGODB_URL", "REDIS_URL", "RABBITMQ_MANAGEMENT_URL")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# the checks that need a service, shown as SKIP (with the failed check named) when it cannot be reached
+MONGODB_CHECKS = ("reachable", "indexes", "product vectors")
+DATA_CHECKS = ("profiles", "untagged products")
+RABBITMQ_CHECKS = ("topology", "consumers", "depth", "failed", "cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +77,16 @@ def run(env: Mapping[str, str] | None = None, env_file: object = DISCOVER, offli
         return [*checks, Check("services", "all", "SKIP", "the configuration must load first")]
     checks += _packages()
     checks += _mongodb(s)
-    checks += _shop_data(s)
+    checks += _shop_data(s, _passed(checks, "mongodb", "reachable"))
     checks += _rabbitmq(s)
     checks += _redis(s)
     checks.append(_provider(s) if not offline else Check("provider", "one embedding", "SKIP", "--offline"))
     checks += _security(s, env_file)
     return checks
+
+
+def _passed(checks: list[Check], section: str, name: str) -> bool:
+    return any(c.section == section and c.name == name and c.status == "PASS" for c in checks)
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -119,6 +128,8 @@ def _packages() -> Iterator[Check]:
             versions.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             yield Check("packages", name, "FAIL", f"{name} is not installed", "pip install -e .")
+    yield Check("packages", "release", "PASS" if version() != UNKNOWN else "WARN", f"myshop-ops {version()}",
+                None if version() != UNKNOWN else "install the release's wheel (CHECKLIST.md step 1)")
     py = ".".join(map(str, sys.version_info[:3]))
     yield Check("packages", "versions", "PASS", f"python {py}, " + ", ".join(versions))
 
@@ -131,13 +142,31 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, (time.perf_counter() - t) * 1000
 
 
+def _skipped(section: str, names: tuple[str, ...], why: str) -> Iterator[Check]:
+    """The checks that cannot run because the one ``why`` names failed: shown, not dropped."""
+    for name in names:
+        yield Check(section, name, "SKIP", why)
+
+
 def _mongodb(s: Settings) -> Iterator[Check]:
-    where = mask_url(s.mongodb_url)
-    store = None
+    done: list[str] = []
     try:
-        store = Store.from_settings(s, timeout_ms=3000)  # an unescaped @, an unresolvable SRV name
+        for check in _mongodb_checks(s):
+            done.append(check.name)
+            yield check
+    except PyMongoError as exc:
+        failed = next(n for n in MONGODB_CHECKS if n not in done)
+        f = explain(exc, s)
+        yield Check("mongodb", failed, "FAIL", f"{f.where}: {f.reason}", f.todo)
+        rest = tuple(n for n in MONGODB_CHECKS if n not in done and n != failed)
+        yield from _skipped("mongodb", rest, f"needs MongoDB: mongodb {failed} failed")
+
+
+def _mongodb_checks(s: Settings) -> Iterator[Check]:
+    store = Store.from_settings(s)  # the timeout every command and worker uses; an unescaped @, an SRV name raise
+    try:
         _, ms = _timed(store.ping)
-        yield Check("mongodb", "reachable", "PASS", f"{where} answered in {ms:.0f} ms")
+        yield Check("mongodb", "reachable", "PASS", f"{mask_url(s.mongodb_url)} answered in {ms:.0f} ms")
         missing = store.missing_indexes()
         if missing:
             yield Check("mongodb", "indexes", "FAIL", "missing: " + ", ".join(f"{c}.{i}" for c, i in missing),
@@ -151,28 +180,27 @@ def _mongodb(s: Settings) -> Iterator[Check]:
             yield Check("mongodb", "product vectors", "WARN",
                         f"no product vectors for {s.model}/{s.embedding_dimensions}d: product events will be skipped",
                         "myshop products import CATALOG.jsonl (the shop's catalog; examples/catalog.jsonl to try)")
+    finally:
+        store.close()
+
+
+def _shop_data(s: Settings, reachable: bool) -> Iterator[Check]:
+    """What the shop's own code left in the store: profiles per layout, untagged products, indexes not named by
+    myshop (CHECKLIST.md, "Cutover from the shop's PHP workers")."""
+    if not reachable:
+        yield from _skipped("data", DATA_CHECKS, "needs MongoDB: mongodb reachable failed")
+        return
+    store = None
+    try:
+        store = Store.from_settings(s)
+        d = store.data_report(s.embedding_dimensions)
+        foreign = store.foreign_indexes()
     except PyMongoError as exc:
-        yield Check("mongodb", "reachable", "FAIL", f"{where}: {type(exc).__name__}: {mask_text(str(exc))[:200]}",
-                    "check MONGODB_URL (reserved characters in the password %-encoded) and that mongod is running")
+        yield from _skipped("data", DATA_CHECKS, f"MongoDB failed: {explain(exc, s).reason}")
+        return
     finally:
         if store is not None:
             store.close()
-
-
-def _shop_data(s: Settings) -> Iterator[Check]:
-    """What the shop's own code left in the store: profiles per layout, untagged products, indexes not named by
-    myshop (CHECKLIST.md, "Cutover from the shop's PHP workers")."""
-    try:
-        store = Store.from_settings(s, timeout_ms=3000)
-    except PyMongoError:
-        return  # _mongodb reported the store
-    try:
-        d = store.data_report(s.embedding_dimensions)
-        foreign = store.foreign_indexes()
-    except PyMongoError:
-        return  # _mongodb reported the store
-    finally:
-        store.close()
     other = "profiles_compact" if s.store_layout == "shop" else "profiles_shop_layout"
     level = "WARN" if d["profiles_without_vector"] or (s.store_layout == "shop" and d[other]) else "PASS"
     yield Check("data", "profiles", level,
@@ -256,6 +284,7 @@ def _rabbitmq(s: Settings) -> Iterator[Check]:
         conn = broker.connect(s.rabbitmq_dsn, name="myshop-preflight")
     except BrokerError as exc:
         yield Check("rabbitmq", "reachable", "FAIL", str(exc), "check RABBITMQ_DSN and that RabbitMQ is running")
+        yield from _skipped("rabbitmq", RABBITMQ_CHECKS, "needs RabbitMQ: rabbitmq reachable failed")
         return
     try:
         yield Check("rabbitmq", "reachable", "PASS", mask_url(s.rabbitmq_dsn))
@@ -351,8 +380,10 @@ def _redis(s: Settings) -> Iterator[Check]:
         else:
             yield Check("redis", "eviction", "PASS", f"maxmemory-policy {policy}")
     except RedisError as exc:
-        yield Check("redis", "reachable", "FAIL", f"{where}: {exc}",
+        f = explain(exc, s)
+        yield Check("redis", "reachable", "FAIL", f"{where}: {f.reason}",
                     "check REDIS_URL and that redis-server is running (workers degrade without it)")
+        yield from _skipped("redis", ("eviction",), "needs Redis: redis reachable failed")
     finally:
         state.close()
 

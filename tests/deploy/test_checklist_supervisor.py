@@ -13,8 +13,9 @@ skipped: the systemd path is checked by tests/deploy/test_systemd.py (systemd-an
 In `make test` the idempotency, recommendations and rollback steps are left to `make soak` (SOAK=1) or
 CHECKLIST_FULL=1 (the whole path takes ~115 s on 2 cores, mostly supervisorctl start waiting startsecs and verify).
 
-The venv is made as written (`/usr/bin/python3 -m venv`); its `pip install` takes ~30 s, so by default the venv gets
-this checkout's packages through a .pth file instead; with SOAK=1 (`make soak`) the pip line runs as written."""
+The venv is made as written (`/usr/bin/python3 -m venv`); building the release (`make release`'s `python -m build`)
+and its `pip install` take ~40 s, so by default the venv gets this checkout's packages through a .pth file instead;
+with SOAK=1 (`make soak`) the wheel is built into the temporary root's dist/ and the pip line runs as written."""
 
 from __future__ import annotations
 
@@ -232,6 +233,15 @@ files = {root}/etc/supervisor/conf.d/*.conf
 """
 
 
+def build_wheel(host: Host) -> str:
+    """`make release`'s wheel of this checkout in the temporary root's dist/; its version."""
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(host.root / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    wheel = next((host.root / "dist").glob("myshop_ops-*-py3-none-any.whl"))
+    host.version = wheel.name.removeprefix("myshop_ops-").removesuffix("-py3-none-any.whl")
+    return host.version
+
+
 def install(host: Host, lines: list[str]) -> None:
     seen = set()
     for line in lines:
@@ -256,7 +266,7 @@ def install(host: Host, lines: list[str]) -> None:
             assert make.startswith("/usr/bin/python3 -m venv") and "/bin/pip install" in pip
             host.sh(make)
             if SOAK:
-                host.sh(pip, timeout=600)
+                host.sh(pip.replace("VERSION", build_wheel(host)), timeout=600)
             else:  # this checkout's packages (readable by every user) instead of a 30 s pip install
                 venv = host.root / "opt/myshop-ops/.venv"
                 dev = next((ROOT / ".venv/lib").glob("python3*/site-packages"))
@@ -275,6 +285,7 @@ def install(host: Host, lines: list[str]) -> None:
             host.prelude = host.localize(line)
         else:
             host.sh(line)
+    assert "dist/myshop_ops-VERSION-py3-none-any.whl" in " ".join(lines)  # the release's wheel, not the source tree
     assert seen == {"apt", "useradd", "tar", "venv", "cd", "function"}, f"install block changed: {seen}"
     python = (host.root / "opt/myshop-ops/.venv/bin/python").resolve()
     assert not str(python).startswith("/root/"), python
@@ -363,13 +374,17 @@ def test_the_supervisor_deployment_path_as_written(host: Host, env, fake_openai)
         for line in steps["rollback"]:
             if "tar -xzf" in line:  # the previous release: this one again (SOAK: its pip install as written)
                 if SOAK:
-                    host.sh(line.split("&&", 1)[1].strip(), timeout=600)
+                    host.sh(line.split("&&", 1)[1].strip().replace("PREVIOUS", host.version), timeout=600)
                 continue
             if line.startswith("myshop preflight"):
                 checks = preflight_checks(host, line)
                 assert not_pass(checks).keys() <= {("rabbitmq", "consumers")}, not_pass(checks)
                 continue
+            if "restart myshop-metrics" in line:
+                before = host.status()["myshop-metrics"][1]
             host.sh(line)
+            if "restart myshop-metrics" in line:
+                assert host.status()["myshop-metrics"][1] not in (None, before), "the exporter restarted"
             if "stop 'myshop-worker:*'" in line:
                 assert {s for s, _ in host.workers().values()} == {"STOPPED"}
                 assert host.status()["myshop-metrics"][0] == "RUNNING"
