@@ -20,7 +20,7 @@ import pika.exceptions as pex
 from pika.spec import Basic, BasicProperties
 from pymongo.errors import PyMongoError
 
-from myshop_ops.adapters import broker
+from myshop_ops.adapters import broker, failures
 from myshop_ops.adapters.broker import Publisher, Topology, published_at
 from myshop_ops.adapters.config import ConfigError, Settings
 from myshop_ops.adapters.dedup import RedisError, RedisState
@@ -183,7 +183,7 @@ class Worker:
             self.redis.ping()
         except RedisError as exc:
             log.warning("Redis unreachable at start: deduplication falls back to MongoDB, no phrase cache",
-                        extra={"error": str(exc)})
+                        extra={"error": failures.reason(exc)})
         broker.connect(self.settings.rabbitmq_dsn, name="myshop-check").close()
 
     def run(self) -> int:
@@ -203,7 +203,7 @@ class Worker:
                         self.window.release_all()  # unacked: the broker redelivers them
                     delay = min(backoff, 30.0) * (0.5 + random.random())
                     log.warning("broker connection lost, reconnecting",
-                                extra={"error": f"{type(exc).__name__}: {exc}", "retry_in_s": round(delay, 2)})
+                                extra={"error": failures.reason(exc), "retry_in_s": round(delay, 2)})
                     self.notifier.status(f"reconnecting to RabbitMQ in {delay:.1f}s")
                     self._close_connection()
                     self._sleep(delay)
@@ -413,7 +413,7 @@ class Worker:
             except PyMongoError as exc:
                 wait = min(delay, 30.0) * (0.5 + random.random())
                 log.warning("MongoDB unavailable, pausing",
-                            extra={"error": str(exc)[:200], "retry_in_s": round(wait, 2)})
+                            extra={"error": failures.reason(exc), "retry_in_s": round(wait, 2)})
                 self.notifier.status(f"waiting for MongoDB ({wait:.1f}s)")
                 deadline = time.monotonic() + wait
                 while time.monotonic() < deadline and not self.limits.check():
@@ -479,7 +479,7 @@ class Worker:
             try:
                 self.store.record_failures(records)
             except Exception as exc:
-                log.error("could not record failed messages in MongoDB", extra={"error": str(exc)})
+                log.error("could not record failed messages in MongoDB", extra={"error": failures.reason(exc)})
         for tag, multiple in plan.acks:
             channel.basic_ack(delivery_tag=tag, multiple=multiple)
         t.batches += 1
