@@ -173,6 +173,7 @@ class RedisState:
         round trip (2 s per 500,000 keys measured; docs/RELIABILITY.md), for a rare operation instead of an index on
         the hot path. The pattern fixes the message id's 64 characters, so user ``b`` never matches ``a:b``."""
         pattern = _glob_escape(self.processed) + "?" * 64 + ":" + _glob_escape(user_id)
+        pattern = pattern.encode("utf-8", "surrogatepass")  # an operator's argv may hold a lone surrogate
         removed = 0
         try:
             batch: list[bytes] = []
@@ -183,7 +184,7 @@ class RedisState:
                     batch = []
             if batch:
                 removed += self.client.delete(*batch)
-            self.client.delete(*(self.prefix + kind + user_id for kind in (CLAIM, CLAIM_WAIT, HANDOFF)))
+            self.client.delete(*self._claim_keys([user_id]))
         except RedisError as exc:
             self._degraded("forget_user", exc)
             return None
@@ -218,8 +219,13 @@ class RedisState:
             except RedisError as exc:
                 self._degraded("attempts_done", exc)
 
-    def _claim_keys(self, user_ids: Sequence[str]) -> list[str]:
-        return [self.prefix + kind + u for kind in (CLAIM, CLAIM_WAIT, HANDOFF) for u in user_ids]
+    def _user_keys(self, kinds: Sequence[str], user_ids: Iterable[str]) -> list[bytes]:
+        """The keys of each kind for these users, as bytes: a user id is read from a body before the contract
+        checks it, and one holding a lone surrogate must still make a key (UTF-8 would refuse it)."""
+        return [(self.prefix + kind + u).encode("utf-8", "surrogatepass") for kind in kinds for u in user_ids]
+
+    def _claim_keys(self, user_ids: Sequence[str]) -> list[bytes]:
+        return self._user_keys((CLAIM, CLAIM_WAIT, HANDOFF), user_ids)
 
     def claim(self, user_ids: Sequence[str], token: str, ttl_ms: int, model: str, dimensions: int
               ) -> Claimed | None:
@@ -244,13 +250,13 @@ class RedisState:
         leaves the claims to expire."""
         if not user_ids:
             return
-        keys = [self.prefix + kind + u for kind in (CLAIM, CLAIM_WAIT) for u in user_ids]
+        keys = self._user_keys((CLAIM, CLAIM_WAIT), user_ids)
         try:
             waited = self.client.eval(_RELEASE_SCRIPT, len(keys), *keys, token, FREE_TTL_MS)
             handed = {u: blob for u, w in zip(user_ids, waited if isinstance(waited, list) else [], strict=False)
                       if w == 1 and profiles and u in profiles and (blob := pack_profile(profiles[u]))}
             if handed:
-                keys = [self.prefix + kind + u for kind in (CLAIM, HANDOFF) for u in handed]
+                keys = self._user_keys((CLAIM, HANDOFF), handed)
                 self.client.eval(_HANDOFF_SCRIPT, len(keys), *keys, token, HANDOFF_TTL_MS, *handed.values())
         except RedisError as exc:
             self._degraded("release", exc)

@@ -94,3 +94,15 @@ def test_a_handoff_that_is_not_a_profile_of_this_space_is_not_used():
     nan = blob[:-(64 + 16 + 16)] + np.array([np.nan, 0, 0, 0], dtype="<f4").tobytes() + blob[-(64 + 16):]
     assert len(nan) == len(blob) and unpack_profile(nan, "m", 4) is None
     assert claim_reply([[1], [b"garbage"]], ["a"], "m", 4).profiles == {}  # granted, the profile is read
+
+
+def test_a_user_id_with_a_lone_surrogate_is_claimed_released_and_erased(state):
+    """The worker claims the user a body names before the contract checks it: a lone surrogate (a JSON ``\\ud800``
+    escape) made the claim's key unencodable and the worker crashed (UnicodeEncodeError, not a RedisError)."""
+    user = "u\ud800"
+    assert state.claim([user, "u2"], "A", 5000, "m", 4).codes == [1, 1]
+    assert state.claim([user], "B", 5000, "m", 4).codes == [0]
+    state.release([user, "u2"], "A")
+    assert state.claim([user], "B", 5000, "m", 4).codes == [1]
+    assert state.forget_user(user) == 0
+    assert state.claim([user], "C", 5000, "m", 4).codes == [1]  # erasure dropped B's claim and the wait
