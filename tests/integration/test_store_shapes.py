@@ -11,6 +11,7 @@ import pika
 import pytest
 from bson.binary import Binary
 
+from myshop_ops.adapters.management import for_connection
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event
 from myshop_ops.base.layout import read_profile
@@ -144,7 +145,7 @@ def test_preflight_reports_the_shops_data_and_consumers_that_are_not_myshop(env,
     store.products.insert_many([{"productId": "1", "embedding": GOOD}, {"product_id": "2", "embedding": GOOD[:3]}])
     store.users.create_index([("last_updated", 1)], name="idx_last_updated_php")  # the Mongo-wire server allows it
     store.close()
-    checks = {c.name: c for c in preflight._shop_data(s)}
+    checks = {c.name: c for c in preflight._shop_data(s, reachable=True)}
     assert checks["profiles"].status == "WARN" and checks["profiles"].detail == (
         "1 in the shop layout, 1 compact, 1 written by the shop's PHP workers (adopted at their next event), 1 without "
         "a vector (their events fail); STORE_LAYOUT=shop: the shop's PHP code cannot read the 1 compact ones until "
@@ -155,13 +156,16 @@ def test_preflight_reports_the_shops_data_and_consumers_that_are_not_myshop(env,
     assert checks["indexes"].detail == (
         "not named by myshop: user_embeddings.idx_last_updated_php (serves as last_updated)")
 
-    assert [c.status for c in preflight._other_consumers(s)] == ["PASS"]
+    amqp = pika.BlockingConnection(pika.URLParameters(s.rabbitmq_dsn))
+    api = for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, amqp)  # checked to be this broker's
+    amqp.close()
+    assert [c.status for c in preflight._other_consumers(s, api)] == ["PASS"]
     params = pika.URLParameters(s.rabbitmq_dsn)
     params.client_properties = {"connection_name": "php messenger:consume"}
     php = pika.BlockingConnection(params)
     try:
         php.channel().basic_consume(topology.queue, lambda *a: None)
-        [check] = wait_for(lambda: [c for c in preflight._other_consumers(s) if c.status == "WARN"], timeout=15)
+        [check] = wait_for(lambda: [c for c in preflight._other_consumers(s, api) if c.status == "WARN"], timeout=15)
         assert check.detail.startswith(f"1 connection(s) consuming {topology.queue} are not myshop workers: "
                                        "php messenger:consume from 127.0.0.1 (guest)"), check.detail
     finally:
