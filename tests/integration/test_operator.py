@@ -36,9 +36,11 @@ def menv(env):
 
 
 def fill(queue: str, n: int) -> None:
-    """Put ``n`` small messages in ``queue`` fast (no confirms) and wait until the broker counts them."""
+    """Put ``n`` small messages in ``queue``, each confirmed: without confirms a close right after the publishes
+    left a quorum queue counting 2 of 4 for over 10 s on a loaded box."""
     conn = pika.BlockingConnection(pika.URLParameters(RABBIT))
     ch = conn.channel()
+    ch.confirm_delivery()
     for i in range(n):
         ch.basic_publish("", queue, b"{}", pika.BasicProperties(message_id=str(i)))
     conn.close()
