@@ -9,15 +9,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import bson
 import numpy as np
 from bson.binary import Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.base.layout import (
+    SHOP_VECTOR,
     ForeignVector,
     UnreadableProfile,
     adoption_record,
@@ -30,6 +33,7 @@ from myshop_ops.base.layout import (
     to_datetime,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
+from myshop_ops.base.rawbson import raw_document, read_double_array, split_array
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
@@ -243,6 +247,9 @@ class Store:
         )
         self.db = self.client[db]
         self.users = self.db.get_collection(USERS, codec_options=_codec(self.client, DatetimeConversion.DATETIME_AUTO))
+        # profiles as read for the fold: raw, so the shop layout's array of doubles is read without Python floats
+        self._raw_users = self.users.with_options(
+            codec_options=self.users.codec_options.with_options(document_class=RawBSONDocument))
         self.products = self.db[PRODUCTS]
         self.failed = self.db[FAILED]
         self.erasures = self.db[ERASURES]
@@ -332,14 +339,15 @@ class Store:
         unreadable: dict[str, ValueError] = {}
         if not ids:
             return profiles, unreadable
-        cursor = self.users.find(
+        cursor = self._raw_users.find(
             {"user_id": {"$in": ids}},
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
              "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
             batch_size=SCAN_BATCH,
         )
-        for doc in cursor:
+        for raw in cursor:
+            doc = self._profile_doc(bytes(raw.raw), dimensions)
             user_id = doc["user_id"]
             try:
                 read = read_profile(doc, model, dimensions)
@@ -358,6 +366,18 @@ class Store:
                 erased_at=to_datetime(doc.get("erased_at")),
             )
         return profiles, unreadable
+
+    def _profile_doc(self, raw: bytes, dimensions: int) -> dict:
+        """A profile document read raw, decoded: a ``vector`` that is exactly an array of ``dimensions`` doubles
+        as a float64 ndarray read in place (what layout.read_profile takes like the list), anything else by
+        ``bson.decode`` as any other read (layout.py judges it)."""
+        parts = split_array(raw, SHOP_VECTOR)
+        values = None if parts is None else read_double_array(parts[1], dimensions)
+        if values is None:
+            return bson.decode(raw, codec_options=self.users.codec_options)
+        doc = bson.decode(parts[0], codec_options=self.users.codec_options)
+        doc[SHOP_VECTOR] = values
+        return doc
 
     def write_profiles(self, writes: Sequence[ProfileWrite], layout: str = "shop") -> WriteResult:
         """One unordered bulk_write of conditional inserts/updates, vectors in ``layout`` (layout.py).
@@ -422,7 +442,7 @@ class Store:
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:
-            return InsertOne(
+            return InsertOne(raw_document(
                 {
                     "_id": after.doc_id,
                     "user_id": w.user_id,
@@ -434,10 +454,10 @@ class Store:
                     "created_at": now,
                     **({"erased_at": w.erased_at} if w.erased_at else {}),
                 }
-            )
+            ))
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        update = {"$set": fields, "$unset": unset, "$inc": inc}
+        update = {"$set": raw_document(fields), "$unset": unset, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
         return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
