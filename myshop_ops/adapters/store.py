@@ -9,7 +9,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import bson
 import numpy as np
 from bson.binary import Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
@@ -33,7 +32,7 @@ from myshop_ops.base.layout import (
     to_datetime,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
-from myshop_ops.base.rawbson import raw_document, read_double_array, split_array
+from myshop_ops.base.rawbson import decode_with_doubles, raw_document
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
@@ -347,7 +346,8 @@ class Store:
             batch_size=SCAN_BATCH,
         )
         for raw in cursor:
-            doc = self._profile_doc(bytes(raw.raw), dimensions)
+            # a shop-layout vector of the configured length as a float64 ndarray (read_profile takes it as the list)
+            doc = decode_with_doubles(bytes(raw.raw), SHOP_VECTOR, dimensions, self.users.codec_options)
             user_id = doc["user_id"]
             try:
                 read = read_profile(doc, model, dimensions)
@@ -366,18 +366,6 @@ class Store:
                 erased_at=to_datetime(doc.get("erased_at")),
             )
         return profiles, unreadable
-
-    def _profile_doc(self, raw: bytes, dimensions: int) -> dict:
-        """A profile document read raw, decoded: a ``vector`` that is exactly an array of ``dimensions`` doubles
-        as a float64 ndarray read in place (what layout.read_profile takes like the list), anything else by
-        ``bson.decode`` as any other read (layout.py judges it)."""
-        parts = split_array(raw, SHOP_VECTOR)
-        values = None if parts is None else read_double_array(parts[1], dimensions)
-        if values is None:
-            return bson.decode(raw, codec_options=self.users.codec_options)
-        doc = bson.decode(parts[0], codec_options=self.users.codec_options)
-        doc[SHOP_VECTOR] = values
-        return doc
 
     def write_profiles(self, writes: Sequence[ProfileWrite], layout: str = "shop") -> WriteResult:
         """One unordered bulk_write of conditional inserts/updates, vectors in ``layout`` (layout.py).

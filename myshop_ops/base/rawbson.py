@@ -19,6 +19,7 @@ from typing import Any
 
 import bson
 import numpy as np
+from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 
 _INT32 = struct.Struct("<i")
@@ -128,3 +129,16 @@ def split_array(raw: bytes, name: str) -> tuple[bytes, bytes] | None:
             return _INT32.pack(len(rest) + 5) + rest + b"\x00", raw[key_end + 1:value_end]
         at = value_end
     return None
+
+
+def decode_with_doubles(raw: bytes, name: str, n: int, codec_options: CodecOptions) -> dict[str, Any]:
+    """``bson.decode(raw)``, except that a top-level field ``name`` that is exactly an array of ``n`` doubles comes
+    as its float64 ndarray (read in place, bit-exact) instead of a list of floats; any other value of ``name`` is
+    decoded as everything else is."""
+    parts = split_array(raw, name)
+    values = None if parts is None else read_double_array(parts[1], n)
+    if values is None:
+        return bson.decode(raw, codec_options=codec_options)
+    doc = bson.decode(parts[0], codec_options=codec_options)
+    doc[name] = values
+    return doc

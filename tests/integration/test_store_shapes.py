@@ -10,6 +10,7 @@ import numpy as np
 import pika
 import pytest
 from bson.binary import Binary
+from bson.int64 import Int64
 
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import make_event
@@ -31,6 +32,12 @@ HOSTILE = {  # name: the document's fields besides user_id (each breaks one thin
     "vector-nan": {"vector": [float("nan")] * DIMS, "last_updated": T0, "version": 1},
     "vector-zero": {"vector": [0.0] * DIMS, "last_updated": T0, "version": 1},
     "vector-short": {"vector": GOOD[:8], "last_updated": T0, "version": 1},
+    # arrays of the configured length that are not all doubles, or not all finite: the raw read's fast path
+    # (rawbson.py) must hand them to the plain decoder, which refuses them
+    "vector-mixed": {"vector": [*GOOD[1:], "x"], "last_updated": T0, "version": 1},
+    "vector-one-nan": {"vector": [*GOOD[1:], float("nan")], "last_updated": T0, "version": 1},
+    "vector-int64-huge": {"vector": [Int64(2**60)] * DIMS, "last_updated": T0, "version": 1},
+    "vector-ints-long": {"vector": [1] * (DIMS + 1), "last_updated": T0, "version": 1},
     "vector-dict": {"vector": {"a": 1}, "last_updated": T0, "version": 1},
     "embedding-garbage": {"embedding": Binary(b"\x27\x00\x01", 9), "magnitude": 1.0, "last_updated": T0,
                           "version": 1},
@@ -67,10 +74,15 @@ def test_hostile_profiles_fail_their_messages_with_a_reason_and_the_worker_goes_
     assert set(reasons) == set(HOSTILE)
     for user, (cls, message) in reasons.items():
         assert message.startswith(f"the profile of user {user} cannot be folded into: it"), message
-        assert cls == ("VectorSpaceMismatch" if user in ("vector-short", "other-model") else "UnreadableProfile")
+        mismatch = ("vector-short", "vector-ints-long", "other-model")
+        assert cls == ("VectorSpaceMismatch" if user in mismatch else "UnreadableProfile")
     assert "untagged 8d vector, expected hash-v1/64d" in reasons["vector-short"][1]
     assert "version is a str" in reasons["version-string"][1]
     assert "neither a vector nor an embedding" in reasons["no-vector"][1]
+    assert "mixed values, not of numbers" in reasons["vector-mixed"][1]
+    assert "a NaN or infinite element" in reasons["vector-one-nan"][1]
+    assert "outside 1e-06..1e+06" in reasons["vector-int64-huge"][1]
+    assert "untagged 65d vector" in reasons["vector-ints-long"][1]
     for user in HOSTILE:  # untouched
         assert store.users.find_one({"user_id": user}, {"_id": 0, "version": 1}) == (
             {} if user == "no-version" else {"version": HOSTILE[user]["version"]})
