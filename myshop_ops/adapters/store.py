@@ -133,6 +133,10 @@ def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opt
 # Products per bulk write: 1,536 doubles each in the shop layout make a write of 256 products take ~8 s on the
 # single-threaded Mongo-wire server, past pymongo's heartbeat (it then cancels the write); a few MB per write anyway.
 PRODUCT_WRITE_BATCH = 32
+# Profile writes per bulk write, for the same reason: a batch of 500 users in the shop layout is ~10 MB, 10-15 s on
+# the test server; pymongo cancelled it and every event of the batch went to a retry queue (docs/PERFORMANCE.md).
+PROFILE_WRITE_BATCH = 32
+PROFILE_READ_BATCH = 64  # profiles per reply of a profile read (~1.4 MB in the shop layout), for the same reason
 
 
 def _epoch(value: datetime | str) -> float:
@@ -343,7 +347,7 @@ class Store:
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
              "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
-            batch_size=SCAN_BATCH,
+            batch_size=PROFILE_READ_BATCH,
         )
         for raw in cursor:
             # a shop-layout vector of the configured length as a float64 ndarray (read_profile takes it as the list)
@@ -368,7 +372,8 @@ class Store:
         return profiles, unreadable
 
     def write_profiles(self, writes: Sequence[ProfileWrite], layout: str = "shop") -> WriteResult:
-        """One unordered bulk_write of conditional inserts/updates, vectors in ``layout`` (layout.py).
+        """Conditional inserts/updates in unordered bulk_writes of PROFILE_WRITE_BATCH, vectors in ``layout``
+        (layout.py).
 
         A write is ``applied`` when it landed, ``conflicted`` when another writer got there first
         (duplicate key on insert, version or document changed on update); conflicted users must be re-read.
@@ -382,16 +387,11 @@ class Store:
         after = [written(w, t) for w, t in zip(writes, tokens, strict=True)]
         ops = [self._op(w, a, now, layout) for w, a in zip(writes, after, strict=True)]
         failed_idx: set[int] = set()
-        try:
-            res = self.users.bulk_write(ops, ordered=False)
-            matched = res.matched_count + res.inserted_count
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            other = [e for e in errors if e.get("code") != 11000]
-            if other:
-                raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
-            failed_idx = {e["index"] for e in errors}
-            matched = exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0)
+        matched = 0
+        for start in range(0, len(ops), PROFILE_WRITE_BATCH):
+            n, failed = self._bulk(ops[start:start + PROFILE_WRITE_BATCH])
+            matched += n
+            failed_idx.update(start + i for i in failed)
         updates = [i for i, w in enumerate(writes) if w.base is not None and i not in failed_idx]
         if matched < len(writes) - len(failed_idx):
             # Some version-filtered updates matched nothing: an unordered bulk does not say which, so look for
@@ -412,6 +412,19 @@ class Store:
                 result.applied.append(w.user_id)
                 result.stored[w.user_id] = after[i]
         return result
+
+    def _bulk(self, ops: list[InsertOne | UpdateOne]) -> tuple[int, set[int]]:
+        """One unordered bulk_write: (documents matched or inserted, indexes of the inserts that met a duplicate key).
+        Other write errors raise OperationFailure, connection errors as pymongo raises them."""
+        try:
+            res = self.users.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            other = [e for e in errors if e.get("code") != 11000]
+            if other:
+                raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
+            return exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0), {e["index"] for e in errors}
+        return res.matched_count + res.inserted_count, set()
 
     @staticmethod
     def _op(w: ProfileWrite, after: StoredProfile, now: datetime, layout: str) -> InsertOne | UpdateOne:

@@ -201,3 +201,35 @@ def test_setup_indexes_names_an_index_the_data_refuses_and_creates_the_others(en
     store.products.delete_many({"name": "b[/red]"})
     assert run_cli("setup-indexes", env=env.subprocess_env()).returncode == 0 and store.missing_indexes() == []
     store.close()
+
+
+def test_profile_writes_in_several_bulks_keep_each_writes_outcome(env, monkeypatch):
+    """write_profiles splits its writes into bulks (small ones for the single-threaded test server): a conflict or
+    a duplicate insert in a later bulk is reported for its own user, every other write lands."""
+    import myshop_ops.adapters.store as store_module
+    from myshop_ops.adapters.store import ProfileWrite
+    from myshop_ops.base.profile import Profile
+
+    monkeypatch.setattr(store_module, "PROFILE_WRITE_BATCH", 3)
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.setup_indexes()
+    vec = np.full(DIMS, 1 / np.sqrt(DIMS), np.float32)
+
+    def write(user: str, base, n: int) -> ProfileWrite:
+        return ProfileWrite(user, Profile(vec, 1.0 + n, 20_000.0 + n, s.model, DIMS), base,
+                            [f"{n:064x}"], {"search": 1}, "search", f"{n:064x}")
+
+    users = [f"bulk-{i}" for i in range(7)]
+    assert store.write_profiles([write(u, None, 1) for u in users]).applied == users
+    loaded, _ = store.load_profiles(users, s.model, DIMS)
+    stale = store_module.StoredProfile(**{**{f: getattr(loaded[users[5]], f) for f in
+                                             loaded[users[5]].__slots__}, "version": 0})
+    writes = [write(u, loaded[u], 2) for u in users[:5]] + [write(users[5], stale, 2), write(users[6], None, 2),
+                                                             write("bulk-new", None, 2)]
+    result = store.write_profiles(writes)
+    assert result.conflicted == [users[5], users[6]]
+    assert result.applied == [*users[:5], "bulk-new"]
+    versions = {d["user_id"]: d["version"] for d in store.users.find({}, {"user_id": 1, "version": 1})}
+    assert versions == {**dict.fromkeys(users[:5], 2), users[5]: 1, users[6]: 1, "bulk-new": 1}
+    store.close()
