@@ -84,7 +84,7 @@ def run(reps: int = 3) -> list[Row]:
                     f[f"cpu {users}x{per_user}"].append(o["cpu_work_us"])
                     f[f"wpe {users}x{per_user}"].append(o["writes_per_event"])
                     log(f"layout {layout} {users}x{per_user} rep {rep + 1}: work {o['cpu_work_us']:.0f} µs/event, "
-                        f"{o['writes_per_event']:.2f} writes/event")
+                        f"{o['writes_per_event']:.2f} writes/event, {o['retried']} retried")
                 store = Store(env.settings.mongodb_url, env.settings.mongodb_db)
                 try:
                     sizes = retry_store(lambda s=store: [len(bson.encode(d)) for d in s.users.find(
