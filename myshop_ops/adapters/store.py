@@ -32,7 +32,7 @@ from myshop_ops.base.layout import (
     to_datetime,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
-from myshop_ops.base.rawbson import decode_with_doubles, raw_document
+from myshop_ops.base.rawbson import DoubleArray, decode_with_doubles, raw_document
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
@@ -136,7 +136,7 @@ PRODUCT_WRITE_BATCH = 32
 # Profile writes per bulk write, for the same reason: a batch of 500 users in the shop layout is ~10 MB, 10-15 s on
 # the test server; pymongo cancelled it and every event of the batch went to a retry queue (docs/PERFORMANCE.md).
 PROFILE_WRITE_BATCH = 32
-PROFILE_READ_BATCH = 64  # profiles per reply of a profile read (~1.4 MB in the shop layout), for the same reason
+VECTOR_READ_BATCH = 64  # profiles or products per reply of a vector read (~1.4 MB in the shop layout): the same
 
 
 def _epoch(value: datetime | str) -> float:
@@ -169,6 +169,12 @@ def erasure_key(user_id: str) -> str:
 def _codec(client: MongoClient, dates: DatetimeConversion) -> CodecOptions:
     """The client's codec options with another conversion of BSON dates."""
     return client.codec_options.with_options(datetime_conversion=dates)
+
+
+def encoded(doc: dict) -> dict | RawBSONDocument:
+    """A document to send: as BSON bytes when it holds a shop-layout vector already encoded (rawbson.DoubleArray),
+    else as it is (pymongo encodes it)."""
+    return raw_document(doc) if any(isinstance(v, DoubleArray) for v in doc.values()) else doc
 
 
 def message_ids(doc: dict) -> list[str]:
@@ -254,6 +260,8 @@ class Store:
         self._raw_users = self.users.with_options(
             codec_options=self.users.codec_options.with_options(document_class=RawBSONDocument))
         self.products = self.db[PRODUCTS]
+        self._raw_products = self.products.with_options(
+            codec_options=self.products.codec_options.with_options(document_class=RawBSONDocument))
         self.failed = self.db[FAILED]
         self.erasures = self.db[ERASURES]
         self.failed_retention = timedelta(days=failed_retention_days) if failed_retention_days else None
@@ -347,7 +355,7 @@ class Store:
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
              "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
-            batch_size=PROFILE_READ_BATCH,
+            batch_size=VECTOR_READ_BATCH,
         )
         for raw in cursor:
             # a shop-layout vector of the configured length as a float64 ndarray (read_profile takes it as the list)
@@ -443,7 +451,7 @@ class Store:
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:
-            return InsertOne(raw_document(
+            return InsertOne(encoded(
                 {
                     "_id": after.doc_id,
                     "user_id": w.user_id,
@@ -458,7 +466,7 @@ class Store:
             ))
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        update = {"$set": raw_document(fields), "$unset": unset, "$inc": inc}
+        update = {"$set": encoded(fields), "$unset": unset, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
         return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
@@ -545,12 +553,13 @@ class Store:
             missing = sorted(wanted - vectors.keys() - foreign.keys())
             if not missing:
                 break
-            cursor = self.products.find(
+            cursor = self._raw_products.find(
                 {key: {"$in": id_forms(missing)}},
                 {key: 1, "embedding": 1, "model": 1, "dimensions": 1, "_id": 0},
-                batch_size=SCAN_BATCH,
+                batch_size=VECTOR_READ_BATCH,
             )
-            for doc in cursor:
+            for raw in cursor:  # a shop-layout embedding read as the profiles' vector is (load_profiles)
+                doc = decode_with_doubles(bytes(raw.raw), "embedding", dimensions, self.products.codec_options)
                 pid = id_key(doc.get(key))
                 if pid not in wanted or pid in vectors:
                     continue

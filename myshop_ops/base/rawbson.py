@@ -38,26 +38,34 @@ class DoubleArray:
 class _Template:
     blank: bytes  # the array with every double 0.0
     slots: np.ndarray  # indices of the doubles' bytes, element after element
+    # the elements by number of digits of their index, each run of equal-sized elements as a record array:
+    # (first index, end, byte offset, dtype: the type byte, key and 0x00 as "h", the double as "v")
+    runs: tuple[tuple[int, int, int, np.dtype], ...]
 
 
 @lru_cache(maxsize=8)
 def _template(n: int) -> _Template:
-    body, slots = bytearray(), []
+    body, slots, runs = bytearray(), [], []
     for i in range(n):
-        body += b"\x01" + str(i).encode() + b"\x00"
+        head = b"\x01" + str(i).encode() + b"\x00"
+        if not runs or runs[-1][3]["h"].itemsize != len(head):
+            runs.append((i, i, 4 + len(body), np.dtype([("h", f"S{len(head)}"), ("v", "<f8")])))
+        runs[-1] = (*runs[-1][:1], i + 1, *runs[-1][2:])
+        body += head
         slots.append(4 + len(body))
         body += bytes(8)
     blank = _INT32.pack(4 + len(body) + 1) + bytes(body) + b"\x00"
-    return _Template(blank, (np.asarray(slots, dtype=np.intp)[:, None] + np.arange(8)).ravel())
+    return _Template(blank, (np.asarray(slots, dtype=np.intp)[:, None] + np.arange(8)).ravel(), tuple(runs))
 
 
 def double_array(vec: np.ndarray) -> DoubleArray:
     """``vec`` as a BSON array of doubles: byte for byte ``bson.encode`` of ``vec.astype(float64).tolist()``."""
-    values = np.ascontiguousarray(vec, dtype="<f8").ravel()
+    values = np.asarray(vec, dtype="<f8").ravel()
     t = _template(len(values))
-    buf = np.frombuffer(t.blank, dtype=np.uint8).copy()
-    buf[t.slots] = values.view(np.uint8)
-    return DoubleArray(buf.tobytes())
+    buf = bytearray(t.blank)
+    for first, end, at, dtype in t.runs:  # a strided copy of the doubles into their slots, one per key length
+        np.frombuffer(buf, dtype, count=end - first, offset=at)["v"] = values[first:end]
+    return DoubleArray(bytes(buf))
 
 
 def read_double_array(data: bytes, n: int) -> np.ndarray | None:
