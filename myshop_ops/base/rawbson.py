@@ -88,18 +88,20 @@ def read_double_array(data: bytes, n: int) -> np.ndarray | None:
 def raw_document(doc: Mapping[str, Any]) -> RawBSONDocument:
     """``doc`` as BSON, its DoubleArray values spliced in as arrays: the bytes ``bson.encode`` makes of ``doc`` with
     each DoubleArray replaced by its list of floats. pymongo sends a RawBSONDocument as it is."""
-    parts: list[bytes] = []
+    out = bytearray(4)  # the size, filled in at the end
     run: dict[str, Any] = {}
     for key, value in doc.items():
         if isinstance(value, DoubleArray):
-            parts.append(bson.encode(run)[4:-1])
+            out += memoryview(bson.encode(run))[4:-1]
             run = {}
-            parts.append(b"\x04" + key.encode() + b"\x00" + value.bson)
+            out += b"\x04" + key.encode() + b"\x00"
+            out += value.bson
         else:
             run[key] = value
-    parts.append(bson.encode(run)[4:-1])
-    body = b"".join(parts)
-    return RawBSONDocument(_INT32.pack(4 + len(body) + 1) + body + b"\x00")
+    out += memoryview(bson.encode(run))[4:-1]
+    out += b"\x00"
+    _INT32.pack_into(out, 0, len(out))
+    return RawBSONDocument(bytes(out))
 
 
 # Size of a top-level value after its key, by BSON type: fixed, or read from an int32 at the value (+ extra bytes).
