@@ -48,14 +48,15 @@ def _template(n: int) -> _Template:
     body, slots, runs = bytearray(), [], []
     for i in range(n):
         head = b"\x01" + str(i).encode() + b"\x00"
-        if not runs or runs[-1][3]["h"].itemsize != len(head):
-            runs.append((i, i, 4 + len(body), np.dtype([("h", f"S{len(head)}"), ("v", "<f8")])))
-        runs[-1] = (*runs[-1][:1], i + 1, *runs[-1][2:])
+        if not runs or runs[-1][3]["h"].itemsize != len(head):  # the first index with one more digit
+            runs.append([i, i, 4 + len(body), np.dtype([("h", f"S{len(head)}"), ("v", "<f8")])])
+        runs[-1][1] = i + 1
         body += head
         slots.append(4 + len(body))
         body += bytes(8)
     blank = _INT32.pack(4 + len(body) + 1) + bytes(body) + b"\x00"
-    return _Template(blank, (np.asarray(slots, dtype=np.intp)[:, None] + np.arange(8)).ravel(), tuple(runs))
+    return _Template(blank, (np.asarray(slots, dtype=np.intp)[:, None] + np.arange(8)).ravel(),
+                     tuple((first, end, at, dtype) for first, end, at, dtype in runs))
 
 
 def double_array(vec: np.ndarray) -> DoubleArray:
