@@ -51,7 +51,8 @@ SCALED = """scaled for the Mongo-wire test server (mongoeco: ~150-450 profile wr
   memory: 10 users x 10,000 events (few users, so 100k events need few writes)
   scale: 20 users x 400 events
   window: 20 bursty users x 10 events
-  layout: 100 users x 50 and 500 users x 4 per layout (shop, compact); 200 profile rewrites in bulks of 25
+  layout: 100 users x 50 and 500 users x 4 per layout (shop, compact), side by side; 200 profile rewrites in
+    bulks of 25; profile sizes from 200 stored profiles
   workers: CHECKLIST.md's performance step as it is (100 users x 50, shop layout), 1 run per worker count"""
 
 

@@ -13,11 +13,13 @@ import numpy as np
 from bson.binary import Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.base.layout import (
+    SHOP_VECTOR,
     ForeignVector,
     UnreadableProfile,
     adoption_record,
@@ -30,6 +32,7 @@ from myshop_ops.base.layout import (
     to_datetime,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days
+from myshop_ops.base.rawbson import DoubleArray, decode_with_doubles, raw_document
 
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
@@ -131,6 +134,10 @@ def satisfying_index(existing: dict[str, dict], keys: list[tuple[str, int]], opt
 # Products per bulk write: 1,536 doubles each in the shop layout make a write of 256 products take ~8 s on the
 # single-threaded Mongo-wire server, past pymongo's heartbeat (it then cancels the write); a few MB per write anyway.
 PRODUCT_WRITE_BATCH = 32
+# Profile writes per bulk write, for the same reason: a batch of 500 users in the shop layout is ~10 MB, 10-15 s on
+# the test server; pymongo cancelled it and every event of the batch went to a retry queue (docs/PERFORMANCE.md).
+PROFILE_WRITE_BATCH = 32
+VECTOR_READ_BATCH = 64  # profiles or products per reply of a vector read (~1.4 MB in the shop layout): the same
 
 
 def _epoch(value: datetime | str) -> float:
@@ -170,6 +177,12 @@ def erasure_time(value: object) -> datetime | None:
 def _codec(client: MongoClient, dates: DatetimeConversion) -> CodecOptions:
     """The client's codec options with another conversion of BSON dates."""
     return client.codec_options.with_options(datetime_conversion=dates)
+
+
+def encoded(doc: dict) -> dict | RawBSONDocument:
+    """A document to send: as BSON bytes when it holds a shop-layout vector already encoded (rawbson.DoubleArray),
+    else as it is (pymongo encodes it)."""
+    return raw_document(doc) if any(isinstance(v, DoubleArray) for v in doc.values()) else doc
 
 
 def message_ids(doc: dict) -> list[str]:
@@ -251,7 +264,12 @@ class Store:
         )
         self.db = self.client[db]
         self.users = self.db.get_collection(USERS, codec_options=_codec(self.client, DatetimeConversion.DATETIME_AUTO))
+        # profiles as read for the fold: raw, so the shop layout's array of doubles is read without Python floats
+        self._raw_users = self.users.with_options(
+            codec_options=self.users.codec_options.with_options(document_class=RawBSONDocument))
         self.products = self.db[PRODUCTS]
+        self._raw_products = self.products.with_options(
+            codec_options=self.products.codec_options.with_options(document_class=RawBSONDocument))
         self.failed = self.db[FAILED]
         self.erasures = self.db[ERASURES]
         self.failed_retention = timedelta(days=failed_retention_days) if failed_retention_days else None
@@ -340,14 +358,16 @@ class Store:
         unreadable: dict[str, ValueError] = {}
         if not ids:
             return profiles, unreadable
-        cursor = self.users.find(
+        cursor = self._raw_users.find(
             {"user_id": {"$in": ids}},
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
              "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
-            batch_size=SCAN_BATCH,
+            batch_size=VECTOR_READ_BATCH,
         )
-        for doc in cursor:
+        for raw in cursor:
+            # a shop-layout vector of the configured length as a float64 ndarray (read_profile takes it as the list)
+            doc = decode_with_doubles(bytes(raw.raw), SHOP_VECTOR, dimensions, self.users.codec_options)
             user_id = doc["user_id"]
             try:
                 read = read_profile(doc, model, dimensions)
@@ -368,7 +388,8 @@ class Store:
         return profiles, unreadable
 
     def write_profiles(self, writes: Sequence[ProfileWrite], layout: str = "shop") -> WriteResult:
-        """One unordered bulk_write of conditional inserts/updates, vectors in ``layout`` (layout.py).
+        """Conditional inserts/updates in unordered bulk_writes of PROFILE_WRITE_BATCH, vectors in ``layout``
+        (layout.py).
 
         A write is ``applied`` when it landed, ``conflicted`` when another writer got there first
         (duplicate key on insert, version or document changed on update); conflicted users must be re-read.
@@ -382,16 +403,11 @@ class Store:
         after = [written(w, t) for w, t in zip(writes, tokens, strict=True)]
         ops = [self._op(w, a, now, layout) for w, a in zip(writes, after, strict=True)]
         failed_idx: set[int] = set()
-        try:
-            res = self.users.bulk_write(ops, ordered=False)
-            matched = res.matched_count + res.inserted_count
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            other = [e for e in errors if e.get("code") != 11000]
-            if other:
-                raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
-            failed_idx = {e["index"] for e in errors}
-            matched = exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0)
+        matched = 0
+        for start in range(0, len(ops), PROFILE_WRITE_BATCH):
+            n, failed = self._bulk(ops[start:start + PROFILE_WRITE_BATCH])
+            matched += n
+            failed_idx.update(start + i for i in failed)
         updates = [i for i, w in enumerate(writes) if w.base is not None and i not in failed_idx]
         if matched < len(writes) - len(failed_idx):
             # Some version-filtered updates matched nothing: an unordered bulk does not say which, so look for
@@ -413,6 +429,19 @@ class Store:
                 result.stored[w.user_id] = after[i]
         return result
 
+    def _bulk(self, ops: list[InsertOne | UpdateOne]) -> tuple[int, set[int]]:
+        """One unordered bulk_write: (documents matched or inserted, indexes of the inserts that met a duplicate key).
+        Other write errors raise OperationFailure, connection errors as pymongo raises them."""
+        try:
+            res = self.users.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            other = [e for e in errors if e.get("code") != 11000]
+            if other:
+                raise OperationFailure(f"profile write failed: {other[0].get('errmsg')}", other[0].get("code")) from exc
+            return exc.details.get("nMatched", 0) + exc.details.get("nInserted", 0), {e["index"] for e in errors}
+        return res.matched_count + res.inserted_count, set()
+
     @staticmethod
     def _op(w: ProfileWrite, after: StoredProfile, now: datetime, layout: str) -> InsertOne | UpdateOne:
         p = w.profile
@@ -430,7 +459,7 @@ class Store:
         if w.last_event_id is not None:
             fields.update(last_event_type=w.last_event_type, last_event_id=w.last_event_id)
         if w.base is None:
-            return InsertOne(
+            return InsertOne(encoded(
                 {
                     "_id": after.doc_id,
                     "user_id": w.user_id,
@@ -442,10 +471,10 @@ class Store:
                     "created_at": now,
                     **({"erased_at": w.erased_at} if w.erased_at else {}),
                 }
-            )
+            ))
         inc = {"version": 1, "event_count": sum(w.counts.values())}
         inc.update({f"event_counts.{t}": n for t, n in w.counts.items()})
-        update = {"$set": fields, "$unset": unset, "$inc": inc}
+        update = {"$set": encoded(fields), "$unset": unset, "$inc": inc}
         if w.purchased:
             update["$addToSet"] = {"purchased_product_ids": {"$each": sorted(set(w.purchased))}}
         return UpdateOne({"user_id": w.user_id, "version": w.base.version, "_id": w.base.doc_id}, update)
@@ -537,12 +566,13 @@ class Store:
             missing = sorted(wanted - vectors.keys() - foreign.keys())
             if not missing:
                 break
-            cursor = self.products.find(
+            cursor = self._raw_products.find(
                 {key: {"$in": id_forms(missing)}},
                 {key: 1, "embedding": 1, "model": 1, "dimensions": 1, "_id": 0},
-                batch_size=SCAN_BATCH,
+                batch_size=VECTOR_READ_BATCH,
             )
-            for doc in cursor:
+            for raw in cursor:  # a shop-layout embedding read as the profiles' vector is (load_profiles)
+                doc = decode_with_doubles(bytes(raw.raw), "embedding", dimensions, self.products.codec_options)
                 pid = id_key(doc.get(key))
                 if pid not in wanted or pid in vectors:
                     continue

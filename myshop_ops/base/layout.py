@@ -37,6 +37,7 @@ from bson.binary import Binary, BinaryVectorDtype
 
 from myshop_ops.base.contract import EVENT_TYPES
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, from_days, to_days
+from myshop_ops.base.rawbson import double_array
 
 LAYOUTS = ("shop", "compact")
 SHOP_VECTOR, COMPACT_VECTOR = "vector", "embedding"
@@ -69,8 +70,9 @@ def encode_vector(vec: np.ndarray) -> Binary:
 
 def decode_vector(value: object) -> np.ndarray:
     """A stored vector as a 1-d float32 array: a BSON float32 vector (Binary subtype 9), raw little-endian float32
-    bytes (Binary subtype 0) or an array of numbers. ForeignVector (what it is instead, never its content) for
-    anything else; never another exception, whatever the value."""
+    bytes (Binary subtype 0), an array of numbers, or such an array's doubles read raw (a float64 ndarray from
+    rawbson.read_double_array). ForeignVector (what it is instead, never its content) for anything else; never
+    another exception, whatever the value."""
     if isinstance(value, Binary):  # subtype 0 is decoded to bytes: every Binary here has another subtype
         if value.subtype != 9:
             raise ForeignVector(f"a BSON binary of subtype {value.subtype}, not a vector")
@@ -82,16 +84,23 @@ def decode_vector(value: object) -> np.ndarray:
         if len(value) % 4:
             raise ForeignVector("raw bytes that are not whole float32 numbers")
         return np.frombuffer(value, "<f4").copy()
-    if not isinstance(value, list):
+    if isinstance(value, np.ndarray) and value.dtype == np.float64:
+        array = value
+    elif not isinstance(value, list):
         raise ForeignVector(value_kind(value) if value is None else f"a {type(value).__name__}, not an array")
-    try:
-        array = np.array(value)  # a list of numbers is a float or integer array; anything else is not
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        raise ForeignVector("an array of arrays or mixed values, not of numbers") from None
+    else:
+        array = _number_array(value)
     if array.ndim != 1 or array.dtype.kind not in "fiu":
         raise ForeignVector("an array of arrays or mixed values, not of numbers")
     with np.errstate(over="ignore"):  # a number past float32's range becomes inf: refused as non-finite
         return array.astype(np.float32)
+
+
+def _number_array(value: list) -> np.ndarray:
+    try:
+        return np.array(value)  # a list of numbers is a float or integer array; anything else is not
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise ForeignVector("an array of arrays or mixed values, not of numbers") from None
 
 
 def vector_value(vec: np.ndarray, layout: str) -> Binary | list[float]:
@@ -254,13 +263,14 @@ def read_profile(doc: dict, model: str, dimensions: int, now: datetime | None = 
 
 
 def profile_fields(p: Profile, layout: str, version: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """($set, $unset) for a profile's vector state in ``layout``; the other layout's vector fields go away."""
+    """($set, $unset) for a profile's vector state in ``layout``; the other layout's vector fields go away. The
+    shop layout's ``vector`` is a DoubleArray: encode the fields with ``rawbson.raw_document``."""
     fields: dict[str, Any] = {"magnitude": p.magnitude, "model": p.model, "dimensions": p.dimensions,
                               "myshop_version": version}
     if layout == "compact":
         fields[COMPACT_VECTOR] = encode_vector(p.embedding)
         return fields, {SHOP_VECTOR: "", "dimension_count": ""}
-    fields[SHOP_VECTOR] = vector_value(p.embedding, layout)
+    fields[SHOP_VECTOR] = double_array(p.embedding)  # the array's bytes: rawbson.raw_document writes them
     fields["dimension_count"] = p.dimensions
     return fields, {COMPACT_VECTOR: ""}
 

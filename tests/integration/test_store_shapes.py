@@ -10,6 +10,7 @@ import numpy as np
 import pika
 import pytest
 from bson.binary import Binary
+from bson.int64 import Int64
 
 from myshop_ops.adapters.management import for_connection
 from myshop_ops.adapters.store import Store
@@ -32,6 +33,12 @@ HOSTILE = {  # name: the document's fields besides user_id (each breaks one thin
     "vector-nan": {"vector": [float("nan")] * DIMS, "last_updated": T0, "version": 1},
     "vector-zero": {"vector": [0.0] * DIMS, "last_updated": T0, "version": 1},
     "vector-short": {"vector": GOOD[:8], "last_updated": T0, "version": 1},
+    # arrays of the configured length that are not all doubles, or not all finite: the raw read's fast path
+    # (rawbson.py) must hand them to the plain decoder, which refuses them
+    "vector-mixed": {"vector": [*GOOD[1:], "x"], "last_updated": T0, "version": 1},
+    "vector-one-nan": {"vector": [*GOOD[1:], float("nan")], "last_updated": T0, "version": 1},
+    "vector-int64-huge": {"vector": [Int64(2**60)] * DIMS, "last_updated": T0, "version": 1},
+    "vector-ints-long": {"vector": [1] * (DIMS + 1), "last_updated": T0, "version": 1},
     "vector-dict": {"vector": {"a": 1}, "last_updated": T0, "version": 1},
     "embedding-garbage": {"embedding": Binary(b"\x27\x00\x01", 9), "magnitude": 1.0, "last_updated": T0,
                           "version": 1},
@@ -68,10 +75,15 @@ def test_hostile_profiles_fail_their_messages_with_a_reason_and_the_worker_goes_
     assert set(reasons) == set(HOSTILE)
     for user, (cls, message) in reasons.items():
         assert message.startswith(f"the profile of user {user} cannot be folded into: it"), message
-        assert cls == ("VectorSpaceMismatch" if user in ("vector-short", "other-model") else "UnreadableProfile")
+        mismatch = ("vector-short", "vector-ints-long", "other-model")
+        assert cls == ("VectorSpaceMismatch" if user in mismatch else "UnreadableProfile")
     assert "untagged 8d vector, expected hash-v1/64d" in reasons["vector-short"][1]
     assert "version is a str" in reasons["version-string"][1]
     assert "neither a vector nor an embedding" in reasons["no-vector"][1]
+    assert "mixed values, not of numbers" in reasons["vector-mixed"][1]
+    assert "a NaN or infinite element" in reasons["vector-one-nan"][1]
+    assert "outside 1e-06..1e+06" in reasons["vector-int64-huge"][1]
+    assert "untagged 65d vector" in reasons["vector-ints-long"][1]
     for user in HOSTILE:  # untouched
         assert store.users.find_one({"user_id": user}, {"_id": 0, "version": 1}) == (
             {} if user == "no-version" else {"version": HOSTILE[user]["version"]})
@@ -192,4 +204,36 @@ def test_setup_indexes_names_an_index_the_data_refuses_and_creates_the_others(en
     assert store.missing_indexes() == [("product_embeddings", "product_id_unique")]
     store.products.delete_many({"name": "b[/red]"})
     assert run_cli("setup-indexes", env=env.subprocess_env()).returncode == 0 and store.missing_indexes() == []
+    store.close()
+
+
+def test_profile_writes_in_several_bulks_keep_each_writes_outcome(env, monkeypatch):
+    """write_profiles splits its writes into bulks (small ones for the single-threaded test server): a conflict or
+    a duplicate insert in a later bulk is reported for its own user, every other write lands."""
+    import myshop_ops.adapters.store as store_module
+    from myshop_ops.adapters.store import ProfileWrite
+    from myshop_ops.base.profile import Profile
+
+    monkeypatch.setattr(store_module, "PROFILE_WRITE_BATCH", 3)
+    s = env.settings()
+    store = Store(s.mongodb_url, s.mongodb_db)
+    store.setup_indexes()
+    vec = np.full(DIMS, 1 / np.sqrt(DIMS), np.float32)
+
+    def write(user: str, base, n: int) -> ProfileWrite:
+        return ProfileWrite(user, Profile(vec, 1.0 + n, 20_000.0 + n, s.model, DIMS), base,
+                            [f"{n:064x}"], {"search": 1}, "search", f"{n:064x}")
+
+    users = [f"bulk-{i}" for i in range(7)]
+    assert store.write_profiles([write(u, None, 1) for u in users]).applied == users
+    loaded, _ = store.load_profiles(users, s.model, DIMS)
+    stale = store_module.StoredProfile(**{**{f: getattr(loaded[users[5]], f) for f in
+                                             loaded[users[5]].__slots__}, "version": 0})
+    writes = [write(u, loaded[u], 2) for u in users[:5]] + [write(users[5], stale, 2), write(users[6], None, 2),
+                                                             write("bulk-new", None, 2)]
+    result = store.write_profiles(writes)
+    assert result.conflicted == [users[5], users[6]]
+    assert result.applied == [*users[:5], "bulk-new"]
+    versions = {d["user_id"]: d["version"] for d in store.users.find({}, {"user_id": 1, "version": 1})}
+    assert versions == {**dict.fromkeys(users[:5], 2), users[5]: 1, users[6]: 1, "bulk-new": 1}
     store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+import bson
 import numpy as np
 import pytest
 from bson.binary import Binary
@@ -26,6 +27,7 @@ from myshop_ops.base.layout import (
     read_profile,
 )
 from myshop_ops.base.profile import Profile, VectorSpaceMismatch, to_days
+from myshop_ops.base.rawbson import raw_document
 
 T = datetime(2026, 11, 1, 12, 0, 7, tzinfo=UTC)
 V = np.array([3.0, 4.0, 0.0, 0.0])
@@ -46,6 +48,7 @@ def test_a_shop_profile_is_a_prior_of_weight_one_at_its_last_updated():
 
 def test_magnitude_is_trusted_only_with_the_vector_it_was_written_with():
     fields, unset = profile_fields(Profile(np.float32(V / 5), 2.5, to_days(T), "m", 4), "shop", 3)
+    fields = bson.decode(raw_document(fields).raw)  # as stored
     assert unset == {"embedding": ""} and fields["dimension_count"] == 4
     assert fields["vector"] == [float(np.float32(0.6)), float(np.float32(0.8)), 0.0, 0.0]  # the float32 state
     ours = {"user_id": "u", **fields, "last_updated": T, "version": 3}
