@@ -14,7 +14,7 @@ from myshop_ops.base.layout import decode_vector, encode_vector, vector_value
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.worker import Worker
 from tests.support.events import T0, mixed_events, publish, seed_products
-from tests.support.services import run_cli
+from tests.support.services import run_cli, wait_for
 from tests.support.workers import wait_queue
 
 pytestmark = pytest.mark.integration
@@ -105,8 +105,16 @@ def test_verify_reports_messages_in_flight_as_pending_not_lost(env, topology, wo
     assert {p["status"] for p in report["problems"]} == {"pending"}
     table = run_cli("verify", "--events", str(path), "--wait", "0", env=env.subprocess_env())
     assert "NOT SETTLED" in table.stdout and "8 message(s) still queued or unacked" in " ".join(table.stdout.split())
-    workers.start(env.subprocess_env(), "--time-limit", "60")  # a consumer drains the rest while verify waits
+    workers.start(env.subprocess_env(), "--time-limit", "60")  # a consumer drains the rest
     wait_queue(s, topology.queue, consumers=1)
+    # once every event is in its profile, nothing is in flight and verify is OK; the unacked count verify reads is
+    # the management API's sample (seconds old), so verify itself cannot be the one to wait for the last batch
+    store = Store(s.mongodb_url, s.mongodb_db)
+    try:
+        wait_for(lambda: sum(d.get("event_count", 0) for d in store.profile_progress(users)) == len(events),
+                 timeout=60, what="the consumer to apply the 8 queued events")
+    finally:
+        store.close()
     report, code = run_verify(env, path)
     assert code == 0 and report["ok"] is True and report["in_flight"] == 0 and report["users_ok"] == 2
 
