@@ -88,8 +88,8 @@ def test_verify_bad_file_is_one_line(env, topology, tmp_path):
 
 
 def test_verify_reports_messages_in_flight_as_pending_not_lost(env, topology, workers, tmp_path):
-    """Right after a worker kill the queue still holds events: verify says so instead of reporting a loss, and
-    waits (bounded) for them while a consumer drains the queue."""
+    """Right after a worker stopped the queue still holds events: verify says so (pending, not lost); once a consumer
+    has applied them, verify is OK."""
     s = env.settings()
     seed_products(s, ["p0", "p1"])
     users = [f"{env['MONGODB_DB']}-f{i}" for i in range(2)]
