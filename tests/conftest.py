@@ -11,8 +11,11 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_lib
 
+from myshop_ops.adapters import broker
 from myshop_ops.adapters.broker import Topology
 from myshop_ops.adapters.config import Settings, load_settings
+from myshop_ops.adapters.store import Store
+from myshop_ops.tools.failed_queue import FailedBox
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.services import DIMS, RABBIT, ROOT, MongoWire, forget_keys, redis_url
 from tests.support.workers import Workers, prepare, remove_topology
@@ -100,3 +103,14 @@ def redis_client() -> Iterator[redis_lib.Redis]:
     client = redis_lib.Redis.from_url(REDIS)
     yield client
     client.close()
+
+
+@pytest.fixture
+def failed_box(env, topology) -> Iterator[FailedBox]:
+    """The failed-queue tools (`failed show/retry/remove`) on this test's queues and database."""
+    s = env.settings()
+    conn = broker.connect(s.rabbitmq_dsn)
+    store = Store(s.mongodb_url, s.mongodb_db)
+    yield FailedBox(conn, store, topology)
+    conn.close()
+    store.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import bson
@@ -64,11 +63,11 @@ def hostile_record(i: int) -> st.SearchStrategy[dict]:
     return changes.map(lambda c: {k: v for k, v in {**record(f"bad{i}"), **c}.items() if v is not _DROP})
 
 
-def queue_message(box: FailedBox, key: str) -> None:
+def queue_message(failed_box: FailedBox, key: str) -> None:
     """A failed copy of message ``m-KEY`` in the failed queue, failure id ``fid(KEY)``."""
-    ch = box.connection.channel()
+    ch = failed_box.connection.channel()
     ch.confirm_delivery()
-    ch.basic_publish("", box.topo.failed_queue, json.dumps({"user_id": "u1", "n": key}).encode(),
+    ch.basic_publish("", failed_box.topo.failed_queue, json.dumps({"user_id": "u1", "n": key}).encode(),
                      pika.BasicProperties(message_id=f"m-{key}", headers={"x-failure-id": fid(key)}))
     ch.close()
 
@@ -79,35 +78,25 @@ def insert(store: Store, docs: list[dict]) -> None:
             store.failed.insert_one(doc)
 
 
-def empty(box: FailedBox) -> None:
-    for queue in (box.topo.queue, box.topo.failed_queue):
-        broker.purge(box.connection, queue)
-    box.store.delete_failures()
+def empty(failed_box: FailedBox) -> None:
+    for queue in (failed_box.topo.queue, failed_box.topo.failed_queue):
+        broker.purge(failed_box.connection, queue)
+    failed_box.store.delete_failures()
 
 
-@pytest.fixture
-def box(env, topology) -> Iterator[FailedBox]:
-    s = env.settings()
-    conn = broker.connect(s.rabbitmq_dsn)
-    store = Store(s.mongodb_url, s.mongodb_db)
-    yield FailedBox(conn, store, topology)
-    conn.close()
-    store.close()
-
-
-def show_all(box: FailedBox, capsys) -> str:
+def show_all(failed_box: FailedBox, capsys) -> str:
     """Everything `failed show` prints, every way, for the current records (the functions the command calls)."""
-    drift = box.check()
-    records = box.records(limit=100)
+    drift = failed_box.check()
+    records = failed_box.records(limit=100)
     for as_json in (False, True):
         failed_cli._show_list(records, drift, as_json)
-        failed_cli._show_stats(box.stats(), drift, as_json)
-    failed_cli._show_list(box.records(text="a", limit=100), drift, False)
-    failed_cli._show_list(box.records(since=timedelta(hours=1), limit=100), drift, True)
+        failed_cli._show_stats(failed_box.stats(), drift, as_json)
+    failed_cli._show_list(failed_box.records(text="a", limit=100), drift, False)
+    failed_cli._show_list(failed_box.records(since=timedelta(hours=1), limit=100), drift, True)
     for r in records:
         failed_cli._print_one(r)
         if r.key is not None:
-            failed_cli._show_one(box.matching(r.key), r.key, True)
+            failed_cli._show_one(failed_box.matching(r.key), r.key, True)
     return capsys.readouterr().out
 
 
@@ -120,7 +109,7 @@ def cli(env, *args: str):
 # ---- generated records ------------------------------------------------------------------------------------
 
 
-def test_property_any_failed_record_fails_only_itself(env, box, capsys):
+def test_property_any_failed_record_fails_only_itself(env, failed_box, capsys):
     """Generated records beside a good one whose message is in the failed queue, in the real store: every way of
     showing them works, each is read or unreadable with a reason, the good one is read; removing a bad one by its
     key and retrying the good one by its failure id work."""
@@ -131,20 +120,20 @@ def test_property_any_failed_record_fails_only_itself(env, box, capsys):
     @given(st.lists(st.integers(0, 2), min_size=1, max_size=3, unique=True).flatmap(
         lambda ids: st.tuples(*(hostile_record(i) for i in ids))))
     def check(docs: tuple[dict, ...]) -> None:
-        empty(box)
-        queue_message(box, "good")
-        insert(box.store, [record("good"), *docs])
-        show_all(box, capsys)
-        records = box.records(limit=100)
+        empty(failed_box)
+        queue_message(failed_box, "good")
+        insert(failed_box.store, [record("good"), *docs])
+        show_all(failed_box, capsys)
+        records = failed_box.records(limit=100)
         assert all(isinstance(r, FailedRecord | UnreadableRecord) for r in records)
         assert all(r.reason for r in records if isinstance(r, UnreadableRecord))
         assert [r.key for r in records if isinstance(r, FailedRecord) and r.key == GOOD] == [GOOD]
-        assert sum(n for _, n in box.stats()) == box.store.count_failures()
+        assert sum(n for _, n in failed_box.stats()) == failed_box.store.count_failures()
         assert all(isinstance(m, str) and (u is None or isinstance(u, str))
                    for m, u in owners.failure_owners(["m-good", "m-bad0", "m-bad1", "m-bad2"]))
-        box.remove([r.key for r in records if r.key not in (None, GOOD, "m-good")][:1])
-        assert box.retry([GOOD]).done == [GOOD]
-        assert broker.queue_depth(box.connection, box.topo.queue)[0] == 1
+        failed_box.remove([r.key for r in records if r.key not in (None, GOOD, "m-good")][:1])
+        assert failed_box.retry([GOOD]).done == [GOOD]
+        assert broker.queue_depth(failed_box.connection, failed_box.topo.queue)[0] == 1
 
     try:
         check()
@@ -189,11 +178,11 @@ NO_KEY = ("message_id_a_number", "failure_id_an_array", "nothing_but_an_error_cl
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_failed_show_lists_a_hostile_record_beside_good_ones(env, box, name):
+def test_failed_show_lists_a_hostile_record_beside_good_ones(env, failed_box, name):
     """`failed show` (table, --json) over a hostile record and a good one: exit 0, no traceback; the hostile one is
     listed as unreadable with its key (None: its ids are not text), the good one as it is."""
-    queue_message(box, "good")
-    insert(box.store, [record("good"), HOSTILE[name]])
+    queue_message(failed_box, "good")
+    insert(failed_box.store, [record("good"), HOSTILE[name]])
     table = cli(env, "failed", "show")
     assert table.returncode == 0 and GOOD in table.stdout and "provider said no" in table.stdout
     assert "unreadable record" in table.stdout
@@ -203,11 +192,11 @@ def test_failed_show_lists_a_hostile_record_beside_good_ones(env, box, name):
                                                                   if name not in NO_KEY else None]
 
 
-def test_a_record_whose_error_message_is_a_document_is_shown_unreadable_and_its_message_retried(env, box):
+def test_a_record_whose_error_message_is_a_document_is_shown_unreadable_and_its_message_retried(env, failed_box):
     """`failed show EVIL` (full, --json), --stats, --filter/--since list it as unreadable with why; `failed retry
     EVIL` republishes the queue message and removes the record."""
-    queue_message(box, "evil")
-    insert(box.store, [record("evil", error_message={"text": "[bold]x"})])
+    queue_message(failed_box, "evil")
+    insert(failed_box.store, [record("evil", error_message={"text": "[bold]x"})])
     one = cli(env, "failed", "show", EVIL)
     assert one.returncode == 0 and EVIL in one.stdout and "unreadable record" in one.stdout
     assert "error_message is dict, not text" in one.stdout
@@ -218,21 +207,22 @@ def test_a_record_whose_error_message_is_a_document_is_shown_unreadable_and_its_
     assert listed.returncode == 0 and EVIL in listed.stdout and "unreadable record" in listed.stdout
     retried = cli(env, "failed", "retry", EVIL, "--force")  # the queue message, whatever its record holds
     assert retried.returncode == 0 and "retried 1 message(s)" in retried.stdout
-    assert box.store.count_failures() == 0 and broker.queue_depth(box.connection, box.topo.queue)[0] == 1
+    assert failed_box.store.count_failures() == 0
+    assert broker.queue_depth(failed_box.connection, failed_box.topo.queue)[0] == 1
 
 
-def test_remove_by_id_deletes_an_orphan_record_whose_failure_id_is_not_text(env, box):
+def test_remove_by_id_deletes_an_orphan_record_whose_failure_id_is_not_text(env, failed_box):
     """A record named by its message id whose failure id is a number (no message left in the queue): removed."""
-    insert(box.store, [record("evil", failure_id=Int64(7))])
+    insert(failed_box.store, [record("evil", failure_id=Int64(7))])
     done = cli(env, "failed", "remove", "m-evil", "--force")
     assert done.returncode == 0 and "removed 1 message(s)" in done.stdout, done.stdout
-    assert box.store.count_failures() == 0
+    assert failed_box.store.count_failures() == 0
 
 
-def test_failure_owners_leaves_out_a_record_whose_message_id_is_an_array(env, box):
+def test_failure_owners_leaves_out_a_record_whose_message_id_is_an_array(env, failed_box):
     """`verify` marks events in failed by (message id, user): an array holding the id matches ``$in`` too."""
-    insert(box.store, [record("a", message_id=["m-a", 1], user_id={"x": 1}), record("b", user_id=5)])
-    assert sorted(box.store.failure_owners(["m-a", "m-b"])) == [("m-b", None)]
+    insert(failed_box.store, [record("a", message_id=["m-a", 1], user_id={"x": 1}), record("b", user_id=5)])
+    assert sorted(failed_box.store.failure_owners(["m-a", "m-b"])) == [("m-b", None)]
 
 
 # ---- erasure records --------------------------------------------------------------------------------------

@@ -185,43 +185,13 @@ def test_corrupt_product_vector_fails_the_message_not_the_worker(env, topology, 
     assert_profiles(s, expected_profiles(s, events[1:], good), {"c-user": 1})
 
 
-def test_concurrent_workers_lose_no_update(env, topology, workers):
-    """Three worker processes, all consuming, on the same few users: every event applied exactly once."""
+def _three_workers_apply(env, topology, workers, events, users, prefetch: str) -> tuple[list, list[int], bool]:
+    """Start three `myshop consume` processes (all ready before anything is published: two could drain it alone
+    while the third starts, and then die of SIGTERM before its handler is installed, the rc -15 one test flaked on),
+    publish ``events``, wait until the users' profiles count them all, stop the workers: (processes, exit codes,
+    whether everything was applied)."""
     s = env.settings()
-    users = ["hot-1", "hot-2"]
-    products = seed_products(s, [f"p{i}" for i in range(5)])
-    events = mixed_events(users, list(products), per_user=60)
-    procs = [workers.start(env.subprocess_env(), "--prefetch", "5", "--time-limit", "120") for _ in range(3)]
-    for p in procs:  # all three compete (two could drain it alone while the third starts, and then die of SIGTERM
-        p.wait_ready()  # before its handler is installed: the rc -15 this test flaked on)
-    publish(s, topology, events)
-    store = Store(s.mongodb_url, s.mongodb_db)
-
-    def all_applied():
-        docs = list(store.users.find({}, {"event_count": 1}))
-        return len(docs) == 2 and sum(d["event_count"] for d in docs) == len(events)
-
-    try:
-        applied = wait_for(all_applied, timeout=90, what="all events applied", fail=False)
-    finally:
-        for p in procs:
-            p.signal()
-        codes = [p.wait(30) for p in procs]
-    state = list(store.users.find({}, {"user_id": 1, "event_count": 1, "version": 1, "_id": 0}))
-    assert applied, f"{state}\n" + "\n---\n".join(p.describe() for p in procs)
-    assert codes == [0, 0, 0], "\n---\n".join(p.describe() for p in procs)
-    assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
-
-
-def test_three_workers_on_the_same_users_claim_them_and_never_conflict(env, topology, workers):
-    """Three worker processes on the same users, every batch holding most of them: each worker claims its batch's
-    users in Redis, keeps the deliveries of users another worker holds for a later batch: no version conflict, no
-    retry through a delay queue, every event applied once."""
-    s = env.settings()
-    users = [f"claim-{i}" for i in range(8)]
-    products = seed_products(s, [f"p{i}" for i in range(5)])
-    events = mixed_events(users, list(products), per_user=25)
-    procs = [workers.start(env.subprocess_env(), "--prefetch", "20", "--time-limit", "120") for _ in range(3)]
+    procs = [workers.start(env.subprocess_env(), "--prefetch", prefetch, "--time-limit", "120") for _ in range(3)]
     for p in procs:
         p.wait_ready()
     publish(s, topology, events)
@@ -237,6 +207,32 @@ def test_three_workers_on_the_same_users_claim_them_and_never_conflict(env, topo
         for p in procs:
             p.signal()
         codes = [p.wait(30) for p in procs]
+        store.close()
+    return procs, codes, applied
+
+
+def test_concurrent_workers_lose_no_update(env, topology, workers):
+    """Three worker processes, all consuming, on the same few users: every event applied exactly once."""
+    s = env.settings()
+    users = ["hot-1", "hot-2"]
+    products = seed_products(s, [f"p{i}" for i in range(5)])
+    events = mixed_events(users, list(products), per_user=60)
+    procs, codes, applied = _three_workers_apply(env, topology, workers, events, users, "5")
+    described = "\n---\n".join(p.describe() for p in procs)
+    assert applied, described
+    assert codes == [0, 0, 0], described
+    assert_profiles(s, expected_profiles(s, events, products), {u: 60 for u in users})
+
+
+def test_three_workers_on_the_same_users_claim_them_and_never_conflict(env, topology, workers):
+    """Three worker processes on the same users, every batch holding most of them: each worker claims its batch's
+    users in Redis, keeps the deliveries of users another worker holds for a later batch: no version conflict, no
+    retry through a delay queue, every event applied once."""
+    s = env.settings()
+    users = [f"claim-{i}" for i in range(8)]
+    products = seed_products(s, [f"p{i}" for i in range(5)])
+    events = mixed_events(users, list(products), per_user=25)
+    procs, codes, applied = _three_workers_apply(env, topology, workers, events, users, "20")
     described = "\n---\n".join(p.describe() for p in procs)
     assert applied and codes == [0, 0, 0], described
     summaries = [p.summary() for p in procs]

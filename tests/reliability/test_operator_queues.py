@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pika
@@ -158,28 +157,18 @@ _SLOW = settings(max_examples=15, deadline=None, derandomize=True, database=None
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture
-def box(env, topology) -> Iterator[FailedBox]:
-    s = env.settings()
-    conn = broker.connect(s.rabbitmq_dsn)
-    store = Store(s.mongodb_url, s.mongodb_db)
-    yield FailedBox(conn, store, topology)
-    conn.close()
-    store.close()
+def empty(failed_box: FailedBox) -> None:
+    for queue in (failed_box.topo.queue, failed_box.topo.failed_queue, failed_box.topo.unrouted):
+        broker.purge(failed_box.connection, queue)
+    failed_box.store.delete_failures()
 
 
-def empty(box: FailedBox) -> None:
-    for queue in (box.topo.queue, box.topo.failed_queue, box.topo.unrouted):
-        broker.purge(box.connection, queue)
-    box.store.delete_failures()
-
-
-def render(records: list[dict], box: FailedBox, capsys) -> None:
+def render(records: list[dict], failed_box: FailedBox, capsys) -> None:
     """What `failed show` prints of these records (table, JSON, each in full): no traceback, no raw control."""
-    drift = box.check()
+    drift = failed_box.check()
     failed_cli._show_list(records, drift, False)
     failed_cli._show_list(records, drift, True)
-    failed_cli._show_stats(box.stats(), drift, False)
+    failed_cli._show_stats(failed_box.stats(), drift, False)
     for rec in records:
         failed_cli._print_one(rec)
     out = capsys.readouterr()
@@ -188,50 +177,50 @@ def render(records: list[dict], box: FailedBox, capsys) -> None:
 
 @_SLOW
 @given(queue_contents, st.data())
-def test_property_failed_tools_take_any_queue_contents(env, box, capsys, contents_, data):
+def test_property_failed_tools_take_any_queue_contents(env, failed_box, capsys, contents_, data):
     """Any messages in `failed`: check records each one without a record once (a second check finds no drift),
     every record can be shown, remove and retry act on exactly the messages named (by key or message id)."""
     s = env.settings()
-    empty(box)
-    send(s, "", box.topo.failed_queue, contents_)
-    queued = [QueuedMessage.read(p, b) for p, b in contents(s, box.topo.failed_queue)]
+    empty(failed_box)
+    send(s, "", failed_box.topo.failed_queue, contents_)
+    queued = [QueuedMessage.read(p, b) for p, b in contents(s, failed_box.topo.failed_queue)]
     assert len(queued) == len(contents_)
-    first = box.check()
+    first = failed_box.check()
     assert first.queue_count == len(queued) and sorted(first.recorded_from_queue) == sorted({m.key for m in queued})
-    again = box.check()
+    again = failed_box.check()
     assert again.consistent and again.record_count == len({m.key for m in queued})
-    render(box.records(limit=100), box, capsys)
+    render(failed_box.records(limit=100), failed_box, capsys)
     for m in queued:
-        assert box.matching(m.key), m
+        assert failed_box.matching(m.key), m
     keys = sorted({m.key for m in queued})
     gone = set(data.draw(st.lists(st.sampled_from(keys), max_size=2, unique=True)))
     retried = set(data.draw(st.lists(st.sampled_from(keys), max_size=2, unique=True))) - gone
     named = lambda ids: [m for m in queued if m.chosen(ids)]  # noqa: E731
-    assert sorted(box.remove(gone).done) == sorted(m.key for m in named(gone))
-    out = box.retry(retried)
+    assert sorted(failed_box.remove(gone).done) == sorted(m.key for m in named(gone))
+    out = failed_box.retry(retried)
     left = [m for m in queued if not m.chosen(gone) and not m.chosen(retried)]
     moved = [m for m in named(retried) if not m.chosen(gone)]
     assert sorted(out.done) == sorted(m.key for m in moved) and out.missing == []
-    assert Counter(b for _, b in contents(s, box.topo.queue)) == Counter(m.body for m in moved)
-    assert Counter(b for _, b in contents(s, box.topo.failed_queue)) == Counter(m.body for m in left)
-    assert box.check().consistent
+    assert Counter(b for _, b in contents(s, failed_box.topo.queue)) == Counter(m.body for m in moved)
+    assert Counter(b for _, b in contents(s, failed_box.topo.failed_queue)) == Counter(m.body for m in left)
+    assert failed_box.check().consistent
 
 
 @settings(_SLOW, max_examples=25)
 @given(queue_contents)
-def test_property_unrouted_tools_take_any_queue_contents(env, box, contents_):
+def test_property_unrouted_tools_take_any_queue_contents(env, failed_box, contents_):
     """Any messages caught by the alternate exchange: peek lists each as text without consuming it, republish moves
     every one to the main queue with its body."""
     s = env.settings()
-    empty(box)
-    send(s, box.topo.exchange, "no.binding.matches", contents_)
-    conn = box.connection
-    wait_for(lambda: broker.queue_depth(conn, box.topo.unrouted)[0] == len(contents_), timeout=10)
-    total, listed = unrouted.peek(conn, box.topo, 10)
+    empty(failed_box)
+    send(s, failed_box.topo.exchange, "no.binding.matches", contents_)
+    conn = failed_box.connection
+    wait_for(lambda: broker.queue_depth(conn, failed_box.topo.unrouted)[0] == len(contents_), timeout=10)
+    total, listed = unrouted.peek(conn, failed_box.topo, 10)
     assert total == len(contents_) and len(listed) == total
     for m in listed:
         assert isinstance(m.routing_key, str) and all(v is None or isinstance(v, str) for v in (
             m.message_id, m.user_id, m.event_type)) and isinstance(m.body, str)
-    assert broker.queue_depth(conn, box.topo.unrouted)[0] == total  # nothing consumed
-    assert unrouted.republish(conn, box.topo) == total
-    assert Counter(b for _, b in contents(s, box.topo.queue)) == Counter(b for b, _ in contents_)
+    assert broker.queue_depth(conn, failed_box.topo.unrouted)[0] == total  # nothing consumed
+    assert unrouted.republish(conn, failed_box.topo) == total
+    assert Counter(b for _, b in contents(s, failed_box.topo.queue)) == Counter(b for b, _ in contents_)
