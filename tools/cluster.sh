@@ -18,7 +18,9 @@
 #   tools/cluster.sh queues N ARGS...   rabbitmq-queues against node N (e.g. queues 2 check_if_node_is_quorum_critical)
 #   tools/cluster.sh dsn                the comma-separated RABBITMQ_DSN of the three nodes
 #
-# Settings: RMQT_BASE (default /tmp/myshop-rmq-cluster), RMQT_MGMT=1 (default) enables the management plugin on
+# Settings: RMQT_BASE (default /tmp/myshop-rmq-cluster); RMQT_PORT (default 5680) and RMQT_NAME (default rabbit-t)
+# run a second cluster beside the first (e.g. RMQT_PORT=5690 RMQT_NAME=rabbit-u RMQT_BASE=/tmp/c2); RMQT_MGMT=1
+# (default) enables the management plugin on
 # 15681-15683 (policies, queue members and leader for `stats`/`preflight`), RMQT_MGMT=0 leaves it out (~10 s less).
 set -euo pipefail
 
@@ -28,10 +30,12 @@ SB=/usr/lib/rabbitmq/bin   # not /usr/sbin/*: that wrapper su's to rabbitmq and 
 NODES=(1 2 3)
 BOOT_TIMEOUT=${RMQT_BOOT_TIMEOUT:-120}
 
-amqp_port() { echo $((5680 + $1)); }
-dist_port() { echo $((25680 + $1)); }
-mgmt_port() { echo $((15680 + $1)); }
-node() { echo "rabbit-t$1@localhost"; }
+PORT=${RMQT_PORT:-5680}     # node i listens on PORT+i (AMQP), PORT+20000+i (dist), PORT+10000+i (management)
+NAME=${RMQT_NAME:-rabbit-t}  # node i is NAME<i>@localhost
+amqp_port() { echo $((PORT + $1)); }
+dist_port() { echo $((PORT + 20000 + $1)); }
+mgmt_port() { echo $((PORT + 10000 + $1)); }
+node() { echo "$NAME$1@localhost"; }
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 pid_of() { cat "$B/t$1/pid" 2>/dev/null || true; }

@@ -20,16 +20,18 @@ from tests.support.workers import Workers
 
 SCRIPT = ROOT / "tools" / "cluster.sh"
 BASE = Path(os.environ.get("RMQT_BASE", "/tmp/myshop-rmq-cluster"))
+PORT = int(os.environ.get("RMQT_PORT", "5680"))  # node i on PORT+i; RMQT_PORT/RMQT_NAME/RMQT_BASE: a second cluster
+NAME = os.environ.get("RMQT_NAME", "rabbit-t")
 NODES = (1, 2, 3)
-DSN = ",".join(f"amqp://guest:guest@127.0.0.1:{5680 + i}/%2f" for i in NODES)
+DSN = ",".join(f"amqp://guest:guest@127.0.0.1:{PORT + i}/%2f" for i in NODES)
 
 
 def node_name(i: int) -> str:
-    return f"rabbit-t{i}@localhost"
+    return f"{NAME}{i}@localhost"
 
 
 def node_index(name: str) -> int:
-    return int(name.split("@")[0].removeprefix("rabbit-t"))
+    return int(name.split("@")[0].removeprefix(NAME))
 
 
 class Cluster:
@@ -45,7 +47,7 @@ class Cluster:
         return done.stdout
 
     def management_url(self, i: int = 1) -> str:
-        return f"http://guest:guest@127.0.0.1:{15680 + i}"
+        return f"http://guest:guest@127.0.0.1:{PORT + 10000 + i}"
 
     def up_nodes(self) -> list[int]:
         return [i for i in NODES if f"t{i} up" in self.run("status")]
