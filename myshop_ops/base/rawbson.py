@@ -37,26 +37,22 @@ class DoubleArray:
 @dataclass(frozen=True, slots=True)
 class _Template:
     blank: bytes  # the array with every double 0.0
-    slots: np.ndarray  # indices of the doubles' bytes, element after element
-    # the elements by number of digits of their index, each run of equal-sized elements as a record array:
-    # (first index, end, byte offset, dtype: the type byte, key and 0x00 as "h", the double as "v")
-    runs: tuple[tuple[int, int, int, np.dtype], ...]
+    # the elements by number of digits of their index: each run of equal-sized elements as (first index, end,
+    # byte offset of its first double, element size), so a run's doubles are one strided view of the bytes
+    runs: tuple[tuple[int, int, int, int], ...]
 
 
 @lru_cache(maxsize=8)
 def _template(n: int) -> _Template:
-    body, slots, runs = bytearray(), [], []
+    body, runs = bytearray(), []
     for i in range(n):
         head = b"\x01" + str(i).encode() + b"\x00"
-        if not runs or runs[-1][3]["h"].itemsize != len(head):  # the first index with one more digit
-            runs.append([i, i, 4 + len(body), np.dtype([("h", f"S{len(head)}"), ("v", "<f8")])])
+        if not runs or runs[-1][3] != len(head) + 8:  # the first index with one more digit
+            runs.append([i, i, 4 + len(body) + len(head), len(head) + 8])
         runs[-1][1] = i + 1
-        body += head
-        slots.append(4 + len(body))
-        body += bytes(8)
+        body += head + bytes(8)
     blank = _INT32.pack(4 + len(body) + 1) + bytes(body) + b"\x00"
-    return _Template(blank, (np.asarray(slots, dtype=np.intp)[:, None] + np.arange(8)).ravel(),
-                     tuple((first, end, at, dtype) for first, end, at, dtype in runs))
+    return _Template(blank, tuple((first, end, at, size) for first, end, at, size in runs))
 
 
 def double_array(vec: np.ndarray) -> DoubleArray:
@@ -64,8 +60,8 @@ def double_array(vec: np.ndarray) -> DoubleArray:
     values = np.asarray(vec, dtype="<f8").ravel()
     t = _template(len(values))
     buf = bytearray(t.blank)
-    for first, end, at, dtype in t.runs:  # a strided copy of the doubles into their slots, one per key length
-        np.frombuffer(buf, dtype, count=end - first, offset=at)["v"] = values[first:end]
+    for first, end, at, size in t.runs:  # a strided copy of the doubles into their slots, one per key length
+        np.ndarray((end - first,), "<f8", buf, at, (size,))[:] = values[first:end]
     return DoubleArray(bytes(buf))
 
 
@@ -77,11 +73,13 @@ def read_double_array(data: bytes, n: int) -> np.ndarray | None:
     t = _template(n)
     if len(data) != len(t.blank):
         return None
-    buf = np.frombuffer(data, dtype=np.uint8)
-    values = buf[t.slots]
-    frame = buf.copy()
-    frame[t.slots] = 0
-    if frame.tobytes() != t.blank:  # a type byte, a key, the size or the terminator differs
+    frame = bytearray(data)
+    values = np.empty(n, dtype="<u8")  # the doubles' bits, moved as integers: bit-exact whatever they hold
+    for first, end, at, size in t.runs:
+        run = np.ndarray((end - first,), "<u8", frame, at, (size,))
+        values[first:end] = run
+        run[:] = 0
+    if frame != t.blank:  # a type byte, a key, the size or the terminator differs
         return None
     return values.view("<f8")
 
@@ -89,20 +87,21 @@ def read_double_array(data: bytes, n: int) -> np.ndarray | None:
 def raw_document(doc: Mapping[str, Any]) -> RawBSONDocument:
     """``doc`` as BSON, its DoubleArray values spliced in as arrays: the bytes ``bson.encode`` makes of ``doc`` with
     each DoubleArray replaced by its list of floats. pymongo sends a RawBSONDocument as it is."""
-    out = bytearray(4)  # the size, filled in at the end
+    parts: list[bytes] = [b""]  # the size, once the parts are known
     run: dict[str, Any] = {}
     for key, value in doc.items():
         if isinstance(value, DoubleArray):
-            out += memoryview(bson.encode(run))[4:-1]
-            run = {}
-            out += b"\x04" + key.encode() + b"\x00"
-            out += value.bson
+            if run:
+                parts.append(bson.encode(run)[4:-1])
+                run = {}
+            parts += (b"\x04", key.encode(), b"\x00", value.bson)
         else:
             run[key] = value
-    out += memoryview(bson.encode(run))[4:-1]
-    out += b"\x00"
-    _INT32.pack_into(out, 0, len(out))
-    return RawBSONDocument(bytes(out))
+    if run:
+        parts.append(bson.encode(run)[4:-1])
+    parts.append(b"\x00")
+    parts[0] = _INT32.pack(4 + sum(map(len, parts)))
+    return RawBSONDocument(b"".join(parts))
 
 
 # Size of a top-level value after its key, by BSON type: fixed, or read from an int32 at the value (+ extra bytes).
