@@ -79,6 +79,9 @@ class Topology:
     delivery_limit: int = DELIVERY_LIMIT
     binding_keys: tuple[str, ...] = (SHOP_ROUTING_KEY,)  # what producers publish with (besides the queue's name)
     failed_retention_days: int = 0  # > 0: failed copies expire after this many days (a policy on the failed queue)
+    # on a cluster (several nodes): the delay, failed and unrouted queues are quorum queues too (replicated, so no
+    # node takes the retry and failed paths down with it); on one node they stay classic queues
+    replicated: bool = False
 
     @classmethod
     def from_settings(cls, s: Settings, queue: str | None = None) -> Topology:
@@ -119,10 +122,24 @@ class Topology:
         the queue (Symfony's auto_setup) must pass exactly these."""
         return {"x-queue-type": self.queue_type}
 
+    def queue_arguments(self, name: str) -> dict:
+        """The declare arguments of a queue of the topology: the main queue's, else the quorum type when
+        ``replicated``, else none (a classic queue, as it always was)."""
+        if name == self.queue:
+            return self.main_arguments()
+        return {"x-queue-type": "quorum"} if self.replicated else {}
+
+    def queue_type_of(self, name: str) -> str:
+        return self.queue_arguments(name).get("x-queue-type", "classic")
+
     def policies(self) -> list[Policy]:
+        # a quorum queue dead-letters at most once unless told otherwise: a copy is dropped when its target is
+        # unreachable (a node down); at-least-once needs overflow reject-publish (RabbitMQ 3.10: policy keys)
+        safe = {"dead-letter-strategy": "at-least-once", "overflow": "reject-publish"} if self.replicated else {}
         main = {"dead-letter-exchange": self.failed_exchange, "dead-letter-routing-key": self.failed_queue}
         if self.queue_type == "quorum":
             main["delivery-limit"] = self.delivery_limit
+            main.update(safe)
         policies = [
             Policy(f"myshop.{self.queue}", self.queue, "queues", main),
             Policy(f"myshop.{self.queue}.exchange", self.exchange, "exchanges",
@@ -134,7 +151,7 @@ class Topology:
         for attempt, delay in enumerate(self.retry_delays_ms, start=1):
             policies.append(Policy(f"myshop.{self.retry_queue(attempt)}", self.retry_queue(attempt), "queues",
                                    {"message-ttl": delay, "dead-letter-exchange": self.exchange,
-                                    "dead-letter-routing-key": self.queue}))
+                                    "dead-letter-routing-key": self.queue, **safe}))
         return policies
 
     def queues(self) -> list[str]:

@@ -1,14 +1,19 @@
 """Failed messages: the `failed` queue (the truth) and its `failed_messages` index, kept consistent.
 
 The queue cannot be read by id, so acting on some messages walks it once: every message is
-fetched unacked, the chosen ones are handled (republished with a confirm, then acked) and all
-others are released unacked when the channel closes, which puts them back in their order. No
+fetched unacked and held on one channel (never requeued during the walk, so no message is met
+twice and none is skipped, whatever the queue's type), the chosen ones are handled (republished
+with a confirm, then acked), and all others are released unacked when the channel closes. Nothing
+relies on where they go back: a classic queue restores their order, a quorum queue (on a cluster)
+may not, and counts the release as a delivery (``x-delivery-count``; the failed queue has no
+delivery limit). Messages are told apart by their failure id or message id, never by position. No
 message is ever copied or dropped by a listing.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +43,7 @@ _DROP_ON_RETRY = ("x-death", "x-first-death-exchange", "x-first-death-queue", H_
                   H_FAILURE_ID, H_PUBLISHED_AT)  # a retried message's latency counts from its republication
 _DURATION = re.compile(r"^(\d{1,12})([smhdw])$")
 MAX_DURATION = timedelta(days=36_500)
+RELEASE_WAIT_S = 10.0  # a walk waits this long at most for the messages it released to be ready again
 Record = FailedRecord | UnreadableRecord
 
 
@@ -95,18 +101,24 @@ class FailedBox:
 
     def walk(self, handle: Callable[[QueuedMessage], bool]) -> int:
         """Fetch each message currently in the queue once; ``handle`` returns True to ack it (after doing
-        its work), False to leave it. Returns how many were acked."""
+        its work), False to leave it. Returns how many were acked, once the queue shows the released ones
+        ready again (a quorum queue takes them back some time after the channel's close: a walk right after
+        would count too few and miss some), or after RELEASE_WAIT_S."""
         total = self.queue_count()
         ch = self.connection.channel()
-        acked = 0
+        fetched = acked = 0
         for _ in range(total):
             method, props, body = ch.basic_get(self.topo.failed_queue, auto_ack=False)
             if method is None:
                 break
+            fetched += 1
             if handle(QueuedMessage.read(props, body)):
                 ch.basic_ack(method.delivery_tag)
                 acked += 1
-        ch.close()  # everything not acked goes back to the queue, in order
+        ch.close()  # everything not acked goes back to the queue (in order only on a classic queue)
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while self.queue_count() < fetched - acked and time.monotonic() < deadline:
+            self.connection.sleep(0.05)
         return acked
 
     def check(self) -> Drift:

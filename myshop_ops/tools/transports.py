@@ -15,9 +15,11 @@ refusal by the broker is one line naming the object (``Refused``).
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
@@ -75,13 +77,24 @@ class Step:
 MIGRATE_FIX = "myshop setup-transports --migrate (stop the workers first; see docs/SHOP.md)"
 
 
+# fault injection for the tests: the name of the migration step after which the process kills itself (SIGKILL),
+# as an operator's kill -9 or a lost machine would; unset in production
+KILL_AFTER = "MYSHOP_MIGRATE_KILL_AFTER"
+MIGRATE_STEPS = ("holding-declared", "holding-bound", "unbound", "moved-out", "deleted", "declared", "released",
+                 "moved-back", "done")
+
+
 class Transports:
-    """The topology of one vhost: ``setup`` declares and adopts, ``check`` only looks, ``migrate`` moves."""
+    """The topology of one vhost: ``setup`` declares and adopts, ``check`` only looks, ``migrate`` moves.
+
+    On a cluster (the management API lists several nodes) every queue of the topology is a quorum queue
+    (``Topology.replicated``); on one node the delay, failed and unrouted queues are classic queues."""
 
     def __init__(self, connection: BlockingConnection, api: Management, topo: Topology):
         self.connection = connection
         self.api = api
-        self.topo = topo
+        self.nodes = len(api.nodes())
+        self.topo = replace(topo, replicated=self.nodes > 1)
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -90,7 +103,7 @@ class Transports:
         t = self.topo
         steps = [self._exchange(t.failed_exchange, "direct"), self._exchange(t.exchange, "direct"),
                  self._exchange(t.unrouted, "fanout")]
-        steps += [self._queue(name, arguments) for name, arguments in self._queues()]
+        steps += [self._queue(name) for name in self._queues()]
         for exchange, queue, key in self._bindings():
             self._channel_call(f"binding {exchange} -> {queue}",
                                lambda ch, e=exchange, q=queue, k=key: ch.queue_bind(q, e, routing_key=k))
@@ -106,10 +119,10 @@ class Transports:
                 steps.append(Step("policy", policy.name, "set", _describe(policy.definition)))
         return steps
 
-    def _queues(self) -> list[tuple[str, dict]]:
+    def _queues(self) -> list[str]:
         t = self.topo
-        retries = [(t.retry_queue(i), {}) for i in range(1, len(t.retry_delays_ms) + 1)]
-        return [(t.failed_queue, {}), (t.queue, t.main_arguments()), *retries, (t.unrouted, {})]
+        return [t.failed_queue, t.queue, *(t.retry_queue(i) for i in range(1, len(t.retry_delays_ms) + 1)),
+                t.unrouted]
 
     def _bindings(self) -> list[tuple[str, str, str]]:
         t = self.topo
@@ -129,35 +142,44 @@ class Transports:
                                    "then run `myshop setup-transports` again)") from None
         return Step("exchange", name, "existing" if existed else "created", kind)
 
-    def _queue(self, name: str, arguments: dict) -> Step:
+    def _queue(self, name: str) -> Step:
         if not self._exists("queue", name):
+            arguments = self.topo.queue_arguments(name)
             self._channel_call(f"queue '{name}'",
                                lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
-            return Step("queue", name, "created", _describe(arguments))
+            return self._on_one_node(Step("queue", name, "created", _describe(arguments)))
         return self._adopted(name)
 
-    def _expected(self, name: str) -> dict:
-        """The arguments we declare ``name`` with: the main queue's type, nothing for the others."""
-        return self.topo.main_arguments() if name == self.topo.queue else {}
+    def _on_one_node(self, step: Step) -> Step:
+        """A main queue configured classic on a cluster works, but lives on one node: said, with the fix."""
+        t = self.topo
+        if step.name != t.queue or step.level != "ok" or not t.replicated or t.queue_type == "quorum":
+            return step
+        return replace(step, level="warn", detail=f"{step.detail}; RABBITMQ_QUEUE_TYPE=classic on a cluster of "
+                       f"{self.nodes} nodes: not replicated, unavailable while its node is down",
+                       fix="RABBITMQ_QUEUE_TYPE=quorum, then " + MIGRATE_FIX)
 
     def _adopted(self, name: str) -> Step:
         """What an existing queue is, judged against the configuration (never redeclared). RabbitMQ itself tells
         whether it is durable with our arguments; the management API only describes a difference."""
         t = self.topo
         differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(
-            self.connection, name, self._expected(name)))
+            self.connection, name, t.queue_arguments(name)))
         if differs is None:  # deleted meanwhile
             return Step("queue", name, "missing", level="fail", fix="myshop setup-transports")
         if not differs:
-            return Step("queue", name, "existing", t.queue_type if name == t.queue else "declared as ours")
+            return self._on_one_node(Step("queue", name, "existing", t.queue_type_of(name) if name == t.queue
+                                          or t.replicated else "declared as ours"))
         told = f"RabbitMQ: {differs}"
         info = self.api.queue(name)  # the details RabbitMQ's one difference does not tell
         if info is None:  # in RabbitMQ, not yet in the management API's view
             return Step("queue", name, "adopted", told, "warn", MIGRATE_FIX)
         notes = [info.type]
-        if name == t.queue and info.type != t.queue_type:
-            notes.append(f"configured {t.queue_type}: adopted as it is"
-                         + (" (no delivery limit)" if t.queue_type == "quorum" else ""))
+        wanted = t.queue_type_of(name)
+        if info.type != wanted and (name == t.queue or t.replicated):
+            where = "" if name == t.queue else f" (a cluster of {self.nodes} nodes)"
+            notes.append(f"configured {wanted}{where}: adopted as it is"
+                         + (" (no delivery limit)" if name == t.queue and wanted == "quorum" else ""))
         overriding = self._overriding(name, info.arguments)
         if overriding:
             notes.append("set at declaration, overriding the policy: " + ", ".join(overriding))
@@ -186,7 +208,7 @@ class Transports:
                 found.append(Step("exchange", name, "differs", f"configured a durable {kind} exchange; RabbitMQ: "
                                   f"{differs}", "fail",
                                   f"delete the exchange (rabbitmqctl delete_exchange {name}), then setup-transports"))
-        for name, _ in self._queues():
+        for name in self._queues():
             step = self._adopted(name) if self._exists("queue", name) else Step(
                 "queue", name, "missing", level="fail", fix="myshop setup-transports")
             if step.level != "ok":
@@ -234,86 +256,113 @@ class Transports:
     # ---- migrate --------------------------------------------------------------------------------
 
     def migrate(self, progress: Callable[[str], None] = lambda _: None) -> list[Step]:
-        """Recreate the main queue with the configured type and no declared arguments, and empty retry queues that
-        carry old arguments, without losing a message while producers keep publishing.
+        """Recreate every queue of the topology that is not declared as configured (another type, or declared
+        arguments), moving its messages, while producers keep publishing; finish a migration that was interrupted.
 
-        The main queue is unbound first (what producers publish meanwhile goes to the unrouted queue through the
-        alternate exchange), its messages are moved to a holding queue, it is deleted and declared again, bound,
-        and the held and unrouted messages are moved into it. Every move is confirmed before the ack. Run
-        ``setup`` first (the alternate exchange must be in place); refused while consumers are attached."""
+        Per queue, each step idempotent, so a rerun resumes wherever the last run stopped (the broker tells where:
+        the holding queue ``<queue>.migrating`` exists, the queue is of the old type or the new or missing): a
+        holding queue is declared and bound like the queue (what producers publish goes there from now on), the
+        queue is unbound, its messages moved to the holding queue, it is deleted, declared again and bound, the
+        holding queue unbound, its messages moved back, and it is deleted. Every move is a confirmed publish before
+        the ack: a message is never lost; one published while both queues are bound, or moved when the run was
+        killed, may be there twice (deduplication absorbs it). Run ``setup`` first; refused while consumers are
+        attached."""
         t = self.topo
-        steps: list[Step] = []
-        holding = f"{t.queue}.migrating"
-        depth = self._amqp(f"queue '{t.queue}'", lambda: broker.queue_depth(self.connection, t.queue))
-        resuming = self._exists("queue", holding)
-        if depth is None and not resuming:
+        if not self._exists("queue", t.queue) and not self._exists("queue", self._holding(t.queue)):
             raise MigrationRefused(f"queue '{t.queue}' does not exist: run `myshop setup-transports` first")
-        if depth is not None and depth[1]:
-            raise MigrationRefused(f"{depth[1]} consumer(s) on '{t.queue}': stop the workers first "
-                                   "(myshop stop-workers, or systemctl stop 'myshop-worker@*'), then run again")
-        legacy = depth is not None and self._adopted(t.queue).level != "ok"
-        if legacy or resuming:
-            if not self._exists("exchange", t.unrouted):
-                raise MigrationRefused(f"exchange '{t.unrouted}' is missing: run `myshop setup-transports` first")
-            before = broker.queue_depth(self.connection, t.unrouted)
-            skip = 0 if resuming or before is None else before[0]  # what was unrouted before stays for an operator
-            if depth is not None:
-                self._hold_main(holding, progress)
-            steps.append(self._redeclare_main(holding, skip, progress))
-        for attempt in range(1, len(t.retry_delays_ms) + 1):
-            steps.append(self._recreate_if_empty(t.retry_queue(attempt)))
-        return steps
+        names = [t.queue, *(t.retry_queue(i) for i in range(1, len(t.retry_delays_ms) + 1)), t.failed_queue,
+                 t.unrouted]
+        todo = [(name, differs) for name in names if (differs := self._to_migrate(name)) is not None]
+        for name, _ in todo:  # checked for all before any is touched
+            depth = self._amqp(f"queue '{name}'", lambda n=name: broker.queue_depth(self.connection, n))
+            if depth is not None and depth[1]:
+                raise MigrationRefused(f"{depth[1]} consumer(s) on '{name}': stop the workers first (myshop "
+                                       "stop-workers, or systemctl stop 'myshop-worker@*'), then run again")
+        return [self._migrate_queue(name, differs, progress) for name, differs in todo]
 
-    def _hold_main(self, holding: str, progress: Callable[[str], None]) -> None:
-        """Unbind the main queue (producers' messages wait in the unrouted queue), move its messages to
-        ``holding`` and delete it."""
+    @staticmethod
+    def _holding(name: str) -> str:
+        return f"{name}.migrating"
+
+    def _to_migrate(self, name: str) -> bool | None:
+        """True: ``name`` exists declared otherwise than configured; False: it does not, but its holding queue is
+        still there (an interrupted migration); None: nothing to do."""
+        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(
+            self.connection, name, self.topo.queue_arguments(name)))
+        if differs:
+            return True
+        return False if self._exists("queue", self._holding(name)) else None
+
+    def _migrate_queue(self, name: str, old: bool, progress: Callable[[str], None]) -> Step:
         t = self.topo
-        for b in self.api.bindings(t.queue):
-            if b["source"] == t.exchange:
-                self._channel_call(f"binding {t.exchange} -> {t.queue}",
-                                   lambda ch, k=b["routing_key"]: ch.queue_unbind(t.queue, t.exchange, k))
-        progress(f"unbound {t.queue}: new messages wait in {t.unrouted}")
-        self._channel_call(f"queue '{holding}'", lambda ch: ch.queue_declare(holding, durable=True, arguments={}))
-        moved = self._amqp(f"moving queue '{t.queue}' to '{holding}'",
-                           lambda: broker.move(self.connection, t.queue, holding))
-        progress(f"moved {moved} message(s) from {t.queue} to {holding}")
-        try:
-            self._channel_call(f"queue '{t.queue}'",
-                               lambda ch: ch.queue_delete(t.queue, if_unused=True, if_empty=True))
-        except Refused as exc:
-            raise MigrationRefused(f"'{t.queue}' could not be deleted ({exc}); its messages are safe in "
-                                   f"'{holding}': run --migrate again") from None
+        holding = self._holding(name)
+        bindings = self._bindings_to_keep(name, holding)
+        moved = 0
+        if old:  # the queue of the old type is still there: hold what it has and what comes meanwhile
+            if not self._exists("queue", holding):
+                arguments = {"x-queue-type": "quorum"} if t.replicated else {}
+                self._channel_call(f"queue '{holding}'",
+                                   lambda ch: ch.queue_declare(holding, durable=True, arguments=arguments))
+            _reached("holding-declared")
+            self._bind(holding, bindings)
+            _reached("holding-bound")
+            self._unbind(name, bindings)
+            progress(f"unbound {name}: new messages wait in {holding}")
+            _reached("unbound")
+            moved = self._amqp(f"moving queue '{name}' to '{holding}'",
+                               lambda: broker.move(self.connection, name, holding))
+            progress(f"moved {moved} message(s) from {name} to {holding}")
+            _reached("moved-out")
+            self._delete_idle(name, holding)
+            _reached("deleted")
+        arguments = t.queue_arguments(name)
+        self._channel_call(f"queue '{name}'", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+        self._bind(name, bindings)
+        progress(f"declared {name} ({t.queue_type_of(name)}) and bound it again")
+        _reached("declared")
+        self._unbind(holding, bindings)
+        _reached("released")
+        held = self._amqp(f"moving queue '{holding}' back to '{name}'",
+                          lambda: broker.move(self.connection, holding, name))
+        progress(f"moved {held} held message(s) into {name}")
+        _reached("moved-back")
+        self._delete_idle(holding, name)
+        _reached("done")
+        return Step("queue", name, "recreated", f"{t.queue_type_of(name)}; {held} message(s) moved in"
+                    + ("" if old else " (an interrupted migration finished)"))
 
-    def _redeclare_main(self, holding: str, skip: int, progress: Callable[[str], None]) -> Step:
-        """Declare and bind the main queue again, then move the held messages and those published meanwhile (the
-        unrouted queue past its first ``skip``) into it."""
-        t = self.topo
-        self._channel_call(f"queue '{t.queue}'",
-                           lambda ch: ch.queue_declare(t.queue, durable=True, arguments=t.main_arguments()))
-        for key in t.routing_keys:
-            self._channel_call(f"binding {t.exchange} -> {t.queue}",
-                               lambda ch, k=key: ch.queue_bind(t.queue, t.exchange, routing_key=k))
-        progress(f"declared {t.queue} ({t.queue_type}) and bound it again")
-        held = self._amqp(f"moving queue '{holding}' back to '{t.queue}'",
-                          lambda: broker.move(self.connection, holding, t.queue))
-        self._channel_call(f"queue '{holding}'", lambda ch: ch.queue_delete(holding, if_empty=True))
-        late = self._amqp(f"moving queue '{t.unrouted}' to '{t.queue}'",
-                          lambda: broker.move(self.connection, t.unrouted, t.queue, skip=skip))
-        progress(f"moved {held} held and {late} unrouted message(s) into {t.queue}")
-        return Step("queue", t.queue, "recreated", f"{t.queue_type}; {held} message(s) moved back, {late} published "
-                    "meanwhile")
+    def _bindings_to_keep(self, name: str, holding: str) -> list[tuple[str, str]]:
+        """(exchange, routing key) of every binding ``name`` must have: the configured ones, those it has now and
+        those its holding queue carries over from an interrupted run (the default exchange's aside)."""
+        found = [(e, k) for e, q, k in self._bindings() if q == name]
+        for queue in (name, holding):
+            if self._exists("queue", queue):
+                found += [(b["source"], b["routing_key"]) for b in self.api.bindings(queue) if b["source"]]
+        return list(dict.fromkeys(found))
 
-    def _recreate_if_empty(self, name: str) -> Step:
-        differs = self._amqp(f"queue '{name}'", lambda: broker.declared_differently(self.connection, name, {}))
-        if not differs:
-            return Step("queue", name, "missing" if differs is None else "existing")
-        try:
-            self._channel_call(f"queue '{name}'", lambda ch: ch.queue_delete(name, if_unused=True, if_empty=True))
-        except Refused:
-            return Step("queue", name, "adopted", "not empty: its old arguments stay until it is (run --migrate "
-                        "again after its delay)", "warn", MIGRATE_FIX)
-        self._channel_call(f"queue '{name}'", lambda ch: ch.queue_declare(name, durable=True, arguments={}))
-        return Step("queue", name, "recreated", "declared without arguments: its policy applies")
+    def _bind(self, queue: str, bindings: list[tuple[str, str]]) -> None:
+        for exchange, key in bindings:
+            self._channel_call(f"binding {exchange} -> {queue}",
+                               lambda ch, e=exchange, k=key: ch.queue_bind(queue, e, routing_key=k))
+
+    def _unbind(self, queue: str, bindings: list[tuple[str, str]]) -> None:
+        if not self._exists("queue", queue):
+            return
+        for exchange, key in bindings:
+            self._channel_call(f"binding {exchange} -> {queue}",
+                               lambda ch, e=exchange, k=key: ch.queue_unbind(queue, e, routing_key=k))
+
+    def _delete_idle(self, name: str, other: str) -> None:
+        """Delete ``name``, unbound by now, once it is empty and has no consumer (checked first: RabbitMQ refuses
+        queue.delete's if-empty and if-unused flags on a quorum queue with 540 NOT_IMPLEMENTED)."""
+        depth = self._amqp(f"queue '{name}'", lambda: broker.queue_depth(self.connection, name))
+        if depth is None:
+            return
+        if depth != (0, 0):
+            raise MigrationRefused(f"'{name}' was not deleted: it holds {depth[0]} message(s) and {depth[1]} "
+                                   f"consumer(s) after the move (a client uses it); the moved ones are safe in "
+                                   f"'{other}': stop that client, then run --migrate again")
+        self._channel_call(f"queue '{name}'", lambda ch: ch.queue_delete(name))
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -360,6 +409,12 @@ class Transports:
                 if ch.is_open:
                     ch.close()
         self._amqp(what, on_channel)
+
+
+def _reached(step: str) -> None:
+    """Fault injection: killed here (SIGKILL, no cleanup) when KILL_AFTER names ``step``."""
+    if os.environ.get(KILL_AFTER) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _effective(policies: list[dict], apply_to: str, name: str) -> str | None:

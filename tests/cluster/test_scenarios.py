@@ -10,6 +10,7 @@ the longest time the profiles did not change while the fault was on (progress st
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from itertools import pairwise
@@ -22,7 +23,7 @@ from tests.integration.test_metrics import get
 from tests.reliability.badinput import bad_bodies
 from tests.reliability.harness.plan import SOAK, Plan, interleave, plan_events, sized
 from tests.reliability.harness.scenario import Scenario
-from tests.support.services import free_port, wait_for
+from tests.support.services import free_port, run_cli, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(sized(420, 1800))]
 soak_only = pytest.mark.skipif(not SOAK, reason="soak only (SOAK=1 / make soak): make test runs the leader kill")
@@ -239,3 +240,56 @@ def test_alarm_while_workers_publish_retry_copies(cenv, cluster, workers, tmp_pa
 def _probe(port: int, path: str = "/readyz") -> tuple[int, str]:
     """(status, body) of a worker's metrics endpoint; (0, "") while it does not answer."""
     return get(port, path)
+
+
+@soak_only
+def test_failed_and_retry_queues_lose_their_leader(cenv, cluster, workers, tmp_path, fake_openai):
+    """On a cluster every queue of the topology is a quorum queue with 3 members. The node leading the failed and
+    delay queues (and the main queue) is killed before anything is published and stays down: the provider fails
+    (retry copies through the delay queues) and 10 malformed bodies need failed copies, and both keep flowing on
+    the two other nodes: every malformed body reaches `failed`, every event is applied, with the node still down.
+    Then it returns; the oracle checks nothing was lost, and `failed show`/`failed remove` work on the quorum
+    failed queue."""
+    fake_openai.clear()
+    cenv.update(EMBEDDING_PROVIDER="openai", OPENAI_API_KEY="test-key", OPENAI_BASE_URL=fake_openai.base_url,
+                EMBEDDING_DIMENSIONS="1536")
+    try:
+        sc, plan = scenario("cluster-kill-failed-leader", cenv, cluster, workers, tmp_path, users=40, per_user=20,
+                            start_feeding=False)
+        topo = sc.topo
+        for q in topo.queues():
+            assert len(cluster.queue_members(q)["members"]) == 3, cluster.queue_members(q)
+        node = cluster.leader(topo.failed_queue)
+        assert cluster.leader(topo.retry_queue(1)) == node
+        killed = time.monotonic()
+        cluster.kill(node)
+        sc.faults += 1
+        fake_openai.fail_next(500, times=6)
+        sc.publish(plan)
+        sc.start_workers(2, prefetch=50)
+        progress = Progress(sc)
+        wait_for(lambda: (sc.probe.ready() or {}).get(topo.failed_queue, 0) >= len(plan.bad_ids)
+                 and progress.applied() >= sc.expected_applied(), timeout=180, interval=0.5,
+                 what=f"every failure in `failed` and every event applied with {node_name(node)} down")
+        flowed = time.monotonic() - killed
+        assert node not in cluster.up_nodes()
+        assert node_index(cluster.queue_members(topo.failed_queue)["leader"]) != node
+        cluster.start(node)
+        for q in (topo.failed_queue, topo.retry_queue(1)):
+            cluster.wait_online(q, 3)
+        sc.phase("faults")
+        row = finish(sc, progress, (killed, time.monotonic()), killed=node_name(node), flowed_s=round(flowed, 1))
+    finally:
+        fake_openai.clear()
+    assert row["worker_retried"] > 0, row
+    shown = run_cli("failed", "show", "--json", env=cenv.subprocess_env())
+    assert shown.returncode == 0, shown.stderr
+    listed = json.loads(shown.stdout)
+    assert listed["queue_count"] == listed["record_count"] == row["failed"], listed
+    assert not listed["drift"]["recorded_from_queue"] and not listed["drift"]["orphan_records"], listed
+    one = listed["messages"][0]["failure_id"]
+    removed = run_cli("failed", "remove", one, "--force", env=cenv.subprocess_env())
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    after = json.loads(run_cli("failed", "show", "--json", env=cenv.subprocess_env()).stdout)
+    assert after["queue_count"] == after["record_count"] == row["failed"] - 1, after
+    assert one not in {m["failure_id"] for m in after["messages"]}

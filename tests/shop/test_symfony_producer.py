@@ -197,9 +197,12 @@ def test_a_running_shops_queue_is_adopted_then_migrated_while_the_shop_publishes
     assert len(outcome) == 30 and all(line.startswith("ok ") for line in outcome), outcome
     api = for_dsn(None, s.rabbitmq_dsn)
     assert api.queue(QUEUE).type == "quorum" and api.queue(f"{QUEUE}.migrating") is None
-    assert wait_for(lambda: queue_state(s, QUEUE)[0] == 42, timeout=10, what="every message in the new queue")
+    assert wait_for(lambda: queue_state(s, QUEUE)[0] >= 42, timeout=10, what="every message in the new queue")
     assert queue_state(s, f"{QUEUE}.unrouted")[0] == 0
-    assert consume(shop, 42).totals.applied == 42
+    # a message published in the instant both the old and the holding queue were bound has a copy in each
+    queued = queue_state(s, QUEUE)[0]
+    assert queued <= 43
+    assert consume(shop, queued).totals.applied == 42
     report = verified(shop)
     assert report["events"] == 50 and report["events_lost"] == 0 and report["events_duplicated"] == 0
     # after the cutover the documented config (auto_setup: true, quorum) declares cleanly again
