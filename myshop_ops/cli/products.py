@@ -58,7 +58,8 @@ def import_products(
 
 
 def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool, layout: str) -> ImportResult:
-    """The import with feedback: a progress bar on a terminal, a line per batch otherwise, none with --json."""
+    """The import with feedback: a progress bar on a terminal, a line per batch on stderr otherwise, none with
+    --json."""
     printed = 0
     run = functools.partial(import_catalog, path, store, provider, batch_size=batch_size, layout=layout)
 
@@ -71,9 +72,8 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
     if quiet:
         return run(on_bad=bad)
     if not console.is_terminal:
-        def plain(r: ImportResult) -> None:
-            console.print(f"{r.lines} lines read: {r.imported} imported, {r.updated} updated, {r.unchanged} unchanged, "
-                          f"{r.bad} bad", highlight=False, soft_wrap=True)
+        def plain(r: ImportResult) -> None:  # progress on stderr: stdout holds the one summary line
+            err_console.print(f"importing: {r.lines} lines read", highlight=False, soft_wrap=True)
 
         return run(on_bad=bad, on_batch=plain)
     with open_regular(path) as fh:
@@ -90,8 +90,8 @@ def _summary(path: Path, r: ImportResult) -> None:
     if r.bad > SHOWN_BAD:
         err_console.print(f"[yellow]... {r.bad - SHOWN_BAD} more bad lines (--json lists them)[/]", highlight=False)
     console.print(
-        f"{shown(path)}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
-        f"{r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
+        f"{shown(path)}: {r.imported} embedded (new or changed text), {r.updated} price/stock-only updates (not "
+        f"re-embedded), {r.unchanged} unchanged, {r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
         highlight=False,
         soft_wrap=True,  # one line however long the path: pipes and grep see it whole
     )
