@@ -22,14 +22,21 @@ def import_products(
     path: Path = typer.Argument(..., metavar="FILE.jsonl", help="One JSON product per line.", show_default=False),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, max=2048,
                                    help="Products per provider request and bulk write."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (see above)."),
 ) -> None:
-    """Embed a JSONL catalog (product_id, name, description, category, stock, price) into product_embeddings.
+    """Embed a JSONL catalog into product_embeddings.
 
-    Only new products and those whose text, model or dimensions changed are embedded.
+    One product per line: product_id, name, description, category, stock, price. Only new products and those
+    whose text (name, category, description), model or dimensions changed are embedded; a product whose price or
+    stock alone changed is updated without a provider call.
 
-    Bad lines are reported with their line number and skipped; the exit code is then 1. A line over 1 MiB is bad
-    (catalog.MAX_LINE_BYTES) and never read whole; so is a product the provider refuses to embed.
+    Bad lines are reported on stderr with their line number and skipped; the exit code is then 1. A line longer
+    than 1 MiB is bad and never read whole; so is a product the provider refuses to embed.
+
+    Prints one summary line: FILE: N embedded (new or changed text), N price/stock-only updates (not
+    re-embedded), N unchanged, N bad line(s) skipped (MODEL, DIMENSIONSd). --json prints {"file", "model",
+    "dimensions", "lines", "products", "imported" (embedded), "updated" (price/stock only), "unchanged", "bad",
+    "bad_lines": [{"line", "error"}]}.
     """
     try:
         with open_regular(path):  # a FIFO or /dev/zero would never end; read_catalog checks its own descriptor
