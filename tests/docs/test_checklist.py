@@ -16,7 +16,7 @@ from tests.support.checklist import mismatch, quoted_outputs
 from tests.support.services import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ["CHECKLIST.md", "README.md", "docs/SHOP.md"]
+DOCS = ["CHECKLIST.md", "README.md", "docs/SHOP.md", "docs/HANDOVER.md"]
 _FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.MULTILINE | re.DOTALL)
 _INLINE = re.compile(r"`([^`\n]+)`")
 _SEPARATORS = re.compile(r"\s*(?:&&|\|\||;|\bdo\b|\bthen\b)\s*")
