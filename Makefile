@@ -34,11 +34,13 @@ release: $(BIN)/myshop
 # promtool (checks monitoring/alerts.yml), docker-compose v1 (checks docker-compose.yml without a daemon), and the
 # shop's own PHP side: Symfony Messenger's AMQP transport and the MongoDB driver (tests/shop drives them for real)
 DEBIAN_TOOLS := prometheus docker-compose php-cli php-amqp php-mongodb php-symfony-messenger \
-  php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access php-symfony-property-info
+  php-symfony-amqp-messenger php-symfony-serializer php-symfony-property-access php-symfony-property-info \
+  php-symfony-event-dispatcher
 debian-tools:
 	@command -v promtool >/dev/null && command -v docker-compose >/dev/null && \
 	  php -m 2>/dev/null | grep -qx amqp && php -m | grep -qx mongodb && \
-	  test -f /usr/share/php/Symfony/Component/Messenger/Bridge/Amqp/autoload.php || { \
+	  test -f /usr/share/php/Symfony/Component/Messenger/Bridge/Amqp/autoload.php && \
+	  test -f /usr/share/php/Symfony/Component/EventDispatcher/autoload.php || { \
 	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { \
 	    echo "installing from Debian: $(DEBIAN_TOOLS)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \

@@ -7,6 +7,7 @@ starts without importing what `myshop recommend` or `myshop generate-test-events
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ import traceback
 from typing import NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from myshop_ops.adapters.config import ENV_FILE_VAR, redact
 from myshop_ops.adapters.release import version
@@ -44,6 +46,36 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
 }
 
 
+class _FlagsShowNoValue:
+    """Typer's help shows a flag's type (``<bool>``) in the column of an option's value, as if it took one; an
+    empty metavar shows nothing there (the help option included: it is a param only once asked for)."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShowNoValue, TyperCommand):
+    """A `myshop` command."""
+
+
+class Group(_FlagsShowNoValue, TyperGroup):
+    """`myshop` and its command groups."""
+
+
+def paragraphs(text: str | None) -> str | None:
+    """Help text as paragraphs rich wraps to the terminal: the lines of each paragraph (blank-line separated)
+    joined, since rich keeps a source line break and wraps around it into ragged lines. A paragraph starting
+    with ``\\b`` keeps its lines."""
+    if not text:
+        return text
+    blocks = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(b if b.startswith("\b") else " ".join(b.split()) for b in blocks)
+
+
 def build(only: str | None = None) -> typer.Typer:
     """The app with every command, or with the one command or group ``only`` names."""
     app = typer.Typer(
@@ -53,6 +85,7 @@ def build(only: str | None = None) -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
+        cls=Group,
     )
     app.callback()(_root)  # a group even with one command registered: `myshop consume ...` keeps its name
     for name, (module, function, help_name) in COMMANDS.items():
@@ -60,13 +93,13 @@ def build(only: str | None = None) -> typer.Typer:
             mod = importlib.import_module(f"myshop_ops.cli.{module}")
             fn = getattr(mod, function)
             text = getattr(mod, help_name) if help_name else fn.__doc__
-            app.command(name, help=text, short_help=summary(text))(fn)
+            app.command(name, cls=Command, help=paragraphs(text), short_help=summary(text))(fn)
     for name, (help_text, commands) in GROUPS.items():
         if only in (None, name):
-            group = typer.Typer(help=help_text, no_args_is_help=True)
+            group = typer.Typer(help=help_text, no_args_is_help=True, cls=Group)
             for sub, (module, function) in commands.items():
                 fn = getattr(importlib.import_module(f"myshop_ops.cli.{module}"), function)
-                group.command(sub, short_help=summary(fn.__doc__))(fn)
+                group.command(sub, cls=Command, help=paragraphs(fn.__doc__), short_help=summary(fn.__doc__))(fn)
             app.add_typer(group, name=name)
     return app
 

@@ -52,9 +52,17 @@ def show(
     stats: bool = typer.Option(False, "--stats", help="Counts by error class."),
     text: str = typer.Option(None, "--filter", help="Only messages whose error, class, user or id contains TEXT."),
     since: str = typer.Option(None, "--since", help="Only failures in the last DURATION (30m, 12h, 7d)."),
-    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
 ) -> None:
-    """Show failed messages (from the failed_messages index, checked against the failed queue)."""
+    """Show failed messages (from the failed_messages index, checked against the failed queue).
+
+    --json prints {"queue_count", "record_count", "drift": {"recorded_from_queue": [ID], "orphan_records": [ID]},
+    "messages": [RECORD]}; with --stats {"queue_count", "by_error_class": {CLASS: n}}; with an ID its RECORD, or
+    [RECORD] for several failed copies. RECORD: {"message_id", "failure_id", "user_id", "event_type",
+    "error_class", "error_message", "worker_host", "original_queue", "body", "retry_count", "original_size",
+    "first_failure_at", "last_failure_at", "headers", "history": [{"at", "error_class", "error_message"}]}, or
+    {"key", "unreadable"} for a record that cannot be read. Times in ISO 8601; null means unknown.
+    """
     try:
         window = parse_duration(since) if since else None
     except ValueError as exc:
@@ -162,7 +170,11 @@ def retry(
     all_: bool = typer.Option(False, "--all", help="Retry every failed message."),
     force: bool = typer.Option(False, "--force", help="Do not ask for confirmation."),
 ) -> None:
-    """Republish failed messages to the main queue (retry count reset) and remove them from `failed`."""
+    """Republish failed messages to the main queue, then remove them from `failed`.
+
+    Each is published again (confirmed) with its retry count reset, then acked out of the failed queue and its
+    record deleted from failed_messages; asks first unless --force.
+    """
     targets = _targets(ids or [], all_)
     _confirm("retry", targets, force)
     with _box() as box:

@@ -44,7 +44,9 @@ from myshop_ops.tools.generate import (
     wait_visible,
 )
 
-GENERATE_HELP = f"""Publish synthetic shop events (contract v1) to the main exchange, with windowed publisher confirms.
+GENERATE_HELP = f"""Publish synthetic shop events to the main exchange (publisher confirms).
+
+Events of contract v1; --window unconfirmed messages in flight.
 
 Prints the plan (events, users, type, exchange/queue, broker with the password masked) and asks for
 confirmation, unless --yes is given or stdin is not a terminal; answering no publishes nothing and exits 1.
@@ -70,13 +72,12 @@ to the client library to the profile's updated_at written by the worker. Latenci
 poll resolution (several writes between two polls are seen as the last one). Gives up after
 --wait-timeout seconds with exit 1.
 
---json prints one JSON object instead of the tables:
-{{"run_id", "plan": {{"events", "users", "events_per_user", "event_type", "start_user_id", "delay_ms",
-"window"}}, "exchange", "queue", "broker", "published", "failed", "failures": {{"nacked", "returned", "lost",
-"unsent"}}, "error", "started_at", "duration_s", "events_per_s", "ms_per_event", "by_type": {{TYPE: N}},
-"record": null | {{"path", "lines"}}, "wait": null | {{"completed", "timeout_s", "expected", "observed",
-"unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent", "latency_ms": {{"p50", "p95",
-"p99", "max"}}, "queue_ready", "consumers"}}}} (schema in docs/CLI-JSON.md).
+--json prints, instead of the tables, {{"run_id", "plan": {{"events", "users", "events_per_user", "event_type",
+"start_user_id", "delay_ms", "window"}}, "exchange", "queue", "broker", "published", "failed", "failures":
+{{"nacked", "returned", "lost", "unsent"}}, "error", "started_at", "duration_s", "events_per_s", "ms_per_event",
+"by_type": {{TYPE: N}}, "record": null | {{"path", "lines"}}, "wait": null | {{"completed", "timeout_s",
+"expected", "observed", "unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent",
+"latency_ms": {{"p50", "p95", "p99", "max"}}, "queue_ready", "consumers"}}}} (schema in docs/CLI-JSON.md).
 
 Exit codes: 0 all published (and seen, with --wait); 1 a failed event, a --wait timeout or a "no" at the
 prompt; 2 a bad option, no product vectors for product events, or a missing queue/exchange; 3 RabbitMQ or

@@ -22,14 +22,21 @@ def import_products(
     path: Path = typer.Argument(..., metavar="FILE.jsonl", help="One JSON product per line.", show_default=False),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, max=2048,
                                    help="Products per provider request and bulk write."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (see above)."),
 ) -> None:
-    """Embed a JSONL catalog (product_id, name, description, category, stock, price) into product_embeddings.
+    """Embed a JSONL catalog into product_embeddings.
 
-    Only new products and those whose text, model or dimensions changed are embedded.
+    One product per line: product_id, name, description, category, stock, price. Only new products and those
+    whose text (name, category, description), model or dimensions changed are embedded; a product whose price or
+    stock alone changed is updated without a provider call.
 
-    Bad lines are reported with their line number and skipped; the exit code is then 1. A line over 1 MiB is bad
-    (catalog.MAX_LINE_BYTES) and never read whole; so is a product the provider refuses to embed.
+    Bad lines are reported on stderr with their line number and skipped; the exit code is then 1. A line longer
+    than 1 MiB is bad and never read whole; so is a product the provider refuses to embed.
+
+    Prints one summary line: FILE: N embedded (new or changed text), N price/stock-only updates (not
+    re-embedded), N unchanged, N bad line(s) skipped (MODEL, DIMENSIONSd). --json prints {"file", "model",
+    "dimensions", "lines", "products", "imported" (embedded), "updated" (price/stock only), "unchanged", "bad",
+    "bad_lines": [{"line", "error"}]}.
     """
     try:
         with open_regular(path):  # a FIFO or /dev/zero would never end; read_catalog checks its own descriptor
@@ -58,7 +65,8 @@ def import_products(
 
 
 def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: bool, layout: str) -> ImportResult:
-    """The import with feedback: a progress bar on a terminal, a line per batch otherwise, none with --json."""
+    """The import with feedback: a progress bar on a terminal, a line per batch on stderr otherwise, none with
+    --json."""
     printed = 0
     run = functools.partial(import_catalog, path, store, provider, batch_size=batch_size, layout=layout)
 
@@ -71,9 +79,8 @@ def _run(path: Path, store: Store, provider: Provider, batch_size: int, quiet: b
     if quiet:
         return run(on_bad=bad)
     if not console.is_terminal:
-        def plain(r: ImportResult) -> None:
-            console.print(f"{r.lines} lines read: {r.imported} imported, {r.updated} updated, {r.unchanged} unchanged, "
-                          f"{r.bad} bad", highlight=False, soft_wrap=True)
+        def plain(r: ImportResult) -> None:  # progress on stderr: stdout holds the one summary line
+            err_console.print(f"importing: {r.lines} lines read", highlight=False, soft_wrap=True)
 
         return run(on_bad=bad, on_batch=plain)
     with open_regular(path) as fh:
@@ -90,8 +97,8 @@ def _summary(path: Path, r: ImportResult) -> None:
     if r.bad > SHOWN_BAD:
         err_console.print(f"[yellow]... {r.bad - SHOWN_BAD} more bad lines (--json lists them)[/]", highlight=False)
     console.print(
-        f"{shown(path)}: {r.imported} imported, {r.updated} updated (same text), {r.unchanged} unchanged, "
-        f"{r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
+        f"{shown(path)}: {r.imported} embedded (new or changed text), {r.updated} price/stock-only updates (not "
+        f"re-embedded), {r.unchanged} unchanged, {r.bad} bad line(s) skipped ({r.model}, {r.dimensions}d)",
         highlight=False,
         soft_wrap=True,  # one line however long the path: pipes and grep see it whole
     )

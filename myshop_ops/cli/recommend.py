@@ -17,9 +17,14 @@ def recommend(
     exclude_purchased: bool = typer.Option(False, "--exclude-purchased",
                                            help="Leave out the profile's purchased_product_ids."),
     fallback: bool = typer.Option(False, "--fallback", help="List the newest products when the user has no profile."),
-    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
 ) -> None:
-    """Recommend products for a user: cosine similarity of product vectors with the user's profile vector."""
+    """Recommend products for a user: cosine similarity of product vectors with the user's profile vector.
+
+    --json prints {"user_id", "backend", "fallback", "model", "dimensions", "excluded_purchased" (null when the
+    profile has no purchased_product_ids), "recommendations": [{"rank", "product_id", "name", "category",
+    "score" (null in a fallback)}]}.
+    """
     s = settings()
     with operator_errors(s):
         store = Store.from_settings(s)

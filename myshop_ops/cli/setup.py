@@ -26,9 +26,12 @@ def setup_transports(
     queue: str = typer.Option(None, help="Main queue name (default RABBITMQ_QUEUE)."),
     migrate: bool = typer.Option(False, "--migrate", help="Also recreate a main queue of another type (or with "
                                  "declared arguments) and old retry queues, moving their messages; workers stopped."),
-    as_json: bool = typer.Option(False, "--json", help="Print what was found and done as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was found and done as JSON (see above)."),
 ) -> None:
-    """Declare the exchanges, queues, bindings and policies; adopt what exists (never redeclared)."""
+    """Declare the exchanges, queues, bindings and policies; adopt what exists (never redeclared).
+
+    --json prints {"steps": [{"kind", "name", "state", "detail", "level", "fix"}], "ok"} (docs/CLI-JSON.md).
+    """
     s = settings()
     topo = Topology.from_settings(s, queue)
     with operator_errors(s), _transports(s, topo) as transports:
@@ -82,8 +85,13 @@ def _transports(s: Settings, topo: Topology) -> Iterator[transports.Transports]:
             conn.close()
 
 
-def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """Create the MongoDB indexes (user_embeddings, product_embeddings, failed_messages); idempotent."""
+def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (see above).")) -> None:
+    """Create the MongoDB indexes of myshop's collections; idempotent.
+
+    Indexes of user_embeddings, product_embeddings, failed_messages and user_erasures: each created, existing
+    (also under another name with the same key and options), or failed with why. Exit 1 when one failed.
+    --json prints {"indexes": [{"collection", "index", "state"}]}.
+    """
     s = settings()
     with operator_errors(s):
         store = Store.from_settings(s)

@@ -16,9 +16,13 @@ from myshop_ops.tools import unrouted
 
 def show(
     limit: int = typer.Option(20, "--max", min=1, max=1000, help="How many to list."),
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON (see above)."),
 ) -> None:
-    """List messages that matched no binding of the main exchange (nothing is consumed)."""
+    """List messages that matched no binding of the main exchange (nothing is consumed).
+
+    --json prints {"queue", "total", "messages": [{"routing_key", "message_id", "user_id", "event_type",
+    "published_at", "body" (its first 200 characters)}]}.
+    """
     s = settings()
     topo = Topology.from_settings(s)
     with operator_errors(s):

@@ -25,9 +25,18 @@ _FIELDS = ("version", "event_count", "event_counts", "last_event_type", "last_ev
 
 def show_user(
     user_id: str = typer.Argument(..., help="The user's id."),
-    as_json: bool = typer.Option(False, "--json", help="JSON output."),
+    as_json: bool = typer.Option(False, "--json", help="JSON output (see above)."),
 ) -> None:
-    """Show a user's profile (version, event counts, last event, magnitude, vector space) and top 5 products."""
+    """Show a user's profile and their top 5 products.
+
+    The profile's version, event counts, last event, magnitude and vector space (model, dimensions).
+
+    --json prints {"user_id", "version", "event_count", "event_counts": {TYPE: n}, "last_event_type",
+    "last_event_id", "last_updated", "magnitude", "model", "dimensions", "created_at", "updated_at",
+    "purchased_products" (when the profile has purchases), "recommendations": null | [{"rank", "product_id",
+    "name", "category", "score"}], "recommendations_error": null | why}: stored values as they are (null when
+    absent). Exit 1 when the user has no profile.
+    """
     s = settings()
     with operator_errors(s):
         store = Store.from_settings(s)

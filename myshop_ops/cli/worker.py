@@ -74,7 +74,12 @@ consume.__doc__ = CONSUME_HELP
 
 
 def stop_workers() -> None:
-    """Ask every running worker to exit after its current batch (workers started later are not affected)."""
+    """Ask every running worker to exit after its current batch.
+
+    Workers started later are not affected. Under systemd or supervisor the workers are started again at once:
+    there it is a rolling restart, not a stop (systemctl stop myshop-worker.target, supervisorctl stop
+    'myshop-worker:*' stop them).
+    """
     s = settings()
     try:
         RedisState.from_settings(s).request_stop()

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import ROOT, wait_for
+from tests.support.checklist import mismatch, quoted_outputs
+from tests.support.services import DIMS, ROOT, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.timeout(420)]
 
@@ -84,6 +85,29 @@ def predeployment_commands(text: str) -> list[str]:
     preflight)."""
     section = text.split("## 1. Pre-deployment", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\d+\. `(myshop [^`]+)`", section, re.MULTILINE)
+
+
+def output_name(line: str) -> str:
+    """The name a command's quoted output has in CHECKLIST.md: its command words (`products-import`)."""
+    words = [w for w in line.split()[1:] if not w.startswith("-") and "/" not in w and "." not in w]
+    return "-".join(words)
+
+
+def as_documented(output: str, env) -> str:
+    """The test deployment's output in the checklist's names: its queues, database, vector size and retries are
+    the documented deployment's (user_embedding_updates, failed, myshop, 1536, 5)."""
+    for ours, documented in ((env["RABBITMQ_QUEUE"], "user_embedding_updates"),
+                             (env["RABBITMQ_FAILED_QUEUE"], "failed"), (env["MONGODB_DB"], "myshop")):
+        output = re.sub(rf"(?<![\w.-]){re.escape(ours)}(?![\w-])", documented, output)
+    output = output.replace(f"{DIMS}d)", "1536d)").replace(f": {DIMS} dimensions", ": 1536 dimensions")
+    return output.replace(f" {env['WORKER_MAX_RETRIES']} retry queues,", " 5 retry queues,")
+
+
+def assert_prints_as_quoted(name: str, done: subprocess.CompletedProcess, env, compared: set[str]) -> None:
+    quoted, excerpt = quoted_outputs(CHECKLIST.read_text())[name]
+    why = mismatch(quoted, excerpt, as_documented(done.stdout, env))
+    assert why is None, f"CHECKLIST.md's output of {name} is not what it prints: {why}\n{done.stdout}"
+    compared.add(name)
 
 
 def test_the_checklist_marks_every_step_of_the_supervisor_path():
@@ -271,7 +295,9 @@ def install(host: Host, lines: list[str]) -> None:
                 venv = host.root / "opt/myshop-ops/.venv"
                 dev = next((ROOT / ".venv/lib").glob("python3*/site-packages"))
                 site = next((venv / "lib").glob("python3*/site-packages"))
-                (site / "myshop_checkout.pth").write_text(f"import site; site.addsitedir({str(dev)!r})\n")
+                # this checkout first: the dev venv's editable install may point at another worktree
+                (site / "myshop_checkout.pth").write_text(f"import site, sys; site.addsitedir({str(dev)!r}); "
+                                                          f"sys.path.insert(0, {str(ROOT)!r})\n")
                 # what pip would add for this interpreter only: redis needs async-timeout below Python 3.11.3
                 host.sh("/opt/myshop-ops/.venv/bin/pip install -q async-timeout", timeout=120)
                 (venv / "bin/myshop").write_text(f"#!{venv}/bin/python\nfrom myshop_ops.cli.app import main\n"
@@ -313,8 +339,12 @@ def test_the_supervisor_deployment_path_as_written(host: Host, env, fake_openai)
 
     # section 1, steps 3-6: topology, indexes, catalog, preflight
     *prepare, preflight = predeployment_commands(text)
+    compared: set[str] = set()  # the quoted outputs compared with what the commands print
     for line in prepare:
-        host.sh(line)
+        done = host.sh(line)
+        if output_name(line) in quoted_outputs(text):
+            assert_prints_as_quoted(output_name(line), done, env, compared)
+    assert_prints_as_quoted("preflight", host.sh(preflight), env, compared)
     checks = preflight_checks(host, preflight)
     assert checks[("security", ".env")]["status"] == "PASS", checks[("security", ".env")]
     assert checks[("security", "user")]["status"] == "PASS"
@@ -352,6 +382,9 @@ def test_the_supervisor_deployment_path_as_written(host: Host, env, fake_openai)
     wait_for(lambda: [s for s, _ in host.status().values()] == ["RUNNING"] * 4, timeout=60,
              what=f"4 processes RUNNING: {host.status()}")
     assert sorted(host.workers()) == [f"myshop-worker:myshop-worker_0{n}" for n in (1, 2, 3)]
+    assert_prints_as_quoted("stats", host.sh("myshop stats"), env, compared)  # section 3, three workers
+    # every output the checklist quotes, but the configuration error (tests/docs/test_checklist.py)
+    assert compared == set(quoted_outputs(text)) - {"configuration-error"}
     # idempotency with a SIGKILL, recommendations and rollback add ~40 s: make soak (SOAK=1) or CHECKLIST_FULL=1
     if FULL:
         for line in steps["idempotency"]:

@@ -1,7 +1,9 @@
-"""CHECKLIST.md and README.md name only `myshop` commands and options that exist."""
+"""CHECKLIST.md and README.md name only `myshop` commands and options that exist; CHECKLIST.md's quoted output
+blocks are marked so that they are compared with what the commands print."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -10,9 +12,11 @@ import pytest
 import typer
 
 from myshop_ops.cli.app import app
+from tests.support.checklist import mismatch, quoted_outputs
+from tests.support.services import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = ["CHECKLIST.md", "README.md", "docs/SHOP.md"]
+DOCS = ["CHECKLIST.md", "README.md", "docs/SHOP.md", "docs/HANDOVER.md"]
 _FENCE = re.compile(r"^\s*```[^\n]*\n(.*?)^\s*```", re.MULTILINE | re.DOTALL)
 _INLINE = re.compile(r"`([^`\n]+)`")
 _SEPARATORS = re.compile(r"\s*(?:&&|\|\||;|\bdo\b|\bthen\b)\s*")
@@ -79,3 +83,24 @@ def test_the_checker_catches_a_wrong_name():
     cmd, rest = resolve(["failed", "show", "--stats"])
     assert rest == ["--stats"] and cmd.name == "show"
     assert "--stats" in options_of(cmd) and "--nope" not in options_of(cmd)
+
+
+def test_every_quoted_output_block_is_marked_and_the_configuration_error_is_what_myshop_prints(tmp_path):
+    """The supervisor test compares the other quoted outputs; this one needs no service: a bad value stops any
+    command before it connects anywhere."""
+    quoted = quoted_outputs((ROOT / "CHECKLIST.md").read_text())
+    assert {"configuration-error", "setup-indexes", "products-import", "preflight", "stats"} <= set(quoted)
+    settings = tmp_path / "myshop.env"
+    settings.write_text("WORKER_MAX_RETRIES=42\n")
+    done = run_cli("stats", env={"PATH": os.environ["PATH"], "MYSHOP_ENV_FILE": str(settings)})
+    assert done.returncode == 2 and not done.stdout
+    assert mismatch(*quoted["configuration-error"], done.stderr) is None, done.stderr
+
+
+def test_the_output_comparison_catches_a_wrong_figure():
+    quoted = ["│ a │ created │", "│ b │ created │", "(2 rows) 15 PASS, 1 WARN"]
+    printed = "  │ a │ created │\n│ b │ created │\n│ c │ created │\n(2 rows) 15 PASS, 1 WARN\n"
+    assert mismatch(quoted, False, printed) is not None  # a row more than quoted
+    assert mismatch(quoted, True, printed) is None  # as an excerpt: in order, same last line
+    assert mismatch(quoted, True, printed.replace("15 PASS", "21 PASS")) is not None
+    assert mismatch(["x in 212 ms in=4.1/s out=- level=ok"], False, "x in 9 ms in=- out=- level=ok") is None

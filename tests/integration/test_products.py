@@ -134,10 +134,11 @@ def test_bad_lines_are_reported_with_their_number_and_skipped(env, tmp_path):
     err = done.stderr.splitlines()
     assert err[0].startswith("line 2: invalid JSON (")
     assert err[1:] == ["line 4: name: required", "line 6: price: must be a non-negative number (got a string)",
-                       "line 7: product_id 'p0' repeats line 1"]
+                       "line 7: product_id 'p0' repeats line 1", "importing: 8 lines read"]  # progress: stderr
     assert "\x1b[" not in done.stdout  # not a terminal: plain lines, no progress bar
-    assert done.stdout.splitlines()[-1] == (  # one line, however long the path
-        f"{path}: 3 imported, 0 updated (same text), 0 unchanged, 4 bad line(s) skipped (hash-v1, {DIMS}d)")
+    assert done.stdout.splitlines() == [  # the summary, on one line however long the path
+        f"{path}: 3 embedded (new or changed text), 0 price/stock-only updates (not re-embedded), 0 unchanged, "
+        f"4 bad line(s) skipped (hash-v1, {DIMS}d)"]
     assert sorted(stored(s)) == ["p0", "p1", "p2"]
     assert stored(s)["p0"]["name"] == good[0]["name"]
 
@@ -150,8 +151,8 @@ def test_terminal_progress_bar_and_missing_file(env, tmp_path):
     path = write(tmp_path / "catalog.jsonl", products(5))
     run = run_in_terminal("products", "import", str(path), "--batch-size", "2", env=env.subprocess_env())
     assert run.returncode == 0, run.output
-    assert f"5 imported, 0 updated (same text), 0 unchanged, 0 bad line(s) skipped (hash-v1, {DIMS}d)" in one_line(
-        run.output)
+    assert (f"5 embedded (new or changed text), 0 price/stock-only updates (not re-embedded), 0 unchanged, "
+            f"0 bad line(s) skipped (hash-v1, {DIMS}d)") in one_line(run.output)
 
     done = run_cli("products", "import", str(tmp_path / "nope.jsonl"), env=env.subprocess_env())
     assert done.returncode == 2
@@ -168,8 +169,10 @@ def test_a_line_the_provider_cannot_embed_is_refused_by_number_and_the_other_299
     s = env.settings()
     done = run_cli("products", "import", str(path), env=env.subprocess_env())  # the offline hash provider
     assert done.returncode == 1, done.stderr
-    assert done.stderr.splitlines() == ["line 5: product_id 'p4' not embedded: cannot embed a text with no words"]
-    assert done.stdout.splitlines()[-1].startswith(f"{path}: 299 imported, 0 updated (same text), 0 unchanged, 1 bad")
+    assert done.stderr.splitlines() == ["line 5: product_id 'p4' not embedded: cannot embed a text with no words",
+                                        "importing: 256 lines read", "importing: 300 lines read"]
+    assert done.stdout.splitlines()[-1].startswith(f"{path}: 299 embedded (new or changed text), 0 price/stock-only "
+                                                   "updates (not re-embedded), 0 unchanged, 1 bad")
     assert len(stored(s)) == 299 and "p4" not in stored(s)
     code, again = import_json(path, env.subprocess_env())  # a re-run: the same 299, the same line refused
     assert (code, again["imported"], again["unchanged"], again["bad"]) == (1, 0, 299, 1)

@@ -40,7 +40,8 @@ def test_products_import_markup_in_path_and_bad_lines_is_text(env, tmp_path):
     done = run_cli("products", "import", str(path), env=env.subprocess_env(COLUMNS="400"))
     assert "Traceback" not in done.stderr and done.returncode == 1, done.stderr
     assert "line 2: product_id '[/x]' repeats line 1" in done.stderr
-    assert f"{path}: 1 imported, 0 updated (same text), 0 unchanged, 1 bad line(s) skipped" in done.stdout
+    assert (f"{path}: 1 embedded (new or changed text), 0 price/stock-only updates (not re-embedded), 0 unchanged, "
+            "1 bad line(s) skipped") in done.stdout
     s = env.settings()
     store = Store(s.mongodb_url, s.mongodb_db)
     try:

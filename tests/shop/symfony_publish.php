@@ -11,6 +11,9 @@
  *                 optional "repeat": N dispatches the same message N times; "sleepMs" pauses before it
  * stdout          one line per dispatch: "ok <messageId>" or "error <class>: <message>" (the shop catches and logs)
  * RECORD=FILE     also append each published body (as the serializer encodes it) to FILE, for `myshop verify`
+ * FAILED=OPTIONS_JSON  the PHP worker gave up on each message instead: Symfony's own listeners (error details,
+ *                 send to the failure transport) put it on the failure transport these options configure (the
+ *                 shop's `failure_transport: failed`), as its worker does after the last retry
  */
 
 declare(strict_types=1);
@@ -65,7 +68,8 @@ namespace App\Application\Message {
 namespace {
     foreach (['Psr/Container', 'Psr/Log', 'Symfony/Contracts/Service', 'Symfony/Contracts/Deprecation',
               'Symfony/Component/String', 'Symfony/Component/PropertyAccess', 'Symfony/Component/PropertyInfo',
-              'Symfony/Component/Serializer', 'Symfony/Component/Messenger',
+              'Symfony/Component/Serializer', 'Symfony/Contracts/EventDispatcher', 'Symfony/Component/EventDispatcher',
+              'Symfony/Component/Messenger',
               'Symfony/Component/Messenger/Bridge/Amqp'] as $package) {
         if (is_file("/usr/share/php/$package/autoload.php")) {
             require_once "/usr/share/php/$package/autoload.php";
@@ -77,6 +81,10 @@ namespace {
     use Psr\Container\ContainerInterface;
     use Symfony\Component\Messenger\Bridge\Amqp\Transport\AmqpTransportFactory;
     use Symfony\Component\Messenger\Envelope;
+    use Symfony\Component\Messenger\Event\WorkerMessageFailedEvent;
+    use Symfony\Component\Messenger\EventListener\AddErrorDetailsStampListener;
+    use Symfony\Component\Messenger\EventListener\SendFailedMessageToFailureTransportListener;
+    use Symfony\Component\Messenger\Stamp\BusNameStamp;
     use Symfony\Component\Messenger\MessageBus;
     use Symfony\Component\Messenger\Middleware\AddBusNameStampMiddleware;
     use Symfony\Component\Messenger\Middleware\SendMessageMiddleware;
@@ -105,6 +113,15 @@ namespace {
         [new JsonEncoder()],
     ));
     $transport = (new AmqpTransportFactory())->createTransport($dsn, $options, $serializer);
+    $failed = null;
+    if (getenv('FAILED')) {  // the failure transport's DSN: the same broker and vhost, its own exchange and queue
+        $failedOptions = json_decode(getenv('FAILED'), true, 512, JSON_THROW_ON_ERROR);
+        $failed = [
+            new AddErrorDetailsStampListener(),
+            new SendFailedMessageToFailureTransportListener(new Senders(['user_embedding_updates' =>
+                (new AmqpTransportFactory())->createTransport($dsn, $failedOptions, $serializer)])),
+        ];
+    }
     $bus = new MessageBus([
         new AddBusNameStampMiddleware('messenger.bus.default'),
         new SendMessageMiddleware(new SendersLocator(
@@ -131,7 +148,15 @@ namespace {
         );
         for ($i = 0; $i < ($e['repeat'] ?? 1); $i++) {
             try {  // the shop's controllers catch and log a failed dispatch: the event is dropped
-                $bus->dispatch($message);
+                if ($failed !== null) {  // the handler failed on the last retry: what the worker then does
+                    $event = new WorkerMessageFailedEvent(new Envelope($message, [new BusNameStamp('messenger.bus.default')]),
+                        'user_embedding_updates', new \RuntimeException('OpenAI API error: 503 Service Unavailable'));
+                    foreach ($failed as $listener) {
+                        $listener->onMessageFailed($event);
+                    }
+                } else {
+                    $bus->dispatch($message);
+                }
                 echo "ok {$message->messageId}\n";
                 if (getenv('RECORD')) {
                     file_put_contents(getenv('RECORD'), $serializer->encode(new Envelope($message))['body'] . "\n",

@@ -22,7 +22,7 @@ from myshop_ops.adapters.store import Store
 from myshop_ops.core.limits import Limits
 from myshop_ops.core.worker import Worker
 from tests.support.events import seed_products
-from tests.support.services import run_cli, wait_for
+from tests.support.services import ROOT, run_cli, wait_for
 from tests.support.workers import private_vhost, queue_state
 
 pytestmark = pytest.mark.integration
@@ -211,3 +211,57 @@ def test_a_running_shops_queue_is_adopted_then_migrated_while_the_shop_publishes
     store = Store(s.mongodb_url, s.mongodb_db)
     assert store.users.count_documents({}) == 6
     store.close()
+
+
+# the shop's failure transport as its messenger.yaml has it (`failure_transport: failed`)
+SHOP_FAILED = {"auto_setup": True,
+               "exchange": {"name": "failed", "type": "direct", "default_publish_routing_key": "failed"},
+               "queues": {"failed": {"binding_keys": ["failed"]}}}
+
+
+def test_the_handover_from_the_php_workers_in_the_order_of_docs_handover(shop):
+    """docs/HANDOVER.md step by step, as far as the shop's side runs here: the shop as it runs today (a classic
+    queue, events the PHP workers gave up on in its `failed` failure transport, put there by Symfony's own
+    listeners), setup-transports, the shop on the printed config without auto_setup, what `failed` holds, the
+    migration with no consumer attached, the workers, the PHP era's failures retried, the final config."""
+    page = (ROOT / "docs" / "HANDOVER.md").read_text()
+    order = ["`myshop setup-transports`", "`myshop messenger-config --no-auto-setup`", "`myshop failed show`",
+             "**Stop the PHP consumers", "`myshop setup-transports --migrate`", "**Start myshop's workers",
+             "`myshop failed retry --all`", "`myshop messenger-config` prints"]
+    assert [page.index(step) for step in order] == sorted(page.index(step) for step in order)  # the test's order
+    s = shop.settings()
+    # before: the shop publishes with its own config; its worker sent 3 events to its failure transport
+    assert all(x.startswith("ok ") for x in shop_publish(shop, SHOP_TODAY, events(10)))
+    failed_events = events(3, start=10)
+    done = subprocess.run([PHP, str(SCRIPT), f"{shop['RABBITMQ_DSN']}/{QUEUE}", json.dumps(SHOP_TODAY)],
+                          input="".join(json.dumps(e) + "\n" for e in failed_events), capture_output=True, text=True,
+                          env={"RECORD": str(shop.record), "PATH": "/usr/bin:/bin", "FAILED": json.dumps(SHOP_FAILED)},
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.count("ok ") == 3, done.stdout + done.stderr
+    assert wait_for(lambda: queue_state(s, "failed")[0] == 3, timeout=10, what="3 in the shop's failed queue")
+    # step 2: setup-transports adopts the shop's queue and its failed exchange and queue as they are
+    steps = setup_transports(shop)
+    assert steps[("queue", QUEUE)]["state"] == "adopted" and steps[("queue", "failed")]["state"] == "existing"
+    # step 3: the shop on `messenger-config --no-auto-setup` (its failure transport renamed: not run here)
+    no_setup = documented_options(shop, "--no-auto-setup")
+    assert no_setup["auto_setup"] is False
+    assert all(x.startswith("ok ") for x in shop_publish(shop, no_setup, events(5, start=13)))
+    # step 4: what `failed` holds: the PHP era's failures, recorded from the queue, with their users
+    shown = json.loads(run_cli("failed", "show", "--json", env=shop.subprocess_env()).stdout)
+    assert shown["queue_count"] == 3 and len(shown["drift"]["recorded_from_queue"]) == 3
+    assert sorted(m["user_id"] for m in shown["messages"]) == sorted(e["userId"] for e in failed_events)
+    # steps 5-6: no consumer attached (the PHP workers stopped, myshop's not started): the migration
+    assert queue_state(s, QUEUE)[1] == 0
+    assert setup_transports(shop, "--migrate")[("queue", QUEUE)]["state"] == "recreated"
+    assert for_dsn(None, s.rabbitmq_dsn).queue(QUEUE).type == "quorum"
+    # step 7: the workers; step 8: the PHP era's failures retried through myshop
+    assert consume(shop, 15).totals.applied == 15
+    retried = run_cli("failed", "retry", "--all", "--force", env=shop.subprocess_env())
+    assert retried.returncode == 0 and "retried 3 message(s)" in retried.stdout, retried.stdout + retried.stderr
+    assert consume(shop, 3).totals.applied == 3
+    assert queue_state(s, "failed")[0] == 0
+    # step 9: the shop on the printed config again (auto_setup, the quorum queue's arguments)
+    assert shop_publish(shop, documented_options(shop), events(1, start=18))[0].startswith("ok ")
+    assert consume(shop, 1).totals.applied == 1
+    report = verified(shop)
+    assert report["events"] == 19 and report["events_lost"] == 0 and report["events_duplicated"] == 0
