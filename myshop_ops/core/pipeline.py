@@ -334,7 +334,7 @@ class Pipeline:
                 current.profile if current else None,
                 np.array([to_days(e.occurred_at) for e in events]),
                 np.array([self.settings.weights[e.event_type] for e in events]),
-                np.stack([i.vector for i in group]),
+                np.asarray([i.vector for i in group]),  # rows of equal length (else ValueError, as np.stack)
                 lam=self.settings.decay_lambda,
                 model=self.model,
             )
