@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import BLOCKED_TIMEOUT_S, Topology
+from myshop_ops.adapters.broker import BLOCKED_TIMEOUT_S, FAILOVER_S, Topology
 from myshop_ops.adapters.config import Settings, mask_url
 from myshop_ops.adapters.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
 from myshop_ops.adapters.store import Store
@@ -57,7 +57,9 @@ Then a results table: published, failed (nacked, returned as unroutable, or lost
 duration (first publish to last confirm), events/s, ms/event. Exit 1 if any event failed. A nacked event is
 published again on a fresh channel (up to 8 times: a RabbitMQ cluster's leader election can leave a channel
 nacking); a connection blocked by a memory or disk alarm is said on stderr and given up after
-{BLOCKED_TIMEOUT_S} s.
+{BLOCKED_TIMEOUT_S} s. A connection lost mid-run (its node died) fails over to the other URLs of RABBITMQ_DSN
+(comma-separated), the lost one last, for {FAILOVER_S} s at most: said on stderr, the events it had not confirmed
+are published again first (same message id: a duplicate is absorbed by the consumers) and counted ("failover" row).
 
 --record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only): a new file,
 or an existing regular file overwritten; never through a symbolic link, into a FIFO or device, or over a file
@@ -73,10 +75,10 @@ poll resolution (several writes between two polls are seen as the last one). Giv
 --json prints one JSON object instead of the tables:
 {{"run_id", "plan": {{"events", "users", "events_per_user", "event_type", "start_user_id", "delay_ms",
 "window"}}, "exchange", "queue", "broker", "published", "failed", "failures": {{"nacked", "returned", "lost",
-"unsent"}}, "error", "started_at", "duration_s", "events_per_s", "ms_per_event", "by_type": {{TYPE: N}},
-"record": null | {{"path", "lines"}}, "wait": null | {{"completed", "timeout_s", "expected", "observed",
-"unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent", "latency_ms": {{"p50", "p95",
-"p99", "max"}}, "queue_ready", "consumers"}}}} (schema in docs/CLI-JSON.md).
+"unsent"}}, "failover": {{"count", "republished", "brokers"}}, "error", "started_at", "duration_s", "events_per_s",
+"ms_per_event", "by_type": {{TYPE: N}}, "record": null | {{"path", "lines"}}, "wait": null | {{"completed",
+"timeout_s", "expected", "observed", "unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent",
+"latency_ms": {{"p50", "p95", "p99", "max"}}, "queue_ready", "consumers"}}}} (schema in docs/CLI-JSON.md).
 
 Exit codes: 0 all published (and seen, with --wait); 1 a failed event, a --wait timeout or a "no" at the
 prompt; 2 a bad option, no product vectors for product events, or a missing queue/exchange; 3 RabbitMQ or
@@ -244,6 +246,9 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
         if ok and recorder is not None:
             recorder.write(messages[i][0])
 
+    def failed_over(line: str) -> None:  # a lost node: say where the run goes on
+        err_console.print(f"[yellow]failover:[/] {shown(line)}", highlight=False, soft_wrap=True)
+
     def blocked(on: bool, reason: str) -> None:  # a resource alarm anywhere in the cluster: say so, do not freeze
         if on:
             err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({shown(reason)}: a memory or disk "
@@ -257,7 +262,7 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
             publisher = WindowedPublisher(
                 s.rabbitmq_dsn, topo.exchange, topo.queue, window=window, delay_s=run.plan.delay_ms / 1000,
                 name="myshop-generate", on_settled=settled, on_progress=update,
-                progress_every=0.1 if console.is_terminal else 0.5, on_blocked=blocked,
+                progress_every=0.1 if console.is_terminal else 0.5, on_blocked=blocked, on_failover=failed_over,
             )
             result = publisher.run(messages)
     finally:
@@ -278,6 +283,9 @@ def _print_results(plan: Plan, run: Run, res: PublishResult, record: Path | None
     table.add_row("failed", failed)
     if res.republished:
         table.add_row("nacked, sent again", f"{res.republished:,} (on {res.channels - 1} fresh channel(s))")
+    if res.failovers:
+        table.add_row("failover", f"{res.resent:,} republished after failover ({res.failovers} connection(s) lost; "
+                      f"ended on {shown(res.brokers[-1])})")
     if res.blocked_s:
         table.add_row("blocked by an alarm", f"{res.blocked_s:.1f} s")
     table.add_row("duration", f"{res.duration_s:.3f} s")
@@ -360,6 +368,7 @@ def _json(plan: Plan, window: int, topo: Topology, run: Run, res: PublishResult,
         "published": res.published,
         "failed": res.failed,
         "failures": {"nacked": res.nacked, "returned": res.returned, "lost": res.lost, "unsent": res.unsent},
+        "failover": {"count": res.failovers, "republished": res.resent, "brokers": res.brokers},
         "error": res.error,
         "started_at": _iso(res.started_at),
         "duration_s": round(res.duration_s, 6),

@@ -3,7 +3,8 @@
 The queue cannot be read by id, so acting on some messages walks it once: every message is
 fetched unacked, the chosen ones are handled (republished with a confirm, then acked) and all
 others are released unacked when the channel closes, which puts them back in their order. No
-message is ever copied or dropped by a listing.
+message is ever copied or dropped by a listing. A retry given a ``broker.Failover`` goes on on another node when
+its connection is lost: it walks the queue again, never acking a message before its copy was confirmed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
+from myshop_ops.adapters.broker import CONNECTION_LOST, H_PUBLISHED_AT, BrokerError, Failover, Publisher, Topology
 from myshop_ops.adapters.store import Store
 from myshop_ops.core.retry_routing import (
     H_ERROR_CLASS,
@@ -80,10 +81,15 @@ class Outcome:
 
 
 class FailedBox:
-    def __init__(self, connection: BlockingConnection, store: Store, topo: Topology):
+    """The failed queue on ``connection`` and its records in ``store``; ``failover`` (whose connection it is) lets
+    ``retry`` go on on another node when that connection is lost."""
+
+    def __init__(self, connection: BlockingConnection, store: Store, topo: Topology,
+                 failover: Failover | None = None):
         self.connection = connection
         self.store = store
         self.topo = topo
+        self.failover = failover
 
     def queue_count(self) -> int:
         """Messages in the failed queue; BrokerError (one line) when it does not exist."""
@@ -152,23 +158,39 @@ class FailedBox:
 
     def retry(self, ids: Iterable[str] | None) -> Outcome:
         """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
-        count reset, then remove them from the queue and the collection. Returns the keys retried."""
+        count reset, then remove them from the queue and the collection. Returns the keys retried. A connection lost
+        mid-walk (with a failover) is replaced and the queue walked again: a message whose copy was confirmed is
+        then only acked; one whose copy was not is published again (counted in ``failover.resent``)."""
         wanted = None if ids is None else set(ids)
-        publisher = Publisher(self.connection)
         done: list[str] = []
         named: set[str] = set()
+        in_hand: list[str] = []  # the key being republished, until its copy is confirmed
+        publisher = Publisher(self.connection)
 
         def resend(msg: QueuedMessage) -> bool:
             if not msg.chosen(wanted):
                 return False
-            headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
-            publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
-                              headers=headers, content_type=msg.content_type or "application/json")
-            done.append(msg.key)
+            if msg.key not in named:  # else: its copy was confirmed before a failover, its ack lost with it
+                headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
+                in_hand.append(msg.key)
+                publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
+                                  headers=headers, content_type=msg.content_type or "application/json")
+                in_hand.clear()
+                done.append(msg.key)
             named.update({msg.key, msg.message_id})
             return True
 
-        self.walk(resend)
+        while True:
+            try:
+                self.walk(resend)
+                break
+            except CONNECTION_LOST as exc:
+                if self.failover is None:
+                    raise
+                self.failover.resent += len(in_hand)
+                in_hand.clear()
+                self.connection = self.failover.recover(exc)
+                publisher = Publisher(self.connection)
         publisher.channel.close()
         self._forget(done)
         return Outcome(done, [] if wanted is None else sorted(wanted - named))

@@ -102,7 +102,7 @@ def test_product_events_need_products_then_use_only_stored_ones(env, topology):
 
 JSON_SCHEMA = {
     "run_id": str, "plan": dict, "exchange": str, "queue": str, "broker": str, "published": int, "failed": int,
-    "failures": dict, "error": (str, type(None)), "started_at": str, "duration_s": float,
+    "failures": dict, "failover": dict, "error": (str, type(None)), "started_at": str, "duration_s": float,
     "events_per_s": (float, type(None)), "ms_per_event": (float, type(None)), "by_type": dict,
     "record": (dict, type(None)), "wait": (dict, type(None)),
 }
@@ -132,6 +132,7 @@ def test_json_output_follows_the_documented_schema_and_reruns_make_new_events(en
                                 "start_user_id": 700, "delay_ms": 0, "window": 1000}
         assert data["published"] == 20 and data["failed"] == 0 and data["error"] is None
         assert data["failures"] == {"nacked": 0, "returned": 0, "lost": 0, "unsent": 0}
+        assert data["failover"] == {"count": 0, "republished": 0, "brokers": [data["broker"]]}
         assert data["by_type"] == {"search": 20} and data["wait"] is None
         assert data["record"] == {"path": str(record), "lines": 20}
         assert data["events_per_s"] > 0 and data["ms_per_event"] > 0
