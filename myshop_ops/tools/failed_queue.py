@@ -72,6 +72,15 @@ class Drift:
 
 
 @dataclass
+class _Walk:
+    """Where a retry's walk is, for a failover: a copy being published, the key whose ack may not have landed."""
+
+    in_hand: bool = False  # a copy published and not confirmed yet
+    acking: str | None = None  # acked last, no message fetched since (the ack may be lost with the connection)
+    spare: str | None = None  # after a failover: the first message of this key is only acked (its copy is confirmed)
+
+
+@dataclass
 class Outcome:
     """What retry/remove did: the keys of the messages (and orphan records) acted on, and the ids asked for that
     named nothing."""
@@ -159,25 +168,30 @@ class FailedBox:
     def retry(self, ids: Iterable[str] | None) -> Outcome:
         """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
         count reset, then remove them from the queue and the collection. Returns the keys retried. A connection lost
-        mid-walk (with a failover) is replaced and the queue walked again: a message whose copy was confirmed is
-        then only acked; one whose copy was not is published again (counted in ``failover.resent``)."""
+        mid-walk (with a failover) is replaced and the queue walked again: the message whose copy was confirmed last
+        (its ack may have been lost with the connection) is then only acked once; one whose copy was not confirmed is
+        published again (counted in ``failover.resent``)."""
         wanted = None if ids is None else set(ids)
         done: list[str] = []
         named: set[str] = set()
-        in_hand: list[str] = []  # the key being republished, until its copy is confirmed
+        state = _Walk()
         publisher = Publisher(self.connection)
 
         def resend(msg: QueuedMessage) -> bool:
+            state.acking = None  # this message was fetched: the ack before it reached the broker
             if not msg.chosen(wanted):
                 return False
-            if msg.key not in named:  # else: its copy was confirmed before a failover, its ack lost with it
+            if state.spare == msg.key:  # its copy was confirmed before the failover, its ack lost with it
+                state.spare = None
+            else:
                 headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
-                in_hand.append(msg.key)
+                state.in_hand = True
                 publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
                                   headers=headers, content_type=msg.content_type or "application/json")
-                in_hand.clear()
+                state.in_hand = False
                 done.append(msg.key)
             named.update({msg.key, msg.message_id})
+            state.acking = msg.key
             return True
 
         while True:
@@ -187,8 +201,8 @@ class FailedBox:
             except CONNECTION_LOST as exc:
                 if self.failover is None:
                     raise
-                self.failover.resent += len(in_hand)
-                in_hand.clear()
+                self.failover.resent += state.in_hand
+                state.in_hand, state.spare, state.acking = False, state.acking, None
                 self.connection = self.failover.recover(exc)
                 publisher = Publisher(self.connection)
         publisher.channel.close()
