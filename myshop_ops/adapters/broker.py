@@ -1,5 +1,6 @@
-"""RabbitMQ: connection with failover, the topology's names and policies (declared by ``transports``), a confirmed
-publisher that survives a cluster's nack stall and waits out resource alarms with a bound, queue depth."""
+"""RabbitMQ: connection with failover (at the start, and for the tools that move messages when a connection is lost
+mid-run), the topology's names and policies (declared by ``transports``), a confirmed publisher that survives a
+cluster's nack stall and waits out resource alarms with a bound, queue depth."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pika
@@ -29,6 +30,10 @@ BLOCKED_TIMEOUT_S = 60
 # RabbitMQ 3.10 nacks every publish of a channel opened during a quorum leader election until the old leader
 # returns (seconds, or forever); a fresh channel ended it within 0.5 s in every run (notes/rabbitmq-cluster.md)
 NACK_PAUSES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
+# a publisher whose connection is lost mid-run (its node died) tries the URLs of RABBITMQ_DSN in rounds this far
+# apart, the lost one last, for this long from the loss until a publish is confirmed again; then it gives up
+FAILOVER_S = 60
+FAILOVER_PAUSE_S = 0.5
 
 
 class BrokerError(Exception):
@@ -46,6 +51,10 @@ class PublishBlocked(BrokerError):
 
 # what a lost or refused connection raises: the consumer reconnects, the exporter retries
 CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLostError, BrokerError, ConnectionError)
+# what an operation on a connection that was lost under it raises (StreamLostError and ConnectionClosedByBroker are
+# AMQPConnectionErrors; a channel of a closed connection raises ChannelWrongStateError): a Failover takes it from there
+CONNECTION_LOST = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, pex.ChannelWrongStateError,
+                   ConnectionError)
 
 
 SHOP_ROUTING_KEY = "user.embedding.update"  # the shop's Symfony transport: default_publish_routing_key
@@ -208,6 +217,9 @@ def connection_parameters(url: str, *, name: str, heartbeat: int = 30) -> pika.U
     return params
 
 
+_UNREACHABLE_HINT = " (is RabbitMQ running? check RABBITMQ_DSN)"
+
+
 def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingConnection:
     """Connect to the first reachable URL of a comma-separated DSN list."""
     errors = []
@@ -221,6 +233,79 @@ def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingC
         except OSError as exc:
             errors.append(f"{mask_url(url)}: {exc}")
     raise BrokerError("RabbitMQ unreachable: " + "; ".join(errors) + " (is RabbitMQ running? check RABBITMQ_DSN)")
+
+
+class Failover:
+    """The connection of a tool that moves messages, and its replacement when it is lost mid-run.
+
+    ``connect()`` opens the first reachable URL of the DSN (as ``connect``); ``recover(lost)`` after an operation
+    raised one of CONNECTION_LOST opens another: the URLs after the lost one first, the lost one last, in rounds
+    FAILOVER_PAUSE_S apart, for FAILOVER_S at most, then BrokerError naming every URL tried and what to do. The tool
+    redoes its unit of work on the new connection (what was fetched and not acked is back in its source queue: the
+    lost channel's deliveries return to it). ``failovers`` counts the connections replaced, ``resent`` what the tool
+    published again after one."""
+
+    def __init__(self, dsn: str, *, name: str, budget_s: float = FAILOVER_S):
+        self.urls = dsn_urls(dsn)
+        self.name = name
+        self.budget_s = budget_s
+        self.connection: BlockingConnection | None = None
+        self.failovers = 0
+        self.resent = 0
+        self._index = 0
+
+    def connect(self) -> BlockingConnection:
+        """The first connection (BrokerError when no URL opens, as ``connect``)."""
+        self.connection, self._index = self._first_open(range(len(self.urls)))
+        return self.connection
+
+    def _first_open(self, order: Iterable[int]) -> tuple[BlockingConnection, int]:
+        errors = []
+        for i in order:
+            try:
+                return connect(self.urls[i], name=self.name), i
+            except BrokerError as exc:
+                errors.append(str(exc).removeprefix("RabbitMQ unreachable: ").removesuffix(_UNREACHABLE_HINT))
+        raise BrokerError("RabbitMQ unreachable: " + "; ".join(errors) + _UNREACHABLE_HINT)
+
+    def recover(self, lost: BaseException) -> BlockingConnection:
+        """A connection to another node (or the same one, back) after ``lost``; BrokerError past the bound."""
+        lost_url = mask_url(self.urls[self._index])
+        reason = f"{type(lost).__name__} {lost}".strip()
+        with contextlib.suppress(Exception):
+            if self.connection is not None and self.connection.is_open:
+                self.connection.close()
+        n = len(self.urls)
+        order = [(self._index + 1 + k) % n for k in range(n)]
+        deadline = time.monotonic() + self.budget_s
+        while True:
+            try:
+                self.connection, self._index = self._first_open(order)
+                break
+            except BrokerError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(f"RabbitMQ connection to {lost_url} lost ({reason}) and no node of RABBITMQ_DSN "
+                                      f"took over within {self.budget_s:g}s ({str(exc).removesuffix(_UNREACHABLE_HINT)}"
+                                      "): start a node or fix RABBITMQ_DSN, then run again") from None
+                time.sleep(min(FAILOVER_PAUSE_S, left))
+        self.failovers += 1
+        log.warning("RabbitMQ connection lost, going on on another node",
+                    extra={"lost": lost_url, "reason": reason, "now": mask_url(self.urls[self._index])})
+        return self.connection
+
+    def report(self) -> str | None:
+        """One line for the operator once a connection was replaced (None before)."""
+        if not self.failovers:
+            return None
+        return (f"RabbitMQ connection lost {self.failovers} time(s), went on on another node: {self.resent} "
+                "republished after failover (such a message may be in its queue twice: consumers deduplicate by "
+                "message id)")
+
+    def close(self) -> None:
+        with contextlib.suppress(pex.AMQPError, OSError):
+            if self.connection is not None and self.connection.is_open:
+                self.connection.close()
 
 
 def queue_depth(connection: BlockingConnection, queue: str) -> tuple[int, int] | None:
@@ -320,34 +405,62 @@ def missing_objects(connection: BlockingConnection, topo: Topology) -> list[str]
     return missing + ([] if exchange_exists(connection, topo.exchange) else [f"exchange '{topo.exchange}'"])
 
 
-def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0) -> int:
+def move(connection: BlockingConnection, source: str, routing_key: str, *, exchange: str = "", skip: int = 0,
+         failover: Failover | None = None) -> int:
     """Move the messages of ``source`` (all but its first ``skip``) to ``exchange`` with ``routing_key``, properties
     and headers kept (but a header pika cannot encode again, a value out of range a publisher chose: left out): each
     is republished with a confirm (a nack: again, on a fresh channel), then acked, so none is ever lost (an
-    interruption leaves one copy twice at most, which deduplication absorbs). Returns how many moved."""
+    interruption leaves one copy twice at most, which deduplication absorbs). With ``failover`` (whose connection
+    ``connection`` is), a connection lost mid-move is replaced and the move goes on: the message in hand is still in
+    ``source`` (never acked before its copy was confirmed) and is moved again (counted in ``failover.resent``).
+    Returns how many moved."""
+    state = _Moving()
+    while True:
+        try:
+            _move_on(connection, source, routing_key, exchange, skip, state)
+            return state.moved
+        except CONNECTION_LOST as exc:
+            if failover is None:
+                raise
+            failover.resent += state.in_hand
+            state.in_hand = False
+            connection = failover.recover(exc)
+
+
+@dataclass
+class _Moving:
+    moved: int = 0
+    in_hand: bool = False  # a message fetched and not acked yet: moved again after a failover
+
+
+def _move_on(connection: BlockingConnection, source: str, routing_key: str, exchange: str, skip: int,
+             state: _Moving) -> None:
+    """``move`` on one connection, counting in ``state`` as it goes (a lost connection raises out of here)."""
     get, put = connection.channel(), Publisher(connection)
-    moved = 0
     try:
         while True:
             method, props, body = get.basic_get(source, auto_ack=False)
             if method is None:
-                return moved
+                return
             if skip > 0:
                 skip -= 1  # left unacked until the channel closes: back in the queue, in its place
                 continue
             if props.headers:
                 props.headers = encodable(props.headers)[0]
+            state.in_hand = True
             try:
                 put.send(exchange, routing_key, body, props, what=f"a message moved from '{source}'")
             except BrokerError as exc:
                 raise type(exc)(f"moving a message from '{source}' to '{exchange or routing_key}' failed: {exc}; "
                                 f"it stays in '{source}'") from None
             get.basic_ack(method.delivery_tag)
-            moved += 1
+            state.moved += 1
+            state.in_hand = False
     finally:
         for ch in (get, put.channel):
             if ch.is_open:
-                ch.close()
+                with contextlib.suppress(*CONNECTION_LOST):
+                    ch.close()
 
 
 def purge(connection: BlockingConnection, queue: str) -> int:

@@ -22,9 +22,14 @@ waited out for ``broker.BLOCKED_TIMEOUT_S`` at most, then the run stops with tha
 ``--wait`` latencies of ``generate-test-events`` are measured from.
 
 The connection goes to the first reachable URL of ``RABBITMQ_DSN`` (comma-separated for failover,
-tried in turn like :func:`myshop_ops.adapters.broker.connect`). A connection or channel lost in the middle of
-a run is not retried: the unconfirmed and unsent messages are counted as failed and the reason is
-given in ``PublishResult.error`` (re-running publishes new events; consumers deduplicate by id anyway).
+tried in turn like :func:`myshop_ops.adapters.broker.connect`). A connection lost in the middle of a run (its node
+died, the broker closed it) fails over: the other URLs are tried in turn, the lost one last, in rounds
+``broker.FAILOVER_PAUSE_S`` apart, for ``broker.FAILOVER_S`` at most from the loss until a publish is confirmed again;
+the publishes the lost connection had not confirmed go again first on the new one, with the same message id and
+publish time (one may then be in the queue twice: consumers deduplicate by message id), counted in
+``PublishResult.resent``. Past the bound the run stops: unconfirmed and unsent messages count as failed and
+``PublishResult.error`` names the nodes tried. A channel the broker closes (a missing exchange), or a connection
+closed after ``BLOCKED_TIMEOUT_S`` blocked by an alarm (every node is blocked), stops the run the same way at once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from pika.spec import Basic
 
 from myshop_ops.adapters.broker import (
     BLOCKED_TIMEOUT_S,
+    FAILOVER_PAUSE_S,
+    FAILOVER_S,
     H_PUBLISHED_AT,
     NACK_PAUSES_S,
     PERSISTENT,
@@ -98,8 +105,10 @@ class PublishResult:
     status: bytearray = field(default_factory=bytearray)
     sent_at: array = field(default_factory=lambda: array("d"))
     error: str | None = None  # why the run stopped early, one line
-    broker: str = ""  # the masked URL the run was published through
+    broker: str = ""  # the masked URL the run was published through (the first, when it failed over)
+    brokers: list[str] = field(default_factory=list)  # every URL the run connected to, in order (failover)
     republished: int = 0  # nacked publishes sent again on a fresh channel
+    resent: int = 0  # publishes a lost connection had not confirmed, sent again after failing over
     channels: int = 0  # channels opened (1 + one per nack stall)
     blocked_s: float = 0.0  # time the connection was blocked by a resource alarm
 
@@ -112,6 +121,11 @@ class PublishResult:
     def ms_per_event(self) -> float | None:
         return self.duration_s * 1000 / self.published if self.published else None
 
+    @property
+    def failovers(self) -> int:
+        """Connections lost mid-run and replaced by another (or the same URL, back)."""
+        return max(0, len(self.brokers) - 1)
+
 
 class WindowedPublisher:
     """Publish a sequence of ``(body, message_id)`` with up to ``window`` unconfirmed messages in flight.
@@ -120,7 +134,8 @@ class WindowedPublisher:
     spacing does not drift). ``on_settled(index, ok)`` is called for every message in publish order once
     it and all before it are settled (``--record`` writes there); ``on_progress(settled)`` at most every
     ``progress_every`` seconds and at the end; ``on_blocked(blocked, reason)`` when RabbitMQ blocks the connection
-    (a resource alarm) and when it unblocks it.
+    (a resource alarm) and when it unblocks it; ``on_failover(line)`` with one line for the operator each time a lost
+    connection is replaced. A lost connection is given ``failover_s`` to be replaced and confirm again.
     """
 
     def __init__(
@@ -136,6 +151,8 @@ class WindowedPublisher:
         on_progress: Callable[[int], None] | None = None,
         progress_every: float = 0.1,
         on_blocked: Callable[[bool, str], None] | None = None,
+        on_failover: Callable[[str], None] | None = None,
+        failover_s: float = FAILOVER_S,
     ):
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -149,33 +166,57 @@ class WindowedPublisher:
         self.on_progress = on_progress
         self.progress_every = progress_every
         self.on_blocked = on_blocked
+        self.on_failover = on_failover
+        self.failover_s = failover_s
 
     # ---- the run --------------------------------------------------------------------------------
 
     def run(self, messages: Sequence[tuple[bytes, str]]) -> PublishResult:
-        """Publish every message and wait for every confirm. Raises BrokerError if no URL can be reached."""
+        """Publish every message and wait for every confirm, failing over to another URL when the connection is
+        lost. Raises BrokerError if no URL can be reached at the start."""
         self._reset(messages)
         if not self.urls:
             raise BrokerError("RabbitMQ unreachable: RABBITMQ_DSN holds no URL")
-        for url in self.urls:  # failover: the first URL that opens carries the whole run
-            self._url = url
-            self._connection = pika.SelectConnection(
-                connection_parameters(url, name=self.name),
-                on_open_callback=self._on_open,
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_closed,
-            )
-            self._connection.add_on_connection_blocked_callback(self._on_blocked)
-            self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
-            try:
-                self._connection.ioloop.start()
-            finally:
-                self._connection.ioloop.close()
-            if self._result.broker:
-                return self._result
-        raise BrokerError(
-            "RabbitMQ unreachable: " + "; ".join(self._open_errors) + " (is RabbitMQ running? check RABBITMQ_DSN)"
+        n = len(self.urls)
+        first = 0
+        while True:
+            for k in range(n):  # one round: from ``first`` on, the URL whose connection was lost last
+                index = (first + k) % n
+                self._carry(index)
+                if self._finished:
+                    return self._result
+                if self._opened:  # it opened, then was lost: the next round starts after it
+                    first = (index + 1) % n
+                    break
+            else:
+                if not self._result.brokers:
+                    raise BrokerError("RabbitMQ unreachable: " + "; ".join(self._open_errors.values())
+                                      + " (is RabbitMQ running? check RABBITMQ_DSN)")
+                left = self._lost_at + self.failover_s - time.monotonic()
+                if left <= 0:
+                    self._give_up()
+                    return self._result
+                time.sleep(min(FAILOVER_PAUSE_S, left))
+
+    def _carry(self, index: int) -> None:
+        """Connect to URL ``index`` and run the I/O loop until the run ends, the connection fails to open or is
+        lost."""
+        self._url = self.urls[index]
+        self._opened = False
+        self._connection = pika.SelectConnection(
+            connection_parameters(self._url, name=self.name),
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
         )
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._looping = True
+        try:
+            self._connection.ioloop.start()
+        finally:
+            self._looping = False
+            self._connection.ioloop.close()
 
     def _reset(self, messages: Sequence[tuple[bytes, str]]) -> None:
         """The state of one run."""
@@ -185,6 +226,7 @@ class WindowedPublisher:
         self._next = 0  # next new index to publish
         self._settled = 0
         self._redo: deque[int] = deque()  # nacked indices to publish again, on the current channel
+        self._resend: deque[int] = deque()  # indices a lost connection had not confirmed, ascending
         self._attempts = bytearray(n)  # publishes of each index so far
         self._pending: dict = {}  # channel -> {delivery tag: index} not confirmed yet (tags ascending)
         self._tag: dict = {}  # channel -> last delivery tag used on it
@@ -194,8 +236,12 @@ class WindowedPublisher:
         self._returned: set[str] = set()
         self._scheduled = False
         self._finished = False
-        self._open_errors: list[str] = []
+        self._open_errors: dict[str, str] = {}  # URL -> why its last connection attempt failed
         self._url = ""
+        self._opened = False  # the current attempt's connection opened
+        self._looping = False  # inside the current connection's I/O loop
+        self._lost_at: float | None = None  # monotonic time of the loss not yet followed by a confirm
+        self._lost_reason = ""
         self._connection: pika.SelectConnection | None = None
         self._channel = None
         self._t0 = 0.0
@@ -206,11 +252,17 @@ class WindowedPublisher:
         )
 
     def _on_open_error(self, connection, exc: BaseException) -> None:
-        self._open_errors.append(_open_error_text(self._url, exc))
+        self._open_errors[self._url] = _open_error_text(self._url, exc)
         connection.ioloop.stop()
 
     def _on_open(self, connection) -> None:
-        self._result.broker = mask_url(self._url)
+        self._opened = True
+        res = self._result
+        res.brokers.append(mask_url(self._url))
+        res.broker = res.brokers[0]
+        if len(res.brokers) > 1 and self.on_failover is not None:
+            self.on_failover(f"connection to {res.brokers[-2]} lost ({self._lost_reason}): going on on "
+                             f"{res.brokers[-1]}, {len(self._resend):,} unconfirmed publish(es) sent again first")
         self._open_channel()
 
     def _open_channel(self) -> None:
@@ -267,7 +319,10 @@ class WindowedPublisher:
             ch.basic_publish(self.exchange, self.routing_key, body, self._props(mid, self._result.sent_at[i]),
                              mandatory=True)
         except (pex.AMQPError, OSError) as exc:  # channel or connection closed under us
-            self._abort(f"publishing failed: {type(exc).__name__} {exc}".strip())
+            if self._connection.is_open:
+                self._abort(f"publishing failed: {type(exc).__name__} {exc}".strip())
+            else:  # the connection is going: _on_closed fails over
+                self._ready = False
             return False
         self._tag[ch] += 1
         self._pending[ch][self._tag[ch]] = i
@@ -280,19 +335,16 @@ class WindowedPublisher:
         if self._finished or not self._ready:
             return
         res = self._result
+        # what a lost connection had not confirmed, then the nacked ones (their first publish time is kept)
+        budget = self._again(self._resend, CHUNK)
+        if budget is None:
+            return
+        budget = self._again(self._redo, budget)
+        if budget is None:
+            return
         sent_at = res.sent_at
         window = self.window
-        budget = CHUNK
         now = time.time
-        while self._redo:  # nacked ones first, on this fresh channel (their first publish time is kept)
-            if budget == 0:
-                self._kick()
-                return
-            i = self._redo.popleft()
-            if not self._send(i):
-                return
-            res.republished += 1
-            budget -= 1
         while self._next < self._total and self._next - self._settled < window:
             if budget == 0:
                 self._kick()
@@ -308,6 +360,25 @@ class WindowedPublisher:
                 return
             self._next = i + 1
             budget -= 1
+
+    def _again(self, queue: deque[int], budget: int) -> int | None:
+        """Publish the indices of ``queue`` (``_resend`` or ``_redo``) again, up to ``budget`` of them; the budget
+        left, or None when this turn is over (budget spent: the next turn is scheduled; or the channel is gone: the
+        index stays queued)."""
+        while queue:
+            if budget == 0:
+                self._kick()
+                return None
+            i = queue.popleft()
+            if not self._send(i):
+                queue.appendleft(i)
+                return None
+            if queue is self._resend:
+                self._result.resent += 1
+            else:
+                self._result.republished += 1
+            budget -= 1
+        return budget
 
     # ---- confirms -------------------------------------------------------------------------------
 
@@ -326,6 +397,7 @@ class WindowedPublisher:
         else:
             indices = [i for i in (pending.pop(method.delivery_tag, None),) if i is not None]
         if ok:
+            self._lost_at = None  # confirmed again: a later loss has the whole failover bound
             for i in indices:
                 self._settle(i, True)
         else:
@@ -403,7 +475,7 @@ class WindowedPublisher:
         conn = self._connection
         if conn is not None and conn.is_open:
             conn.close()
-        else:
+        elif conn is not None and self._looping:
             conn.ioloop.stop()
 
     def _abort(self, reason: str) -> None:
@@ -427,6 +499,9 @@ class WindowedPublisher:
     def _on_channel_closed(self, channel, reason: BaseException) -> None:
         if self._finished:
             return
+        if not self._connection.is_open:  # the connection is going: _on_closed fails over
+            self._ready = False
+            return
         if channel is not self._channel:  # a nacked channel: what it still carried goes again on the current one
             left = self._pending.pop(channel, {})
             self._tag.pop(channel, None)
@@ -437,8 +512,36 @@ class WindowedPublisher:
 
     def _on_closed(self, connection, reason: BaseException) -> None:
         if not self._finished:
-            self._abort(f"RabbitMQ connection lost: {_reason_text(reason)}")
+            if isinstance(reason, pex.ConnectionBlockedTimeout):  # an alarm blocks every node: no failover
+                self._abort(f"RabbitMQ connection lost: {_reason_text(reason)}")
+            else:
+                self._lost(reason)
         connection.ioloop.stop()
+
+    def _lost(self, reason: BaseException) -> None:
+        """The connection is gone mid-run: what it had not confirmed goes again, first, on the next one."""
+        self._lost_reason = _reason_text(reason)
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
+        unconfirmed = [i for pending in self._pending.values() for i in pending.values()]
+        for i in unconfirmed:
+            self._attempts[i] -= 1  # a publish lost with its connection is no nack attempt
+        self._resend = deque(sorted({*self._resend, *unconfirmed}))
+        self._pending.clear()
+        self._tag.clear()
+        self._channel = None
+        self._ready = False
+        self._scheduled = False  # a pump scheduled on the lost connection's loop never runs
+        if self._blocked_since is not None:
+            self._result.blocked_s += time.monotonic() - self._blocked_since
+            self._blocked_since = None
+
+    def _give_up(self) -> None:
+        """No URL took over within FAILOVER_S: the run stops, the unconfirmed and unsent messages failed."""
+        tried = "; ".join(self._open_errors.get(u) or f"{mask_url(u)}: lost" for u in self.urls)
+        self._abort(f"RabbitMQ connection to {self._result.brokers[-1]} lost ({self._lost_reason}) and no node of "
+                    f"RABBITMQ_DSN took over within {self.failover_s:g}s (tried {tried}): start a node or fix "
+                    "RABBITMQ_DSN, then run again")
 
 
 def _reason_text(reason: BaseException) -> str:

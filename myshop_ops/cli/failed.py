@@ -26,11 +26,11 @@ def _box() -> Iterator[FailedBox]:
     s = settings()
     with operator_errors(s):
         store = Store.from_settings(s)
-        conn = broker.connect(s.rabbitmq_dsn, name="myshop-failed")
+        failover = broker.Failover(s.rabbitmq_dsn, name="myshop-failed")
         try:
-            yield FailedBox(conn, store, Topology.from_settings(s))
+            yield FailedBox(failover.connect(), store, Topology.from_settings(s), failover)
         finally:
-            conn.close()
+            failover.close()
             store.close()
 
 
@@ -179,7 +179,7 @@ def retry(
     _confirm("retry", targets, force)
     with _box() as box:
         outcome = box.retry(targets)
-    _report("retried", outcome)
+    _report("retried", outcome, box.failover)
 
 
 def remove(
@@ -195,8 +195,10 @@ def remove(
     _report("removed", outcome)
 
 
-def _report(verb: str, outcome: Outcome) -> None:
+def _report(verb: str, outcome: Outcome, failover: broker.Failover | None = None) -> None:
     console.print(f"{verb} {len(outcome.done)} message(s)", highlight=False)
+    if failover is not None and (line := failover.report()):
+        console.print(line, highlight=False, markup=False)
     if outcome.missing:
         fail(f"not found in the failed queue or its records: {', '.join(outcome.missing)} "
              "(list them with `myshop failed show`)")

@@ -19,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import BLOCKED_TIMEOUT_S, Topology
+from myshop_ops.adapters.broker import BLOCKED_TIMEOUT_S, FAILOVER_S, Topology
 from myshop_ops.adapters.config import Settings, mask_url
+from myshop_ops.adapters.management import Management, ManagementError, for_connection
 from myshop_ops.adapters.publisher import DEFAULT_WINDOW, OK, PublishResult, WindowedPublisher
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
@@ -39,9 +40,11 @@ from myshop_ops.tools.generate import (
     expected_sent_times,
     product_pool,
     profile_counts,
+    queue_counts,
     record_problem,
     synthesize,
     wait_visible,
+    where_missing,
 )
 
 GENERATE_HELP = f"""Publish synthetic shop events to the main exchange (publisher confirms).
@@ -59,7 +62,9 @@ Then a results table: published, failed (nacked, returned as unroutable, or lost
 duration (first publish to last confirm), events/s, ms/event. Exit 1 if any event failed. A nacked event is
 published again on a fresh channel (up to 8 times: a RabbitMQ cluster's leader election can leave a channel
 nacking); a connection blocked by a memory or disk alarm is said on stderr and given up after
-{BLOCKED_TIMEOUT_S} s.
+{BLOCKED_TIMEOUT_S} s. A connection lost mid-run (its node died) fails over to the other URLs of RABBITMQ_DSN
+(comma-separated), the lost one last, for {FAILOVER_S} s at most: said on stderr, the events it had not confirmed
+are published again first (same message id: a duplicate is absorbed by the consumers) and counted ("failover" row).
 
 --record FILE writes the exact published bodies as JSON lines (publish order, confirmed ones only): a new file,
 or an existing regular file overwritten; never through a symbolic link, into a FIFO or device, or over a file
@@ -70,14 +75,18 @@ event_count of its user (counts read before publishing are subtracted) and repor
 to the last profile write) and publish-to-profile latency P50/P95/P99: from the moment the event was handed
 to the client library to the profile's updated_at written by the worker. Latencies are upper bounds at the
 poll resolution (several writes between two polls are seen as the last one). Gives up after
---wait-timeout seconds with exit 1.
+--wait-timeout seconds (default 600: the checklist's 5,000-event performance run drained in 50-137 s, and an event
+that fails takes up to the sum of the retry delays more) with exit 1 and one line saying what every queue of the
+topology holds (main: ready, unacked, consumers; each retry queue; failed; unrouted) and what to do.
 
---json prints, instead of the tables, {{"run_id", "plan": {{"events", "users", "events_per_user", "event_type",
-"start_user_id", "delay_ms", "window"}}, "exchange", "queue", "broker", "published", "failed", "failures":
-{{"nacked", "returned", "lost", "unsent"}}, "error", "started_at", "duration_s", "events_per_s", "ms_per_event",
-"by_type": {{TYPE: N}}, "record": null | {{"path", "lines"}}, "wait": null | {{"completed", "timeout_s",
-"expected", "observed", "unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent",
-"latency_ms": {{"p50", "p95", "p99", "max"}}, "queue_ready", "consumers"}}}} (schema in docs/CLI-JSON.md).
+--json prints one JSON object instead of the tables:
+{{"run_id", "plan": {{"events", "users", "events_per_user", "event_type", "start_user_id", "delay_ms",
+"window"}}, "exchange", "queue", "broker", "published", "failed", "failures": {{"nacked", "returned", "lost",
+"unsent"}}, "failover": {{"count", "republished", "brokers"}}, "error", "started_at", "duration_s", "events_per_s",
+"ms_per_event", "by_type": {{TYPE: N}}, "record": null | {{"path", "lines"}}, "wait": null | {{"completed",
+"timeout_s", "expected", "observed", "unusable", "drain_s", "waited_s", "poll_interval_ms", "publish_time": "sent",
+"latency_ms": {{"p50", "p95", "p99", "max"}}, "queue_ready", "consumers", "queues": null | [{{"queue", "role",
+"ready", "unacked", "consumers"}}]}}}} (schema in docs/CLI-JSON.md).
 
 Exit codes: 0 all published (and seen, with --wait); 1 a failed event, a --wait timeout or a "no" at the
 prompt; 2 a bad option, no product vectors for product events, or a missing queue/exchange; 3 RabbitMQ or
@@ -142,7 +151,7 @@ def generate_test_events(
     if result.error:
         err_console.print(f"[bold red]error:[/] {shown(result.error)}", highlight=False, soft_wrap=True)
     if outcome is not None and not outcome.completed:
-        err_console.print(f"[bold red]error:[/] {shown(_timeout_line(outcome, wait_timeout, topo))}",
+        err_console.print(f"[bold red]error:[/] {shown(_timeout_line(outcome, wait_timeout))}",
                           highlight=False, soft_wrap=True)
     if result.failed or (outcome is not None and not outcome.completed):
         raise typer.Exit(EXIT_FAIL)
@@ -245,6 +254,9 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
         if ok and recorder is not None:
             recorder.write(messages[i][0])
 
+    def failed_over(line: str) -> None:  # a lost node: say where the run goes on
+        err_console.print(f"[yellow]failover:[/] {shown(line)}", highlight=False, soft_wrap=True)
+
     def blocked(on: bool, reason: str) -> None:  # a resource alarm anywhere in the cluster: say so, do not freeze
         if on:
             err_console.print(f"[yellow]blocked:[/] RabbitMQ blocks publishing ({shown(reason)}: a memory or disk "
@@ -258,7 +270,7 @@ def _publish(s: Settings, topo: Topology, run: Run, *, window: int, record: Path
             publisher = WindowedPublisher(
                 s.rabbitmq_dsn, topo.exchange, topo.queue, window=window, delay_s=run.plan.delay_ms / 1000,
                 name="myshop-generate", on_settled=settled, on_progress=update,
-                progress_every=0.1 if console.is_terminal else 0.5, on_blocked=blocked,
+                progress_every=0.1 if console.is_terminal else 0.5, on_blocked=blocked, on_failover=failed_over,
             )
             result = publisher.run(messages)
     finally:
@@ -279,6 +291,9 @@ def _print_results(plan: Plan, run: Run, res: PublishResult, record: Path | None
     table.add_row("failed", failed)
     if res.republished:
         table.add_row("nacked, sent again", f"{res.republished:,} (on {res.channels - 1} fresh channel(s))")
+    if res.failovers:
+        table.add_row("failover", f"{res.resent:,} republished after failover ({res.failovers} connection(s) lost; "
+                      f"ended on {shown(res.brokers[-1])})")
     if res.blocked_s:
         table.add_row("blocked by an alarm", f"{res.blocked_s:.1f} s")
     table.add_row("duration", f"{res.duration_s:.3f} s")
@@ -320,11 +335,21 @@ def _wait(s: Settings, store: Store, topo: Topology, run: Run, res: PublishResul
                 tracker, lambda ids: profile_counts(store, ids), publish_end=publish_end, timeout=timeout,
                 queue_state=queue_state, on_poll=lambda t: update(t.observed),
             )
+        if not outcome.completed:  # where the missing events are, for the give-up line
+            outcome.queues = queue_counts(conn, topo, _management(s, conn))
     finally:
         with contextlib.suppress(pex.AMQPError, OSError):
             conn.close()
     outcome.unusable = unusable
     return outcome
+
+
+def _management(s: Settings, conn) -> Management | None:
+    """The management API of the broker ``conn`` reached, or None when it does not answer for it."""
+    try:
+        return for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn)
+    except (ManagementError, pex.AMQPError, OSError):
+        return None
 
 
 def _print_wait(o: WaitOutcome, timeout: float) -> None:
@@ -341,11 +366,9 @@ def _print_wait(o: WaitOutcome, timeout: float) -> None:
     console.print(table)
 
 
-def _timeout_line(o: WaitOutcome, timeout: float, topo: Topology) -> str:
-    queue = "" if o.queue_ready is None else f"; queue '{topo.queue}' holds {o.queue_ready:,} ready message(s) " \
-                                             f"with {o.consumers} consumer(s)"
-    return (f"gave up waiting after {timeout:g} s: {o.observed:,} of {o.expected:,} events are in the profiles"
-            f"{queue} (is `myshop consume` running? check `myshop failed show`)")
+def _timeout_line(o: WaitOutcome, timeout: float) -> str:
+    where = where_missing(o.queues) if o.queues else "the queues could not be read (is RabbitMQ reachable?)"
+    return f"gave up waiting after {timeout:g} s: {o.observed:,} of {o.expected:,} events are in the profiles; {where}"
 
 
 def _json(plan: Plan, window: int, topo: Topology, run: Run, res: PublishResult, record: Path | None, lines: int,
@@ -361,6 +384,7 @@ def _json(plan: Plan, window: int, topo: Topology, run: Run, res: PublishResult,
         "published": res.published,
         "failed": res.failed,
         "failures": {"nacked": res.nacked, "returned": res.returned, "lost": res.lost, "unsent": res.unsent},
+        "failover": {"count": res.failovers, "republished": res.resent, "brokers": res.brokers},
         "error": res.error,
         "started_at": _iso(res.started_at),
         "duration_s": round(res.duration_s, 6),
@@ -381,6 +405,7 @@ def _json(plan: Plan, window: int, topo: Topology, run: Run, res: PublishResult,
             "latency_ms": outcome.summary(),
             "queue_ready": outcome.queue_ready,
             "consumers": outcome.consumers,
+            "queues": None if outcome.queues is None else [q.as_json() for q in outcome.queues],
         },
     }
 

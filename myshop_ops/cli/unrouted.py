@@ -50,10 +50,12 @@ def republish() -> None:
     s = settings()
     topo = Topology.from_settings(s)
     with operator_errors(s):
-        conn = broker.connect(s.rabbitmq_dsn, name="myshop-unrouted")
+        failover = broker.Failover(s.rabbitmq_dsn, name="myshop-unrouted")
         try:
-            moved = unrouted.republish(conn, topo)
+            moved = unrouted.republish(failover.connect(), topo, failover)
         finally:
-            conn.close()
+            failover.close()
     console.print(f"moved {moved} message(s) from {topo.unrouted} to {topo.queue}", highlight=False, markup=False)
+    if line := failover.report():
+        console.print(line, highlight=False, markup=False)
 

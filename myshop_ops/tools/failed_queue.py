@@ -8,6 +8,8 @@ relies on where they go back: a classic queue restores their order, a quorum que
 may not, and counts the release as a delivery (``x-delivery-count``; the failed queue has no
 delivery limit). Messages are told apart by their failure id or message id, never by position. No
 message is ever copied or dropped by a listing.
+A retry given a ``broker.Failover`` goes on on another node when its connection is lost: it walks the queue again,
+never acking a message before its copy was confirmed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import H_PUBLISHED_AT, BrokerError, Publisher, Topology
+from myshop_ops.adapters.broker import CONNECTION_LOST, H_PUBLISHED_AT, BrokerError, Failover, Publisher, Topology
 from myshop_ops.adapters.store import Store
 from myshop_ops.core.retry_routing import (
     H_ERROR_CLASS,
@@ -77,6 +79,15 @@ class Drift:
 
 
 @dataclass
+class _Walk:
+    """Where a retry's walk is, for a failover: a copy being published, the key whose ack may not have landed."""
+
+    in_hand: bool = False  # a copy published and not confirmed yet
+    acking: str | None = None  # acked last, no message fetched since (the ack may be lost with the connection)
+    spare: str | None = None  # after a failover: the first message of this key is only acked (its copy is confirmed)
+
+
+@dataclass
 class Outcome:
     """What retry/remove did: the keys of the messages (and orphan records) acted on, and the ids asked for that
     named nothing."""
@@ -86,10 +97,15 @@ class Outcome:
 
 
 class FailedBox:
-    def __init__(self, connection: BlockingConnection, store: Store, topo: Topology):
+    """The failed queue on ``connection`` and its records in ``store``; ``failover`` (whose connection it is) lets
+    ``retry`` go on on another node when that connection is lost."""
+
+    def __init__(self, connection: BlockingConnection, store: Store, topo: Topology,
+                 failover: Failover | None = None):
         self.connection = connection
         self.store = store
         self.topo = topo
+        self.failover = failover
 
     def queue_count(self) -> int:
         """Messages in the failed queue; BrokerError (one line) when it does not exist."""
@@ -164,23 +180,44 @@ class FailedBox:
 
     def retry(self, ids: Iterable[str] | None) -> Outcome:
         """Republish the chosen messages (None = all; by failure id or message id) to the main queue with the retry
-        count reset, then remove them from the queue and the collection. Returns the keys retried."""
+        count reset, then remove them from the queue and the collection. Returns the keys retried. A connection lost
+        mid-walk (with a failover) is replaced and the queue walked again: the message whose copy was confirmed last
+        (its ack may have been lost with the connection) is then only acked once; one whose copy was not confirmed is
+        published again (counted in ``failover.resent``)."""
         wanted = None if ids is None else set(ids)
-        publisher = Publisher(self.connection)
         done: list[str] = []
         named: set[str] = set()
+        state = _Walk()
+        publisher = Publisher(self.connection)
 
         def resend(msg: QueuedMessage) -> bool:
+            state.acking = None  # this message was fetched: the ack before it reached the broker
             if not msg.chosen(wanted):
                 return False
-            headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
-            publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
-                              headers=headers, content_type=msg.content_type or "application/json")
-            done.append(msg.key)
+            if state.spare == msg.key:  # its copy was confirmed before the failover, its ack lost with it
+                state.spare = None
+            else:
+                headers, _ = republishable(msg.headers, _DROP_ON_RETRY)  # a header pika cannot encode is left out
+                state.in_hand = True
+                publisher.publish(self.topo.exchange, self.topo.queue, msg.body, message_id=msg.message_id,
+                                  headers=headers, content_type=msg.content_type or "application/json")
+                state.in_hand = False
+                done.append(msg.key)
             named.update({msg.key, msg.message_id})
+            state.acking = msg.key
             return True
 
-        self.walk(resend)
+        while True:
+            try:
+                self.walk(resend)
+                break
+            except CONNECTION_LOST as exc:
+                if self.failover is None:
+                    raise
+                self.failover.resent += state.in_hand
+                state.in_hand, state.spare, state.acking = False, state.acking, None
+                self.connection = self.failover.recover(exc)
+                publisher = Publisher(self.connection)
         publisher.channel.close()
         self._forget(done)
         return Outcome(done, [] if wanted is None else sorted(wanted - named))

@@ -17,6 +17,7 @@ Events are valid contract-v1 events built with :func:`contract.make_event`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -31,6 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingConnection
+
+from myshop_ops.adapters import broker
+from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.management import Management, ManagementError
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.contract import EVENT_TYPES, make_event, serialise
 
@@ -347,6 +354,7 @@ class WaitOutcome:
     queue_ready: int | None = None  # ready messages at the last poll
     consumers: int | None = None
     polls: int = 0
+    queues: list[QueueCount] | None = None  # every queue of the topology, read once when it gave up
 
     def summary(self) -> dict:
         lat = self.latencies_ms
@@ -405,3 +413,85 @@ def wait_visible(
         consumers=None if state is None else state[1],
         polls=polls,
     )
+
+
+# ---- --wait gave up: where the missing events are ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCount:
+    """One queue of the topology when ``--wait`` gives up: where a run's missing events can be."""
+
+    queue: str
+    role: str  # main, retry, failed, unrouted
+    ready: int | None  # None: the queue does not exist or could not be read
+    unacked: int | None = None  # main queue: delivered to a worker, not acked yet (management API; None: unknown)
+    consumers: int | None = None  # main queue
+    delay_s: float | None = None  # retry queues: how long a message waits there
+
+    def as_json(self) -> dict:
+        return {"queue": self.queue, "role": self.role, "ready": self.ready, "unacked": self.unacked,
+                "consumers": self.consumers}
+
+
+def queue_counts(connection: BlockingConnection, topo: Topology, api: Management | None) -> list[QueueCount]:
+    """Ready messages of every queue of the topology (passive declares), the main queue's consumers, and its unacked
+    messages from ``api`` when it answers."""
+    def depth(queue: str) -> tuple[int, int] | None:
+        try:
+            return broker.queue_depth(connection, queue)
+        except (pex.AMQPError, OSError):
+            return None
+
+    unacked = None
+    if api is not None:
+        with contextlib.suppress(ManagementError):
+            info = api.queue(topo.queue)
+            unacked = info.unacked if info is not None else None
+    main = depth(topo.queue)
+    out = [QueueCount(topo.queue, "main", main and main[0], unacked, main and main[1])]
+    for attempt, delay_ms in enumerate(topo.retry_delays_ms, start=1):
+        name = topo.retry_queue(attempt)
+        out.append(QueueCount(name, "retry", (depth(name) or (None,))[0], delay_s=delay_ms / 1000))
+    for name, role in ((topo.failed_queue, "failed"), (topo.unrouted, "unrouted")):
+        out.append(QueueCount(name, role, (depth(name) or (None,))[0]))
+    return out
+
+
+def where_missing(counts: Sequence[QueueCount]) -> str:
+    """What the queues hold (those holding something, the main queue always) and what to do, for the one line
+    ``--wait`` ends with when it gives up."""
+    held = [c for c in counts if c.role == "main" or c.ready]
+    parts = []
+    for c in held:
+        if c.role == "main":
+            text = f"'{c.queue}' {'?' if c.ready is None else f'{c.ready:,}'} ready"
+            text += "" if c.unacked is None else f", {c.unacked:,} unacked"
+            text += "" if c.consumers is None else f", {c.consumers} consumer(s)"
+        else:
+            text = f"'{c.queue}' {c.ready:,}"
+        parts.append(text)
+    others = "" if len(held) == len(counts) else "; every other queue empty"
+    return f"queues: {'; '.join(parts)}{others}; {_what_to_do(counts)}"
+
+
+def _what_to_do(counts: Sequence[QueueCount]) -> str:
+    main = next(c for c in counts if c.role == "main")
+    retry = [c for c in counts if c.role == "retry" and c.ready]
+    by_role = {c.role: c.ready or 0 for c in counts if c.role in ("failed", "unrouted")}
+    todo = []
+    if retry:
+        longest = max(c.delay_s or 0 for c in retry)
+        todo.append(f"{sum(c.ready or 0 for c in retry):,} message(s) wait in retry queues and go back to "
+                    f"'{main.queue}' within {longest:g} s: wait longer (--wait-timeout)")
+    busy = (main.ready or 0) + (main.unacked or 0)
+    if busy and main.consumers == 0:
+        todo.append(f"no worker consumes '{main.queue}': start `myshop consume`")
+    elif busy:
+        todo.append(f"the workers have {busy:,} message(s) left: wait longer (--wait-timeout) or add workers")
+    if by_role.get("failed"):
+        todo.append(f"{by_role['failed']:,} in the failed queue: `myshop failed show`")
+    if by_role.get("unrouted"):
+        todo.append(f"{by_role['unrouted']:,} matched no binding: `myshop unrouted show`")
+    return "; ".join(todo) or ("no queue holds a message: see the workers' logs for skipped events, and "
+                               "`myshop failed show`")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import Topology
+from myshop_ops.adapters.broker import Failover, Topology
 from myshop_ops.base.contract import loose_field
 from myshop_ops.tools.queued import QueuedMessage, text_of
 
@@ -46,9 +46,10 @@ def peek(connection: BlockingConnection, topo: Topology, limit: int) -> tuple[in
     return total, out
 
 
-def republish(connection: BlockingConnection, topo: Topology) -> int:
-    """Move every waiting message into the main queue (straight to it, whatever its routing key); returns how many."""
-    return broker.move(connection, topo.unrouted, topo.queue)
+def republish(connection: BlockingConnection, topo: Topology, failover: Failover | None = None) -> int:
+    """Move every waiting message into the main queue (straight to it, whatever its routing key); returns how many.
+    With ``failover`` (whose connection ``connection`` is), a lost connection is replaced and the move goes on."""
+    return broker.move(connection, topo.unrouted, topo.queue, failover=failover)
 
 
 def _describe(routing_key: str, msg: QueuedMessage) -> UnroutedMessage:

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -28,7 +29,7 @@ from myshop_ops.base.contract import EVENT_TYPES, parse
 from myshop_ops.tools.generate import SEARCH_PHRASES
 from tests.support.events import seed_products
 from tests.support.services import GENERATE, RABBIT, ROOT, redis_url, run_cli
-from tests.support.workers import event_counts, one_line, queue_state, wait_queue
+from tests.support.workers import event_counts, one_line, prepare, queue_state, wait_queue
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +103,7 @@ def test_product_events_need_products_then_use_only_stored_ones(env, topology):
 
 JSON_SCHEMA = {
     "run_id": str, "plan": dict, "exchange": str, "queue": str, "broker": str, "published": int, "failed": int,
-    "failures": dict, "error": (str, type(None)), "started_at": str, "duration_s": float,
+    "failures": dict, "failover": dict, "error": (str, type(None)), "started_at": str, "duration_s": float,
     "events_per_s": (float, type(None)), "ms_per_event": (float, type(None)), "by_type": dict,
     "record": (dict, type(None)), "wait": (dict, type(None)),
 }
@@ -110,7 +111,8 @@ PLAN_SCHEMA = {"events": int, "users": int, "events_per_user": int, "event_type"
                "delay_ms": int, "window": int}
 WAIT_SCHEMA = {"completed": bool, "timeout_s": float, "expected": int, "observed": int, "unusable": int,
                "drain_s": (float, type(None)), "waited_s": float, "poll_interval_ms": int, "publish_time": str,
-               "latency_ms": dict, "queue_ready": (int, type(None)), "consumers": (int, type(None))}
+               "latency_ms": dict, "queue_ready": (int, type(None)), "consumers": (int, type(None)),
+               "queues": (list, type(None))}
 
 
 def check_schema(data: dict, schema: dict) -> None:
@@ -132,6 +134,7 @@ def test_json_output_follows_the_documented_schema_and_reruns_make_new_events(en
                                 "start_user_id": 700, "delay_ms": 0, "window": 1000}
         assert data["published"] == 20 and data["failed"] == 0 and data["error"] is None
         assert data["failures"] == {"nacked": 0, "returned": 0, "lost": 0, "unsent": 0}
+        assert data["failover"] == {"count": 0, "republished": 0, "brokers": [data["broker"]]}
         assert data["by_type"] == {"search": 20} and data["wait"] is None
         assert data["record"] == {"path": str(record), "lines": 20}
         assert data["events_per_s"] > 0 and data["ms_per_event"] > 0
@@ -175,10 +178,41 @@ def test_wait_gives_up_without_a_worker(env, topology):
                     "--wait-timeout", "1")
     assert done.returncode == 1, done.stdout + done.stderr
     err = one_line(done.stderr)
-    assert f"no consumer on queue '{topology.queue}'" in err
-    assert "gave up waiting after 1 s: 0 of 2 events are in the profiles" in err
-    assert "holds 2 ready message(s) with 0 consumer(s)" in err
+    q = topology.queue
+    assert f"no consumer on queue '{q}'" in err
+    assert (f"gave up waiting after 1 s: 0 of 2 events are in the profiles; queues: '{q}' 2 ready, 0 unacked, "
+            f"0 consumer(s); every other queue empty; no worker consumes '{q}': start `myshop consume`") in err, err
     assert "events observed │ 0 of 2" in one_line(done.stdout)
+
+
+def test_wait_gives_up_saying_where_the_missing_events_are(env):
+    """The events sit in a retry queue (60 s delay) and the failed queue, none in the main queue: the give-up line
+    counts them there and says what to do, instead of pointing at the empty main queue."""
+    env["WORKER_RETRY_DELAY"] = "60000"
+    topo = prepare(env.settings())
+    s = env.settings()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(generate(
+        env, "--users", "1", "--events-per-user", "3", "--event-type", "search", "--yes", "--wait", "--wait-timeout",
+        "5", "--json")))
+    t.start()
+    wait_queue(s, topo.queue, messages=3)
+    conn = broker.connect(s.rabbitmq_dsn)
+    assert broker.move(conn, topo.queue, topo.retry_queue(1), skip=1) == 2  # as a worker's retry copies would
+    assert broker.move(conn, topo.queue, topo.failed_queue) == 1
+    conn.close()
+    t.join(60)
+    done = out[0]
+    assert done.returncode == 1, done.stdout + done.stderr
+    q = topo.queue
+    assert (f"gave up waiting after 5 s: 0 of 3 events are in the profiles; queues: '{q}' 0 ready, 0 unacked, "
+            f"0 consumer(s); '{q}.retry.1' 2; '{topo.failed_queue}' 1; every other queue empty; 2 message(s) wait "
+            f"in retry queues and go back to '{q}' within 60 s: wait longer (--wait-timeout); 1 in the failed "
+            "queue: `myshop failed show`") in one_line(done.stderr), done.stderr
+    queues = {row["queue"]: row for row in json.loads(done.stdout)["wait"]["queues"]}
+    assert queues[q] == {"queue": q, "role": "main", "ready": 0, "unacked": 0, "consumers": 0}
+    assert [queues[topo.retry_queue(i)]["ready"] for i in (1, 2, 3)] == [2, 0, 0]
+    assert queues[topo.failed_queue]["ready"] == 1 and queues[topo.unrouted]["ready"] == 0
 
 
 # ---- the confirmation prompt on a real terminal -------------------------------------------------

@@ -17,11 +17,13 @@ from myshop_ops.tools.generate import (
     SPAN_S,
     NoProducts,
     Plan,
+    QueueCount,
     VisibilityTracker,
     expected_sent_times,
     percentile,
     synthesize,
     wait_visible,
+    where_missing,
 )
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
@@ -201,3 +203,34 @@ def test_wait_visible_completes_and_times_out():
     out = wait_visible(tracker, lambda ids: [], publish_end=t0, timeout=0.1, interval=0.02)
     assert not out.completed and out.observed == 0 and out.drain_s is None and 0.1 <= out.waited_s < 2
     assert out.summary() == {"p50": None, "p95": None, "p99": None, "max": None}
+
+
+def _counts(main: tuple[int, int | None, int], **ready: int) -> list[QueueCount]:
+    q = "user_embedding_updates"
+    out = [QueueCount(q, "main", main[0], main[1], main[2])]
+    out += [QueueCount(f"{q}.retry.{i}", "retry", ready.get(f"retry{i}", 0), delay_s=d)
+            for i, d in enumerate((5, 10, 20, 40, 60), start=1)]
+    return [*out, QueueCount("failed", "failed", ready.get("failed", 0)),
+            QueueCount(f"{q}.unrouted", "unrouted", ready.get("unrouted", 0))]
+
+
+def test_where_missing_points_at_the_retry_queue_that_holds_them():
+    """The give-up line of --wait once seen: 3 consumers, an empty main queue, 10 events in the fourth retry
+    queue; it must say where they are and that they come back, not ask whether a worker runs."""
+    line = where_missing(_counts((0, 0, 3), retry4=10))
+    assert line == ("queues: 'user_embedding_updates' 0 ready, 0 unacked, 3 consumer(s); "
+                    "'user_embedding_updates.retry.4' 10; every other queue empty; 10 message(s) wait in retry "
+                    "queues and go back to 'user_embedding_updates' within 40 s: wait longer (--wait-timeout)")
+
+
+def test_where_missing_says_what_to_do_for_each_place():
+    assert where_missing(_counts((7, None, 0))).endswith("no worker consumes 'user_embedding_updates': start "
+                                                         "`myshop consume`")
+    busy = where_missing(_counts((120, 200, 3), failed=2, unrouted=1))
+    assert "120 ready, 200 unacked, 3 consumer(s)" in busy and "'failed' 2; 'user_embedding_updates.unrouted' 1" in busy
+    assert busy.endswith("the workers have 320 message(s) left: wait longer (--wait-timeout) or add workers; 2 in the "
+                         "failed queue: `myshop failed show`; 1 matched no binding: `myshop unrouted show`")
+    assert where_missing(_counts((0, 0, 2))).endswith("every other queue empty; no queue holds a message: see the "
+                                                      "workers' logs for skipped events, and `myshop failed show`")
+    unreadable = [QueueCount("q", "main", None), QueueCount("q.retry.1", "retry", None, delay_s=5)]
+    assert where_missing(unreadable).startswith("queues: 'q' ? ready; every other queue empty")
