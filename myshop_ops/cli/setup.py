@@ -30,7 +30,10 @@ def setup_transports(
 ) -> None:
     """Declare the exchanges, queues, bindings and policies; adopt what exists (never redeclared).
 
-    --json prints {"steps": [{"kind", "name", "state", "detail", "level", "fix"}], "ok"} (docs/CLI-JSON.md).
+    Given several nodes in RABBITMQ_DSN it goes on on another one when its connection is lost (a migration from
+    where the broker says it stands; a message being moved when the node died is moved again and counted).
+    --json prints {"steps": [{"kind", "name", "state", "detail", "level", "fix"}], "ok", "failover": {"count",
+    "republished"}} (docs/CLI-JSON.md).
     """
     s = settings()
     topo = Topology.from_settings(s, queue)
@@ -42,8 +45,10 @@ def setup_transports(
             except MigrationRefused as exc:
                 fail(str(exc), EXIT_FAIL)
     warned = [st for st in steps if st.level != "ok"]
+    failover = transports.failover
     if as_json:
-        print_json({"steps": [asdict(st) for st in steps], "ok": not warned})
+        print_json({"steps": [asdict(st) for st in steps], "ok": not warned,
+                    "failover": {"count": failover.failovers, "republished": failover.resent}})
         return
     table = Table("kind", "name", "state", "detail", title="RabbitMQ topology (idempotent)")
     for column in table.columns:
@@ -55,6 +60,8 @@ def setup_transports(
     for st in warned:
         console.print(f"[yellow]note:[/] {shown(st.kind)} {shown(st.name)}: {shown(st.detail)}"
                       + (f" (fix: {shown(st.fix)})" if st.fix else ""), highlight=False, soft_wrap=True)
+    if line := failover.report():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def messenger_config(
@@ -73,16 +80,19 @@ def messenger_config(
 
 @contextlib.contextmanager
 def _transports(s: Settings, topo: Topology) -> Iterator[transports.Transports]:
-    """The topology on the AMQP connection, with the management API of that same broker (checked: WrongBroker)."""
-    conn = broker.connect(s.rabbitmq_dsn, name="myshop-setup")
+    """The topology on the AMQP connection (failing over along RABBITMQ_DSN), with the management API of that same
+    broker (checked: WrongBroker)."""
+    failover = broker.Failover(s.rabbitmq_dsn, name="myshop-setup")
+    conn = failover.connect()
     try:
-        yield transports.Transports(conn, for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn), topo)
+        yield transports.Transports(conn, for_connection(s.rabbitmq_management_url, s.rabbitmq_dsn, conn), topo,
+                                    failover)
     except (pex.AMQPError, ConnectionError) as exc:  # what Transports did not name: still one line
-        raise broker.BrokerError(f"RabbitMQ at {broker.address(conn)} failed: {type(exc).__name__} {exc} (run "
-                                 "`myshop setup-transports` again: it is idempotent)") from None
+        raise broker.BrokerError(f"RabbitMQ at {broker.address(failover.connection or conn)} failed: "
+                                 f"{type(exc).__name__} {exc} (run `myshop setup-transports` again: it is "
+                                 "idempotent)") from None
     finally:
-        if conn.is_open:
-            conn.close()
+        failover.close()
 
 
 def setup_indexes(as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (see above).")) -> None:

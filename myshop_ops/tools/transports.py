@@ -11,6 +11,10 @@ Whether an object exists, and whether it was declared as we would declare it, is
 management API's statistics lag by seconds. The management API, checked to be the same broker
 (management.for_connection), does what only it can: policies, bindings, and the details of a difference. Every
 refusal by the broker is one line naming the object (``Refused``).
+
+Given a ``broker.Failover`` (RABBITMQ_DSN listing several nodes), a connection lost mid-run is replaced by one to
+another node and the work goes on there: ``setup`` runs again (idempotent), a migration reads back from the broker
+where it stands and finishes, a move in progress goes on (the message in hand moved again, counted).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import POLICY_PRIORITY, BrokerError, Topology
+from myshop_ops.adapters.broker import CONNECTION_LOST, POLICY_PRIORITY, BrokerError, Failover, Topology
 from myshop_ops.adapters.management import Management
 
 # a queue argument set at declaration -> the policy key it overrides
@@ -82,24 +87,42 @@ MIGRATE_FIX = "myshop setup-transports --migrate (stop the workers first; see do
 KILL_AFTER = "MYSHOP_MIGRATE_KILL_AFTER"
 MIGRATE_STEPS = ("holding-declared", "holding-bound", "unbound", "moved-out", "deleted", "declared", "released",
                  "moved-back", "done")
+CONNECTION_FORCED = 320  # the close a node sends its clients when it shuts down: a lost node, not a refusal
+
+T = TypeVar("T")
 
 
 class Transports:
     """The topology of one vhost: ``setup`` declares and adopts, ``check`` only looks, ``migrate`` moves.
 
     On a cluster (the management API lists several nodes) every queue of the topology is a quorum queue
-    (``Topology.replicated``); on one node the delay, failed and unrouted queues are classic queues."""
+    (``Topology.replicated``); on one node the delay, failed and unrouted queues are classic queues. With
+    ``failover`` (whose connection ``connection`` is), ``setup`` and ``migrate`` go on on another node when the
+    connection is lost (``failover.report()`` tells how often, and how many moved messages were published again)."""
 
-    def __init__(self, connection: BlockingConnection, api: Management, topo: Topology):
-        self.connection = connection
+    def __init__(self, connection: BlockingConnection, api: Management, topo: Topology,
+                 failover: Failover | None = None):
+        self._connection = connection
+        self.failover = failover
         self.api = api
         self.nodes = len(api.nodes())
         self.topo = replace(topo, replicated=self.nodes > 1)
 
+    @property
+    def connection(self) -> BlockingConnection:
+        """The connection in use: the failover's current one (replaced after a loss), else the one given."""
+        if self.failover is not None and self.failover.connection is not None:
+            return self.failover.connection
+        return self._connection
+
     # ---- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> list[Step]:
-        """Declare what is missing, adopt what exists, bind, set the policies. Idempotent."""
+        """Declare what is missing, adopt what exists, bind, set the policies. Idempotent (with a failover: run
+        again from the start on another node when the connection is lost)."""
+        return self._on_any_node(self._setup)
+
+    def _setup(self) -> list[Step]:
         t = self.topo
         steps = [self._exchange(t.failed_exchange, "direct"), self._exchange(t.exchange, "direct"),
                  self._exchange(t.unrouted, "fanout")]
@@ -266,7 +289,16 @@ class Transports:
         holding queue unbound, its messages moved back, and it is deleted. Every move is a confirmed publish before
         the ack: a message is never lost; one published while both queues are bound, or moved when the run was
         killed, may be there twice (deduplication absorbs it). Run ``setup`` first; refused while consumers are
-        attached."""
+        attached.
+
+        With a failover, a connection lost meanwhile is replaced by one to another node, where the migration of the
+        queue in hand reads its state back from the broker and goes on (a move in progress goes on itself: the
+        message in hand, its original never acked before its copy was confirmed, is moved again)."""
+        todo = self._on_any_node(self._migrations)
+        return [self._migrate_queue(name, differs, progress) for name, differs in todo]
+
+    def _migrations(self) -> list[tuple[str, bool]]:
+        """The queues to migrate (see ``_to_migrate``); MigrationRefused while one has consumers."""
         t = self.topo
         if not self._exists("queue", t.queue) and not self._exists("queue", self._holding(t.queue)):
             raise MigrationRefused(f"queue '{t.queue}' does not exist: run `myshop setup-transports` first")
@@ -278,7 +310,7 @@ class Transports:
             if depth is not None and depth[1]:
                 raise MigrationRefused(f"{depth[1]} consumer(s) on '{name}': stop the workers first (myshop "
                                        "stop-workers, or systemctl stop 'myshop-worker@*'), then run again")
-        return [self._migrate_queue(name, differs, progress) for name, differs in todo]
+        return todo
 
     @staticmethod
     def _holding(name: str) -> str:
@@ -294,10 +326,27 @@ class Transports:
         return False if self._exists("queue", self._holding(name)) else None
 
     def _migrate_queue(self, name: str, old: bool, progress: Callable[[str], None]) -> Step:
+        """Migrate ``name`` (``old``: as ``_to_migrate``); after a lost connection (with a failover) from the state
+        read back on the next node, until it is done."""
+        held = _Held()
+        state: bool | None = old
+        while state is not None:
+            try:
+                self._migration_steps(name, state, held, progress)
+                break
+            except CONNECTION_LOST as exc:
+                self._recover(exc)
+                progress(f"RabbitMQ connection lost ({type(exc).__name__}): going on at "
+                         f"{broker.address(self.connection)}, from where the broker says {name}'s migration is")
+            state = self._on_any_node(lambda: self._to_migrate(name))
+        t = self.topo
+        return Step("queue", name, "recreated", f"{t.queue_type_of(name)}; {held.count} message(s) moved in"
+                    + ("" if old else " (an interrupted migration finished)"))
+
+    def _migration_steps(self, name: str, old: bool, held: _Held, progress: Callable[[str], None]) -> None:
         t = self.topo
         holding = self._holding(name)
         bindings = self._bindings_to_keep(name, holding)
-        moved = 0
         if old:  # the queue of the old type is still there: hold what it has and what comes meanwhile
             if not self._exists("queue", holding):
                 arguments = {"x-queue-type": "quorum"} if t.replicated else {}
@@ -310,7 +359,7 @@ class Transports:
             progress(f"unbound {name}: new messages wait in {holding}")
             _reached("unbound")
             moved = self._amqp(f"moving queue '{name}' to '{holding}'",
-                               lambda: broker.move(self.connection, name, holding))
+                               lambda: broker.move(self.connection, name, holding, failover=self.failover))
             progress(f"moved {moved} message(s) from {name} to {holding}")
             _reached("moved-out")
             self._delete_idle(name, holding)
@@ -322,14 +371,13 @@ class Transports:
         _reached("declared")
         self._unbind(holding, bindings)
         _reached("released")
-        held = self._amqp(f"moving queue '{holding}' back to '{name}'",
-                          lambda: broker.move(self.connection, holding, name))
-        progress(f"moved {held} held message(s) into {name}")
+        back = self._amqp(f"moving queue '{holding}' back to '{name}'",
+                          lambda: broker.move(self.connection, holding, name, failover=self.failover))
+        held.count += back
+        progress(f"moved {back} held message(s) into {name}")
         _reached("moved-back")
         self._delete_idle(holding, name)
         _reached("done")
-        return Step("queue", name, "recreated", f"{t.queue_type_of(name)}; {held} message(s) moved in"
-                    + ("" if old else " (an interrupted migration finished)"))
 
     def _bindings_to_keep(self, name: str, holding: str) -> list[tuple[str, str]]:
         """(exchange, routing key) of every binding ``name`` must have: the configured ones, those it has now and
@@ -392,11 +440,29 @@ class Transports:
             return self._amqp(f"exchange '{name}'", lambda: broker.exchange_exists(self.connection, name))
         return self._amqp(f"queue '{name}'", lambda: broker.queue_depth(self.connection, name)) is not None
 
+    def _on_any_node(self, call: Callable[[], T]) -> T:
+        """``call()`` (idempotent); with a failover, run again on another node as long as the connection is lost
+        (BrokerError once no node takes over within the failover's bound)."""
+        while True:
+            try:
+                return call()
+            except CONNECTION_LOST as exc:
+                self._recover(exc)
+
+    def _recover(self, lost: BaseException) -> None:
+        if self.failover is None:  # ``_amqp`` lets a lost connection through only with a failover
+            raise lost
+        self.failover.recover(lost)
+
     def _amqp(self, what: str, call: Callable):
-        """``call()``; a channel refused or the connection lost: Refused, one line naming ``what``."""
+        """``call()``; a channel refused or the connection lost: Refused, one line naming ``what``. With a
+        failover, a lost connection (not one the broker closed on an error) is raised as it is, for the caller to
+        go on on another node."""
         try:
             return call()
         except (pex.AMQPError, ConnectionError) as exc:
+            if self.failover is not None and _lost(exc):
+                raise
             raise Refused(what, exc) from None
 
     def _channel_call(self, what: str, call: Callable) -> None:
@@ -409,6 +475,19 @@ class Transports:
                 if ch.is_open:
                     ch.close()
         self._amqp(what, on_channel)
+
+
+@dataclass
+class _Held:
+    count: int = 0  # messages moved into the new queue, over every attempt of one queue's migration
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection was lost (its node died or shut down), not refused by a broker that
+    closed it on an error (that would be refused again on another node)."""
+    if isinstance(exc, pex.ConnectionClosedByBroker):
+        return exc.reply_code == CONNECTION_FORCED
+    return isinstance(exc, CONNECTION_LOST)
 
 
 def _reached(step: str) -> None:

@@ -44,6 +44,8 @@ class Relay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            for s in (client, upstream):  # no Nagle delay: a frame each way at once, as without the relay
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
