@@ -55,6 +55,15 @@ CONNECTION_ERRORS = (pex.AMQPConnectionError, pex.AMQPChannelError, pex.StreamLo
 # AMQPConnectionErrors; a channel of a closed connection raises ChannelWrongStateError): a Failover takes it from there
 CONNECTION_LOST = (pex.AMQPConnectionError, pex.ConnectionWrongStateError, pex.ChannelWrongStateError,
                    ConnectionError)
+CONNECTION_FORCED = 320  # the close a node sends its clients when it shuts down: a lost node, not a refusal
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection was lost (its node died or shut down), not refused by a broker that
+    closed it on an error (540 NOT_IMPLEMENTED, 530 NOT_ALLOWED...: refused again on any other node)."""
+    if isinstance(exc, pex.ConnectionClosedByBroker):
+        return exc.reply_code == CONNECTION_FORCED
+    return isinstance(exc, CONNECTION_LOST)
 
 
 SHOP_ROUTING_KEY = "user.embedding.update"  # the shop's Symfony transport: default_publish_routing_key
@@ -269,7 +278,10 @@ class Failover:
         raise BrokerError("RabbitMQ unreachable: " + "; ".join(errors) + _UNREACHABLE_HINT)
 
     def recover(self, lost: BaseException) -> BlockingConnection:
-        """A connection to another node (or the same one, back) after ``lost``; BrokerError past the bound."""
+        """A connection to another node (or the same one, back) after ``lost``; BrokerError past the bound. ``lost``
+        raised again when it is not a lost connection but the broker's refusal (going on would repeat it forever)."""
+        if not connection_lost(lost):
+            raise lost
         lost_url = mask_url(self.urls[self._index])
         reason = f"{type(lost).__name__} {lost}".strip()
         with contextlib.suppress(Exception):

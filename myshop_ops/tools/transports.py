@@ -30,7 +30,14 @@ import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingConnection
 
 from myshop_ops.adapters import broker
-from myshop_ops.adapters.broker import CONNECTION_LOST, POLICY_PRIORITY, BrokerError, Failover, Topology
+from myshop_ops.adapters.broker import (
+    CONNECTION_LOST,
+    POLICY_PRIORITY,
+    BrokerError,
+    Failover,
+    Topology,
+    connection_lost,
+)
 from myshop_ops.adapters.management import Management
 
 # a queue argument set at declaration -> the policy key it overrides
@@ -87,7 +94,6 @@ MIGRATE_FIX = "myshop setup-transports --migrate (stop the workers first; see do
 KILL_AFTER = "MYSHOP_MIGRATE_KILL_AFTER"
 MIGRATE_STEPS = ("holding-declared", "holding-bound", "unbound", "moved-out", "deleted", "declared", "released",
                  "moved-back", "done")
-CONNECTION_FORCED = 320  # the close a node sends its clients when it shuts down: a lost node, not a refusal
 
 T = TypeVar("T")
 
@@ -461,7 +467,7 @@ class Transports:
         try:
             return call()
         except (pex.AMQPError, ConnectionError) as exc:
-            if self.failover is not None and _lost(exc):
+            if self.failover is not None and connection_lost(exc):
                 raise
             raise Refused(what, exc) from None
 
@@ -480,14 +486,6 @@ class Transports:
 @dataclass
 class _Held:
     count: int = 0  # messages moved into the new queue, over every attempt of one queue's migration
-
-
-def _lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the connection was lost (its node died or shut down), not refused by a broker that
-    closed it on an error (that would be refused again on another node)."""
-    if isinstance(exc, pex.ConnectionClosedByBroker):
-        return exc.reply_code == CONNECTION_FORCED
-    return isinstance(exc, CONNECTION_LOST)
 
 
 def _reached(step: str) -> None:

@@ -158,3 +158,21 @@ def test_failover_is_bounded_and_names_the_nodes_tried(env, topology):
     assert "took over within 1s" in str(exc.value) and "\n" not in str(exc.value)
     left = ids_in(s, topology.unrouted)
     assert set(left) == set(ids[2:]) and sum(left.values()) == 8  # the third: copied, its original not acked
+
+
+def test_a_refusal_is_not_taken_for_a_lost_node():
+    """A connection the broker closed on an error (540 NOT_IMPLEMENTED, as RabbitMQ 3.10 answers an if-unused delete of a
+    quorum queue) would be refused again on any node: recover() raises it instead of reconnecting, so no mover loops
+    on it; a node's shutdown close (320 CONNECTION_FORCED) and a dropped stream are lost nodes, replaced."""
+    import pika.exceptions as pex
+
+    failover = Failover(RABBIT, name="test-refusal", budget_s=1)
+    first = failover.connect()
+    refusal = pex.ConnectionClosedByBroker(540, "NOT_IMPLEMENTED - queue.delete with if-unused")
+    with pytest.raises(pex.ConnectionClosedByBroker) as exc:
+        failover.recover(refusal)
+    assert exc.value is refusal and failover.failovers == 0 and failover.connection is first
+    for lost in (pex.ConnectionClosedByBroker(320, "CONNECTION_FORCED - shutdown"), pex.StreamLostError("EOF")):
+        assert failover.recover(lost).is_open
+    assert failover.failovers == 2
+    failover.connection.close()
