@@ -18,6 +18,7 @@ from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocumen
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from myshop_ops.adapters.config import Settings
+from myshop_ops.base.basis import Basis, UnreadableBasis, decode_basis, encode_basis
 from myshop_ops.base.layout import (
     SHOP_VECTOR,
     ForeignVector,
@@ -204,6 +205,11 @@ class StoredProfile:
     event_count: int = 0  # events counted in the document when it was read
     event_counts: dict[str, int | float] = field(default_factory=dict)  # the same by event type
     erased_at: datetime | None = None  # the user's erasure before this document was created (None: none known)
+    basis: Basis | None = None  # what built the profile (basis.py); None: not known, all of its mass is residual
+
+    def item_map(self) -> Basis:
+        """The profile's item map; without one, all of its mass is residual (written before maps, or adopted)."""
+        return self.basis if self.basis is not None else Basis.unmapped(self.profile.magnitude)
 
     def seen(self, message_id: str) -> bool:
         """Whether the message's effect is already in this profile."""
@@ -223,6 +229,7 @@ class ProfileWrite:
     last_event_id: str | None
     purchased: list[str] = field(default_factory=list)  # product ids bought (for recommend --exclude-purchased)
     erased_at: datetime | None = None  # the user's last erasure, recorded in a document this write creates
+    basis: Basis | None = None  # the item map after these events (basis.py), written with the vector
 
 
 @dataclass(slots=True)
@@ -244,7 +251,20 @@ def written(w: ProfileWrite, token: bytes) -> StoredProfile:
         doc_id=base.doc_id,
         event_count=base.event_count + sum(w.counts.values()),
         erased_at=base.erased_at if w.base else w.erased_at,
+        basis=w.basis,
     )
+
+
+def stored_basis(doc: dict, adopted: bool) -> Basis | None:
+    """A profile document's item map; None when it has none that describes its vector: none stored, unreadable,
+    or the vector was rewritten by another writer since (adopted)."""
+    raw = doc.get("basis")
+    if adopted or raw is None:
+        return None
+    try:
+        return decode_basis(bytes(raw) if isinstance(raw, bytes) else raw)
+    except UnreadableBasis:
+        return None
 
 
 class Store:
@@ -362,7 +382,8 @@ class Store:
             {"user_id": {"$in": ids}},
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
-             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
+             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1,
+             "basis": 1},
             batch_size=VECTOR_READ_BATCH,
         )
         for raw in cursor:
@@ -384,6 +405,7 @@ class Store:
                 event_count=read.event_count,
                 event_counts=read.event_counts,
                 erased_at=to_datetime(doc.get("erased_at")),
+                basis=stored_basis(doc, read.adopted),
             )
         return profiles, unreadable
 
@@ -452,6 +474,8 @@ class Store:
             recent_message_ids=Binary(after.recent_ids),
             recent_writes=Binary(after.recent_writes),
         )
+        if w.basis is not None:
+            fields["basis"] = Binary(encode_basis(w.basis))
         if w.base is not None and w.base.adopted:
             # what verify recomputes the profile from: the prior itself, and what was counted before it
             fields["adopted"] = adoption_record(w.base.profile, w.base.version, w.base.event_count,

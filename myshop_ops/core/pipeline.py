@@ -20,8 +20,9 @@ import numpy as np
 from pymongo.errors import PyMongoError
 
 from myshop_ops.adapters.config import Settings
-from myshop_ops.adapters.embeddings import EmbeddingError
+from myshop_ops.adapters.embeddings import EmbeddingError, normalise_phrase
 from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
+from myshop_ops.base.basis import fold_basis, phrase_key, product_key
 from myshop_ops.base.contract import FUTURE_TOLERANCE, Event, InvalidMessage, parse
 from myshop_ops.base.lru import Recent
 from myshop_ops.base.profile import VectorSpaceMismatch, fold, to_days
@@ -329,18 +330,17 @@ class Pipeline:
         """The write that folds ``group`` into ``current`` (``erased_at``: the user's erasure, kept in a document the
         write creates); None (the group failed) when they cannot be folded."""
         events = [i.event for i in group]
+        times = np.array([to_days(e.occurred_at) for e in events])
+        weights = np.array([self.settings.weights[e.event_type] for e in events])
         try:
-            profile = fold(
-                current.profile if current else None,
-                np.array([to_days(e.occurred_at) for e in events]),
-                np.array([self.settings.weights[e.event_type] for e in events]),
-                np.stack([i.vector for i in group]),
-                lam=self.settings.decay_lambda,
-                model=self.model,
-            )
+            profile = fold(current.profile if current else None, times, weights, np.stack([i.vector for i in group]),
+                           lam=self.settings.decay_lambda, model=self.model)
         except (VectorSpaceMismatch, ValueError) as exc:
             self._mark(group, Status.FAILED, exc)
             return None
+        basis = fold_basis(current and current.item_map(), current and current.profile.last_updated,
+                           profile.last_updated, [item_key(e) for e in events], times, weights,
+                           lam=self.settings.decay_lambda)
         newest = max(events, key=lambda e: e.occurred_at)
         if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
             newest = None  # only late events: the profile's last event stays
@@ -354,6 +354,7 @@ class Pipeline:
             last_event_id=newest and newest.message_id,
             purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
             erased_at=erased_at,
+            basis=basis,
         )
 
     @staticmethod
@@ -365,6 +366,13 @@ class Pipeline:
             return False
         time.sleep(pause)
         return True
+
+
+def item_key(event: Event) -> str:
+    """The event's item in the profile's item map: its product, or its search phrase as the embedder sees it."""
+    if event.product_id is not None:
+        return product_key(event.product_id)
+    return phrase_key(normalise_phrase(event.search_phrase or ""))
 
 
 def _fields(event: Event) -> dict:
