@@ -100,6 +100,12 @@ def _running(store: Store, states: tuple[str, ...]) -> tuple[dict, Space, Space]
     return doc, source, target
 
 
+def next_products(s: Settings, store: Store) -> tuple[Settings, Store]:
+    """(the settings of the migration's next model, the store on its products) for ``products import --next``."""
+    _doc, _source, target = _running(store, ("running",))
+    return target.settings(s), store.view(NEXT)
+
+
 def embedder(s: Settings, space: Space, redis: EventState | None) -> PhraseEmbedder:
     """The phrase embedder of ``space`` (its provider with ``s``'s credentials), through the shared cache."""
     return PhraseEmbedder(make_provider(space.settings(s)), redis, ttl=s.cache_ttl)
