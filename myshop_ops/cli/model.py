@@ -41,9 +41,11 @@ def start(
     model: str = typer.Option(None, "--model", help="The next OpenAI model (default: the configured one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the migration document as JSON."),
 ) -> None:
-    """Start moving the profiles to another model (or size): from now on the workers also keep every profile they
-    write rebuilt under it, in user_embeddings_next. Then: `myshop products import --next CATALOG`, `myshop model
-    run`, `myshop model switch`."""
+    """Start moving the profiles to another model or size.
+
+    From now on the workers also keep every profile they write rebuilt under it, in user_embeddings_next. Then:
+    `myshop products import --next CATALOG`, `myshop model run`, `myshop model switch`. --json prints {"state",
+    "from", "to", "position", "rebuilt", "unmapped", ...} (the migration document)."""
     def step(s, store):
         name = model if s.embedding_provider == "openai" and model else s.model
         if s.embedding_provider != "openai" and model and model != s.model:
@@ -54,8 +56,10 @@ def start(
 
 
 def run(as_json: bool = typer.Option(False, "--json", help="Print the migration document as JSON.")) -> None:
-    """Rebuild every profile under the next model from its item map, into user_embeddings_next; resumable (run it
-    again after a kill: it goes on from the last user it saved). Progress on stderr."""
+    """Rebuild every profile under the next model from its item map; resumable.
+
+    Into user_embeddings_next; after a kill, run it again: it goes on from the last user it saved. Progress on
+    stderr. --json prints {"state", "from", "to", "position", "rebuilt", "unmapped", ...} (the migration document)."""
     def step(s, store):
         redis = RedisState.from_settings(s)
         return migration.run(s, store, redis, progress=lambda p: err_console.print(
@@ -65,7 +69,10 @@ def run(as_json: bool = typer.Option(False, "--json", help="Print the migration 
 
 def status(as_json: bool = typer.Option(False, "--json", help="JSON: {state, from, to, profiles, shadows, products, "
                                         "products_next, position, rebuilt, unmapped}.")) -> None:
-    """Show the migration: state, models, profiles and their shadows, products under each model, progress."""
+    """Show the migration: state, models, profiles and products under each model, progress.
+
+    --json prints {"state", "from", "to", "profiles", "shadows", "products", "products_next", "position",
+    "rebuilt", "unmapped"}."""
     s = settings()
     with operator_errors(s):
         store = Store.from_settings(s)
@@ -90,9 +97,11 @@ def switch(
                                 help="Seconds the workers' batches under way get to end before the renames."),
     as_json: bool = typer.Option(False, "--json", help="Print the migration document as JSON."),
 ) -> None:
-    """Make the next model's profiles and products the live ones: workers hold their batches, every rebuilt profile
-    is brought up to date (and verified with --events), the collections are renamed (the old ones kept as *_prev
-    and kept up to date), the workers go on with the new model. Resumable."""
+    """Make the next model's profiles and products the live ones; resumable.
+
+    Workers hold their batches, every rebuilt profile is brought up to date (and verified with --events), the
+    collections are renamed (the old ones kept as *_prev, kept up to date), the workers go on with the new model.
+    --json prints {"state", "from", "to", ...} (the migration document)."""
     def step(s, store):
         check = None if events is None else _events_check(events)
         return migration.switch(s, store, RedisState.from_settings(s), grace=grace, check=check)
@@ -121,12 +130,17 @@ def rollback(
                                 help="Seconds the workers' batches under way get to end before the renames."),
     as_json: bool = typer.Option(False, "--json", help="Print the migration document as JSON."),
 ) -> None:
-    """Go back to the previous model's profiles and products (kept up to date since the switch) until `finish`."""
+    """Go back to the previous model's profiles and products until `finish`.
+
+    They were kept up to date since the switch. --json prints {"state", "from", "to", ...} (the migration
+    document)."""
     _step(lambda s, store: migration.rollback(s, store, RedisState.from_settings(s), grace=grace), embeds=True,
           as_json=as_json)
 
 
 def finish(as_json: bool = typer.Option(False, "--json", help="Print the migration document as JSON.")) -> None:
-    """Drop the previous model's profiles and products; then set EMBEDDING_DIMENSIONS (and the model) to the new
-    ones and restart the workers."""
+    """Drop the previous model's profiles and products.
+
+    Then set EMBEDDING_DIMENSIONS (and the model) to the new ones and restart the workers. --json prints
+    {"state", "from", "to", ...} (the migration document)."""
     _step(lambda s, store: migration.finish(store), as_json=as_json)
