@@ -113,8 +113,8 @@ def sync_shadows(primary: Store, shadow: Store, space: Space, phrases: Phrases, 
     docs = primary.source_docs(user_ids)
     maps: dict[str, Basis] = {}
     for doc in docs:
-        adopted = doc.get("myshop_version") != doc.get("version") and "vector" in doc
-        basis = stored_basis(doc, adopted)
+        # rewritten by another writer (the shop's PHP workers) since myshop's write: the map no longer describes it
+        basis = stored_basis(doc, doc.get("myshop_version") != doc.get("version"))
         if basis is None or not basis.keys:
             result.unmapped.append(doc["user_id"])
         else:
