@@ -23,6 +23,7 @@ from redis import RedisError  # the one Redis error type callers catch (re-expor
 
 from myshop_ops.adapters.config import Settings, mask_url
 from myshop_ops.adapters.store import ID_BYTES, RECENT_IDS, RECENT_WRITES, TOKEN_BYTES, StoredProfile
+from myshop_ops.base.basis import decode_basis, encode_basis
 from myshop_ops.base.profile import Profile
 from myshop_ops.base.values import count_value, epoch_value
 
@@ -315,14 +316,15 @@ def claim_reply(raw: object, user_ids: Sequence[str], model: str, dimensions: in
 
 # a handed-over profile: magic, version, event_count, magnitude, last_updated (days), erased_at (epoch s, NaN: none),
 # dimensions, doc_id, then the lengths of the model name, the id ring and the write ring (entries); then those
-# bytes, the float32 unit vector, the id ring, the write ring
+# bytes, the float32 unit vector, the id ring, the write ring, and the rest: the item map (basis.encode_basis)
 _HANDOFF = struct.Struct("<4sqqdddI12sHHH")
-_MAGIC = b"MSH1"
+_MAGIC = b"MSH2"
 
 
 def pack_profile(p: StoredProfile) -> bytes:
-    """``p`` as a handoff (b"": not handed over, the next holder reads it: no document id, or an adopted prior)."""
-    if p.doc_id is None or p.adopted or p.event_counts:
+    """``p`` as a handoff (b"": not handed over, the next holder reads it: no document id, an adopted prior, or no
+    item map)."""
+    if p.doc_id is None or p.adopted or p.event_counts or p.basis is None:
         return b""
     model = p.profile.model.encode()
     erased = p.erased_at.timestamp() if p.erased_at is not None else math.nan
@@ -330,7 +332,7 @@ def pack_profile(p: StoredProfile) -> bytes:
                          p.profile.dimensions, p.doc_id.binary, len(model), len(p.recent_ids) // ID_BYTES,
                          len(p.recent_writes) // TOKEN_BYTES)
     return b"".join((head, model, np.asarray(p.profile.embedding, dtype="<f4").tobytes(), p.recent_ids,
-                     p.recent_writes))
+                     p.recent_writes, encode_basis(p.basis)))
 
 
 def unpack_profile(raw: bytes, model: str, dimensions: int) -> StoredProfile | None:
@@ -339,7 +341,7 @@ def unpack_profile(raw: bytes, model: str, dimensions: int) -> StoredProfile | N
         (magic, version, count, magnitude, last, erased, dims, doc_id, model_len, n_ids,
          n_writes) = _HANDOFF.unpack_from(raw)
         sizes = (model_len, dims * 4, n_ids * ID_BYTES, n_writes * TOKEN_BYTES)
-        if (magic != _MAGIC or len(raw) != _HANDOFF.size + sum(sizes) or dims != dimensions or version < 1
+        if (magic != _MAGIC or len(raw) <= _HANDOFF.size + sum(sizes) or dims != dimensions or version < 1
                 or count < 0 or n_ids > RECENT_IDS or n_writes > RECENT_WRITES
                 or not (math.isfinite(magnitude) and magnitude >= 0 and math.isfinite(last))):
             return None
@@ -349,6 +351,7 @@ def unpack_profile(raw: bytes, model: str, dimensions: int) -> StoredProfile | N
             parts.append(raw[at:at + size])
             at += size
         name, vector, ids, writes = parts
+        basis = decode_basis(raw[at:])
         if name.decode() != model:
             return None
         embedding = np.frombuffer(vector, dtype="<f4").astype(np.float32)
@@ -356,7 +359,7 @@ def unpack_profile(raw: bytes, model: str, dimensions: int) -> StoredProfile | N
             return None
         erased_at = None if math.isnan(erased) else datetime.fromtimestamp(erased, UTC)
         return StoredProfile(Profile(embedding, magnitude, last, model, dims), version, ids, writes,
-                             doc_id=ObjectId(doc_id), event_count=count, erased_at=erased_at)
+                             doc_id=ObjectId(doc_id), event_count=count, erased_at=erased_at, basis=basis)
     except (struct.error, ValueError, OverflowError, OSError, UnicodeDecodeError):
         return None
 

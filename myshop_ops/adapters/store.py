@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -14,10 +15,11 @@ from bson.binary import Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.objectid import ObjectId
 from bson.raw_bson import RawBSONDocument
-from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, ReturnDocument, UpdateOne
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo import ASCENDING, DESCENDING, DeleteOne, InsertOne, MongoClient, ReplaceOne, ReturnDocument, UpdateOne
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from myshop_ops.adapters.config import Settings
+from myshop_ops.base.basis import Basis, UnreadableBasis, decode_basis, encode_basis
 from myshop_ops.base.layout import (
     SHOP_VECTOR,
     ForeignVector,
@@ -37,6 +39,8 @@ from myshop_ops.base.rawbson import DoubleArray, decode_with_doubles, raw_docume
 USERS = "user_embeddings"
 PRODUCTS = "product_embeddings"
 FAILED = "failed_messages"
+MIGRATIONS = "embedding_migrations"  # the one model migration document (tools/migration.py)
+NEXT, PREV = "_next", "_prev"  # a model migration's shadow collections: the profiles and products of the other model
 ERASURES = "user_erasures"  # one record per erased user: a hash of the user id and the erasure time (erasure.py)
 RECENT_IDS = 256  # message ids kept per profile for the authoritative duplicate check
 RECENT_WRITES = 128  # write tokens kept per profile: tells a landed write from a conflict, one token per write
@@ -204,6 +208,11 @@ class StoredProfile:
     event_count: int = 0  # events counted in the document when it was read
     event_counts: dict[str, int | float] = field(default_factory=dict)  # the same by event type
     erased_at: datetime | None = None  # the user's erasure before this document was created (None: none known)
+    basis: Basis | None = None  # what built the profile (basis.py); None: not known, all of its mass is residual
+
+    def item_map(self) -> Basis:
+        """The profile's item map; without one, all of its mass is residual (written before maps, or adopted)."""
+        return self.basis if self.basis is not None else Basis.unmapped(self.profile.magnitude)
 
     def seen(self, message_id: str) -> bool:
         """Whether the message's effect is already in this profile."""
@@ -223,6 +232,7 @@ class ProfileWrite:
     last_event_id: str | None
     purchased: list[str] = field(default_factory=list)  # product ids bought (for recommend --exclude-purchased)
     erased_at: datetime | None = None  # the user's last erasure, recorded in a document this write creates
+    basis: Basis | None = None  # the item map after these events (basis.py), written with the vector
 
 
 @dataclass(slots=True)
@@ -244,7 +254,20 @@ def written(w: ProfileWrite, token: bytes) -> StoredProfile:
         doc_id=base.doc_id,
         event_count=base.event_count + sum(w.counts.values()),
         erased_at=base.erased_at if w.base else w.erased_at,
+        basis=w.basis,
     )
+
+
+def stored_basis(doc: dict, adopted: bool) -> Basis | None:
+    """A profile document's item map; None when it has none that describes its vector: none stored, unreadable,
+    or the vector was rewritten by another writer since (adopted)."""
+    raw = doc.get("basis")
+    if adopted or raw is None:
+        return None
+    try:
+        return decode_basis(bytes(raw) if isinstance(raw, bytes) else raw)
+    except UnreadableBasis:
+        return None
 
 
 class Store:
@@ -277,6 +300,112 @@ class Store:
     @classmethod
     def from_settings(cls, s: Settings, **kw) -> Store:
         return cls(s.mongodb_url, s.mongodb_db, failed_retention_days=s.failed_retention_days, **kw)
+
+    def view(self, suffix: str) -> Store:
+        """This store on the profiles and products of ``suffix`` (NEXT, PREV: a model migration's shadow collections),
+        on the same connection; failed records and erasures are the deployment's."""
+        other = copy.copy(self)
+        other.users = self.db.get_collection(USERS + suffix, codec_options=self.users.codec_options)
+        other._raw_users = other.users.with_options(codec_options=self._raw_users.codec_options)
+        other.products = self.db[PRODUCTS + suffix]
+        other._raw_products = other.products.with_options(codec_options=self._raw_products.codec_options)
+        return other
+
+    # ---- the model migration ------------------------------------------------------------------
+
+    def migration(self) -> dict | None:
+        """The model migration document, as stored (None: no migration)."""
+        return self.db[MIGRATIONS].find_one({"_id": "model"})
+
+    def put_migration(self, doc: dict, expect_state: str | None) -> bool:
+        """Create the migration document (``expect_state`` None) or replace it while its state is ``expect_state``;
+        False when another run changed it first."""
+        coll = self.db[MIGRATIONS]
+        if expect_state is None:
+            try:
+                coll.insert_one({"_id": "model", **doc})
+            except DuplicateKeyError:
+                return False
+            return True
+        return coll.replace_one({"_id": "model", "state": expect_state}, doc).matched_count == 1
+
+    def update_migration(self, fields: dict) -> None:
+        self.db[MIGRATIONS].update_one({"_id": "model"}, {"$set": fields})
+
+    def delete_migration(self) -> None:
+        self.db[MIGRATIONS].delete_one({"_id": "model"})
+
+    def count_profiles(self) -> int:
+        return self.users.estimated_document_count()
+
+    def count_products(self) -> int:
+        return self.products.estimated_document_count()
+
+    def collections(self) -> set[str]:
+        return set(self.db.list_collection_names())
+
+    def rename(self, source: str, target: str) -> None:
+        """Rename a collection of this database, atomically for readers (``renameCollection``; MongoDB runs it on the
+        admin database, the Mongo-wire test server only on the database itself: both are tried)."""
+        spec = {"to": f"{self.db.name}.{target}", "dropTarget": False}
+        try:
+            self.client.admin.command("renameCollection", f"{self.db.name}.{source}", **spec)
+        except OperationFailure as exc:
+            if "current database" not in str(exc):
+                raise
+            self.db.command("renameCollection", f"{self.db.name}.{source}", **spec)
+
+    def drop(self, name: str) -> None:
+        self.db.drop_collection(name)
+
+    def profile_versions(self, after: str | None, limit: int) -> list[dict]:
+        """``user_id``, ``_id``, ``version`` of up to ``limit`` profiles by user id, after ``after``."""
+        query = {} if after is None else {"user_id": {"$gt": after}}
+        return list(self.users.find(query, {"user_id": 1, "version": 1}, batch_size=SCAN_BATCH)
+                    .sort("user_id", 1).limit(limit))
+
+    def source_docs(self, user_ids: Sequence[str]) -> list[dict]:
+        """The profile documents of these users without their vectors (what a shadow copies besides its vector)."""
+        return list(self.users.find({"user_id": {"$in": list(user_ids)}}, {"vector": 0, "embedding": 0},
+                                    batch_size=SCAN_BATCH))
+
+    def put_shadows(self, docs: Sequence[dict], stale: Sequence[tuple[str, ObjectId]]) -> int:
+        """Write shadow profiles (complete documents, ``_id`` and ``version`` those of the profile they mirror) where
+        the stored one is older; first delete ``stale`` (user id, _id: a shadow of a document that is gone). Returns
+        the documents written."""
+        if stale:
+            self.users.bulk_write([DeleteOne({"user_id": u, "_id": i}) for u, i in stale], ordered=False)
+        ops = [ReplaceOne({"user_id": d["user_id"], "_id": d["_id"], "version": {"$lt": d["version"]}}, encoded(d),
+                          upsert=True) for d in docs]
+        written = 0
+        for start in range(0, len(ops), PROFILE_WRITE_BATCH):
+            try:
+                res = self.users.bulk_write(ops[start:start + PROFILE_WRITE_BATCH], ordered=False)
+                written += res.upserted_count + res.modified_count
+            except BulkWriteError as exc:  # a duplicate key: the shadow is as new or newer already
+                other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
+                if other:
+                    raise OperationFailure(f"shadow write failed: {other[0].get('errmsg')}", other[0].get("code")
+                                           ) from exc
+                written += exc.details.get("nUpserted", 0) + exc.details.get("nModified", 0)
+        return written
+
+    def shadow_versions(self, user_ids: Sequence[str]) -> dict[str, tuple[ObjectId, int]]:
+        """(_id, version) of the documents of these users, by user id."""
+        return {d["user_id"]: (d["_id"], d.get("version")) for d in self.users.find(
+            {"user_id": {"$in": list(user_ids)}}, {"user_id": 1, "version": 1}, batch_size=SCAN_BATCH)}
+
+    def orphans(self, primary: Store, limit: int = SCAN_BATCH) -> list[tuple[str, ObjectId]]:
+        """(user id, _id) of documents here whose user has no document in ``primary`` (erased meanwhile)."""
+        out: list[tuple[str, ObjectId]] = []
+        after = None
+        while True:
+            chunk = self.profile_versions(after, limit)
+            if not chunk:
+                return out
+            after = chunk[-1]["user_id"]
+            alive = set(primary.shadow_versions([d["user_id"] for d in chunk]))
+            out += [(d["user_id"], d["_id"]) for d in chunk if d["user_id"] not in alive]
 
     def ping(self) -> None:
         """Raises pymongo's ConnectionFailure when MongoDB cannot be reached."""
@@ -311,6 +440,12 @@ class Store:
                 else:
                     out.append((coll_name, name, "created"))
         return out
+
+    def index_shadows(self, suffix: str) -> None:
+        """Create the profiles' and products' required indexes on the collections of ``suffix`` (a migration's)."""
+        for base in (USERS, PRODUCTS):
+            for name, keys, opts in INDEXES[base]:
+                self.db[base + suffix].create_index(keys, name=name, **opts)
 
     def missing_indexes(self) -> list[tuple[str, str]]:
         """Required indexes that no existing index satisfies (same key and options, whatever its name)."""
@@ -362,7 +497,8 @@ class Store:
             {"user_id": {"$in": ids}},
             {"user_id": 1, "vector": 1, "embedding": 1, "magnitude": 1, "last_updated": 1, "model": 1,
              "dimensions": 1, "version": 1, "myshop_version": 1, "event_count": 1, "event_counts": 1,
-             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1},
+             "purchased_product_ids": 1, "recent_message_ids": 1, "recent_writes": 1, "_id": 1, "erased_at": 1,
+             "basis": 1},
             batch_size=VECTOR_READ_BATCH,
         )
         for raw in cursor:
@@ -384,6 +520,7 @@ class Store:
                 event_count=read.event_count,
                 event_counts=read.event_counts,
                 erased_at=to_datetime(doc.get("erased_at")),
+                basis=stored_basis(doc, read.adopted),
             )
         return profiles, unreadable
 
@@ -452,6 +589,8 @@ class Store:
             recent_message_ids=Binary(after.recent_ids),
             recent_writes=Binary(after.recent_writes),
         )
+        if w.basis is not None:
+            fields["basis"] = Binary(encode_basis(w.basis))
         if w.base is not None and w.base.adopted:
             # what verify recomputes the profile from: the prior itself, and what was counted before it
             fields["adopted"] = adoption_record(w.base.profile, w.base.version, w.base.event_count,
@@ -504,7 +643,10 @@ class Store:
         return None if doc is None else doc.get("event_count", 0)
 
     def delete_profile(self, user_id: str) -> dict | None:
-        """Delete the user's profile; returns its version and event_count (None: there was none)."""
+        """Delete the user's profile (and its copies under another model, during a model migration); returns its
+        version and event_count (None: there was none)."""
+        for suffix in (NEXT, PREV):
+            self.db[USERS + suffix].delete_many({"user_id": user_id})
         return self.users.find_one_and_delete({"user_id": user_id}, {"_id": 0, "version": 1, "event_count": 1})
 
     def delete_profile_doc(self, user_id: str, doc_id: ObjectId) -> bool:

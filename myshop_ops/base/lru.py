@@ -45,3 +45,6 @@ class Recent(Generic[K, V]):
     def drop(self, keys: Iterable[K]) -> None:
         for key in keys:
             self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -41,6 +41,9 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "user": ("Inspect or erase one user's profile.",
              {"show": ("user", "show_user"), "delete": ("user", "delete_user")}),
     "products": ("Manage product vectors.", {"import": ("products", "import_products")}),
+    "model": ("Move the profiles to another embeddings model while the workers run.",
+              {"start": ("model", "start"), "run": ("model", "run"), "status": ("model", "status"),
+               "switch": ("model", "switch"), "rollback": ("model", "rollback"), "finish": ("model", "finish")}),
     "unrouted": ("List and republish messages that matched no binding of the main exchange.",
                  {"show": ("unrouted", "show"), "republish": ("unrouted", "republish")}),
 }

@@ -14,6 +14,7 @@ from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL, EXIT_UNAVAILABLE
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.catalog import DEFAULT_BATCH_SIZE, BadLine, ImportResult, import_catalog
 from myshop_ops.tools.lines import count_lines, open_regular
+from myshop_ops.tools.migration import MigrationError, next_products
 
 SHOWN_BAD = 20  # bad lines printed one by one; --json lists them all (up to catalog.MAX_REPORTED_BAD)
 
@@ -23,6 +24,8 @@ def import_products(
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, max=2048,
                                    help="Products per provider request and bulk write."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (see above)."),
+    next_model: bool = typer.Option(False, "--next", help="Under the next model of a model migration, into "
+                                    "product_embeddings_next (`myshop model start`)."),
 ) -> None:
     """Embed a JSONL catalog into product_embeddings.
 
@@ -45,8 +48,13 @@ def import_products(
         fail(f"catalog {path}: {exc.strerror or exc} (give a JSONL file, one product per line)", EXIT_CONFIG)
     s = settings(embeds=True)
     with operator_errors(s):
-        provider = make_provider(s)
         store = Store.from_settings(s)
+        if next_model:
+            try:
+                s, store = next_products(s, store)
+            except MigrationError as exc:
+                fail(f"--next: {exc}", EXIT_FAIL)
+        provider = make_provider(s)
         try:
             result = _run(path, store, provider, batch_size, as_json, s.store_layout)
         except EmbeddingError as exc:

@@ -8,6 +8,7 @@ from rich.table import Table
 from myshop_ops.adapters.store import Store
 from myshop_ops.base.exit_codes import EXIT_CONFIG
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
+from myshop_ops.tools.migration import active_settings
 from myshop_ops.tools.recommend import BackendError, Recommendations, Recommender, RecommendError
 
 
@@ -29,8 +30,8 @@ def recommend(
     with operator_errors(s):
         store = Store.from_settings(s)
         try:
-            recs = Recommender(s, store).recommend(user_id, limit=limit, exclude_purchased=exclude_purchased,
-                                                   fallback=fallback)
+            recs = Recommender(active_settings(s, store), store).recommend(
+                user_id, limit=limit, exclude_purchased=exclude_purchased, fallback=fallback)
         except BackendError as exc:
             fail(str(exc), EXIT_CONFIG)
         except RecommendError as exc:

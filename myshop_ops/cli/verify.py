@@ -21,6 +21,7 @@ from myshop_ops.base.contract import MAX_BODY_BYTES
 from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.tools.lines import bounded_lines, open_regular
+from myshop_ops.tools.migration import active_settings
 from myshop_ops.tools.stats import wait_settled
 from myshop_ops.tools.verify import COSINE_MIN, Verification, verify
 
@@ -62,6 +63,7 @@ def run_verify(
         topo = Topology.from_settings(s)
         in_flight = _in_flight(s, topo, wait, management=True)
         store = Store.from_settings(s)
+        s = active_settings(s, store)  # during a model migration: the model of the live profiles
         try:
             lines = (line for _, line, _ in bounded_lines(handle, MAX_BODY_BYTES))  # longer: invalid, never held
             verify(s, lines, store, PhraseEmbedder(make_provider(s), RedisState.from_settings(s), ttl=s.cache_ttl),

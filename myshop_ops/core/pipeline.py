@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,12 +20,14 @@ import numpy as np
 from pymongo.errors import PyMongoError
 
 from myshop_ops.adapters.config import Settings
-from myshop_ops.adapters.embeddings import EmbeddingError
+from myshop_ops.adapters.embeddings import EmbeddingError, normalise_phrase
 from myshop_ops.adapters.store import ProfileWrite, StoredProfile, WriteResult
+from myshop_ops.base.basis import fold_basis, phrase_key, product_key
 from myshop_ops.base.contract import FUTURE_TOLERANCE, Event, InvalidMessage, parse
 from myshop_ops.base.lru import Recent
 from myshop_ops.base.profile import VectorSpaceMismatch, fold, to_days
 from myshop_ops.core.ports import EventState, Phrases, ProfileStore
+from myshop_ops.core.shadow import Plan, Space, plan, sync_shadows
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ WRITE_BUDGET_S = 10.0
 CONFLICT_PAUSE_S = (0.005, 0.25)  # first pause at most 5 ms, doubling, at most 250 ms
 PROFILE_CACHE = 1000  # profiles kept as last written (~16 KB each at 1,536 d)
 PRODUCT_CACHE, PRODUCT_TTL = 2000, 60.0  # product vectors kept (~6 KB each at 1,536 d), for at most 60 s
+HOLD_MAX_S, HOLD_POLL_S = 60.0, 0.25  # a batch waits this long at most for a model switch to end, then retries
 
 
 class Status(StrEnum):
@@ -60,6 +63,10 @@ class StoreUnavailable(Exception):
 
 class VersionConflict(Exception):
     """The profile kept changing under this worker for WRITE_BUDGET_S of re-reads (transient)."""
+
+
+class ModelSwitching(Exception):
+    """A model switch held the batch longer than HOLD_MAX_S (transient: the retry folds with the model switched to)."""
 
 
 class ErasedMeanwhile(Exception):
@@ -94,13 +101,19 @@ class BatchResult:
 class Pipeline:
     """Composes the store, Redis and the phrase embedder; ``process`` never raises for a batch."""
 
-    def __init__(self, settings: Settings, store: ProfileStore, redis: EventState, phrases: Phrases):
+    def __init__(self, settings: Settings, store: ProfileStore, redis: EventState, phrases: Phrases,
+                 embedder: Callable[[Space], Phrases] | None = None):
+        """``embedder``: the phrase embedder of another model's space (during a model migration)."""
         self.settings = settings
         self.store = store
         self.redis = redis
         self.phrases = phrases
         self.model = settings.model
         self.dimensions = settings.embedding_dimensions
+        self.space = self.configured = Space.of(settings)
+        self._embedder = embedder
+        self._embedders: dict[Space, Phrases] = {self.space: phrases}
+        self.shadow_products: Recent[str, np.ndarray] = Recent(PRODUCT_CACHE, ttl=PRODUCT_TTL)
         # The profiles this worker wrote last, exactly as written: no read before their next write. That write is
         # still filtered on version and _id, so a profile changed meanwhile (another worker, erased and created
         # again) misses and is read again. Correct while every change to a profile increments its version.
@@ -127,8 +140,11 @@ class Pipeline:
         result = BatchResult(items=items)
         live = self._parse(items)
         live = self._drop_known(live)
+        now = self._plan(live)
         self._attach_vectors(live)
         self._apply(result, [i for i in live if i.status == Status.PENDING])
+        if now is not None and now.shadow_space is not None:
+            self._shadows(now, [i.event.user_id for i in items if i.status == Status.APPLIED])
         # Mark only ids whose effect is known to be stored: a second copy in this batch is acked as a duplicate,
         # but if its first copy goes to a retry queue the id must stay unmarked or the retry would be dropped.
         done = [i.event.key for i in items
@@ -136,6 +152,49 @@ class Pipeline:
         self.redis.mark(done)
         result.counts.update(i.status for i in items)
         return result
+
+    def _plan(self, live: list[Item]) -> Plan | None:
+        """Which model to fold with, and which shadow to keep, as the migration document says now; a switch under way
+        holds the batch (HOLD_MAX_S at most, then its events retry). None (every event retries): MongoDB failed."""
+        deadline = time.monotonic() + HOLD_MAX_S
+        try:
+            while (now := plan(self.store.migration(), self.configured)).hold and time.monotonic() < deadline:
+                time.sleep(HOLD_POLL_S)
+        except PyMongoError as exc:
+            self._mark(live, Status.RETRY, StoreUnavailable(f"reading the model migration: {exc}"))
+            return None
+        if now.hold:
+            self._mark(live, Status.RETRY, ModelSwitching(f"a model switch held the batch for {HOLD_MAX_S:g} s"))
+            return None
+        if now.primary != self.space:  # switched (or rolled back): what is cached is of the other model
+            self.space, self.model, self.dimensions = now.primary, now.primary.model, now.primary.dimensions
+            self.phrases = self._phrases_of(now.primary)
+            self.profiles.clear()
+            self.products.clear()
+        return now
+
+    def _phrases_of(self, space: Space) -> Phrases:
+        if space not in self._embedders:
+            if self._embedder is None:
+                raise RuntimeError("a model migration needs the pipeline's embedder of other models")
+            self._embedders[space] = self._embedder(space)
+        return self._embedders[space]
+
+    def _shadows(self, now: Plan, user_ids: list[str]) -> None:
+        """Rebuild the written profiles' shadows under the migration's other model; a failure leaves them behind,
+        and the switch brings them up to date (core/shadow.py)."""
+        if not user_ids:
+            return
+        try:
+            result = sync_shadows(self.store, self.store.view(now.suffix), now.shadow_space,
+                                  self._phrases_of(now.shadow_space), user_ids, self.settings.store_layout,
+                                  self.shadow_products)
+        except PyMongoError as exc:
+            log.warning("shadow profiles not written (the switch catches up)", extra={"error": str(exc)[:200]})
+            return
+        if result.failed:
+            log.warning("shadow profiles not written (the switch catches up)",
+                        extra={"users": len(result.failed), "error": next(iter(result.failed.values()))[:200]})
 
     def _parse(self, items: list[Item]) -> list[Item]:
         live, seen = [], set()
@@ -329,18 +388,18 @@ class Pipeline:
         """The write that folds ``group`` into ``current`` (``erased_at``: the user's erasure, kept in a document the
         write creates); None (the group failed) when they cannot be folded."""
         events = [i.event for i in group]
+        times = np.array([to_days(e.occurred_at) for e in events])
+        weights = np.array([self.settings.weights[e.event_type] for e in events])
         try:
-            profile = fold(
-                current.profile if current else None,
-                np.array([to_days(e.occurred_at) for e in events]),
-                np.array([self.settings.weights[e.event_type] for e in events]),
-                np.asarray([i.vector for i in group]),  # rows of equal length (else ValueError, as np.stack)
-                lam=self.settings.decay_lambda,
-                model=self.model,
-            )
+            profile = fold(current.profile if current else None, times, weights,
+                           np.asarray([i.vector for i in group]),  # rows of equal length (else ValueError, as np.stack)
+                           lam=self.settings.decay_lambda, model=self.model)
         except (VectorSpaceMismatch, ValueError) as exc:
             self._mark(group, Status.FAILED, exc)
             return None
+        basis = fold_basis(current and current.item_map(), current and current.profile.last_updated,
+                           profile.last_updated, [item_key(e) for e in events], times, weights,
+                           lam=self.settings.decay_lambda)
         newest = max(events, key=lambda e: e.occurred_at)
         if current is not None and to_days(newest.occurred_at) < current.profile.last_updated:
             newest = None  # only late events: the profile's last event stays
@@ -354,6 +413,7 @@ class Pipeline:
             last_event_id=newest and newest.message_id,
             purchased=[e.product_id for e in events if e.event_type == "product_purchase"],
             erased_at=erased_at,
+            basis=basis,
         )
 
     @staticmethod
@@ -365,6 +425,13 @@ class Pipeline:
             return False
         time.sleep(pause)
         return True
+
+
+def item_key(event: Event) -> str:
+    """The event's item in the profile's item map: its product, or its search phrase as the embedder sees it."""
+    if event.product_id is not None:
+        return product_key(event.product_id)
+    return phrase_key(normalise_phrase(event.search_phrase or ""))
 
 
 def _fields(event: Event) -> dict:

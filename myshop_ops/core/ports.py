@@ -42,6 +42,10 @@ class ProfileStore(Protocol):
 
     def delete_profile_doc(self, user_id: str, doc_id: ObjectId) -> bool: ...
 
+    def migration(self) -> dict | None: ...
+
+    def view(self, suffix: str) -> ProfileStore: ...
+
 
 class EventState(Protocol):
     """Redis as the core uses it: processed event keys, the poison journal, the stop-workers flag, per-user claims.

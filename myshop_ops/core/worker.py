@@ -152,7 +152,8 @@ class Worker:
         self.observer = observer or Observer()
         self.phrases = phrases or PhraseEmbedder(self.observer.instrument(make_provider(settings)), self.redis,
                                                  ttl=settings.cache_ttl)
-        self.pipeline = Pipeline(settings, self.store, self.redis, self.phrases)
+        self.pipeline = Pipeline(settings, self.store, self.redis, self.phrases, embedder=lambda space: PhraseEmbedder(
+            self.observer.instrument(make_provider(space.settings(settings))), self.redis, ttl=settings.cache_ttl))
         self.totals = Totals()
         self.notifier = notifier or Notifier()
         self._last_status = 0.0

@@ -4,6 +4,7 @@ and a TTL free, and what the worker is told when Redis cannot answer (no claims:
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -12,6 +13,7 @@ from bson.objectid import ObjectId
 
 from myshop_ops.adapters.dedup import RedisState, claim_reply, pack_profile, unpack_profile
 from myshop_ops.adapters.store import StoredProfile
+from myshop_ops.base.basis import Basis, encode_basis
 from myshop_ops.base.profile import Profile
 from tests.support.services import forget_keys, redis_url, wait_for
 
@@ -54,10 +56,14 @@ def test_redis_down_or_refusing_scripts_means_no_claims():
     assert down.errors == 2
 
 
+BASIS = Basis(("p:42", "s:red shoes"), np.array([1.5, 0.25]), 0.125)
+TAIL = len(encode_basis(BASIS))  # the handoff ends with the item map
+
+
 def profile(version: int = 3) -> StoredProfile:
     return StoredProfile(Profile(np.array([0.6, 0.8, 0, 0], dtype=np.float32), 2.5, 20_400.25, "m", 4), version,
                          recent_ids=b"i" * 64, recent_writes=b"w" * 16, doc_id=ObjectId(), event_count=7,
-                         erased_at=datetime(2026, 1, 2, tzinfo=UTC))
+                         erased_at=datetime(2026, 1, 2, tzinfo=UTC), basis=BASIS)
 
 
 def test_the_waiting_worker_gets_the_profile_as_written_instead_of_a_read(state):
@@ -70,6 +76,7 @@ def test_the_waiting_worker_gets_the_profile_as_written_instead_of_a_read(state)
     p = got.profiles["u1"]
     assert (p.version, p.doc_id, p.recent_ids, p.recent_writes, p.event_count, p.erased_at) == (
         written.version, written.doc_id, written.recent_ids, written.recent_writes, 7, written.erased_at)
+    assert (p.basis.keys, p.basis.weights.tolist(), p.basis.residual) == (BASIS.keys, [1.5, 0.25], 0.125)
     assert np.array_equal(p.profile.embedding, written.profile.embedding) and p.profile.embedding.dtype == np.float32
     assert (p.profile.magnitude, p.profile.last_updated, p.profile.model, p.profile.dimensions) == (2.5, 20_400.25,
                                                                                                   "m", 4)
@@ -88,10 +95,13 @@ def test_a_handoff_that_is_not_a_profile_of_this_space_is_not_used():
     blob = pack_profile(profile())
     assert unpack_profile(blob, "m", 4) is not None
     assert unpack_profile(blob, "other-model", 4) is None and unpack_profile(blob, "m", 8) is None
-    name = len(blob) - (1 + 16 + 64 + 16)  # where the model's name starts
-    for bad in (b"", b"MSH1", blob[:-1], blob + b"x", b"XXXX" + blob[4:], blob[:name] + b"\xff" + blob[name + 1:]):
+    name = len(blob) - (1 + 16 + 64 + 16 + TAIL)  # where the model's name starts
+    for bad in (b"", b"MSH1", blob[:-1], blob + b"x", b"XXXX" + blob[4:], blob[:name] + b"\xff" + blob[name + 1:],
+                blob[:-TAIL]):
         assert unpack_profile(bad, "m", 4) is None
-    nan = blob[:-(64 + 16 + 16)] + np.array([np.nan, 0, 0, 0], dtype="<f4").tobytes() + blob[-(64 + 16):]
+    assert pack_profile(replace(profile(), basis=None)) == b""  # no item map: the next holder reads the document
+    nan = (blob[:-(64 + 16 + 16 + TAIL)] + np.array([np.nan, 0, 0, 0], dtype="<f4").tobytes()
+           + blob[-(64 + 16 + TAIL):])
     assert len(nan) == len(blob) and unpack_profile(nan, "m", 4) is None
     assert claim_reply([[1], [b"garbage"]], ["a"], "m", 4).profiles == {}  # granted, the profile is read
 

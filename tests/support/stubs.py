@@ -200,6 +200,12 @@ class StubStore:
     def missing_indexes(self) -> list[tuple[str, str]]:
         return []
 
+    def migration(self) -> dict | None:
+        return None  # no model migration (tests/integration/test_model_migration.py runs one on MongoDB)
+
+    def view(self, suffix: str) -> StubStore:
+        return self  # never asked for: there is no migration
+
     def load_profiles(self, user_ids: Iterable[str], model: str, dimensions: int
                       ) -> tuple[dict[str, StoredProfile], dict[str, ValueError]]:
         if self.fail_reads is not None:

@@ -49,6 +49,9 @@ class ConflictingStore:
     def erasure_times(self, user_ids):
         return {}, {}
 
+    def migration(self):
+        return None
+
     def write_profiles(self, writes, layout="shop"):
         self.writes += 1
         if self.writes <= self.losses:
