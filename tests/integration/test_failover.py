@@ -161,9 +161,9 @@ def test_failover_is_bounded_and_names_the_nodes_tried(env, topology):
 
 
 def test_a_refusal_is_not_taken_for_a_lost_node():
-    """A connection the broker closed on an error (540 NOT_IMPLEMENTED, as RabbitMQ 3.10 answers an if-unused delete of a
-    quorum queue) would be refused again on any node: recover() raises it instead of reconnecting, so no mover loops
-    on it; a node's shutdown close (320 CONNECTION_FORCED) and a dropped stream are lost nodes, replaced."""
+    """A connection the broker closed on an error (540 NOT_IMPLEMENTED, as RabbitMQ 3.10 answers an if-unused delete
+    of a quorum queue) would be refused again on any node: recover() raises it instead of reconnecting, so no mover
+    loops on it; a node's shutdown close (320 CONNECTION_FORCED) and a dropped stream are lost nodes, replaced."""
     import pika.exceptions as pex
 
     failover = Failover(RABBIT, name="test-refusal", budget_s=1)
