@@ -34,7 +34,7 @@ from myshop_ops.base.contract import make_event, serialise  # noqa: E402
 from tests.support.events import T0  # noqa: E402
 from tests.support.services import RABBIT, MongoWire  # noqa: E402
 
-REDIS = os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{os.environ.get('BENCH_REDIS_DB', '11')}")
+REDIS = os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{os.environ.get('BENCH_REDIS_DB', '15')}")
 PRODUCTS = 300
 DIMS = 1536
 TYPES = ("product_view", "product_click", "product_purchase", "product_view", "search")

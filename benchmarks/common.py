@@ -3,7 +3,7 @@ CPU (os.wait4 rusage; the process wrapper and the summary parser are tests/suppo
 tests), metrics scraping, medians, rows of the result table.
 
 Every run gets its own queue names (``bench-<hex>.events`` / ``.failed``), its own database (``bench<hex>``) and
-Redis database ``BENCH_REDIS_DB`` (11: the test suites use 0-7, so a ``stop-workers`` flag set by a
+Redis database ``BENCH_REDIS_DB`` (15: the test suites use 0-11, so a ``stop-workers`` flag set by a
 suite never stops a benchmark worker); all of it is deleted afterwards.
 """
 
@@ -48,7 +48,7 @@ from tests.support.workers import Reaped, WorkerProcess, parse_summary, remove_t
 
 RABBIT = os.environ.get("BENCH_RABBITMQ_DSN", "amqp://guest:guest@127.0.0.1:5672/%2f")
 MONGO = os.environ.get("BENCH_MONGODB_URL", "mongodb://127.0.0.1:27017/?directConnection=true")
-BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "11"))
+BENCH_REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "15"))
 REDIS = os.environ.get("BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{BENCH_REDIS_DB}")
 DIMS = int(os.environ.get("BENCH_DIMENSIONS", "1536"))
 PRODUCTS = 300  # product vectors seeded per run

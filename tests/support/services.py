@@ -28,10 +28,10 @@ _PROCESS = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 def redis_url(purpose: int = DEFAULT) -> str:
     """This pytest process's Redis database for ``purpose``: the lifecycle tests' stop-workers flag and the
     generate and reliability workers stay apart from every other test's workers. Parallel pytest processes
-    (pytest-xdist) get four databases each (0-3, 4-7), so they never share processed ids or a flag either;
-    database 11 is the benchmarks'."""
-    if _PROCESS > 1:
-        raise RuntimeError("at most 2 parallel pytest processes (`-n 2`): Redis databases 0-7 are the tests'")
+    (pytest-xdist) get four databases each (0-3, 4-7, 8-11), so they never share processed ids or a flag either;
+    database 15 is the benchmarks'."""
+    if _PROCESS > 2:
+        raise RuntimeError("at most 3 parallel pytest processes (`-n 3`): Redis databases 0-11 are the tests'")
     return f"{REDIS_SERVER}/{_PROCESS * 4 + purpose}"
 
 
