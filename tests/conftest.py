@@ -21,6 +21,18 @@ from tests.support.services import DIMS, RABBIT, ROOT, MongoWire, forget_keys, r
 from tests.support.workers import Workers, prepare, remove_topology
 
 REDIS = redis_url()
+# what needs a running service: these fixtures, and the suites marked as such (`make check` runs the rest)
+SERVICE_FIXTURES = frozenset({"mongo_wire", "redis_client"})
+SERVICE_MARKERS = ("integration", "reliability", "cluster")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``services`` every test that needs RabbitMQ, Redis or the Mongo-wire server (`make check` leaves them
+    out)."""
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or any(
+                item.get_closest_marker(m) for m in SERVICE_MARKERS):
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")

@@ -63,11 +63,13 @@ def run_verify(
         topo = Topology.from_settings(s)
         in_flight = _in_flight(s, topo, wait, management=True)
         store = Store.from_settings(s)
-        s = active_settings(s, store)  # during a model migration: the model of the live profiles
+        def checked_with() -> tuple[Settings, PhraseEmbedder]:  # during a model migration: the live profiles' model
+            live = active_settings(s, store)
+            return live, PhraseEmbedder(make_provider(live), RedisState.from_settings(live), ttl=live.cache_ttl)
+
         try:
             lines = (line for _, line, _ in bounded_lines(handle, MAX_BODY_BYTES))  # longer: invalid, never held
-            verify(s, lines, store, PhraseEmbedder(make_provider(s), RedisState.from_settings(s), ttl=s.cache_ttl),
-                   report)
+            verify(s, lines, store, checked_with, report)
             report.unsettled(in_flight or _in_flight(s, topo, 0, management=False))  # and what came in meanwhile
         except BaseException as exc:  # a dependency failed mid-way: what was checked so far, then its one line
             report.complete = False

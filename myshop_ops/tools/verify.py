@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
@@ -129,14 +129,19 @@ class Verification:
                 "problems": [asdict(u) for u in self.problems[:max_problems]]}
 
 
-def verify(settings: Settings, lines: Iterable[bytes], store: Store, phrases: PhraseEmbedder,
+def verify(settings: Settings, lines: Iterable[bytes], store: Store,
+           phrases: PhraseEmbedder | Callable[[], tuple[Settings, PhraseEmbedder]],
            report: Verification | None = None, scratch_dir: Path | None = None) -> Verification:
     """Check every user the file names (``lines``: its lines, each already bounded). ``report`` is filled as the
-    run goes: when a dependency fails mid-way it holds what was checked so far (and ``complete`` is False)."""
+    run goes: when a dependency fails mid-way it holds what was checked so far (and ``complete`` is False).
+    ``phrases`` may be a function giving the settings and embedder to check with, called once the file is read
+    (the model of the live profiles is read from the store then)."""
     report = Verification() if report is None else report
     report.complete = False
     with _scratch(scratch_dir) as db:
         _load(db, lines, report)
+        if callable(phrases):
+            settings, phrases = phrases()
         _mark_failed(db, store, report)
         _product_vectors(db, store, settings)
         _phrase_vectors(db, phrases)
