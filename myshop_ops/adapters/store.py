@@ -344,16 +344,31 @@ class Store:
     def collections(self) -> set[str]:
         return set(self.db.list_collection_names())
 
-    def rename(self, source: str, target: str) -> None:
-        """Rename a collection of this database, atomically for readers (``renameCollection``; MongoDB runs it on the
-        admin database, the Mongo-wire test server only on the database itself: both are tried)."""
-        spec = {"to": f"{self.db.name}.{target}", "dropTarget": False}
+    def rename(self, source: str, target: str, *, drop_target: bool = False) -> None:
+        """Rename a collection of this database, atomically for readers (``renameCollection``; with ``drop_target``
+        it replaces ``target`` in the same step: a reader finds the old collection or the new one, never none).
+        MongoDB runs it on the admin database, the Mongo-wire test server only on the database itself: both are
+        tried."""
+        spec = {"to": f"{self.db.name}.{target}", "dropTarget": drop_target}
         try:
             self.client.admin.command("renameCollection", f"{self.db.name}.{source}", **spec)
         except OperationFailure as exc:
             if "current database" not in str(exc):
                 raise
             self.db.command("renameCollection", f"{self.db.name}.{source}", **spec)
+
+    def copy_collection(self, source: str, target: str) -> None:
+        """Make ``target`` a copy of ``source`` (USERS or PRODUCTS) with its required indexes, on the server
+        (``$merge``; the Mongo-wire test server has no ``$out``). Not atomic: for a collection no reader uses."""
+        self.db.drop_collection(target)
+        for name, keys, opts in INDEXES[source]:
+            self.db[target].create_index(keys, name=name, **opts)
+        self.db[source].aggregate([{"$merge": {"into": target, "whenMatched": "replace",
+                                               "whenNotMatched": "insert"}}])
+
+    def delete_profiles(self, user_ids: Sequence[str]) -> None:
+        """Delete these users' documents here (a migration's shadows found wrong: the next catch-up rebuilds them)."""
+        self.users.delete_many({"user_id": {"$in": list(user_ids)}})
 
     def drop(self, name: str) -> None:
         self.db.drop_collection(name)

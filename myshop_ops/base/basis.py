@@ -25,10 +25,10 @@ from myshop_ops.base.profile import Profile
 
 DEFAULT_LIMIT = 256  # items kept per profile (the heaviest; the others' mass goes to the residual)
 PRODUCT, PHRASE = "p:", "s:"  # an item's kind, as the first two characters of its key
-_HEADER = struct.Struct("<BHd")  # format 1, entries, residual
-_ENTRY = struct.Struct("<dH")  # weight, key length in UTF-8 bytes
-FORMAT = 1
+_HEADER = struct.Struct("<BHdI")  # format, entries, residual, bytes of the keys
+FORMAT = 2  # 1 (weight, length and key, item after item; never deployed) is refused as another format
 MAX_KEY_BYTES = 4 * 255 + 2  # a phrase of 255 characters (4 UTF-8 bytes at most each) and its kind
+_KIND = tuple(ord(c) for c in PRODUCT[0] + PHRASE[0] + PRODUCT[1])  # a key's first byte (p, s), its second (:)
 
 
 class UnreadableBasis(ValueError):
@@ -98,51 +98,56 @@ def rebuild(basis: Basis, vectors: np.ndarray, last_updated: float, model: str) 
 
 def encode_basis(basis: Basis) -> bytes:
     """The map as one byte string (stored as a BSON Binary: one value to write and read, not 256 array elements):
-    format, count, residual, then per item its weight, key length and UTF-8 key."""
-    parts = [_HEADER.pack(FORMAT, len(basis.keys), basis.residual)]
-    for key, weight in zip(basis.keys, basis.weights.tolist(), strict=True):
-        raw = key.encode("utf-8", "surrogatepass")
-        parts.append(_ENTRY.pack(weight, len(raw)) + raw)
-    return b"".join(parts)
+    format, count, residual, the keys' length in bytes, the weights (float64), then the keys in UTF-8 joined by NUL
+    (the event contract refuses control characters in product ids and phrases, so no key holds one): each a single
+    run, so both ways are a few array operations rather than one per item. ValueError for a key holding NUL."""
+    keys = "\x00".join(basis.keys).encode("utf-8", "surrogatepass")
+    if keys.count(0) != max(len(basis.keys) - 1, 0):
+        raise ValueError("an item key holds NUL: the item map cannot store it")
+    return b"".join((_HEADER.pack(FORMAT, len(basis.keys), basis.residual, len(keys)),
+                     np.asarray(basis.weights, "<f8").tobytes(), keys))
 
 
 def decode_basis(raw: object) -> Basis:
     """A stored map; UnreadableBasis for anything ``encode_basis`` does not write (a wrong format or length, a key
-    that is not UTF-8 or of no known kind, a weight or residual that is negative or not finite). Never another
-    exception."""
+    that is not UTF-8, of no known kind or too long, a weight or residual that is negative or not finite). Never
+    another exception."""
     if not isinstance(raw, bytes):
         raise UnreadableBasis(f"a {type(raw).__name__}, not bytes")
     if len(raw) < _HEADER.size:
         raise UnreadableBasis("cut short")
-    fmt, count, residual = _HEADER.unpack_from(raw)
+    fmt, count, residual, size = _HEADER.unpack_from(raw)
     if fmt != FORMAT:
         raise UnreadableBasis(f"format {fmt}, not {FORMAT}")
-    keys: list[str] = []
-    weights: list[float] = []
-    at = _HEADER.size
-    for _ in range(count):
-        key, weight, at = _entry(raw, at)
-        keys.append(key)
-        weights.append(weight)
-    if at != len(raw) or not (math.isfinite(residual) and residual >= 0) or len(set(keys)) != len(keys):
-        raise UnreadableBasis("trailing bytes, a repeated key, or a residual that is negative or not finite")
-    return Basis(tuple(keys), np.array(weights, np.float64), residual)
+    at = _HEADER.size + 8 * count  # after the weights: the keys
+    if len(raw) != at + size or (size > 0) != (count > 0):
+        raise UnreadableBasis("cut short, trailing bytes, or keys where there are none")
+    weights = np.frombuffer(raw, "<f8", count, _HEADER.size).copy()
+    if not (math.isfinite(residual) and residual >= 0) or not np.all(np.isfinite(weights) & (weights >= 0)):
+        raise UnreadableBasis("a weight or the residual negative or not finite")
+    keys = _keys(raw[at:], count)
+    if len(set(keys)) != count:
+        raise UnreadableBasis("a repeated key")
+    return Basis(keys, weights, residual)
 
 
-def _entry(raw: bytes, at: int) -> tuple[str, float, int]:
-    """(key, weight, offset after it) of the entry at ``at``; UnreadableBasis when it is not one myshop writes."""
-    if at + _ENTRY.size > len(raw):
-        raise UnreadableBasis("cut short")
-    weight, n = _ENTRY.unpack_from(raw, at)
-    at += _ENTRY.size
-    if n > MAX_KEY_BYTES or at + n > len(raw):
-        raise UnreadableBasis("a key cut short or too long")
+def _keys(run: bytes, count: int) -> tuple[str, ...]:
+    """The ``count`` keys of ``run`` (UTF-8, joined by NUL), each checked for its length and kind."""
+    if not count:
+        return ()
+    blob = np.frombuffer(run, np.uint8)
+    nul = np.flatnonzero(blob == 0)
+    if len(nul) != count - 1:
+        raise UnreadableBasis(f"{len(nul) + 1} keys for {count} weights")
+    starts, ends = np.empty(count, np.intp), np.empty(count, np.intp)
+    starts[0], starts[1:], ends[:-1], ends[-1] = 0, nul + 1, nul, len(blob)
+    lengths = ends - starts
+    if lengths.min() < 3 or lengths.max() > MAX_KEY_BYTES:
+        raise UnreadableBasis("a key too short or too long")
+    first = blob[starts]
+    if not np.all(((first == _KIND[0]) | (first == _KIND[1])) & (blob[starts + 1] == _KIND[2])):
+        raise UnreadableBasis("a key of no known kind")
     try:
-        key = raw[at:at + n].decode("utf-8")
+        return tuple(run.decode("utf-8").split("\x00"))
     except UnicodeDecodeError:
         raise UnreadableBasis("a key that is not UTF-8") from None
-    if key[:2] not in (PRODUCT, PHRASE) or len(key) < 3:
-        raise UnreadableBasis("a key of no known kind")
-    if not (math.isfinite(weight) and weight >= 0):
-        raise UnreadableBasis("a weight that is negative or not finite")
-    return key, weight, at + n

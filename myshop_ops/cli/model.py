@@ -14,7 +14,6 @@ from myshop_ops.base.exit_codes import EXIT_CONFIG, EXIT_FAIL
 from myshop_ops.cli.common import console, err_console, fail, operator_errors, print_json, settings, shown
 from myshop_ops.core.shadow import Space
 from myshop_ops.tools import migration
-from myshop_ops.tools.lines import bounded_lines, open_regular
 
 
 def _step(step: Callable, *, embeds: bool = False, as_json: bool = False) -> None:
@@ -103,26 +102,9 @@ def switch(
     collections are renamed (the old ones kept as *_prev, kept up to date), the workers go on with the new model.
     --json prints {"state", "from", "to", ...} (the migration document)."""
     def step(s, store):
-        check = None if events is None else _events_check(events)
+        check = None if events is None else migration.events_check(events)
         return migration.switch(s, store, RedisState.from_settings(s), grace=grace, check=check)
     _step(step, embeds=True, as_json=as_json)
-
-
-def _events_check(events: Path) -> Callable:
-    from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
-    from myshop_ops.base.contract import MAX_BODY_BYTES
-    from myshop_ops.tools.verify import verify
-
-    def check(s, shadow: Store) -> str | None:
-        with open_regular(events) as handle:
-            lines = (line for _, line, _ in bounded_lines(handle, MAX_BODY_BYTES))
-            report = verify(s, lines, shadow, PhraseEmbedder(make_provider(s), None, ttl=s.cache_ttl))
-        if report.ok:
-            return None
-        d = report.as_json(1)
-        return (f"verify found {d['users'] - d['users_ok']} of {d['users']} rebuilt profile(s) not equal to the "
-                f"events' recomputation under the new model (e.g. {shown(str(d['problems'][:1]))[:300]})")
-    return check
 
 
 def rollback(

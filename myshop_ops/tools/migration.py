@@ -8,26 +8,37 @@ step killed at any point is run again to finish it:
 * ``products import --next FILE``: the catalog embedded under the next model into ``product_embeddings_next``.
 * ``run``: every profile's shadow rebuilt from its item map, user by user, the position kept in the document.
 * ``switch``: state ``switching`` (workers hold their batches), a grace period for batches already under way, every
-  shadow brought up to date (orphans of erased users removed), then the renames: live -> ``*_prev``, ``*_next`` ->
-  live, products first; state ``switched``: the workers fold with the next model and keep ``*_prev`` up to date.
+  shadow brought up to date (orphans of erased users removed) and checked, then per collection, products first: live
+  copied to ``*_prev``, ``*_next`` renamed over live (``dropTarget``: a reader finds the old collection or the new
+  one, never none); state ``switched``: the workers fold with the next model and keep ``*_prev`` up to date.
 * ``rollback`` (while switched): the same in the other direction, back to ``running``.
 * ``finish`` (while switched): ``*_prev`` dropped, the document says ``finished``: set the settings to the new model.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.adapters.store import NEXT, PREV, PRODUCTS, USERS, Store
+from myshop_ops.base.contract import MAX_BODY_BYTES
+from myshop_ops.base.printable import printable
 from myshop_ops.core.ports import EventState
 from myshop_ops.core.shadow import ShadowResult, Space, plan, sync_shadows
+from myshop_ops.tools.lines import bounded_lines, open_regular
+from myshop_ops.tools.verify import verify
 
 CHUNK = 200  # profiles per shadow rebuild and per saved position
+# fault injection for the tests: the step of `myshop model run|switch|rollback` after which the process kills itself
+# (SIGKILL), as an operator's kill -9 or a lost machine would; unset in production
+KILL_AFTER = "MYSHOP_MODEL_KILL_AFTER"
 SWITCH_GRACE_S = 15.0  # a batch that began before ``switching`` writes within WRITE_BUDGET_S (10 s): then it is done
 
 
@@ -121,11 +132,13 @@ def run(s: Settings, store: Store, redis, progress: Callable[[dict], None] | Non
     while chunk := store.profile_versions(position, CHUNK):
         ids = [d["user_id"] for d in chunk]
         result = _sync_retrying(store, shadow, target, phrases, ids, s.store_layout)
+        _reached("rebuilt")
         position = ids[-1]
         rebuilt += len(ids) - len(result.unmapped)
         unmapped += len(result.unmapped)
         store.update_migration({"position": position, "rebuilt": rebuilt, "unmapped": unmapped,
                                 "updated_at": datetime.now(UTC)})
+        _reached("saved")
         if progress is not None:
             progress({"position": position, "rebuilt": rebuilt, "unmapped": unmapped})
     store.update_migration({"position": position, "done_at": datetime.now(UTC)})
@@ -160,11 +173,20 @@ def status(s: Settings, store: Store) -> Status:
                   rebuilt=doc.get("rebuilt", 0), unmapped=doc.get("unmapped", 0))
 
 
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """Rebuilt profiles the switch's check found not equal to their recomputation: ``users`` (their shadows are
+    removed, to be rebuilt), ``why`` the one line saying which and how (empty ``users``: nothing could be checked)."""
+
+    users: list[str]
+    why: str
+
+
 def switch(s: Settings, store: Store, redis, *, grace: float = SWITCH_GRACE_S,
-           check: Callable[[Settings, Store], str | None] | None = None) -> dict:
+           check: Callable[[Settings, Store], Difference | None] | None = None) -> dict:
     """Make the next model's profiles and products the live ones (see the module docstring). ``check`` (the shadow
-    verified against recorded events: None when OK, else why not) runs before the renames; a refusal puts the
-    migration back to ``running``."""
+    verified against recorded events) runs before the live collections change; a difference puts the migration back
+    to ``running``, with the differing shadows removed (the next switch's catch-up rebuilds them)."""
     doc, _source, target = _running(store, ("running", "switching"))
     return _flip(s, store, redis, doc, grace, check, direction="switch", other=target, keep=PREV,
                  take=NEXT, after="switched")
@@ -172,6 +194,10 @@ def switch(s: Settings, store: Store, redis, *, grace: float = SWITCH_GRACE_S,
 
 def rollback(s: Settings, store: Store, redis, *, grace: float = SWITCH_GRACE_S) -> dict:
     """Back to the previous model's profiles and products, kept up to date since the switch."""
+    doc = store.migration()
+    if doc is not None and doc.get("state") == "finished":
+        raise MigrationError("no way back: `myshop model finish` dropped the previous model's profiles and products; "
+                             "to return to that model, migrate to it (`myshop model start`)")
     doc, source, _target = _running(store, ("switched", "switching"))
     if doc["state"] == "switching" and doc.get("direction") != "rollback":
         raise MigrationError("a switch is under way: run `myshop model switch` again to finish it first")
@@ -181,28 +207,52 @@ def rollback(s: Settings, store: Store, redis, *, grace: float = SWITCH_GRACE_S)
 
 def _flip(s: Settings, store: Store, redis, doc: dict, grace: float, check, *, direction: str, other: Space,
           keep: str, take: str, after: str) -> dict:
+    """Hold the workers, bring the shadows of ``take`` up to date (and check them), then per collection: the live
+    one copied to ``keep``, the one of ``take`` renamed over it (one atomic step for a reader). Each step is recorded
+    in ``steps`` or seen in the collections, so a run killed anywhere is finished by the next."""
     if doc["state"] == "switching" and doc.get("direction", "switch") != direction:
         raise MigrationError(f"a {doc.get('direction')} is under way: run it again to finish it first")
     if doc["state"] != "switching":
-        if not store.put_migration({**doc, "state": "switching", "direction": direction}, doc["state"]):
+        before, doc = doc["state"], {**doc, "state": "switching", "direction": direction, "steps": []}
+        if not store.put_migration(doc, before):
             raise MigrationError("the migration changed meanwhile: run `myshop model status`")
         time.sleep(grace)  # batches that began before the hold write within it
-    if USERS + take in store.collections():  # not renamed yet: bring every shadow up to date, then check
+        _reached("held")
+    steps = list(doc.get("steps") or [])
+    if "caught up" not in steps:  # the products of ``take`` are still there: nothing was renamed yet
         shadow = store.view(take)
         _catch_up(s, store, shadow, other, redis)
-        why = check(other.settings(s), shadow) if check is not None else None
-        if why:
-            store.put_migration({**doc, "state": "running", "direction": None}, "switching")
-            raise MigrationError(f"not switched: {why}")
-    for base in (PRODUCTS, USERS):  # each rename once: a re-run after a kill goes on where it stopped
-        names = store.collections()
-        if base + keep not in names and base in names:
-            store.rename(base, base + keep)
-        if base + take in store.collections() and base not in store.collections():
-            store.rename(base + take, base)
-    new = {**doc, "state": after, "direction": None, f"{direction}ed_at": datetime.now(UTC)}
+        found = check(other.settings(s), shadow) if check is not None else None
+        if found:
+            shadow.delete_profiles(found.users)
+            store.put_migration({**doc, "state": "running", "direction": None, "steps": []}, "switching")
+            raise MigrationError(f"not switched: {found.why}")
+        steps = _step_done(store, steps, "caught up")
+    for base in (PRODUCTS, USERS):
+        if base + take not in store.collections():
+            continue  # renamed already
+        if f"copied {base}" not in steps:
+            store.copy_collection(base, base + keep)
+            steps = _step_done(store, steps, f"copied {base}")
+        store.rename(base + take, base, drop_target=True)
+        _reached(f"renamed {base}")
+    new = {**doc, "state": after, "direction": None, "steps": [], f"{direction}ed_at": datetime.now(UTC)}
     store.put_migration(new, "switching")
     return store.migration()
+
+
+def _step_done(store: Store, steps: list[str], step: str) -> list[str]:
+    """Record ``step`` of a switch or rollback as done (a re-run after a kill skips it)."""
+    steps = [*steps, step]
+    store.update_migration({"steps": steps})
+    _reached(step)
+    return steps
+
+
+def _reached(step: str) -> None:
+    """Fault injection for the tests: killed here (SIGKILL, no cleanup) when KILL_AFTER names ``step``."""
+    if os.environ.get(KILL_AFTER) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _catch_up(s: Settings, store: Store, shadow: Store, space: Space, redis) -> None:
@@ -217,6 +267,29 @@ def _catch_up(s: Settings, store: Store, shadow: Store, space: Space, redis) -> 
         stale = [d["user_id"] for d in chunk if have.get(d["user_id"]) != (d["_id"], d.get("version"))]
         if stale:
             _sync_retrying(store, shadow, space, phrases, stale, s.store_layout)
+
+
+def events_check(events: Path) -> Callable[[Settings, Store], Difference | None]:
+    """The switch's check: the rebuilt profiles verified (as `myshop verify`) against the events recorded in
+    ``events``, with the next model's settings."""
+    def check(s: Settings, shadow: Store) -> Difference | None:
+        with open_regular(events) as handle:
+            lines = (line for _, line, _ in bounded_lines(handle, MAX_BODY_BYTES))
+            report = verify(s, lines, shadow, PhraseEmbedder(make_provider(s), None, ttl=s.cache_ttl))
+        if report.ok:
+            return None
+        if not report.problems:
+            return Difference([], f"the rebuilt profiles could not be verified against {events.name}: "
+                              f"{report.nothing_checked or 'verify stopped midway'}; run the switch again")
+        first = report.problems[0]
+        more = report.users - report.count("ok") - 1
+        return Difference([u.user_id for u in report.problems], (
+            f"the rebuilt profile of user {printable(first.user_id)!r} is {first.status} against the recorded events' "
+            f"recomputation under the new model ({printable(first.reason or '')[:200]})"
+            f"{f' (and {more} more)' if more > 0 else ''}; it was removed from {USERS}{NEXT}: run "
+            "`myshop model switch` again to rebuild it from its item map (if it differs again, `myshop verify "
+            "--events` on the live profile of that user first)"))
+    return check
 
 
 def finish(store: Store) -> dict:

@@ -5,6 +5,7 @@ reads back exactly and refuses anything else."""
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -113,8 +114,10 @@ def test_a_profile_without_a_map_is_all_residual():
         rebuild(basis, np.zeros((0, 4)), T0, "m")
 
 
-@given(keys=st.lists(st.text(min_size=1, max_size=255), max_size=30, unique=True),
-       residual=st.floats(0, 1e9))
+KEY_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=255)  # as the contract
+
+
+@given(keys=st.lists(KEY_TEXT, max_size=30, unique=True), residual=st.floats(0, 1e9))
 def test_the_stored_map_reads_back_exactly(keys, residual):
     keys = [phrase_key(k) if i % 2 else product_key(k) for i, k in enumerate(keys)]
     weights = np.random.default_rng(len(keys)).uniform(0, 10, len(keys))
@@ -132,12 +135,52 @@ def test_any_other_stored_value_is_refused_with_a_reason(raw):
         assert str(exc)
 
 
+@given(keys=st.lists(KEY_TEXT, min_size=1, max_size=8, unique=True), data=st.data())
+def test_a_damaged_map_is_refused_with_a_reason_or_read_as_a_valid_map(keys, data):
+    """Bytes of a real map changed, cut or inserted anywhere (a header, a weight, a separator, a key's kind): read
+    as a map that holds only what myshop writes, or refused with UnreadableBasis; never another exception."""
+    raw = bytearray(encode_basis(Basis(tuple(product_key(k) for k in keys), np.ones(len(keys)), 0.5)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw)))
+        edit = data.draw(st.sampled_from(("set", "cut", "insert")))
+        byte = data.draw(st.sampled_from((0, 1, 0x3A, 0x70, 0x73, 0x80, 0xC3, 0xFF)) | st.integers(0, 255))
+        if edit == "insert":
+            raw[at:at] = bytes([byte])
+        elif at < len(raw):
+            raw[at:at + 1] = b"" if edit == "cut" else bytes([byte])
+    try:
+        got = decode_basis(bytes(raw))
+    except UnreadableBasis as exc:
+        assert str(exc)
+    else:
+        assert len(got.keys) == len(got.weights) == len(set(got.keys))
+        assert all(k[:2] in ("p:", "s:") and len(k) >= 3 and "\x00" not in k for k in got.keys)
+        assert np.all(np.isfinite(got.weights) & (got.weights >= 0)) and got.residual >= 0
+
+
+def test_a_key_holding_nul_is_not_stored():
+    with pytest.raises(ValueError, match="NUL"):
+        encode_basis(Basis(("p:a\x00p:b",), np.ones(1), 0.0))
+
+
+def test_the_first_format_is_refused_as_another_format():
+    entry = struct.pack("<dH", 1.0, 3) + b"p:1"  # format 1: weight, length and key, item after item
+    with pytest.raises(UnreadableBasis, match="format 1, not 2"):
+        decode_basis(struct.pack("<BHd", 1, 1, 0.0) + entry + bytes(4))
+
+
 @pytest.mark.parametrize("raw", [None, "text", encode_basis(Basis(("x:1",), np.ones(1), 0.0)),
                                  encode_basis(Basis(("p:1",), np.array([-1.0]), 0.0)),
                                  encode_basis(Basis(("p:1",), np.ones(1), math.inf)),
                                  encode_basis(Basis(("p:1", "p:1"), np.ones(2), 0.0)),
                                  encode_basis(Basis(("p:1",), np.ones(1), 0.0)) + b"x",
-                                 encode_basis(Basis(("p:1",), np.ones(1), 0.0))[:-1]])
+                                 encode_basis(Basis(("p:1",), np.ones(1), 0.0))[:-1],
+                                 encode_basis(Basis(("p:1", "p:2"), np.ones(2), 0.0)).replace(b"\x00p:2", b"\x00x:2"),
+                                 encode_basis(Basis(("p:1", "p:2"), np.ones(2), 0.0)).replace(b"\x00", b"\x01"),
+                                 encode_basis(Basis(("p:é",), np.ones(1), 0.0))[:-1] + b"\xff",
+                                 encode_basis(Basis(("p:" + "x" * 1100,), np.ones(1), 0.0)),
+                                 encode_basis(Basis(("p:1",), np.ones(1), 0.0)).replace(b"p:1", b"p:\x00"),
+                                 encode_basis(Basis((), np.zeros(0), 0.0)) + b"p:1"])
 def test_forged_maps_are_refused(raw):
     with pytest.raises(UnreadableBasis):
         decode_basis(raw)
