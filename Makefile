@@ -4,7 +4,7 @@ PY313 ?= $(shell ls -d $$(pyenv root 2>/dev/null || echo /root/.pyenv)/versions/
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv services demo test soak bench lint mutations stop-services clean debian-tools release
+.PHONY: venv services demo test check soak bench lint mutations stop-services clean debian-tools release
 
 $(BIN)/myshop: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,10 +50,15 @@ debian-tools:
 
 test: venv debian-tools
 	@tools/services.sh >/dev/null
-	$(BIN)/pytest -q -n 2 --dist loadfile  # two processes, whole files each: see tests/support/services.py redis_url
+	$(BIN)/pytest -q -n 3 --dist loadfile  # three processes, whole files each: see tests/support/services.py redis_url
+
+# the edit-test loop, no service needed (well under a minute): lint, the contract, the unit and stand-in tests
+check: $(BIN)/myshop
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -n 2 -p no:cacheprovider -m "not services" tests/unit tests/contract
 
 # the reliability suite at soak sizes (>= 20 kills, >= 10,000 malformed bodies) and every cluster scenario (tests/cluster:
-# a private 3-node RabbitMQ cluster, tools/cluster.sh; `make test` runs only its leader kill); figures in
+# a private 3-node RabbitMQ cluster, tools/cluster.sh; none of it in `make test`); figures in
 # .run/reliability-soak.jsonl
 soak: venv
 	@tools/services.sh >/dev/null

@@ -20,7 +20,7 @@ from tests.support.services import ROOT, wait_for
 from tests.support.workers import one_line, prepare
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600),
-              pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]
+              pytest.mark.skipif(not SOAK, reason="soak only (make soak): the cluster suite is make soak's")]
 
 EVENTS, USERS, DELAY_MS = 2000, 40, 6  # 2,000 events at ~170 events/s: about 12 s
 KILL_AFTER, DOWN_S = 4 * 1000 // DELAY_MS, 10  # events in the queue ~4 s in; the node stays down 10 s

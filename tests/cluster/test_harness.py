@@ -14,7 +14,7 @@ from tests.cluster.conftest import NODES, node_name
 from tests.reliability.harness.plan import SOAK
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300),
-              pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]
+              pytest.mark.skipif(not SOAK, reason="soak only (make soak): the cluster suite is make soak's")]
 
 
 def default_node_pid() -> str:

@@ -17,7 +17,7 @@ from tests.reliability.harness.plan import SOAK
 from tests.support.services import RABBIT, run_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300),
-              pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]
+              pytest.mark.skipif(not SOAK, reason="soak only (make soak): the cluster suite is make soak's")]
 
 DEFAULT_MANAGEMENT = "http://guest:guest@127.0.0.1:15672"
 

@@ -20,7 +20,7 @@ from tests.support.services import ROOT, wait_for
 from tests.support.workers import prepare
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300),
-              pytest.mark.skipif(not SOAK, reason="soak only (make soak): make test runs one cluster scenario")]
+              pytest.mark.skipif(not SOAK, reason="soak only (make soak): the cluster suite is make soak's")]
 
 
 def test_generate_test_events_says_it_is_blocked_and_finishes(cluster, env, tmp_path):

@@ -129,6 +129,7 @@ def test_a_stop_request_time_is_read_totally(raw, at):
     assert epoch_value(raw) == at
 
 
+@pytest.mark.services  # real Redis
 def test_garbage_in_redis_is_absent_to_the_journal_and_the_stop_flag():
     state = RedisState(redis_url(), prefix=f"test-boundary-{datetime.now(UTC).timestamp()}:")
     try:
