@@ -173,16 +173,25 @@ def _emit(report: Report, as_json: bool) -> None:
 
 
 def _watch(conn, topo, queues, management, every: float, as_json: bool) -> Report:
+    """Refresh every ``every`` seconds until Ctrl-C (or SIGTERM). The signal only sets a flag, seen between short
+    waits: a KeyboardInterrupt raised inside pika's frame handling would leave the connection unable to close."""
     report = _snapshot(conn, topo, queues, management, as_json)
     live = Live(render(report), console=console, auto_refresh=False) if console.is_terminal and not as_json else None
-    with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
-        while True:
-            if live:
-                live.update(render(report), refresh=True)
-            else:
-                _emit(report, as_json)
-            deadline = time.monotonic() + every
-            while time.monotonic() < deadline:
-                conn.process_data_events(time_limit=min(0.5, max(0.0, deadline - time.monotonic())))
-            report = _snapshot(conn, topo, queues, management, as_json)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with live or contextlib.nullcontext():
+            while not stop.is_set():
+                if live:
+                    live.update(render(report), refresh=True)
+                else:
+                    _emit(report, as_json)
+                deadline = time.monotonic() + every
+                while not stop.is_set() and time.monotonic() < deadline:
+                    conn.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
+                if not stop.is_set():
+                    report = _snapshot(conn, topo, queues, management, as_json)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return report
