@@ -9,9 +9,12 @@ input never costs another its vector, and nothing refused is ever cached.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import itertools
+import math
 import re
+import time
 import unicodedata
 import zlib
 from collections import defaultdict
@@ -40,11 +43,13 @@ SPLIT_STATUSES = frozenset({400, 413, 422})
 
 
 class EmbeddingError(Exception):
-    """No vector. ``transient`` errors (429, 5xx, timeouts) are retried; others are not."""
+    """No vector. ``transient`` errors (429, 5xx, timeouts) are retried; others are not. ``retry_after``: the
+    seconds the provider asked to wait before the next request (its Retry-After), if it said."""
 
-    def __init__(self, message: str, *, transient: bool):
+    def __init__(self, message: str, *, transient: bool, retry_after: float | None = None):
         super().__init__(message)
         self.transient = transient
+        self.retry_after = retry_after
 
 
 class InputRefused(EmbeddingError):
@@ -251,16 +256,40 @@ class OpenAIProvider:
                 model=self.model, input=inputs, encoding_format="base64", **extra
             )
         except (oa.RateLimitError, oa.InternalServerError, oa.APITimeoutError, oa.APIConnectionError) as exc:
-            raise EmbeddingError(f"embeddings provider: {type(exc).__name__}: {exc}", transient=True) from exc
+            raise EmbeddingError(f"embeddings provider: {type(exc).__name__}: {exc}", transient=True,
+                                 retry_after=retry_after_s(getattr(exc, "response", None))) from exc
         except oa.APIStatusError as exc:
             message = f"embeddings provider refused ({exc.status_code}): {exc.message}"
             if exc.status_code in SPLIT_STATUSES and getattr(exc, "param", None) in (None, "input"):
                 raise RequestRefused(message) from exc
             transient = exc.status_code in (408, 409, 429) or exc.status_code >= 500
-            raise EmbeddingError(message, transient=transient) from exc
+            raise EmbeddingError(message, transient=transient, retry_after=retry_after_s(exc.response)) from exc
         except oa.APIError as exc:  # a reply the SDK could not read
             raise EmbeddingError(f"embeddings provider: {type(exc).__name__}: {exc}", transient=True) from exc
         return reply_rows(resp, len(inputs))
+
+
+def retry_after_s(response: object) -> float | None:
+    """The wait a refused reply asks for, in seconds: its ``retry-after-ms`` header, else ``retry-after`` (seconds or
+    an HTTP date, as the SDK reads them); None when it says none or nothing readable. Never raises."""
+    headers = getattr(response, "headers", None)
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = get(name)
+        if not isinstance(value, str):
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError, IndexError):
+                continue
+        if math.isfinite(seconds):
+            return max(seconds, 0.0)
+    return None
 
 
 def reply_rows(resp: object, n: int) -> list[np.ndarray | EmbeddingError]:

@@ -97,6 +97,7 @@ class ShadowResult:
     written: int = 0  # shadow documents written (others were as new already)
     unmapped: list[str] = None  # users whose profile has no item map: no shadow can be built
     failed: dict[str, str] = None  # users whose items could not all be embedded now (transient): why
+    retry_after: float | None = None  # the longest wait the provider asked for before trying them again, if any
 
     def __post_init__(self) -> None:
         self.unmapped = self.unmapped or []
@@ -126,9 +127,11 @@ def sync_shadows(primary: Store, shadow: Store, space: Space, phrases: Phrases, 
         if user_id not in maps:
             continue
         basis = maps[user_id]
-        failed = next((v for k in basis.keys if isinstance(v := vectors.get(k), str)), None)
-        if failed:
-            result.failed[user_id] = failed
+        failed = next((v for k in basis.keys if isinstance(v := vectors.get(k), EmbeddingError)), None)
+        if failed is not None:
+            result.failed[user_id] = f"the phrases could not be embedded now: {str(failed)[:200]}"
+            if failed.retry_after is not None:
+                result.retry_after = max(result.retry_after or 0.0, failed.retry_after)
             continue
         known = [i for i, k in enumerate(basis.keys) if k in vectors]
         when = to_datetime(doc.get("last_updated"))
@@ -151,10 +154,10 @@ def sync_shadows(primary: Store, shadow: Store, space: Space, phrases: Phrases, 
 
 
 def _item_vectors(shadow: Store, space: Space, phrases: Phrases, keys: set[str],
-                  products: Recent[str, np.ndarray] | None) -> dict[str, np.ndarray | str]:
+                  products: Recent[str, np.ndarray] | None) -> dict[str, np.ndarray | EmbeddingError]:
     """The vector of each item under ``space`` (product vectors from the shadow's products, phrases from the
-    embedder), or why a phrase has none now; items without a vector are absent."""
-    out: dict[str, np.ndarray | str] = {}
+    embedder), or the transient error of a phrase that has none now; items without a vector are absent."""
+    out: dict[str, np.ndarray | EmbeddingError] = {}
     ids = {k[len(PRODUCT):] for k in keys if k.startswith(PRODUCT)}
     cached, unknown = products.take(ids) if products is not None else ({}, list(ids))
     found, _ = shadow.product_vectors(unknown, space.model, space.dimensions) if unknown else ({}, {})
@@ -166,7 +169,7 @@ def _item_vectors(shadow: Store, space: Space, phrases: Phrases, keys: set[str],
         for text, got in phrases.embed(texts).items():
             if isinstance(got, EmbeddingError):
                 if got.transient:
-                    out[PHRASE + text] = f"the phrases could not be embedded now: {str(got)[:200]}"
+                    out[PHRASE + text] = got
             else:
                 out[PHRASE + text] = got
     return out

@@ -40,6 +40,7 @@ CHUNK = 200  # profiles per shadow rebuild and per saved position
 # (SIGKILL), as an operator's kill -9 or a lost machine would; unset in production
 KILL_AFTER = "MYSHOP_MODEL_KILL_AFTER"
 SWITCH_GRACE_S = 15.0  # a batch that began before ``switching`` writes within WRITE_BUDGET_S (10 s): then it is done
+RETRY_AFTER_MAX_S = 120.0  # a longer wait asked by the provider stops the run (the SDK's own bound)
 
 
 class MigrationError(Exception):
@@ -147,16 +148,22 @@ def run(s: Settings, store: Store, redis, progress: Callable[[dict], None] | Non
 
 def _sync_retrying(store: Store, shadow: Store, space: Space, phrases, ids: list[str], layout: str,
                    attempts: int = 6) -> ShadowResult:
-    """sync_shadows, again after a growing pause while some phrases cannot be embedded (the provider's rate limit or
-    an outage); MigrationError when they still cannot after ``attempts``."""
+    """sync_shadows, again while some phrases cannot be embedded (the provider's rate limit or an outage), after a
+    growing pause or the provider's Retry-After if longer; MigrationError when they still cannot after ``attempts``,
+    or at once when the provider asks for a wait beyond RETRY_AFTER_MAX_S."""
     delay = 1.0
-    for _ in range(attempts):
+    for attempt in range(attempts):
         result = sync_shadows(store, shadow, space, phrases, ids, layout)
         if not result.failed:
             return result
         ids = list(result.failed)
-        time.sleep(delay)
-        delay = min(delay * 2, 30.0)
+        asked = result.retry_after or 0.0
+        if asked > RETRY_AFTER_MAX_S:
+            raise MigrationError(f"{len(ids)} profile(s) could not be rebuilt: the embeddings provider asks to wait "
+                                 f"{asked:.0f} s (rate limited): run `myshop model run` again after that")
+        if attempt < attempts - 1:
+            time.sleep(max(delay, asked))
+            delay = min(delay * 2, 30.0)
     raise MigrationError(f"{len(result.failed)} profile(s) could not be rebuilt: {next(iter(result.failed.values()))}"
                          " (the provider is down or rate limited: run `myshop model run` again later)")
 

@@ -156,6 +156,26 @@ def test_persistent_500_raises_transient_after_all_retries(fake: FakeOpenAI) -> 
 
 
 @pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (429, {"retry-after": "7"}, 7.0),
+        (429, {"retry-after-ms": "1500", "retry-after": "9"}, 1.5),  # the milliseconds first, as the SDK
+        (503, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # an HTTP date already past
+        (429, {"retry-after": "-3"}, 0.0),
+        (429, {"retry-after": "soon"}, None),
+        (429, {"retry-after-ms": "nan", "retry-after": "inf"}, None),
+        (429, {}, None),
+    ],
+)
+def test_a_refusal_carries_the_wait_the_provider_asked_for(fake: FakeOpenAI, status: int, headers: dict,
+                                                           expected: float | None) -> None:
+    fake.fail_next(status, headers=headers)
+    with pytest.raises(EmbeddingError) as ei:
+        provider(fake).embed(["green tea"])
+    assert ei.value.transient is True and ei.value.retry_after == expected
+
+
+@pytest.mark.parametrize(
     ("case", "status", "requests"),
     # a refused request of two inputs is split: one request each, the refused one alone
     [("injected-400", 400, 1), ("empty-input", 400, 3), ("bad-key", 401, 1), ("unknown-model", 404, 1)],
