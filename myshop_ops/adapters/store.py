@@ -270,6 +270,15 @@ def stored_basis(doc: dict, adopted: bool) -> Basis | None:
         return None
 
 
+def _timeouts(url: str, timeout_ms: int) -> dict[str, int]:
+    """The client timeouts ``url`` does not set itself: an option in MONGODB_URL is the operator's and wins."""
+    query = url.partition("?")[2].lower()
+    given = {part.partition("=")[0] for part in query.replace(";", "&").split("&")}
+    defaults = {"serverSelectionTimeoutMS": timeout_ms, "connectTimeoutMS": timeout_ms,
+                "socketTimeoutMS": max(timeout_ms, 30_000)}
+    return {k: v for k, v in defaults.items() if k.lower() not in given}
+
+
 class Store:
     def __init__(self, url: str, db: str, *, timeout_ms: int = 5000, failed_retention_days: int = 0):
         self.client: MongoClient = MongoClient(
@@ -280,10 +289,8 @@ class Store:
             # profile parser with that reason), a string that is not UTF-8 with replacement characters.
             datetime_conversion=DatetimeConversion.DATETIME_CLAMP,
             unicode_decode_error_handler="replace",
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=max(timeout_ms, 30_000),
             appname="myshop-ops",
+            **_timeouts(url, timeout_ms),
         )
         self.db = self.client[db]
         self.users = self.db.get_collection(USERS, codec_options=_codec(self.client, DatetimeConversion.DATETIME_AUTO))

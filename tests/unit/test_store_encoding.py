@@ -53,3 +53,20 @@ def test_encode_vector_is_bson_float32_vector():
         got = encode_vector(vec)
         assert got == Binary.from_vector(np.asarray(vec, dtype=np.float32), BinaryVectorDtype.FLOAT32)
         assert got.subtype == 9 and np.array_equal(decode_vector(got), np.asarray(vec, dtype=np.float32))
+
+
+def test_timeouts_set_in_mongodb_url_are_the_operators_and_win():
+    """MONGODB_URL's serverSelectionTimeoutMS / connectTimeoutMS / socketTimeoutMS (any case) are kept; the store's
+    defaults fill only what the URL does not set. No server is contacted: the client connects lazily."""
+    from myshop_ops.adapters.store import Store
+
+    given = Store("mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300&connecttimeoutms=400", "x", timeout_ms=5000)
+    default = Store("mongodb://127.0.0.1:1/", "x", timeout_ms=5000)
+    try:
+        assert given.client.options.server_selection_timeout == 0.3
+        assert given.client.options.pool_options.connect_timeout == 0.4
+        assert given.client.options.pool_options.socket_timeout == 30.0
+        assert default.client.options.server_selection_timeout == 5.0
+    finally:
+        given.close()
+        default.close()
