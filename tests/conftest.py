@@ -26,9 +26,20 @@ SERVICE_FIXTURES = frozenset({"mongo_wire", "redis_client"})
 SERVICE_MARKERS = ("integration", "reliability", "cluster")
 
 
+# the suites by how long their files take, longest first: pytest-xdist hands whole files to its processes in this
+# order (--dist loadfile), so the long reliability and deployment files do not start last and stretch the run
+SUITE_ORDER = ("reliability", "deploy", "shop", "integration", "cluster", "docs", "contract", "unit")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``services`` every test that needs RabbitMQ, Redis or the Mongo-wire server (`make check` leaves them
-    out)."""
+    """Order the suites longest first; mark ``services`` every test that needs RabbitMQ, Redis or the Mongo-wire
+    server (`make check` leaves them out)."""
+    def rank(item: pytest.Item) -> int:
+        parts = item.path.parts
+        suite = parts[parts.index("tests") + 1] if "tests" in parts[:-1] else ""
+        return SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER)
+
+    items.sort(key=rank)  # stable: the order within a suite stays
     for item in items:
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())) or any(
                 item.get_closest_marker(m) for m in SERVICE_MARKERS):

@@ -233,8 +233,11 @@ def connect(dsn: str, *, heartbeat: int = 30, name: str = "myshop") -> BlockingC
     """Connect to the first reachable URL of a comma-separated DSN list."""
     errors = []
     for url in dsn_urls(dsn):
+        params = connection_parameters(url, name=name, heartbeat=heartbeat)
         try:
-            return pika.BlockingConnection(connection_parameters(url, name=name, heartbeat=heartbeat))
+            return pika.BlockingConnection(params)
+        except ValueError:  # pika, when the peer is gone the moment the socket connects ("Expected connected socket")
+            errors.append(f"{mask_url(url)}: the connection dropped while opening")
         except pex.ProbableAuthenticationError:
             errors.append(f"{mask_url(url)}: authentication refused (check the user and password)")
         except pex.AMQPError as exc:

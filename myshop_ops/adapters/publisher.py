@@ -214,6 +214,8 @@ class WindowedPublisher:
         self._looping = True
         try:
             self._connection.ioloop.start()
+        except ValueError:  # pika, when the peer is gone the moment the socket connects ("Expected connected socket")
+            self._open_errors[self._url] = f"{mask_url(self._url)}: the connection dropped while opening"
         finally:
             self._looping = False
             self._connection.ioloop.close()
