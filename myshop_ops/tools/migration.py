@@ -17,8 +17,6 @@ step killed at any point is run again to finish it:
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from myshop_ops.adapters.config import Settings
 from myshop_ops.adapters.embeddings import PhraseEmbedder, make_provider
 from myshop_ops.adapters.store import NEXT, PREV, PRODUCTS, USERS, Store
 from myshop_ops.base.contract import MAX_BODY_BYTES
+from myshop_ops.base.faults import killed_after
 from myshop_ops.base.printable import printable
 from myshop_ops.core.ports import EventState
 from myshop_ops.core.shadow import ShadowResult, Space, plan, sync_shadows
@@ -133,13 +132,13 @@ def run(s: Settings, store: Store, redis, progress: Callable[[dict], None] | Non
     while chunk := store.profile_versions(position, CHUNK):
         ids = [d["user_id"] for d in chunk]
         result = _sync_retrying(store, shadow, target, phrases, ids, s.store_layout)
-        _reached("rebuilt")
+        killed_after(KILL_AFTER, "rebuilt")
         position = ids[-1]
         rebuilt += len(ids) - len(result.unmapped)
         unmapped += len(result.unmapped)
         store.update_migration({"position": position, "rebuilt": rebuilt, "unmapped": unmapped,
                                 "updated_at": datetime.now(UTC)})
-        _reached("saved")
+        killed_after(KILL_AFTER, "saved")
         if progress is not None:
             progress({"position": position, "rebuilt": rebuilt, "unmapped": unmapped})
     store.update_migration({"position": position, "done_at": datetime.now(UTC)})
@@ -224,7 +223,7 @@ def _flip(s: Settings, store: Store, redis, doc: dict, grace: float, check, *, d
         if not store.put_migration(doc, before):
             raise MigrationError("the migration changed meanwhile: run `myshop model status`")
         time.sleep(grace)  # batches that began before the hold write within it
-        _reached("held")
+        killed_after(KILL_AFTER, "held")
     steps = list(doc.get("steps") or [])
     if "caught up" not in steps:  # the products of ``take`` are still there: nothing was renamed yet
         shadow = store.view(take)
@@ -242,7 +241,7 @@ def _flip(s: Settings, store: Store, redis, doc: dict, grace: float, check, *, d
             store.copy_collection(base, base + keep)
             steps = _step_done(store, steps, f"copied {base}")
         store.rename(base + take, base, drop_target=True)
-        _reached(f"renamed {base}")
+        killed_after(KILL_AFTER, f"renamed {base}")
     new = {**doc, "state": after, "direction": None, "steps": [], f"{direction}ed_at": datetime.now(UTC)}
     store.put_migration(new, "switching")
     return store.migration()
@@ -252,14 +251,8 @@ def _step_done(store: Store, steps: list[str], step: str) -> list[str]:
     """Record ``step`` of a switch or rollback as done (a re-run after a kill skips it)."""
     steps = [*steps, step]
     store.update_migration({"steps": steps})
-    _reached(step)
+    killed_after(KILL_AFTER, step)
     return steps
-
-
-def _reached(step: str) -> None:
-    """Fault injection for the tests: killed here (SIGKILL, no cleanup) when KILL_AFTER names ``step``."""
-    if os.environ.get(KILL_AFTER) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _catch_up(s: Settings, store: Store, shadow: Store, space: Space, redis) -> None:

@@ -19,9 +19,7 @@ where it stands and finishes, a move in progress goes on (the message in hand mo
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -39,6 +37,7 @@ from myshop_ops.adapters.broker import (
     connection_lost,
 )
 from myshop_ops.adapters.management import Management
+from myshop_ops.base.faults import killed_after
 
 # a queue argument set at declaration -> the policy key it overrides
 _POLICY_KEYS = {"x-dead-letter-exchange": "dead-letter-exchange", "x-delivery-limit": "delivery-limit",
@@ -358,32 +357,32 @@ class Transports:
                 arguments = {"x-queue-type": "quorum"} if t.replicated else {}
                 self._channel_call(f"queue '{holding}'",
                                    lambda ch: ch.queue_declare(holding, durable=True, arguments=arguments))
-            _reached("holding-declared")
+            killed_after(KILL_AFTER, "holding-declared")
             self._bind(holding, bindings)
-            _reached("holding-bound")
+            killed_after(KILL_AFTER, "holding-bound")
             self._unbind(name, bindings)
             progress(f"unbound {name}: new messages wait in {holding}")
-            _reached("unbound")
+            killed_after(KILL_AFTER, "unbound")
             moved = self._amqp(f"moving queue '{name}' to '{holding}'",
                                lambda: broker.move(self.connection, name, holding, failover=self.failover))
             progress(f"moved {moved} message(s) from {name} to {holding}")
-            _reached("moved-out")
+            killed_after(KILL_AFTER, "moved-out")
             self._delete_idle(name, holding)
-            _reached("deleted")
+            killed_after(KILL_AFTER, "deleted")
         arguments = t.queue_arguments(name)
         self._channel_call(f"queue '{name}'", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
         self._bind(name, bindings)
         progress(f"declared {name} ({t.queue_type_of(name)}) and bound it again")
-        _reached("declared")
+        killed_after(KILL_AFTER, "declared")
         self._unbind(holding, bindings)
-        _reached("released")
+        killed_after(KILL_AFTER, "released")
         back = self._amqp(f"moving queue '{holding}' back to '{name}'",
                           lambda: broker.move(self.connection, holding, name, failover=self.failover))
         held.count += back
         progress(f"moved {back} held message(s) into {name}")
-        _reached("moved-back")
+        killed_after(KILL_AFTER, "moved-back")
         self._delete_idle(holding, name)
-        _reached("done")
+        killed_after(KILL_AFTER, "done")
 
     def _bindings_to_keep(self, name: str, holding: str) -> list[tuple[str, str]]:
         """(exchange, routing key) of every binding ``name`` must have: the configured ones, those it has now and
@@ -486,12 +485,6 @@ class Transports:
 @dataclass
 class _Held:
     count: int = 0  # messages moved into the new queue, over every attempt of one queue's migration
-
-
-def _reached(step: str) -> None:
-    """Fault injection: killed here (SIGKILL, no cleanup) when KILL_AFTER names ``step``."""
-    if os.environ.get(KILL_AFTER) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _effective(policies: list[dict], apply_to: str, name: str) -> str | None:

@@ -183,17 +183,24 @@ HELD = 15  # the move's copy whose confirm the dying node keeps back
 MOVES = {"moving out": ("{q}.migrating", HELD), "moving back": ("{q}", BEFORE + HELD)}
 
 
-@pytest.mark.parametrize("when", [*MOVES, "between steps"])
-def test_migrate_goes_on_on_the_next_node_when_its_node_dies(vhost, when):
-    """The node dies with a moved copy unconfirmed (its original unacked) or between two steps: the migration goes on
-    through the second URL from where the broker says it is, every message ends in the new queue, a copy twice at
-    most (the one in hand, counted as republished), the bindings as configured."""
+def classic_queue_to_migrate(vhost: str) -> tuple:
+    """(connection, queue name, the quorum topology to migrate to, ids of the BEFORE messages waiting) of a classic
+    queue set up in ``vhost``."""
     conn = broker.connect(vhost)
     name = f"m-fo-{uuid.uuid4().hex[:6]}"
     old, new = topology(name, "classic"), topology(name, "quorum")
     transports(conn, vhost, old).setup()
     ids = [f"{name}-{i}" for i in range(BEFORE)]
     publish(conn, old, ids)
+    return conn, name, new, ids
+
+
+@pytest.mark.parametrize("when", [*MOVES, "between steps"])
+def test_migrate_goes_on_on_the_next_node_when_its_node_dies(vhost, when):
+    """The node dies with a moved copy unconfirmed (its original unacked) or between two steps: the migration goes on
+    through the second URL from where the broker says it is, every message ends in the new queue, a copy twice at
+    most (the one in hand, counted as republished), the bindings as configured."""
+    conn, name, new, ids = classic_queue_to_migrate(vhost)
     target, hold_after = MOVES.get(when, ("", None))
     relay = Relay(5672, hold_after=hold_after)
     failover = Failover(through_relay(relay, vhost), name="test-migrate-failover", budget_s=10)
@@ -262,12 +269,7 @@ def test_migrate_from_the_cli_fails_over_and_says_how_many_it_republished(env, v
 def test_migrate_past_the_failover_bound_says_which_nodes_it_tried_and_a_rerun_finishes(vhost):
     """The only node dies mid-move and stays dead: one line naming it and what to do; nothing is lost, and a run
     once a node is back finishes."""
-    conn = broker.connect(vhost)
-    name = f"m-fo-{uuid.uuid4().hex[:6]}"
-    old, new = topology(name, "classic"), topology(name, "quorum")
-    transports(conn, vhost, old).setup()
-    ids = [f"{name}-{i}" for i in range(BEFORE)]
-    publish(conn, old, ids)
+    conn, name, new, ids = classic_queue_to_migrate(vhost)
     relay = Relay(5672, hold_after=HELD)
     dsn = through_relay(relay, vhost).split(",")[0]
     failover = Failover(dsn, name="test-migrate-failover", budget_s=1)
